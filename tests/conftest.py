@@ -1,0 +1,48 @@
+"""Test set-up: interpreter on CPU-only machines, hypothesis profiles, the device fixture.
+
+On a machine without CUDA the Triton kernels run in Triton's interpreter, so CI tests the
+real kernels. ``TRITON_INTERPRET`` must be set before ``torch_flashops`` (and so any
+``@triton.jit``) is imported, which is why it happens here at module import.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.register_profile(
+    "gpu",
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def device():
+    """The device the suite runs on: CUDA on the GPU machine, else CPU (interpreter)."""
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

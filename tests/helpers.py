@@ -1,0 +1,78 @@
+"""Shared test utilities: named closeness checks, poisoning, compile counters, tolerances."""
+from __future__ import annotations
+
+import torch
+
+# Tolerances per output dtype (DESIGN.md / spec): fp16 ~1e-3, bf16 ~1e-2, fp32 1e-5.
+TOL = {
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-9, rtol=1e-9),
+}
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rtol=None, dtype=None):
+    """Compare in fp64 on CPU with the tolerance of ``dtype`` (default ``actual.dtype``).
+
+    NaN anywhere in ``actual`` fails (outputs are poisoned with NaN before each run), and the
+    message names the tensor, the worst element and its index.
+    """
+    tol = TOL[dtype or actual.dtype] if (atol is None or rtol is None) else {}
+    atol = tol.get("atol", atol) if atol is None else atol
+    rtol = tol.get("rtol", rtol) if rtol is None else rtol
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    both_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
+    nan_ok = torch.isnan(a) & torch.isnan(e)
+    err = (a - e).abs().masked_fill(both_inf | nan_ok, 0.0)
+    bound = atol + rtol * e.abs().masked_fill(torch.isinf(e), 0.0)
+    bad = ~(err <= bound) & ~(both_inf | nan_ok)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        worst = float(err.masked_fill(~bad, 0).nan_to_num(nan=float("inf")).max())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
+            f"first at {idx}: got {float(a[idx])}, expected {float(e[idx])}; worst |err| {worst}"
+        )
+
+
+def poison(*shape, dtype=torch.float32, device="cpu"):
+    """A NaN-filled tensor: anything a kernel forgets to write shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class CompileCounter:
+    """Wrap ``torch.compile`` and count frames compiled (1 == no graph break, no recompile)."""
+
+    def __init__(self, fn, *, dynamic=None, fullgraph=True, backend="inductor", mode=None):
+        import torch._dynamo.testing
+
+        self.counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+        self.compiled = torch.compile(fn, backend=self.counter, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+
+    def __call__(self, *args, **kwargs):
+        return self.compiled(*args, **kwargs)
+
+    @property
+    def frames(self) -> int:
+        return self.counter.frame_count
+
+    def graph_ops(self, namespace="flashops"):
+        """Names of ``torch.ops.<namespace>`` calls in the captured graphs, in order."""
+        names = []
+        for gm in self.counter.graphs:
+            for node in gm.graph.nodes:
+                t = getattr(node, "target", None)
+                s = str(t)
+                if node.op == "call_function" and s.startswith(f"{namespace}."):
+                    names.append(s)
+        return names
+
+
+def graph_break_count() -> int:
+    """Graph breaks dynamo recorded so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())

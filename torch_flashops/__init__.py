@@ -1,0 +1,22 @@
+"""torch_flashops: FlashInfer-compatible LLM inference kernels in Triton, as torch.library ops.
+
+``import torch_flashops as flashinfer`` is meant to work for the covered APIs. Every op lives
+in namespace ``torch.ops.flashops``; see ``torch_flashops.registered_ops()``.
+
+On a machine without a GPU, ops on CPU tensors run the plain-PyTorch reference
+implementations; with ``FLASHOPS_INTERPRET=1`` (or ``TRITON_INTERPRET=1``) set before import,
+they run the Triton kernels themselves in Triton's interpreter.
+"""
+import os as _os
+
+if _os.environ.get("FLASHOPS_INTERPRET", "0") not in ("", "0"):
+    # Must happen before any @triton.jit decorator runs (it reads the variable then).
+    _os.environ["TRITON_INTERPRET"] = "1"
+
+from ._config import checks_enabled, cpu_backend, interpreting, set_checks, set_cpu_backend  # noqa: E402
+from ._registry import registered_ops  # noqa: E402
+
+# Families (each import registers its ops).
+# (each family adds one line here: `from .<family> import *  # noqa: E402,F401,F403`)
+
+__version__ = "0.1.0"

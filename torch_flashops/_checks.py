@@ -1,0 +1,76 @@
+"""Argument validation shared by every family.
+
+Everything here looks only at metadata (shape, dtype, device, strides) and never syncs, except
+the ``*_values`` helpers, which read data and are meant to run only under
+``_config.checks_enabled()``. Every failure is a ``ValueError`` whose message starts with the
+argument's name.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def expect(cond: bool, name: str, msg: str) -> None:
+    """Raise ``ValueError(f"{name}: {msg}")`` unless ``cond``."""
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def check_tensor(
+    t,
+    name: str,
+    *,
+    ndim: Optional[int | Sequence[int]] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    last_contiguous: bool = True,
+) -> None:
+    """Type, rank, dtype, device and ``stride(-1) == 1`` checks for one tensor argument."""
+    expect(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        expect(t.dim() in dims, name, f"expected {' or '.join(map(str, dims))}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        expect(t.dtype in dtypes, name, f"dtype {t.dtype} not supported (expected one of {', '.join(map(str, dtypes))})")
+    if device is not None:
+        expect(t.device == torch.device(device), name, f"on {t.device}, expected {device} (all tensors of a call share one device)")
+    if last_contiguous and t.dim() > 0 and t.numel() > 1:
+        expect(t.stride(-1) == 1, name, f"last dimension must be contiguous (stride(-1) == 1), got strides {t.stride()}")
+
+
+def check_same(a, b, name_a: str, name_b: str, *, shape: bool = True, dtype: bool = True, device: bool = True) -> None:
+    """``a`` and ``b`` agree in shape, dtype and device."""
+    if shape:
+        expect(a.shape == b.shape, name_b, f"shape {tuple(b.shape)} does not match {name_a} {tuple(a.shape)}")
+    if dtype:
+        expect(a.dtype == b.dtype, name_b, f"dtype {b.dtype} does not match {name_a} {a.dtype}")
+    if device:
+        expect(a.device == b.device, name_b, f"device {b.device} does not match {name_a} {a.device}")
+
+
+def check_indptr_values(indptr: torch.Tensor, name: str, *, total: Optional[int] = None) -> None:
+    """Data checks for a CSR indptr (syncs): starts at 0, non-decreasing, optionally ends at ``total``."""
+    if indptr.numel() == 0:
+        raise ValueError(f"{name}: must have at least one element")
+    h = indptr.detach().to("cpu", torch.int64)
+    expect(int(h[0]) == 0, name, f"must start at 0, got {int(h[0])}")
+    if h.numel() > 1:
+        d = h[1:] - h[:-1]
+        bad = (d < 0).nonzero()
+        expect(bad.numel() == 0, name, f"must be non-decreasing (first decrease at index {int(bad[0]) + 1 if bad.numel() else -1})")
+    if total is not None:
+        expect(int(h[-1]) == total, name, f"last value {int(h[-1])} must equal {total}")
+
+
+def check_range_values(t: torch.Tensor, name: str, lo: int, hi: int) -> None:
+    """Data check (syncs): every value in ``[lo, hi)``."""
+    if t.numel() == 0:
+        return
+    mn, mx = int(t.min()), int(t.max())
+    expect(lo <= mn and mx < hi, name, f"values must lie in [{lo}, {hi}), got min {mn}, max {mx}")

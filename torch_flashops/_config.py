@@ -1,0 +1,62 @@
+"""Process-wide switches: checked mode, interpreter detection, the CPU backend choice.
+
+Checked mode (``set_checks(True)`` or ``FLASHOPS_CHECKS=1``) turns on validation that has to
+read tensor *data* (indptr values, page ids, positions) and therefore synchronises with the
+device. It is skipped while torch.compile traces and while a CUDA graph is being captured, so
+the fast path never syncs. Checks on shapes, dtypes, devices and options always run.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["set_checks", "checks_enabled", "interpreting", "cpu_backend", "set_cpu_backend"]
+
+_checks = os.environ.get("FLASHOPS_CHECKS", "0") not in ("", "0", "false", "False")
+_cpu_backend = os.environ.get("FLASHOPS_CPU_BACKEND", "auto")
+
+
+def set_checks(enabled: bool) -> None:
+    """Turn checked mode on or off for this process (see the module docstring)."""
+    global _checks
+    _checks = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    """True when data-reading checks should run now (never while tracing or capturing)."""
+    if not _checks:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+
+    The variable is read by ``@triton.jit`` when a kernel is decorated, so it must be set
+    before ``torch_flashops`` is imported; ``FLASHOPS_INTERPRET=1`` asks the package to set it.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def set_cpu_backend(name: str) -> None:
+    """Choose what runs ops on CPU tensors: ``"reference"`` (plain PyTorch), ``"triton"``
+    (the Triton kernels in the interpreter; needs ``TRITON_INTERPRET=1`` at import) or
+    ``"auto"`` (triton when interpreting, else reference)."""
+    global _cpu_backend
+    if name not in ("auto", "reference", "triton"):
+        raise ValueError(f"cpu backend must be 'auto', 'reference' or 'triton', got {name!r}")
+    if name == "triton" and not interpreting():
+        raise ValueError("cpu backend 'triton' needs TRITON_INTERPRET=1 set before import")
+    _cpu_backend = name
+
+
+def cpu_backend() -> str:
+    """The backend CPU tensors use now: ``"triton"`` or ``"reference"``."""
+    if _cpu_backend == "auto":
+        return "triton" if interpreting() else "reference"
+    return _cpu_backend
