@@ -1,0 +1,269 @@
+"""The one timing utility and report writer every benchmark suite uses.
+
+How a number is made (DESIGN.md "Benchmarks"): device time with CUDA events via
+``triton.testing.do_bench`` (median of many repeats, warm-up first) or CUDA-graph replay for small
+launches; inputs rotated through several argument sets so the working set exceeds L2 (cold
+cache); random data, never zeros. The machine's ceilings (device copy bandwidth, read
+bandwidth, bf16 GEMM rate) are measured in the same run and every row is reported against them
+and against the peers recorded for the same case.
+
+A suite is ``benchmarks/suites/<name>.py`` with ``run(ctx: Context)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+
+def _progress(iterable, desc=""):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bench extra is optional; fall back to plain lines
+        items = list(iterable)
+        for i, x in enumerate(items):
+            print(f"[{desc}] {i + 1}/{len(items)}", flush=True)
+            yield x
+        return
+    yield from tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, device: str, graph: bool = False,
+            warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of ``fn(*args)``, cycling through ``arg_sets`` (cold L2 when the sets
+    together exceed the cache). CPU: wall clock (perf_counter), for smoke runs only."""
+    arg_sets = list(arg_sets) or [()]
+    n = len(arg_sets)
+    if device != "cuda":
+        for a in arg_sets[: min(n, 2)]:
+            fn(*a)
+        times = []
+        reps = max(3, min(20, n * 2))
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(*arg_sets[i % n])
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    import triton
+
+    if graph:
+        # One graph replays all n argument sets once; its time / n is one call.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for a in arg_sets:
+                fn(*a)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for a in arg_sets:
+                fn(*a)
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / n
+
+    state = {"i": 0}
+
+    def step():
+        a = arg_sets[state["i"] % n]
+        state["i"] += 1
+        fn(*a)
+
+    return triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def measure_ceilings(device: str, quick: bool = False) -> dict:
+    """Device copy bandwidth (read+write bytes), read bandwidth, bf16 GEMM rate — this run."""
+    if device != "cuda":
+        return {"copy_GBps": float("nan"), "read_GBps": float("nan"), "gemm_bf16_TFLOPs": float("nan")}
+    nbytes = (256 if quick else 1024) << 20
+    src = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_() for _ in range(2)]
+    dst = torch.empty_like(src[0])
+    ms = time_fn(lambda s: dst.copy_(s), [(s,) for s in src], device=device)
+    copy = 2 * nbytes / ms / 1e6
+    # Read-only: a sum reduction reads every byte once and writes almost nothing.
+    ms_r = time_fn(lambda s: s.sum(dtype=torch.float32), [(s,) for s in src], device=device)
+    read = nbytes / ms_r / 1e6
+    n = 4096 if quick else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms_g = time_fn(lambda: torch.mm(a, b), [()], device=device)
+    gemm = 2 * n ** 3 / ms_g / 1e9
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy, "read_GBps": read, "gemm_bf16_TFLOPs": gemm}
+
+
+@dataclasses.dataclass
+class Row:
+    suite: str
+    case: str
+    impl: str
+    ms: float
+    bytes: Optional[float] = None
+    flops: Optional[float] = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def gbps(self) -> Optional[float]:
+        return self.bytes / self.ms / 1e6 if self.bytes else None
+
+    @property
+    def tflops(self) -> Optional[float]:
+        return self.flops / self.ms / 1e9 if self.flops else None
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = "none (CPU)"
+    return env
+
+
+class Context:
+    """What a suite sees: device, quick flag, ceilings, progress, time, record."""
+
+    def __init__(self, suite: str, device: str, quick: bool, ceilings: dict):
+        self.suite = suite
+        self.device = device
+        self.quick = quick
+        self.ceilings = ceilings
+        self.rows: list[Row] = []
+
+    def progress(self, iterable: Iterable, desc: str = ""):
+        return _progress(iterable, desc or self.suite)
+
+    def time(self, fn: Callable, arg_sets: Sequence[tuple] = ((),), *, graph: bool = False) -> float:
+        return time_fn(fn, arg_sets, device=self.device, graph=graph and self.device == "cuda")
+
+    def record(self, case: str, impl: str, ms: float, *, bytes: Optional[float] = None,
+               flops: Optional[float] = None, **extra: Any) -> Row:
+        row = Row(self.suite, case, impl, float(ms), bytes, flops, extra)
+        self.rows.append(row)
+        return row
+
+
+# ----------------------------------------------------------------------------------- reports
+def table(rows: list[Row], ceilings: dict) -> str:
+    """Markdown table: time, GB/s or TFLOP/s, % of the ceiling, speed vs the case's first impl."""
+    first: dict[str, Row] = {}
+    for r in rows:
+        first.setdefault(r.case, r)
+    lines = [
+        "| case | impl | time (us) | GB/s | % copy bw | TFLOP/s | % bf16 GEMM | speed vs first |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    cbw, gemm = ceilings.get("copy_GBps"), ceilings.get("gemm_bf16_TFLOPs")
+
+    def pct(x, c):
+        return f"{100 * x / c:.0f}%" if x is not None and c and c == c else ""
+
+    for r in rows:
+        base = first[r.case]
+        speed = f"{base.ms / r.ms:.2f}x ({base.impl})" if r is not base else "1.00x"
+        lines.append(
+            f"| {r.case} | {r.impl} | {r.ms * 1e3:.1f} | "
+            f"{'' if r.gbps is None else f'{r.gbps:.0f}'} | {pct(r.gbps, cbw)} | "
+            f"{'' if r.tflops is None else f'{r.tflops:.1f}'} | {pct(r.tflops, gemm)} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str, suite: str, env: dict, ceilings: dict, rows: list[Row]) -> None:
+    data = {
+        "suite": suite,
+        "env": env,
+        "ceilings": ceilings,
+        "rows": [
+            dict(case=r.case, impl=r.impl, ms=r.ms, bytes=r.bytes, flops=r.flops,
+                 GBps=r.gbps, TFLOPs=r.tflops, **r.extra)
+            for r in rows
+        ],
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+
+
+def write_png(path: str, suite: str, env: dict, ceilings: dict, rows: list[Row]) -> bool:
+    """Grouped bar chart: per case, each impl's GB/s (or TFLOP/s), ceiling as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = list(dict.fromkeys(r.case for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    use_flops = all(r.flops for r in rows) and not all(r.bytes for r in rows)
+    metric = (lambda r: r.tflops) if use_flops else (lambda r: r.gbps if r.gbps else 1e3 / r.ms)
+    unit = "TFLOP/s" if use_flops else ("GB/s" if all(r.bytes for r in rows) else "calls/ms")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases) * max(1, len(impls)) / 2), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, c in enumerate(cases):
+            for r in rows:
+                if r.case == c and r.impl == impl:
+                    xs.append(i + k * width)
+                    ys.append(metric(r) or 0)
+        ax.bar(xs, ys, width, label=impl)
+    ceil = ceilings.get("gemm_bf16_TFLOPs" if use_flops else "copy_GBps")
+    if unit != "calls/ms" and ceil and ceil == ceil:
+        ax.axhline(ceil, color="k", ls="--", lw=1, label=f"measured ceiling {ceil:.0f}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(unit)
+    ax.set_title(f"{suite} on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')})", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_suite(name: str, *, device: Optional[str] = None, quick: bool = False, out_dir: str = "bench_out",
+              ceilings: Optional[dict] = None) -> tuple[str, list[Row]]:
+    import importlib
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quick = quick or device != "cuda"
+    mod = importlib.import_module(f"benchmarks.suites.{name}")
+    if ceilings is None:
+        ceilings = measure_ceilings(device, quick)
+    ctx = Context(name, device, quick, ceilings)
+    mod.run(ctx)
+    env = environment(device)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{name}.json"), name, env, ceilings, ctx.rows)
+    png = write_png(os.path.join(out_dir, f"{name}.png"), name, env, ceilings, ctx.rows)
+    head = (
+        f"### {name}\n\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
+        f"Ceilings this run: copy {ceilings['copy_GBps']:.0f} GB/s, read {ceilings['read_GBps']:.0f} GB/s, "
+        f"bf16 GEMM {ceilings['gemm_bf16_TFLOPs']:.0f} TFLOP/s.\n\n"
+    )
+    text = head + table(ctx.rows, ceilings) + "\n"
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    if png:
+        text += f"\n(plot: {os.path.join(out_dir, name + '.png')})\n"
+    return text, ctx.rows

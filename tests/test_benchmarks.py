@@ -1,0 +1,39 @@
+"""The benchmark harness runs end to end on CPU (smoke sizes) and writes its three outputs."""
+import json
+import os
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.__main__ import available, main
+
+
+def test_suites_discovered():
+    assert "registration" in available()
+
+
+def test_time_fn_cpu_median():
+    calls = []
+    ms = harness.time_fn(lambda a: calls.append(a), [(1,), (2,)], device="cpu")
+    assert ms >= 0 and set(calls) == {1, 2}
+
+
+def test_table_ratios():
+    rows = [harness.Row("s", "c", "peer", 2.0, bytes=2e6), harness.Row("s", "c", "ours", 1.0, bytes=2e6)]
+    t = harness.table(rows, {"copy_GBps": 4.0, "gemm_bf16_TFLOPs": 1.0})
+    assert "2.00x (peer)" in t and "| 2 | 50% |" in t
+
+
+def test_cli_registration_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert main(["registration", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.load(open(tmp_path / "registration.json"))
+    assert data["suite"] == "registration" and data["rows"]
+    assert {r["impl"] for r in data["rows"]} >= {"library", "custom_op", "sdpa"}
+    assert os.path.getsize(tmp_path / "registration.png") > 1000
+    assert "| case |" in open(tmp_path / "registration.md").read()
+
+
+def test_cli_unknown_suite():
+    with pytest.raises(SystemExit):
+        main(["no-such-suite"])

@@ -1,0 +1,122 @@
+"""The registration helper: schema annotation, backends, fake, compile, errors."""
+import pytest
+import torch
+
+from torch_flashops import _config
+from torch_flashops._registry import _annotate_mutations, register_op, registered_ops
+
+
+@pytest.mark.parametrize(
+    "schema, mutates, expected",
+    [
+        ("f(Tensor x, float s) -> Tensor", [], "f(Tensor x, float s) -> Tensor"),
+        ("f(Tensor x, Tensor y) -> ()", ["y"], "f(Tensor x, Tensor(a!) y) -> ()"),
+        ("f(Tensor x, Tensor? o, Tensor? l) -> ()", ["o", "l"], "f(Tensor x, Tensor(a!)? o, Tensor(b!)? l) -> ()"),
+        ("f(Tensor[] xs, Tensor c, int n=1) -> ()", ["c"], "f(Tensor[] xs, Tensor(a!) c, int n=1) -> ()"),
+    ],
+    ids=["none", "one", "optional-two", "list-and-default"],
+)
+def test_annotate_mutations(schema, mutates, expected):
+    assert _annotate_mutations(schema, mutates) == expected
+
+
+def test_annotate_rejects_unknown_argument():
+    with pytest.raises(ValueError, match="not Tensor arguments"):
+        _annotate_mutations("f(Tensor x, int n) -> ()", ["n"])
+
+
+def _scale_ref(x, s):
+    return x * s
+
+
+def _scale_ref_inplace(x, s):
+    x.mul_(s)
+
+
+_calls = []
+
+
+def _scale_launcher(x, s):  # stands in for a Triton launcher: records that it was chosen
+    _calls.append("launcher")
+    return x * s
+
+
+def _scale_launcher_inplace(x, s):
+    _calls.append("launcher")
+    x.mul_(s)
+
+
+_OP = register_op("_test_scale(Tensor x, float s) -> Tensor", cuda=_scale_launcher, reference=_scale_ref,
+                  fake=lambda x, s: torch.empty_like(x))
+_OP_INPLACE = register_op("_test_scale_inplace(Tensor x, float s) -> ()", cuda=_scale_launcher_inplace,
+                          reference=_scale_ref_inplace, mutates=["x"])
+
+
+def test_registered_and_schema():
+    rec = registered_ops()
+    assert "_test_scale" in rec and rec["_test_scale_inplace"]["mutates"] == ("x",)
+    assert str(_OP_INPLACE._schema) == "flashops::_test_scale_inplace(Tensor(a!) x, float s) -> ()"
+
+
+def test_duplicate_and_missing_fake_rejected():
+    with pytest.raises(RuntimeError, match="already registered"):
+        register_op("_test_scale(Tensor x, float s) -> Tensor", cuda=_scale_launcher, reference=_scale_ref,
+                    fake=lambda x, s: torch.empty_like(x))
+    with pytest.raises(ValueError, match="needs a fake"):
+        register_op("_test_nofake(Tensor x) -> Tensor", cuda=_scale_launcher, reference=_scale_ref)
+
+
+def test_cpu_backend_switch():
+    x = torch.randn(5)
+    old = _config._cpu_backend
+    try:
+        _config.set_cpu_backend("reference")
+        _calls.clear()
+        torch.testing.assert_close(_OP(x, 2.0), 2 * x)
+        assert _calls == []
+        if _config.interpreting():
+            _config.set_cpu_backend("triton")
+            torch.testing.assert_close(_OP(x, 2.0), 2 * x)
+            assert _calls == ["launcher"]
+        else:
+            with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+                _config.set_cpu_backend("triton")
+        with pytest.raises(ValueError, match="cpu backend"):
+            _config.set_cpu_backend("gpu")
+    finally:
+        _config._cpu_backend = old
+
+
+def test_opcheck():
+    x = torch.randn(7, 3)
+    torch.library.opcheck(_OP, (x, 3.0))
+    torch.library.opcheck(_OP_INPLACE, (x.clone(), 3.0))
+
+
+def test_compile_mutation_visible_no_break():
+    from tests.helpers import CompileCounter
+
+    def f(x):
+        y = _OP(x, 3.0)
+        _OP_INPLACE(x, 2.0)
+        return y + 1
+
+    cf = CompileCounter(f, dynamic=True)
+    for n in (4, 9, 13):
+        x = torch.randn(n)
+        x0 = x.clone()
+        y = cf(x)
+        torch.testing.assert_close(x, 2 * x0)
+        torch.testing.assert_close(y, 3 * x0 + 1)
+    assert cf.frames == 1
+
+
+def test_checks_flag(monkeypatch):
+    old = _config._checks
+    try:
+        _config.set_checks(True)
+        assert _config.checks_enabled()
+        _config.set_checks(False)
+        assert not _config.checks_enabled()
+    finally:
+        _config._checks = old
