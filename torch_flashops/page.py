@@ -11,16 +11,31 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_tensor, expect
+from . import _config
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_tensor
+from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .meta.page import check_kv_layout, paged_kv_views
+from .ops import page as ops
+from .reference import page as reference
 
-__all__ = ["get_seq_lens"]
+__all__ = ["append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens"]
 
 PagedKVCacheArg = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 _FP8_DTYPES = tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
 )
+
+
+def _expect(cond, name: str, message) -> None:
+    """``_checks.expect`` with a lazily built message (``message()`` runs only on failure).
+
+    Formatting a SymInt into an f-string while torch.compile traces specialises that size
+    (dynamo evaluates it to a constant), so messages that mention sizes must not be built on
+    the passing path.
+    """
+    if not cond:
+        raise ValueError(f"{name}: {message()}")
 
 
 class PagedKV(NamedTuple):
@@ -79,30 +94,30 @@ def _unpack_paged_kv_cache(paged_kv_cache: PagedKVCacheArg, kv_layout: str = "NH
     """
     check_kv_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
-        expect(len(paged_kv_cache) == 2, name, f"a tuple cache must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
+        _expect(len(paged_kv_cache) == 2, name, lambda: f"a tuple cache must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
         kc, vc = paged_kv_cache
         nk, nv = f"{name}[0]", f"{name}[1]"
         check_tensor(kc, nk, ndim=(3, 4))
         check_tensor(vc, nv, ndim=(3, 4))
-        expect(kc.dim() == vc.dim(), nv, f"rank {vc.dim()} does not match k_cache rank {kc.dim()}")
-        expect(vc.dtype == kc.dtype, nv, f"dtype {vc.dtype} does not match k_cache dtype {kc.dtype}")
-        expect(vc.device == kc.device, nv, f"device {vc.device} does not match k_cache device {kc.device}")
-        expect(kc.shape[:-1] == vc.shape[:-1], nv,
-               f"shape {tuple(vc.shape)} must agree with k_cache {tuple(kc.shape)} in all but the last dim (pages, page_size, heads)")
+        _expect(kc.dim() == vc.dim(), nv, lambda: f"rank {vc.dim()} does not match k_cache rank {kc.dim()}")
+        _expect(vc.dtype == kc.dtype, nv, lambda: f"dtype {vc.dtype} does not match k_cache dtype {kc.dtype}")
+        _expect(vc.device == kc.device, nv, lambda: f"device {vc.device} does not match k_cache device {kc.device}")
+        _expect(kc.shape[:-1] == vc.shape[:-1], nv,
+               lambda: f"shape {tuple(vc.shape)} must agree with k_cache {tuple(kc.shape)} in all but the last dim (pages, page_size, heads)")
         op_args = (kc, vc)
     else:
         check_tensor(paged_kv_cache, name, ndim=(4, 5))
-        expect(paged_kv_cache.shape[1] == 2, name, f"dim 1 must be 2 (K and V), got shape {tuple(paged_kv_cache.shape)}")
+        _expect(paged_kv_cache.shape[1] == 2, name, lambda: f"dim 1 must be 2 (K and V), got shape {tuple(paged_kv_cache.shape)}")
         op_args = (paged_kv_cache, None)
         nk = name
     dtype = op_args[0].dtype
     if dtype in _FP8_DTYPES:
         raise NotImplementedError(f"{name}: fp8 KV caches are not supported yet (dtype {dtype})")
-    expect(dtype in FLOAT_DTYPES, nk, f"dtype {dtype} not supported (expected float16, bfloat16 or float32)")
+    _expect(dtype in FLOAT_DTYPES, nk, lambda: f"dtype {dtype} not supported (expected float16, bfloat16 or float32)")
     k, v = paged_kv_views(op_args[0], op_args[1], kv_layout)
     num_pages, page_size, num_kv_heads, head_dim = k.shape
-    expect(page_size >= 1 and num_kv_heads >= 1 and head_dim >= 1 and v.shape[-1] >= 1, nk,
-           f"page_size, num_kv_heads and head dims must be >= 1, got shape {tuple(op_args[0].shape)} ({kv_layout})")
+    _expect(page_size >= 1 and num_kv_heads >= 1 and head_dim >= 1 and v.shape[-1] >= 1, nk,
+           lambda: f"page_size, num_kv_heads and head dims must be >= 1, got shape {tuple(op_args[0].shape)} ({kv_layout})")
     return PagedKV(k, v, num_pages, page_size, num_kv_heads, head_dim, v.shape[-1], op_args)
 
 
@@ -128,6 +143,213 @@ def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_s
     """
     check_tensor(kv_indptr, "kv_indptr", ndim=1)
     check_tensor(kv_last_page_len, "kv_last_page_len", ndim=1)
-    expect(kv_last_page_len.shape[0] + 1 == kv_indptr.shape[0], "kv_last_page_len",
-           f"shape {tuple(kv_last_page_len.shape)} must be [len(kv_indptr) - 1] = [{kv_indptr.shape[0] - 1}]")
+    _expect(kv_last_page_len.shape[0] + 1 == kv_indptr.shape[0], "kv_last_page_len",
+           lambda: f"shape {tuple(kv_last_page_len.shape)} must be [len(kv_indptr) - 1] = [{kv_indptr.shape[0] - 1}]")
     return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
+
+
+def _check_index_tensor(t, name: str, device, *, length=None) -> None:
+    """1-D int32/int64 index tensor on ``device``, optionally of a given length."""
+    check_tensor(t, name, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if length is not None:
+        _expect(t.shape[0] == length, name, lambda: f"shape {tuple(t.shape)} must be [{length}]")
+
+
+def get_batch_indices_positions(
+    append_indptr: torch.Tensor,
+    seq_lens: torch.Tensor,
+    nnz: int,
+    batch_indices: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Request index and absolute position of every appended token (a CSR-to-COO conversion).
+
+    For ``append_indptr[b] <= t < append_indptr[b+1]``: ``batch_indices[t] = b`` and
+    ``positions[t] = seq_lens[b] - (append_indptr[b+1] - append_indptr[b]) + (t - append_indptr[b])``,
+    i.e. the new tokens sit at the end of each sequence. Slots ``t >= append_indptr[-1]``
+    (``nnz`` may exceed the total, e.g. CUDA-graph padding) get ``batch_indices = -1``,
+    ``positions = 0``, which ``append_paged_kv_cache`` skips. One kernel, no host sync.
+
+    Parameters
+    ----------
+    append_indptr : torch.Tensor
+        int32 (or int64), shape ``[B + 1]``: CSR offsets of the appended tokens per request.
+    seq_lens : torch.Tensor
+        int32 (or int64), shape ``[B]``: sequence lengths **after** the append (e.g. from
+        ``get_seq_lens``), same device.
+    nnz : int
+        Number of output slots (``>= append_indptr[-1]``).
+    batch_indices, positions : torch.Tensor, optional
+        Preallocated outputs, int32, shape ``[nnz]``, same device: filled in place and returned
+        (a missing one is allocated).
+
+    Returns
+    -------
+    batch_indices : torch.Tensor
+        int32, shape ``[nnz]``.
+    positions : torch.Tensor
+        int32, shape ``[nnz]``.
+
+    Checked mode additionally verifies ``append_indptr`` (starts at 0, non-decreasing),
+    ``append_indptr[-1] <= nnz`` and ``append_len_b <= seq_lens[b]``.
+    """
+    check_tensor(append_indptr, "append_indptr", ndim=1, dtypes=INDEX_DTYPES)
+    _expect(append_indptr.shape[0] >= 1, "append_indptr", lambda: "must have at least one element")
+    device = append_indptr.device
+    _check_index_tensor(seq_lens, "seq_lens", device, length=append_indptr.shape[0] - 1)
+    _expect(isinstance(nnz, (int, torch.SymInt)) and not isinstance(nnz, bool), "nnz", lambda: f"expected an int, got {type(nnz).__name__}")
+    _expect(nnz >= 0, "nnz", lambda: f"must be >= 0, got {nnz}")
+    for buf, name in ((batch_indices, "batch_indices"), (positions, "positions")):
+        if buf is not None:
+            check_tensor(buf, name, ndim=1, dtypes=(torch.int32,), device=device)
+            _expect(buf.shape[0] == nnz, name, lambda: f"shape {tuple(buf.shape)} must be [nnz] = [{nnz}]")
+    if _config.checks_enabled():
+        check_indptr_values(append_indptr, "append_indptr")
+        ind = append_indptr.detach().to("cpu", torch.int64)
+        _expect(int(ind[-1]) <= nnz, "nnz", lambda: f"{nnz} is smaller than append_indptr[-1] = {int(ind[-1])}")
+        over = ((ind[1:] - ind[:-1]) > seq_lens.detach().to("cpu", torch.int64)).nonzero()
+        _expect(over.numel() == 0, "seq_lens",
+               lambda: f"must be >= each request's append length (seq_lens counts the appended tokens); first violation at request {int(over[0]) if over.numel() else -1}")
+    if batch_indices is None and positions is None:
+        return ops.batch_indices_positions(append_indptr, seq_lens, nnz)
+    if batch_indices is None:
+        batch_indices = torch.empty_like(positions)
+    if positions is None:
+        positions = torch.empty_like(batch_indices)
+    ops.batch_indices_positions_out(append_indptr, seq_lens, batch_indices, positions)
+    return batch_indices, positions
+
+
+def append_paged_kv_cache(
+    append_key: torch.Tensor,
+    append_value: torch.Tensor,
+    batch_indices: torch.Tensor,
+    positions: torch.Tensor,
+    paged_kv_cache: PagedKVCacheArg,
+    kv_indices: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    kv_layout: str = "NHD",
+) -> None:
+    """Append new K/V rows to a paged KV cache, in place.
+
+    Row t with ``b = batch_indices[t] >= 0`` goes to logical slot
+    ``x = kv_indptr[b] * page_size + positions[t]``: page ``kv_indices[x // page_size]``, offset
+    ``x % page_size``. Rows with ``b < 0`` (padding from ``get_batch_indices_positions``) are
+    skipped. The pages must already be allocated: the page table includes the new tokens.
+    Two rows aimed at one slot: which one lands is unspecified.
+
+    Parameters
+    ----------
+    append_key : torch.Tensor
+        shape ``[nnz, H_kv, D]``, the cache's dtype and device; ``stride(-1) == 1``, other
+        strides arbitrary (e.g. a slice of a packed qkv tensor).
+    append_value : torch.Tensor
+        shape ``[nnz, H_kv, D_vo]``, like ``append_key``.
+    batch_indices : torch.Tensor
+        int32 (or int64), shape ``[nnz]``: request of each row, ``-1`` to skip it.
+    positions : torch.Tensor
+        int32 (or int64), shape ``[nnz]``: position of each row within its request.
+    paged_kv_cache : torch.Tensor or tuple of two torch.Tensor
+        One 5-D tensor ``[P, 2, page_size, H_kv, D]`` (NHD) / ``[P, 2, H_kv, page_size, D]``
+        (HND), or a tuple ``(k_cache, v_cache)`` of 4-D ``[P, page_size, H_kv, D]`` /
+        ``[P, H_kv, page_size, D]`` tensors; a 4-D single tensor or 3-D tuple members mean
+        page_size 1. fp16, bf16 or fp32. Written in place (also inside torch.compile).
+    kv_indices : torch.Tensor
+        int32 (or int64), shape ``[>= kv_indptr[-1]]``: page ids.
+    kv_indptr : torch.Tensor
+        int32 (or int64), shape ``[B + 1]``: page-table CSR offsets.
+    kv_last_page_len : torch.Tensor
+        int32 (or int64), shape ``[B]``. Unused (FlashInfer compatibility); shape-checked.
+    kv_layout : str
+        ``"NHD"`` (default) or ``"HND"``; other strings raise ``KeyError``.
+
+    Notes
+    -----
+    Without checked mode, out-of-range indices give unspecified cache contents but never a
+    write outside the cache: rows whose batch index is ``>= B``, whose slot falls outside
+    ``kv_indices`` or whose page id falls outside ``[0, P)`` are dropped. Checked mode raises
+    ``ValueError`` instead (batch indices ``< B``, ``0 <= positions[t] < n_b * page_size``,
+    page ids in ``[0, P)``, ``kv_indptr`` valid, ``len(kv_indices) >= kv_indptr[-1]``), before
+    anything is written.
+    """
+    cache = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    device = cache.k.device
+    check_tensor(append_key, "append_key", ndim=3, dtypes=(cache.k.dtype,), device=device)
+    check_tensor(append_value, "append_value", ndim=3, dtypes=(cache.k.dtype,), device=device)
+    nnz = append_key.shape[0]
+    _expect(tuple(append_key.shape[1:]) == (cache.num_kv_heads, cache.head_dim), "append_key",
+           lambda: f"shape {tuple(append_key.shape)} must be [nnz, {cache.num_kv_heads}, {cache.head_dim}] (the cache's H_kv, D)")
+    _expect(tuple(append_value.shape) == (nnz, cache.num_kv_heads, cache.head_dim_vo), "append_value",
+           lambda: f"shape {tuple(append_value.shape)} must be [{nnz}, {cache.num_kv_heads}, {cache.head_dim_vo}]")
+    _check_index_tensor(batch_indices, "batch_indices", device, length=nnz)
+    _check_index_tensor(positions, "positions", device, length=nnz)
+    _check_index_tensor(kv_indptr, "kv_indptr", device)
+    _expect(kv_indptr.shape[0] >= 1, "kv_indptr", lambda: "must have at least one element")
+    _check_index_tensor(kv_indices, "kv_indices", device)
+    _check_index_tensor(kv_last_page_len, "kv_last_page_len", device, length=kv_indptr.shape[0] - 1)
+    if _config.checks_enabled():
+        _check_append_values(batch_indices, positions, kv_indices, kv_indptr, cache)
+    ops.append_paged_kv_cache(append_key, append_value, batch_indices, positions, *cache.op_args,
+                              kv_indices, kv_indptr, kv_layout)
+
+
+def _check_append_values(batch_indices, positions, kv_indices, kv_indptr, cache: PagedKV) -> None:
+    """Checked-mode data checks of ``append_paged_kv_cache`` (one host copy of the indices)."""
+    check_indptr_values(kv_indptr, "kv_indptr")
+    ind = kv_indptr.detach().to("cpu", torch.int64)
+    B, total = ind.shape[0] - 1, int(ind[-1])
+    _expect(kv_indices.shape[0] >= total, "kv_indices", lambda: f"has {kv_indices.shape[0]} entries, kv_indptr[-1] needs {total}")
+    check_range_values(kv_indices[:total], "kv_indices", 0, cache.num_pages)
+    b = batch_indices.detach().to("cpu", torch.int64)
+    _expect(b.numel() == 0 or int(b.max()) < B, "batch_indices", lambda: f"values must be < B = {B} (or negative to skip a row)")
+    rows = (b >= 0).nonzero().squeeze(1)
+    if rows.numel():
+        capacity = (ind[1:] - ind[:-1])[b[rows]] * cache.page_size
+        pos = positions.detach().to("cpu", torch.int64)[rows]
+        bad = ((pos < 0) | (pos >= capacity)).nonzero()
+        if bad.numel():
+            r = int(rows[int(bad[0])])
+            raise ValueError(f"positions: row {r} has position {int(pos[int(bad[0])])}, outside its request's "
+                             f"{int(capacity[int(bad[0])])} allocated slots (request {int(b[r])})")
+
+
+# --------------------------------------------------------------------------- self-check
+
+
+@selfcheck("page")
+def _page_selfcheck(device) -> list[CheckResult]:
+    """Each page op on a small random ragged batch against the reference oracle."""
+    g = torch.Generator().manual_seed(0)
+    results = []
+    lens = torch.tensor([3, 0, 17, 1, 9])
+    append_indptr = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).int()
+    seq_lens = (lens + torch.randint(0, 20, (5,), generator=g)).int()
+    nnz = int(append_indptr[-1]) + 3
+    bi, pos = get_batch_indices_positions(append_indptr.to(device), seq_lens.to(device), nnz)
+    rbi, rpos = reference.ref_batch_indices_positions(append_indptr, seq_lens, nnz)
+    results.append(CheckResult("batch_indices_positions", max(max_abs_err(bi, rbi), max_abs_err(pos, rpos)), 0.0))
+    page_size, H, D = 5, 4, 32
+    pages_per_req = (seq_lens + page_size - 1) // page_size
+    kv_indptr = torch.cat([torch.zeros(1, dtype=torch.int64), pages_per_req.cumsum(0)]).int()
+    P = int(kv_indptr[-1]) + 4
+    kv_indices = torch.randperm(P, generator=g)[: int(kv_indptr[-1])].int()
+    last = (seq_lens - (pages_per_req - 1).clamp(min=0) * page_size).int()
+    seq = get_seq_lens(kv_indptr.to(device), last.to(device), page_size)
+    results.append(CheckResult("get_seq_lens", max_abs_err(seq, torch.tensor(reference.ref_seq_lens(kv_indptr, last, page_size))), 0.0))
+    for layout in ("NHD", "HND"):
+        for form in ("5-D", "tuple"):
+            shape = (P, page_size, H, D) if layout == "NHD" else (P, H, page_size, D)
+            kc, vc = (torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(2))
+            key, value = (torch.randn(nnz, H, D, generator=g).to(torch.bfloat16) for _ in range(2))
+            exp_k, exp_v = kc.clone(), vc.clone()
+            nhd = (lambda x: x) if layout == "NHD" else (lambda x: x.transpose(1, 2))
+            reference.ref_append_paged_kv_cache(nhd(exp_k), nhd(exp_v), key, value, rbi, rpos, kv_indices, kv_indptr, page_size)
+            dk, dv = kc.to(device), vc.to(device)
+            cache = torch.stack([dk, dv], 1) if form == "5-D" else (dk, dv)
+            append_paged_kv_cache(key.to(device), value.to(device), bi, pos, cache, kv_indices.to(device),
+                                  kv_indptr.to(device), last.to(device), kv_layout=layout)
+            got_k, got_v = (cache[:, 0], cache[:, 1]) if form == "5-D" else cache
+            err = max(max_abs_err(got_k, exp_k), max_abs_err(got_v, exp_v))
+            results.append(CheckResult("append_paged_kv_cache", err, 0.0, note=f"{layout} {form} bf16 page_size={page_size}"))
+    return results
