@@ -20,5 +20,6 @@ from ._registry import registered_ops  # noqa: E402
 # (each family adds one line here: `from .<family> import *  # noqa: E402,F401,F403`)
 from .page import *  # noqa: E402,F401,F403
 from .quantization import *  # noqa: E402,F401,F403
+from .moe_routing import *  # noqa: E402,F401,F403
 
 __version__ = "0.1.0"
