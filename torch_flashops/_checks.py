@@ -15,10 +15,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def expect(cond: bool, name: str, msg: str) -> None:
-    """Raise ``ValueError(f"{name}: {msg}")`` unless ``cond``."""
+def expect(cond: bool, name: str, msg: str, *fmt_args, **fmt_kwargs) -> None:
+    """Raise ``ValueError(f"{name}: {msg}")`` unless ``cond``.
+
+    With ``fmt_args``/``fmt_kwargs`` the message is ``msg.format(...)``, built only on failure.
+    Prefer that form for messages that show sizes or scalar options: under
+    ``torch.compile(dynamic=True)`` those may be symbolic, and an eagerly built f-string of a
+    SymInt/SymFloat is a graph break (dynamo cannot trace BUILD_STRING on them).
+    """
     if not cond:
-        raise ValueError(f"{name}: {msg}")
+        raise ValueError(f"{name}: " + (msg.format(*fmt_args, **fmt_kwargs) if fmt_args or fmt_kwargs else msg))
 
 
 def check_tensor(
@@ -34,24 +40,24 @@ def check_tensor(
     expect(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
         dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        expect(t.dim() in dims, name, f"expected {' or '.join(map(str, dims))}-D, got shape {tuple(t.shape)}")
+        expect(t.dim() in dims, name, "expected {}-D, got shape {}", " or ".join(map(str, dims)), tuple(t.shape))
     if dtypes is not None:
         dtypes = tuple(dtypes)
-        expect(t.dtype in dtypes, name, f"dtype {t.dtype} not supported (expected one of {', '.join(map(str, dtypes))})")
+        expect(t.dtype in dtypes, name, "dtype {} not supported (expected one of {})", t.dtype, ", ".join(map(str, dtypes)))
     if device is not None:
-        expect(t.device == torch.device(device), name, f"on {t.device}, expected {device} (all tensors of a call share one device)")
+        expect(t.device == torch.device(device), name, "on {}, expected {} (all tensors of a call share one device)", t.device, device)
     if last_contiguous and t.dim() > 0 and t.numel() > 1:
-        expect(t.stride(-1) == 1, name, f"last dimension must be contiguous (stride(-1) == 1), got strides {t.stride()}")
+        expect(t.stride(-1) == 1, name, "last dimension must be contiguous (stride(-1) == 1), got strides {}", t.stride())
 
 
 def check_same(a, b, name_a: str, name_b: str, *, shape: bool = True, dtype: bool = True, device: bool = True) -> None:
     """``a`` and ``b`` agree in shape, dtype and device."""
     if shape:
-        expect(a.shape == b.shape, name_b, f"shape {tuple(b.shape)} does not match {name_a} {tuple(a.shape)}")
+        expect(a.shape == b.shape, name_b, "shape {} does not match {} {}", tuple(b.shape), name_a, tuple(a.shape))
     if dtype:
-        expect(a.dtype == b.dtype, name_b, f"dtype {b.dtype} does not match {name_a} {a.dtype}")
+        expect(a.dtype == b.dtype, name_b, "dtype {} does not match {} {}", b.dtype, name_a, a.dtype)
     if device:
-        expect(a.device == b.device, name_b, f"device {b.device} does not match {name_a} {a.device}")
+        expect(a.device == b.device, name_b, "device {} does not match {} {}", b.device, name_a, a.device)
 
 
 def check_indptr_values(indptr: torch.Tensor, name: str, *, total: Optional[int] = None) -> None:
