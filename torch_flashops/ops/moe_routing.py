@@ -49,13 +49,17 @@ def _routing_config(lanes: int) -> dict:
 
 
 def _align_config(numel: int) -> dict:
-    """Path and chunk size for ``moe_align_block_size``: one fused program for decode-sized
-    inputs, the two-launch (count, scatter) path beyond, one scatter program per CH pairs."""
-    if numel <= 1024:
+    """Path and chunk size for ``moe_align_block_size``. Decode-sized inputs: one fused program
+    (one launch). Beyond: the two-launch path with one scatter program per chunk of CH pairs,
+    CH growing so that there are at most ~128 chunks (each scatter program sums all chunks'
+    histograms, so their count must stay small); CH takes few values (few compiled variants)."""
+    if numel <= _FUSED_MAX:
         return dict(CH=1024, fused=True, num_warps=4)
-    return dict(CH=1024, fused=False, num_warps=4)
+    ch = min(4096, max(256, triton.next_power_of_2(triton.cdiv(numel, 128))))
+    return dict(CH=ch, fused=False, num_warps=4)
 
 
+_FUSED_MAX = 1024  # pairs (T * k) up to which one program does the whole alignment
 _FILL = 4096  # slots written per fill step / per fill program
 _HIST_ROWS = 8  # per-chunk histograms summed per step in the scatter launch
 _SUB = 128  # pairs ranked per step (a SUB x SUB equality mask)
