@@ -35,7 +35,7 @@ _SCORING_FUNCS = ("sigmoid", "softmax")
 def _check_logits(gating_output: torch.Tensor, topk: int) -> int:
     check_tensor(gating_output, "gating_output", ndim=2, dtypes=FLOAT_DTYPES)
     E = gating_output.shape[1]
-    expect(1 <= topk <= E, "topk", f"must satisfy 1 <= topk <= num_experts ({E}), got {topk}")
+    expect(1 <= topk <= E, "topk", "must satisfy 1 <= topk <= num_experts ({}), got {}", E, topk)
     return E
 
 
@@ -104,15 +104,17 @@ def grouped_topk(
         score, ties to the lower expert id.
     """
     E = _check_logits(gating_output, topk)
-    expect(scoring_func in _SCORING_FUNCS, "scoring_func", f"must be 'sigmoid' or 'softmax', got {scoring_func!r}")
-    expect(n_group >= 1 and E % n_group == 0, "n_group", f"must be >= 1 and divide num_experts ({E}), got {n_group}")
+    expect(scoring_func in _SCORING_FUNCS, "scoring_func", "must be 'sigmoid' or 'softmax', got {!r}", scoring_func)
+    expect(n_group >= 1 and E % n_group == 0, "n_group", "must be >= 1 and divide num_experts ({}), got {}", E, n_group)
     G = E // n_group
-    expect(1 <= topk_group <= n_group, "topk_group", f"must satisfy 1 <= topk_group <= n_group ({n_group}), got {topk_group}")
-    expect(topk <= topk_group * G, "topk", f"must be <= topk_group * experts per group ({topk_group} * {G}), got {topk}")
+    expect(1 <= topk_group <= n_group, "topk_group",
+           "must satisfy 1 <= topk_group <= n_group ({}), got {}", n_group, topk_group)
+    expect(topk <= topk_group * G, "topk",
+           "must be <= topk_group * experts per group ({} * {}), got {}", topk_group, G, topk)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES, device=gating_output.device)
-        expect(tuple(bias.shape) == (E,), "bias", f"shape {tuple(bias.shape)} must be ({E},) (one per expert)")
-        expect(G >= 2, "bias", f"biased group scores sum the top-2 of each group: needs >= 2 experts per group, got {G}")
+        expect(tuple(bias.shape) == (E,), "bias", "shape {} must be ({},) (one per expert)", tuple(bias.shape), E)
+        expect(G >= 2, "bias", "biased group scores sum each group's top 2: needs >= 2 experts per group, got {}", G)
     return _ops.grouped_topk_op(gating_output, topk, n_group, topk_group, bias, scoring_func, bool(renormalize),
                                 float(routed_scaling_factor))
 
@@ -175,12 +177,12 @@ def moe_align_block_size(
         int32 ``[1]`` on the input's device: total padded length of all buckets (skip included).
     """
     check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, last_contiguous=False)
-    expect(block_size >= 1, "block_size", f"must be >= 1, got {block_size}")
-    expect(num_experts >= 1, "num_experts", f"must be >= 1, got {num_experts}")
+    expect(block_size >= 1, "block_size", "must be >= 1, got {}", block_size)
+    expect(num_experts >= 1, "num_experts", "must be >= 1, got {}", num_experts)
     if expert_map is not None:
         check_tensor(expert_map, "expert_map", ndim=1, dtypes=INDEX_DTYPES, device=topk_ids.device)
         expect(expert_map.shape[0] == num_experts, "expert_map",
-               f"must have num_experts ({num_experts}) entries, got {expert_map.shape[0]}")
+               "must have num_experts ({}) entries, got {}", num_experts, expert_map.shape[0])
     if checks_enabled():
         check_range_values(topk_ids, "topk_ids", -1, num_experts)
         if expert_map is not None:
@@ -233,14 +235,16 @@ def fused_topk_deepseek(
     check_tensor(scores, "scores", ndim=2, dtypes=FLOAT_DTYPES)
     T = scores.shape[0]
     check_tensor(topk_values, "topk_values", ndim=2, dtypes=FLOAT_DTYPES, device=scores.device, last_contiguous=False)
-    expect(tuple(topk_values.shape) == (T, topk), "topk_values", f"shape {tuple(topk_values.shape)} must be ({T}, {topk})")
+    expect(tuple(topk_values.shape) == (T, topk), "topk_values",
+           "shape {} must be ({}, {})", tuple(topk_values.shape), T, topk)
     check_tensor(topk_indices, "topk_indices", ndim=2, dtypes=INDEX_DTYPES, device=scores.device, last_contiguous=False)
-    expect(tuple(topk_indices.shape) == (T, topk), "topk_indices", f"shape {tuple(topk_indices.shape)} must be ({T}, {topk})")
+    expect(tuple(topk_indices.shape) == (T, topk), "topk_indices",
+           "shape {} must be ({}, {})", tuple(topk_indices.shape), T, topk)
     if routing_replay_out is not None:
         check_tensor(routing_replay_out, "routing_replay_out", ndim=2, dtypes=(torch.int16,), device=scores.device,
                      last_contiguous=False)
         expect(routing_replay_out.shape[0] >= T and routing_replay_out.shape[1] == topk, "routing_replay_out",
-               f"shape {tuple(routing_replay_out.shape)} must be (>= {T}, {topk})")
+               "shape {} must be (>= {}, {})", tuple(routing_replay_out.shape), T, topk)
     w, ids = grouped_topk(scores, topk, n_group, topk_group, bias=bias, scoring_func="sigmoid", renormalize=True,
                           routed_scaling_factor=routed_scaling_factor)
     topk_values.copy_(w)
@@ -302,12 +306,12 @@ def moe_sort(
                  device=token_selected_experts.device)
     T = token_selected_experts.shape[0]
     expect(token_selected_experts.shape[1] == top_k, "token_selected_experts",
-           f"shape {tuple(token_selected_experts.shape)} must be (T, top_k={top_k})")
+           "shape {} must be (T, top_k={})", tuple(token_selected_experts.shape), top_k)
     expect(tuple(token_final_scales.shape) == (T, top_k), "token_final_scales",
-           f"shape {tuple(token_final_scales.shape)} must be ({T}, {top_k})")
+           "shape {} must be ({}, {})", tuple(token_final_scales.shape), T, top_k)
     L = num_experts if num_local_experts is None else num_local_experts
     expect(0 <= local_expert_offset and 1 <= L and local_expert_offset + L <= num_experts, "num_local_experts",
-           f"local experts [{local_expert_offset}, {local_expert_offset + L}) must lie in [0, {num_experts})")
+           "local experts [{}, {}) must lie in [0, {})", local_expert_offset, local_expert_offset + L, num_experts)
     B = tile_tokens_dim
     dev = token_selected_experts.device
     emap = None if (local_expert_offset == 0 and L == num_experts) else _ep_expert_map(num_experts, local_expert_offset, L, dev)
@@ -346,18 +350,20 @@ def moe_permute(
         raise NotImplementedError("input_sf/permuted_sf: FP4 permutation is not provided")
     check_tensor(input, "input", ndim=2, last_contiguous=False)
     check_tensor(permuted_output, "permuted_output", ndim=2, device=input.device, last_contiguous=False)
-    expect(permuted_output.dtype == input.dtype, "permuted_output", f"dtype {permuted_output.dtype} must match input {input.dtype}")
+    expect(permuted_output.dtype == input.dtype, "permuted_output",
+           "dtype {} must match input {}", permuted_output.dtype, input.dtype)
     expect(permuted_output.shape[1] == input.shape[1], "permuted_output", "hidden size must match input")
     M = max_num_permuted_tokens
     expect(0 <= M <= permuted_output.shape[0] and M <= permuted_idx_to_expanded_idx.shape[0],
-           "max_num_permuted_tokens", f"{M} exceeds permuted_output / permuted_idx_to_expanded_idx rows")
+           "max_num_permuted_tokens", "{} exceeds permuted_output / permuted_idx_to_expanded_idx rows", M)
     T = input.shape[0]
     if M == 0 or T == 0:
         return
     p = torch.arange(M, device=input.device)
     e = permuted_idx_to_expanded_idx[:M].long()
     tile = p // tile_size
-    valid = (tile < num_non_exiting_tiles.long()) & (p < tile_idx_to_mn_limit.long()[tile.clamp(max=tile_idx_to_mn_limit.shape[0] - 1)])
+    limit = tile_idx_to_mn_limit.long()[tile.clamp(max=tile_idx_to_mn_limit.shape[0] - 1)]
+    valid = (tile < num_non_exiting_tiles.long()) & (p < limit)
     valid = valid & (e >= 0) & (e < T * top_k)
     rows = input[(e // top_k).clamp(0, T - 1)]
     out = permuted_output[:M]
@@ -381,14 +387,14 @@ def moe_unpermute(
     check_tensor(permuted_input, "permuted_input", ndim=2, last_contiguous=False)
     check_tensor(output, "output", ndim=2, device=permuted_input.device, last_contiguous=False)
     expect(output.shape[0] >= num_tokens and output.shape[1] == permuted_input.shape[1], "output",
-           f"shape {tuple(output.shape)} must be (>= {num_tokens}, {permuted_input.shape[1]})")
+           "shape {} must be (>= {}, {})", tuple(output.shape), num_tokens, permuted_input.shape[1])
     e2p = expanded_idx_to_permuted_idx
     check_tensor(e2p, "expanded_idx_to_permuted_idx", ndim=2, dtypes=INDEX_DTYPES, device=permuted_input.device,
                  last_contiguous=False)
     expect(tuple(e2p.shape) == (num_tokens, top_k), "expanded_idx_to_permuted_idx",
-           f"shape {tuple(e2p.shape)} must be ({num_tokens}, {top_k})")
+           "shape {} must be ({}, {})", tuple(e2p.shape), num_tokens, top_k)
     expect(tuple(topk_scales.shape) == (num_tokens, top_k), "topk_scales",
-           f"shape {tuple(topk_scales.shape)} must be ({num_tokens}, {top_k})")
+           "shape {} must be ({}, {})", tuple(topk_scales.shape), num_tokens, top_k)
     P = permuted_input.shape[0]
     if num_tokens == 0:
         return
@@ -420,15 +426,15 @@ def _selfcheck(device) -> list:
     for ren in (False, True):
         w, ids = topk_softmax(xd, 6, ren)
         rw, rids = ref.ref_topk_softmax(x, 6, ren)
-        out.append(CheckResult(f"topk_softmax(renormalize={ren}) ids", ids_as_sets_err(ids, rids), 0.0))
-        out.append(CheckResult(f"topk_softmax(renormalize={ren}) w", max_abs_err(w, rw), 1e-5))
+        out.append(CheckResult(f"topk_softmax ids [renormalize={ren}]", ids_as_sets_err(ids, rids), 0.0))
+        out.append(CheckResult(f"topk_softmax w [renormalize={ren}]", max_abs_err(w, rw), 1e-5))
     bias = torch.randn(64, generator=g) * 0.1
     for sf, b in (("sigmoid", bias), ("softmax", None)):
         w, ids = grouped_topk(xd, 6, 8, 3, bias=None if b is None else b.to(device), scoring_func=sf,
                               routed_scaling_factor=2.5)
         rw, rids = ref.ref_grouped_topk(x, 6, 8, 3, b, sf, True, 2.5)
-        out.append(CheckResult(f"grouped_topk({sf}) ids", ids_as_sets_err(ids, rids), 0.0))
-        out.append(CheckResult(f"grouped_topk({sf}) w", max_abs_err(w, rw), 1e-5))
+        out.append(CheckResult(f"grouped_topk ids [{sf}]", ids_as_sets_err(ids, rids), 0.0))
+        out.append(CheckResult(f"grouped_topk w [{sf}]", max_abs_err(w, rw), 1e-5))
     w, ids = topk_sigmoid(xd, 1)
     rw, rids = ref.ref_topk_sigmoid(x, 1)
     out.append(CheckResult("topk_sigmoid ids", ids_as_sets_err(ids, rids), 0.0))

@@ -379,7 +379,7 @@ def moe_align_block_size_launch(topk_ids, block_size, num_experts, expert_map, p
     emap = expert_map.contiguous() if expert_map is not None else ids
     common = dict(HAS_MAP=expert_map is not None, CH=cfg["CH"], NB=max(32, triton.next_power_of_2(num_experts + 1)),
                   num_warps=cfg["num_warps"])
-    if cfg["fused"]:
+    if cfg["fused"] or numel == 0:
         _align_fused_kernel[(1,)](ids, emap, sorted_ids, expert_ids, ntp, numel, num_experts, block_size,
                                   cap, n_blocks, SUB=_SUB, FB=_FILL, **common)
         return sorted_ids, expert_ids, ntp
