@@ -569,6 +569,51 @@ class TestSchemas(_Base):
         self.assertExpectedInline(self._schema("variable_length_merge_states"), """flashops::variable_length_merge_states(Tensor v, Tensor s, Tensor indptr, bool lse_ln=False) -> (Tensor, Tensor)""")
 
 
+# ------------------------------------------------------------------- GPU: big, graphs
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H,D,dtype", [(4099, 40, 128, torch.bfloat16), (1000, 8, 576, torch.float16),
+                                         (333, 28, 64, torch.float32)], ids=lambda x: str(x))
+def test_gpu_large_shapes_and_cuda_graph_replay(N, H, D, dtype):
+    """Partial head blocks (H=40, 28), D above one chunk (576), all four ops captured in one
+    CUDA graph and replayed on new data (no host sync inside the ops)."""
+    dev = "cuda"
+    va, sa = make_states((N,), H, D, dtype, dev, seed=20)
+    vb, sb = make_states((N,), H, D, dtype, dev, seed=21)
+    vs, ss = make_states((N, 3), H, D, dtype, dev, seed=22)
+    indptr = torch.tensor([0] + sorted(torch.randint(0, N, (N // 3,), generator=_gen(23)).tolist()) + [N],
+                          dtype=torch.int32, device=dev)
+    mask = (torch.rand(N, generator=_gen(24)) < 0.7).to(dev)
+    v_ip, s_ip = va.clone(), sa.clone()
+
+    def step():
+        v_ip.copy_(va)
+        s_ip.copy_(sa)
+        fo.merge_state_in_place(v_ip, s_ip, vb, sb, mask)
+        return fo.merge_state(va, sa, vb, sb), fo.merge_states(vs, ss), fo.variable_length_merge_states(va, sa, indptr)
+
+    step()  # warm-up: compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in (30, 31):  # new data in the captured buffers, then replay
+        for dst, src in zip((va, sa, vb, sb, vs, ss), (*make_states((N,), H, D, dtype, dev, seed=seed),
+                                                       *make_states((N,), H, D, dtype, dev, seed=seed + 10),
+                                                       *make_states((N, 3), H, D, dtype, dev, seed=seed + 20))):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        (v, s), (vm, sm), (vl, sl) = outs
+        check_pair("graph merge_state", (v, s), ref.ref_merge_state(va, sa, vb, sb), dtype)
+        check_pair("graph merge_states", (vm, sm), ref.ref_merge_stacked(vs, ss), dtype)
+        check_pair("graph varlen", (vl, sl), ref.ref_variable_length_merge_states(va.cpu(), sa.cpu(), indptr.cpu()),
+                   dtype)
+        o, lse = ref.ref_merge_state(va, sa, vb, sb)
+        keep = mask.bool()
+        assert_close("graph in_place.v", v_ip, torch.where(keep[:, None, None], o, va.double()).to(dtype), dtype=dtype)
+        assert_close("graph in_place.s", s_ip, torch.where(keep[:, None], lse, sa.double()), **LSE_TOL)
+
+
 # ------------------------------------------------------------------------------ selfcheck
 def test_selfcheck(device):
     from torch_flashops._selfcheck import _CHECKS

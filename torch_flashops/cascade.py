@@ -141,11 +141,11 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, lse_base: str = "log2") ->
     Example
     -------
     >>> import torch, torch_flashops as flashinfer
-    >>> v = torch.randn(2048, 100, 32, 128).half()
-    >>> s = torch.randn(2048, 100, 32)
+    >>> v = torch.randn(16, 100, 32, 128).half()
+    >>> s = torch.randn(16, 100, 32)
     >>> V, S = flashinfer.merge_states(v, s)
     >>> V.shape, S.shape
-    (torch.Size([2048, 32, 128]), torch.Size([2048, 32]))
+    (torch.Size([16, 32, 128]), torch.Size([16, 32]))
     """
     return _ops.merge_states_op(v, s, _lse_ln(lse_base))
 

@@ -157,7 +157,7 @@ def _merge_pair_kernel(
     _store_lse(so_ptr + n * so_sn + hh * so_sh, s, mask_h, LSE_LN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])  # varies per call (S or total rows M): no recompiles
 def _merge_run_kernel(
     v_ptr, s_ptr, indptr_ptr, vo_ptr, so_ptr,
     count, H, D,
@@ -190,7 +190,7 @@ def _merge_run_kernel(
         m = tl.full([BLOCK_H, 1], float("-inf"), tl.float32)
         d = tl.zeros([BLOCK_H, 1], tl.float32)
         for i in range(0, count):
-            row = first + i
+            row = (first + i).to(tl.int64)  # i * stride can pass 2^31 (e.g. permuted v)
             s_i = _load_lse(s_base + row * s_si, mask_h, LSE_LN)
             o_i = tl.load(v_base + row * v_si + offs_d, mask=m2, other=0.0).to(tl.float32)
             acc, m, d = online_merge_step(acc, m, d, o_i, s_i)
