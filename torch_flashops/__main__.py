@@ -1,5 +1,6 @@
-"""``python -m torch_flashops [check] [--device cpu|cuda]``
+"""``python -m torch_flashops [demo|check] [--device cpu|cuda] [demo options]``
 
+``demo`` (default): the main job, see ``torch_flashops.demo`` (``demo --help`` lists options).
 ``check``: run every registered op family's self-check on the available device (small random
 inputs against the plain-PyTorch oracle) and print a table: device, backend, max error,
 tolerance, pass/fail. Exits non-zero if any check fails.
@@ -43,7 +44,12 @@ def _check(device: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m torch_flashops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="check", choices=["check"], help="what to run (default: check)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("demo", "check") else "demo"
+    if command == "demo":
+        from . import demo
+
+        return demo.main(argv)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
