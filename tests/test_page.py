@@ -702,6 +702,65 @@ def test_selfcheck(device):
     assert not bad, bad
 
 
+# --------------------------------------------------------------------------- kernels compile for the GPU
+
+
+def aot_compile_sm90() -> dict:
+    """Compile both page kernels for an H100 (sm_90) without a GPU (PTX + cubin through Triton's
+    bundled ptxas), specialised as a launch with H_kv=8, D=128 bf16 rows would be. Needs the
+    real JIT: run without TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from torch_flashops.ops import page as ops
+
+    def build(fn, ptr_types, constexprs, aligned, num_warps):
+        sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "i32") for n in fn.arg_names}
+        idx = {n: i for i, n in enumerate(fn.arg_names)}
+        src = ASTSource(fn, sig, constexprs={(idx[k],): v for k, v in constexprs.items()},
+                        attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned})
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        ptx = out.asm["ptx"]
+        return {"cubin_bytes": len(out.asm.get("cubin", b"")),
+                "vector_loads": len([ln for ln in ptx.splitlines() if "ld.global" in ln and ".v4" in ln]),
+                "vector_stores": len([ln for ln in ptx.splitlines() if "st.global" in ln and ".v4" in ln])}
+
+    fn = ops._append_paged_kv_kernel
+    cfg = ops._append_config(65536, 8, 128, 128)
+    ptrs = {n: "*i32" for n in fn.arg_names if n.endswith("_ptr")}
+    ptrs.update({n: "*bf16" for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")})
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or "stride" in n or n in ("DK", "DV", "page_size")]
+    append = build(fn, ptrs, {k: v for k, v in cfg.items() if k.startswith("BLOCK")}, aligned, cfg["num_warps"])
+    fn = ops._batch_indices_positions_kernel
+    positions = build(fn, {n: "*i32" for n in fn.arg_names if n.endswith("_ptr")}, {"BLOCK": 1024},
+                      [n for n in fn.arg_names if n.endswith("_ptr")], 4)
+    return {"append": append, "positions": positions}
+
+
+def test_kernels_compile_for_sm90_without_gpu():
+    """Catches what the interpreter lets through; the append copy must use 16-byte accesses."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile the kernels for real")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHOPS_INTERPRET")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import json; from tests.test_page import aot_compile_sm90; print(json.dumps(aot_compile_sm90()))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 and "ptxas" in p.stderr.lower() and "not found" in p.stderr.lower():
+        pytest.skip("this triton install has no ptxas")
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["positions"]["cubin_bytes"] > 0
+    a = info["append"]
+    assert a["cubin_bytes"] > 0 and a["vector_loads"] >= 2 and a["vector_stores"] >= 2, a
+
+
 # --------------------------------------------------------------------------- GPU only
 
 
