@@ -1,0 +1,1 @@
+"""Fake (meta) implementations: output shapes from input shapes only."""

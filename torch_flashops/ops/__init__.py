@@ -1,0 +1,1 @@
+"""Triton kernels, launchers and op registrations, one module per family."""

@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations: the test oracle and the CPU backend."""
