@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values
+from ._checks import check_tensor as _check_tensor_message
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .meta.page import check_kv_layout, paged_kv_views
 from .ops import page as ops
@@ -36,6 +37,16 @@ def _expect(cond, name: str, message) -> None:
     """
     if not cond:
         raise ValueError(f"{name}: {message()}")
+
+
+def check_tensor(t, name: str, *, ndim, dtypes=None, device=None) -> None:
+    """``_checks.check_tensor`` (rank, dtype, device, ``stride(-1) == 1``) with a cheap passing
+    path: the shared helper formats its messages on every call (~5 us a call, and formatting
+    a SymInt specialises it under torch.compile), so it only runs here to raise on failure."""
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if not (isinstance(t, torch.Tensor) and t.dim() in dims and (dtypes is None or t.dtype in dtypes)
+            and (device is None or t.device == device) and (t.stride(-1) == 1 or t.numel() <= 1)):
+        _check_tensor_message(t, name, ndim=ndim, dtypes=dtypes, device=device)
 
 
 class PagedKV(NamedTuple):
