@@ -697,7 +697,8 @@ def test_selfcheck(device):
     from torch_flashops._selfcheck import _CHECKS
 
     results = _CHECKS["page"](device)
-    assert {r.op for r in results} == {"batch_indices_positions", "get_seq_lens", "append_paged_kv_cache"}
+    assert {r.op for r in results} == {"batch_indices_positions", "batch_indices_positions_out", "get_seq_lens",
+                                      "append_paged_kv_cache"}
     bad = [(r.op, r.note, r.max_err) for r in results if not r.ok]
     assert not bad, bad
 

@@ -340,6 +340,10 @@ def _page_selfcheck(device) -> list[CheckResult]:
     bi, pos = get_batch_indices_positions(append_indptr.to(device), seq_lens.to(device), nnz)
     rbi, rpos = reference.ref_batch_indices_positions(append_indptr, seq_lens, nnz)
     results.append(CheckResult("batch_indices_positions", max(max_abs_err(bi, rbi), max_abs_err(pos, rpos)), 0.0))
+    bufs = [torch.full((nnz,), 12345, dtype=torch.int32, device=device) for _ in range(2)]
+    get_batch_indices_positions(append_indptr.to(device), seq_lens.to(device), nnz, *bufs)
+    results.append(CheckResult("batch_indices_positions_out", max(max_abs_err(bufs[0], rbi), max_abs_err(bufs[1], rpos)), 0.0,
+                               note="preallocated outputs"))
     page_size, H, D = 5, 4, 32
     pages_per_req = (seq_lens + page_size - 1) // page_size
     kv_indptr = torch.cat([torch.zeros(1, dtype=torch.int64), pages_per_req.cumsum(0)]).int()
