@@ -22,5 +22,6 @@ from .page import *  # noqa: E402,F401,F403
 from .cascade import *  # noqa: E402,F401,F403
 from .quantization import *  # noqa: E402,F401,F403
 from .moe_routing import *  # noqa: E402,F401,F403
+from .fused_moe import *  # noqa: E402,F401,F403
 
 __version__ = "0.1.0"

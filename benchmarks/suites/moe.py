@@ -1,0 +1,290 @@
+"""MoE layer: ``fused_moe`` (alignment included) and its phases against torch peers (issue 4).
+
+Shapes (H, I per GPU, E, k), bf16:
+  Mixtral-2GPU   4096, 7168 (14336 / TP 2),  8, 2   topk_softmax renorm
+  Qwen3-4GPU     2048,  192 (  768 / TP 4), 128, 8   topk_softmax renorm
+  DeepSeek-4GPU  7168,  512 ( 2048 / TP 4), 256, 8   grouped_topk sigmoid+bias, 8 groups keep 4
+T from decode (1) to prefill (4096, and 16384 for DeepSeek).
+
+Rows per (model, T):
+  case "<model> T=<T>": the whole layer from routing weights and ids to the output, impls
+    torch-reference   the per-expert loop of plain PyTorch (eager; host syncs)
+    torch-grouped_mm  sort pairs by expert, torch._grouped_mm for both GEMMs, silu*mul,
+                      weights, unpermute and sum over k (graph-capturable)
+    flashops          fused_moe (align -> GEMM1+silu_and_mul -> GEMM2 x weight -> moe_sum)
+  case "<model> T=<T> | <phase>", impl flashops: routing (router logits -> weights, ids),
+    align, GEMM1+act, GEMM2, finalize, each launched alone with the config fused_moe uses.
+flops = 6*H*I per routed pair; bytes = weights of the experts the ids touch (3*H*I each) +
+x read + out written (what decode must move). T <= 256 is timed as CUDA-graph replays (launch
+gaps out) over 16 routings, so the touched experts change and come from HBM.
+
+``python -m benchmarks.suites.moe --tune --out DIR`` times launch configs on the device and
+writes ``torch_flashops/configs/moe/*.json`` (the shipped tables) and a copy into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {
+    "Mixtral-2GPU": dict(H=4096, I=7168, E=8, k=2, routing="softmax"),
+    "Qwen3-4GPU": dict(H=2048, I=192, E=128, k=8, routing="softmax"),
+    "DeepSeek-4GPU": dict(H=7168, I=512, E=256, k=8, routing="grouped"),
+}
+TOKENS = {"Mixtral-2GPU": [1, 16, 64, 256, 1024, 4096], "Qwen3-4GPU": [1, 16, 64, 256, 1024, 4096],
+          "DeepSeek-4GPU": [1, 16, 64, 256, 1024, 4096, 16384]}
+QUICK_MODELS = {"tiny": dict(H=64, I=32, E=8, k=2, routing="softmax")}
+QUICK_TOKENS = {"tiny": [1, 40]}
+DECODE_T = 256  # at or below: graph replay, TB/s over touched weights
+
+
+# ------------------------------------------------------------------------------------ peers
+def grouped_mm_forward(x, w1, w2, topk_weights, topk_ids):
+    """The layer through torch._grouped_mm: pairs sorted by expert, two grouped GEMMs over the
+    per-expert row ranges, silu*mul, routing weights, unpermute, sum over k. No host sync."""
+    T, k = topk_ids.shape
+    E, I, H = w1.shape[0], w2.shape[2], x.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xs = x.index_select(0, order // k)
+    h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)
+    h = F.silu(h[:, :I]) * h[:, I:]
+    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    y = y * topk_weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+    full = torch.empty_like(y)
+    full[order] = y
+    return full.view(T, k, H).sum(1)
+
+
+def reference_forward(x, w1, w2, topk_weights, topk_ids):
+    """Plain PyTorch, expert by expert (what a model without fused kernels runs)."""
+    out = torch.zeros_like(x)
+    I = w2.shape[2]
+    for e in range(w1.shape[0]):
+        t, j = (topk_ids == e).nonzero(as_tuple=True)
+        if t.numel() == 0:
+            continue
+        h = x[t] @ w1[e].T
+        y = (F.silu(h[:, :I]) * h[:, I:]) @ w2[e].T
+        out.index_add_(0, t, y * topk_weights[t, j].unsqueeze(1).to(x.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------- inputs
+def _route_fn(cfg):
+    import torch_flashops as fo
+
+    if not hasattr(fo, "topk_softmax"):  # routing family not installed: plain PyTorch
+        def torch_route(logits, bias):
+            w, ids = logits.float().softmax(-1).topk(cfg["k"], -1)
+            return w / w.sum(-1, keepdim=True), ids.int()
+        return torch_route
+    if cfg["routing"] == "grouped":
+        return lambda logits, bias: fo.grouped_topk(logits, cfg["k"], 8, 4, bias=bias, scoring_func="sigmoid",
+                                                    renormalize=True, routed_scaling_factor=2.5)
+    return lambda logits, bias: fo.topk_softmax(logits, cfg["k"], renormalize=True)
+
+
+def make_layer(cfg, device, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, I, E = cfg["H"], cfg["I"], cfg["E"]
+    w1 = (torch.randn(E, 2 * I, H, device=device, generator=g) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device=device, generator=g) * I ** -0.5).to(dtype)
+    bias = torch.randn(E, device=device, generator=g) * 0.1
+    return w1, w2, bias
+
+
+def make_batches(cfg, T, n, device, dtype, bias, seed=1):
+    """n routings (logits -> weights, ids through the routing op) with their inputs."""
+    g = torch.Generator(device=device).manual_seed(seed + T)
+    route = _route_fn(cfg)
+    out = []
+    for _ in range(n):
+        x = torch.randn(T, cfg["H"], device=device, generator=g).to(dtype)
+        logits = torch.randn(T, cfg["E"], device=device, generator=g)
+        tw, ids = route(logits, bias)
+        out.append((x, logits, tw, ids))
+    return out
+
+
+def _work(cfg, batches, itemsize):
+    """Mean flops and bytes per call over the batches (touched experts counted per call)."""
+    H, I = cfg["H"], cfg["I"]
+    flops = bytes_ = 0.0
+    for x, _, _, ids in batches:
+        flops += 6 * H * I * int((ids >= 0).sum())
+        bytes_ += int(torch.unique(ids[ids >= 0]).numel()) * 3 * H * I * itemsize + 2 * x.numel() * itemsize
+    return flops / len(batches), bytes_ / len(batches)
+
+
+# -------------------------------------------------------------------------------------- run
+def run(ctx):
+    import torch_flashops as fo
+    from torch_flashops import _config
+    from torch_flashops.ops import moe as ops
+
+    dev = ctx.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    models, tokens = (QUICK_MODELS, QUICK_TOKENS) if ctx.quick else (MODELS, TOKENS)
+    has_gmm = dev == "cuda" and hasattr(torch, "_grouped_mm")
+    for name, cfg in models.items():
+        w1, w2, bias = make_layer(cfg, dev, dtype)
+        H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
+        for T in ctx.progress(tokens[name], desc=f"moe {name}"):
+            decode = T <= DECODE_T
+            n = 16 if decode else (2 if T * H >= 2 ** 26 else 4)
+            batches = make_batches(cfg, T, n, dev, dtype, bias)
+            flops, nbytes = _work(cfg, batches, w1.element_size())
+            layer_args = [(x, w1, w2, tw, ids) for x, _, tw, ids in batches]
+            case = f"{name} T={T}"
+            graph = decode and dev == "cuda"
+            if not decode or ctx.quick:
+                ctx.record(case, "torch-reference", ctx.time(reference_forward, layer_args), bytes=nbytes, flops=flops)
+            if has_gmm:
+                ctx.record(case, "torch-grouped_mm", ctx.time(grouped_mm_forward, layer_args, graph=graph),
+                           bytes=nbytes, flops=flops)
+            ctx.record(case, "flashops", ctx.time(fo.fused_moe, layer_args, graph=graph), bytes=nbytes, flops=flops)
+            if dev == "cuda" or _config.interpreting():  # the phases launch kernels directly
+                _phases(ctx, ops, cfg, batches, w1, w2, bias, case, graph)
+            del batches, layer_args
+        del w1, w2
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _phases(ctx, ops, cfg, batches, w1, w2, bias, case, graph):
+    """Each phase of fused_moe alone, with the launch config fused_moe picks for this T."""
+    T, k, E, H, I = batches[0][0].shape[0], cfg["k"], cfg["E"], cfg["H"], cfg["I"]
+    x0 = batches[0][0]
+    mc = ops.moe_config(T, k, E, I, H, x0.dtype, x0.device)
+    block_m = 16 if mc["pairs"] else mc["block_m"]
+    route = _route_fn(cfg)
+    ctx.record(f"{case}: routing", "flashops", ctx.time(route, [(lg, bias) for _, lg, _, _ in batches], graph=graph))
+    routes = [ops._route(mc, ids, block_m, E, None) for _, _, _, ids in batches]
+    if not mc["pairs"]:
+        ctx.record(f"{case}: align B={block_m}", "flashops",
+                   ctx.time(lambda ids: ops._route(mc, ids, block_m, E, None), [(b[3],) for b in batches], graph=graph))
+    numel = T * k
+    hs = [x.new_empty((numel, I)) for x, *_ in batches]
+    ys = [x.new_empty((numel, H)) for x, *_ in batches]
+    outs = [x.new_empty((T, H)) for x, *_ in batches]
+
+    def g1(x, h, tw, r):
+        ops._launch_gemm(x, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=mc["gemm1"], topk_w=ops._flat(tw),
+                         fuse_silu=True, write_skip=False, **r)
+
+    def g2(h, y, tw, r):
+        ops._launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=mc["gemm2"], topk_w=ops._flat(tw),
+                         mul=True, **r)
+
+    sets = list(zip(batches, hs, ys, outs, routes))
+    f1 = 4 * H * I * numel
+    tag = "pairs" if mc["pairs"] else f"B={block_m}"
+    ctx.record(f"{case}: GEMM1+act {tag}", "flashops",
+               ctx.time(g1, [(b[0], h, b[2], r) for b, h, _, _, r in sets], graph=graph), flops=f1)
+    ctx.record(f"{case}: GEMM2 {tag}", "flashops",
+               ctx.time(g2, [(h, y, b[2], r) for b, h, y, _, r in sets], graph=graph), flops=f1 / 2)
+    ctx.record(f"{case}: finalize", "flashops",
+               ctx.time(lambda y, o: ops._launch_moe_sum(y.view(T, k, H), o, 1.0), [(y, o) for _, _, y, o, _ in sets],
+                        graph=graph), bytes=(numel + T) * H * x0.element_size())
+
+
+# ------------------------------------------------------------------------------------- tune
+def _compile_job(job):
+    """Worker: launch every candidate once on a small problem with the real H, I, k (same
+    kernel specialisations as the real shapes), so the Triton cache is warm for the timing."""
+    name, T, options = job
+    import torch_flashops  # noqa: F401
+    from torch_flashops.ops import moe as ops
+
+    cfg = MODELS[name]
+    E = 4
+    small = dict(cfg, E=E)
+    w1, w2, _ = make_layer(small, "cuda", torch.bfloat16)
+    x = torch.randn(64, cfg["H"], device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, E, (64, cfg["k"]), device="cuda", dtype=torch.int32)
+    tw = torch.rand(64, cfg["k"], device="cuda")
+    t0 = time.time()
+    ops.autotune_moe_config(x, w1, w2, tw, ids, options=options, timer=lambda fn: 0.0, cache=False)
+    torch.cuda.synchronize()
+    return name, T, time.time() - t0
+
+
+def tune(out_dir, models=None, budget_s=200.0, workers=12):
+    """Time candidate configs for each model and T; write the shipped tables."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    import torch_flashops  # noqa: F401
+    from torch_flashops.ops import moe as ops
+
+    t_start = time.time()
+    models = models or list(MODELS)
+    order = [4096, 1, 256, 16384, 1024, 64, 16]
+    plan = []
+    for name in models:
+        cfg = MODELS[name]
+        for T in sorted(TOKENS[name], key=order.index):
+            opts = ([(16, True)] if ops._pairs_rule(T, cfg["k"], cfg["E"]) else [])
+            opts += [(b, False) for b in ops.block_m_choices(T, cfg["k"], cfg["E"])]
+            plan.append((name, T, opts))
+    # warm the Triton cache in parallel (one job per distinct (model, options))
+    jobs, seen = [], set()
+    for name, T, opts in plan:
+        key = (name, tuple(opts))
+        if key not in seen:
+            seen.add(key)
+            jobs.append((name, T, opts))
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        for name, T, secs in pool.map(_compile_job, jobs):
+            print(f"[tune] compiled {name} T={T} candidates in {secs:.1f} s", flush=True)
+    print(f"[tune] warm-up done at {time.time() - t_start:.0f} s", flush=True)
+    tables = {name: {} for name in models}
+    dev_name = torch.cuda.get_device_name()
+    for name in models:
+        cfg = MODELS[name]
+        w1, w2, bias = make_layer(cfg, "cuda", torch.bfloat16)
+        for pname, T, opts in plan:
+            if pname != name:
+                continue
+            if time.time() - t_start > budget_s:
+                print(f"[tune] budget spent: {name} T={T} not tuned", flush=True)
+                continue
+            x, _, tw, ids = make_batches(cfg, T, 1, "cuda", torch.bfloat16, bias)[0]
+            best = ops.autotune_moe_config(x, w1, w2, tw, ids, options=opts, cache=False)
+            tables[name][T] = best
+            print(f"[tune] {name} T={T}: {json.dumps(best)}", flush=True)
+        del w1, w2
+        torch.cuda.empty_cache()
+        if tables[name]:
+            fname = ops.config_file_name(cfg["E"], cfg["I"], cfg["H"], dev_name, torch.bfloat16)
+            data = {str(t): tables[name][t] for t in sorted(tables[name])}
+            for d in (ops.CONFIG_DIR, out_dir):
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, fname), "w") as f:
+                    json.dump(data, f, indent=1)
+            ops._load_table.cache_clear()
+    print(f"[tune] done in {time.time() - t_start:.0f} s", flush=True)
+    return tables
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tune", action="store_true", help="time launch configs, write configs/moe tables")
+    p.add_argument("--out", default="bench_out", help="folder for a copy of the tables")
+    p.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
+    p.add_argument("--budget", type=float, default=200.0, help="seconds of tuning before stopping")
+    a = p.parse_args(argv)
+    if a.tune:
+        tune(a.out, a.models, a.budget)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,580 @@
+"""The ``moe`` compute family: grouped GEMM, silu_and_mul, moe_sum, fused_moe, cutlass shim.
+
+On CPU the Triton kernels run in the interpreter (tiny H/I, E 4-16); every op is also run
+through the plain-PyTorch CPU backend. Oracles: ``reference.moe`` (fp32), the alignment oracle
+of ``reference.moe_routing``. Fresh outputs are poisoned through the allocator
+(``fill_uninitialized_memory``: ``torch.empty`` returns NaN), ``out=`` buffers with ``poison``.
+"""
+from __future__ import annotations
+
+import contextlib
+import unittest
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_flashops as fo
+from torch_flashops import _config
+from torch_flashops.ops import moe as ops
+from torch_flashops.reference import moe as ref
+from torch_flashops.reference.moe_routing import ref_moe_align_block_size
+
+from .conftest import DEVICE
+from .helpers import CompileCounter, assert_close, poison
+
+try:
+    import expecttest
+except ImportError:  # the GPU machine has no expecttest: the schema snapshots skip there
+    expecttest = None
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# spec §9: fused_moe and the pipeline against the dense fp32 oracle
+MOE_TOL = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=1e-2, rtol=1e-2),
+           torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def backend(request, device):
+    """Triton kernels (GPU, or the CPU interpreter) and, on CPU, the plain-PyTorch backend."""
+    if request.param == "reference":
+        if device != "cpu":
+            pytest.skip("the reference backend serves CPU tensors only")
+        old = _config._cpu_backend
+        _config.set_cpu_backend("reference")
+        try:
+            yield "reference"
+        finally:
+            _config.set_cpu_backend(old)
+    else:
+        if device == "cpu" and not _config.interpreting():
+            pytest.skip("CPU kernels need TRITON_INTERPRET=1")
+        yield "kernel"
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every ``torch.empty`` inside returns NaN-filled memory, so unwritten output rows show."""
+    import torch.utils.deterministic as det
+
+    old_det, old_warn, old_fill = (torch.are_deterministic_algorithms_enabled(),
+                                   torch.is_deterministic_algorithms_warn_only_enabled(),
+                                   det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = old_fill
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def make_moe(T, H, I, E, k, dtype, device, *, seed=0):
+    """Random layer inputs: x [T, H], w1 [E, 2I, H], w2 [E, H, I] scaled so that every stage is
+    O(1); ids distinct per token, weights in (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    w1 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].int()
+    tw = torch.rand(T, k, generator=g) + 0.1
+    return (x.to(device, dtype), w1.to(device, dtype), w2.to(device, dtype), tw.to(device), ids.to(device))
+
+
+def check_layer(name, out, x, w1, w2, tw, ids, *, pipeline=True, B=16, **kw):
+    """``out`` against the dense fp32 oracle (and the five-step pipeline) within spec §9's tolerance."""
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    tol = MOE_TOL[x.dtype]
+    exp = ref.ref_fused_moe_dense(x.float(), w1.float(), w2.float(), tw, ids, **kw)
+    assert_close(f"{name} vs dense", out, exp, **tol)
+    if pipeline:
+        pipe = ref.ref_fused_moe_pipeline(x, w1, w2, tw, ids, B=B, **kw)
+        assert_close(f"{name} vs pipeline", out, pipe.float(), **tol)
+
+
+# ----------------------------------------------------------------------------- silu_and_mul
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("shape", [(7, 48), (2, 3, 20), (0, 16), (5, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_silu_and_mul(device, backend, dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g) * 3).to(device, dtype)
+    with poisoned_allocations():
+        y = fo.silu_and_mul(x)
+    assert y.shape == (*shape[:-1], shape[-1] // 2) and y.dtype == dtype and y.is_contiguous()
+    assert_close("silu_and_mul", y, ref.ref_silu_and_mul(x.float().cpu()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+def test_silu_and_mul_out_strided(device, backend, dtype):
+    """Row-strided input, out= given (poisoned, written in place and returned), and an out whose
+    leading dims cannot be flattened."""
+    g = torch.Generator().manual_seed(2)
+    big = torch.randn(6, 40, generator=g).to(device, dtype)
+    x = big[:, :24]  # row stride 40
+    out = poison(6, 12, dtype=dtype, device=device)
+    assert fo.silu_and_mul(x, out=out, enable_pdl=True) is out
+    assert_close("silu_and_mul out=", out, ref.ref_silu_and_mul(x.float().cpu()).to(dtype))
+    out3 = poison(3, 4, 10, dtype=dtype, device=device).transpose(0, 1)  # [4, 3, 10], not flattenable
+    x3 = torch.randn(4, 3, 20, generator=g).to(device, dtype)
+    fo.silu_and_mul(x3, out=out3)
+    assert_close("silu_and_mul out= transposed", out3, ref.ref_silu_and_mul(x3.float().cpu()).to(dtype))
+
+
+# ----------------------------------------------------------------------------------- moe_sum
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_moe_sum(device, backend, dtype, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(9, k, 40, generator=g).to(device, dtype)
+    with poisoned_allocations():
+        y = fo.moe_sum(x, 2.5)
+    assert y.shape == (9, 40) and y.dtype == dtype
+    assert_close("moe_sum", y, ref.ref_moe_sum(x.float().cpu(), 2.5).to(dtype))
+    # fixed j order: bitwise reproducible; a strided [T, k, H] view works too
+    assert torch.equal(y, fo.moe_sum(x, 2.5))
+    xs = torch.randn(9, k + 1, 40, generator=g).to(device, dtype)[:, 1:]
+    assert_close("moe_sum strided", fo.moe_sum(xs), ref.ref_moe_sum(xs.float().cpu()).to(dtype))
+
+
+# -------------------------------------------------------------------------- moe_grouped_gemm
+def check_grouped_gemm(device, dtype, block_size, top_k, mul, *, M, K, N, E):
+    """moe_grouped_gemm on random a, w and ids (with -1s) against the oracle; returns (c, ids)."""
+    g = torch.Generator().manual_seed(block_size + top_k)
+    a = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(E, N, K, generator=g) * K ** -0.5).to(device, dtype)
+    ids = torch.randint(-1, E, (M, top_k), generator=g, dtype=torch.int32)
+    tw = torch.rand(M, top_k, generator=g)
+    sid, eid, ntp = ref_moe_align_block_size(ids, block_size, E)
+    with poisoned_allocations():
+        c = fo.moe_grouped_gemm(a, w, sid.to(device), eid.to(device), ntp.to(device), block_size, top_k,
+                                tw.to(device), mul)
+    exp = ref.ref_moe_grouped_gemm(a.float().cpu(), w.float().cpu(), sid, eid, ntp, block_size, top_k, tw, mul)
+    assert c.shape == (M * top_k, N) and c.dtype == dtype
+    assert_close("moe_grouped_gemm", c, exp.to(dtype).float(), dtype=dtype)
+    return c, ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("top_k,mul", [(1, False), (2, True), (3, False)], ids=["k1", "k2-mul", "k3"])
+def test_moe_grouped_gemm(device, backend, dtype, block_size, top_k, mul):
+    """Against the block-by-block oracle on the alignment oracle's output: skipped pairs (-1)
+    give zero rows, uneven K and N exercise the masks."""
+    c, ids = check_grouped_gemm(device, dtype, block_size, top_k, mul, M=11, K=40, N=24, E=5)
+    skipped = (ids.reshape(-1) < 0).to(device)
+    assert (c[skipped] == 0).all()
+
+
+def test_moe_grouped_gemm_strided_a_and_w(device, backend):
+    """Row-strided a and an expert-strided w (a slice of a bigger stack) are read in place."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 50, generator=g)[:, :32].to(device)
+    w = (torch.randn(6, 16, 32, generator=g)[::2]).to(device)  # experts 0, 2, 4 of the stack
+    ids = torch.randint(0, 3, (6, 2), generator=g, dtype=torch.int32)
+    sid, eid, ntp = ref_moe_align_block_size(ids, 16, 3)
+    c = fo.moe_grouped_gemm(a, w, sid.to(device), eid.to(device), ntp.to(device), 16, 2)
+    exp = ref.ref_moe_grouped_gemm(a.cpu(), w.cpu(), sid, eid, ntp, 16, 2)
+    assert_close("moe_grouped_gemm strided", c, exp, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------- fused_moe
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("T", [0, 1, 3, 17])
+def test_fused_moe(device, backend, dtype, T):
+    """T 1 and 3 with E 8, k 2 take the one-pair-per-block decode path (T*k*4 <= E) for T=1;
+    the others go through the alignment."""
+    x, w1, w2, tw, ids = make_moe(T, 32, 16, 8, 2, dtype, device, seed=T)
+    with poisoned_allocations():
+        out = fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=1.5)
+    assert out.shape == (T, 32) and (T == 0 or out.data_ptr() != x.data_ptr())
+    check_layer("fused_moe", out, x, w1, w2, tw, ids, rsf=1.5)
+
+
+SCENARIOS = ["skip-rows", "one-hot", "empty-experts", "map-half-remote", "on-input-k1", "non-contiguous-x",
+             "decode-pairs-map", "int64-ids"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fused_moe_scenarios(device, backend, scenario):
+    T, H, I, E, k = 17, 32, 16, 6, 2
+    dtype = torch.float32
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=hash(scenario) % 1000)
+    kw, call = {}, {}
+    if scenario == "skip-rows":
+        ids[[0, 5, 16]] = -1
+        ids[7, 1] = -1
+    elif scenario == "one-hot":
+        ids[:, 0] = 3
+        ids[:, 1] = torch.where(ids[:, 1] == 3, 0, ids[:, 1]).to(ids.dtype)
+    elif scenario == "empty-experts":
+        ids = ids % 2  # experts 2..5 get nothing (and k columns may repeat an expert)
+        ids[:, 1] = 1 - ids[:, 0]
+    elif scenario == "map-half-remote":
+        Eg = 2 * E  # global experts; this rank holds the odd ones
+        g = torch.Generator().manual_seed(9)
+        ids = torch.rand(T, Eg, generator=g).argsort(-1)[:, :k].int().to(device)
+        ids[2, 0] = -1
+        emap = torch.full((Eg,), -1, dtype=torch.int32)
+        emap[1::2] = torch.arange(E, dtype=torch.int32)
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=Eg)
+    elif scenario == "on-input-k1":
+        tw, ids = tw[:, :1].contiguous(), ids[:, :1].contiguous()
+        kw = dict(on_input=True, rsf=2.0)
+        call = dict(apply_router_weight_on_input=True, routed_scaling_factor=2.0)
+    elif scenario == "non-contiguous-x":
+        big = torch.randn(T, H + 24, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+        x = big[:, 5:5 + H]
+    elif scenario == "decode-pairs-map":
+        T, E = 2, 16
+        x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=4)
+        ids[1, 1] = -1
+        emap = torch.arange(E, dtype=torch.int32)
+        emap[ids[0, 0].item()] = -1  # one of token 0's experts is remote
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"])
+    elif scenario == "int64-ids":
+        ids = ids.long()
+    with poisoned_allocations():
+        out = fo.fused_moe(x, w1, w2, tw, ids, **call)
+    check_layer(scenario, out, x, w1, w2, tw, ids, **kw)
+    if scenario == "map-half-remote":  # remote pairs contribute exactly 0
+        local = torch.where(ids >= 0, kw["expert_map"][ids.clamp(min=0).long()], -1)
+        none_local = (local < 0).all(1)
+        if none_local.any():
+            assert (out[none_local] == 0).all()
+
+
+@pytest.mark.parametrize("T", [1, 17], ids=["decode-pairs", "aligned"])
+def test_fused_moe_weight_descriptor_path(device, monkeypatch, T):
+    """Configs with "tma": weight tiles through tensor descriptors (zero fill past N and K
+    instead of wrapped pointers); H and I not multiples of the tiles."""
+    real = ops.moe_config
+
+    def with_tma(*a):
+        cfg = real(*a)
+        return {**cfg, "gemm1": {**cfg["gemm1"], "tma": True}, "gemm2": {**cfg["gemm2"], "tma": True}}
+
+    monkeypatch.setattr(ops, "moe_config", with_tma)
+    x, w1, w2, tw, ids = make_moe(T, 40, 24, 8, 2, torch.bfloat16, device, seed=21)
+    with poisoned_allocations():
+        out = fo.fused_moe(x, w1, w2, tw, ids)
+    check_layer("fused_moe tma", out, x, w1, w2, tw, ids, pipeline=False)
+
+
+def test_fused_moe_rsf_in_routing_or_output(device, backend):
+    """routed_scaling_factor in the routing weights or on the output: the same layer output."""
+    x, w1, w2, tw, ids = make_moe(9, 32, 16, 4, 2, torch.float32, device, seed=11)
+    a = fo.fused_moe(x, w1, w2, tw * 2.5, ids)
+    b = fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=2.5)
+    assert_close("rsf placement", a, b, atol=1e-4, rtol=1e-4)
+    check_layer("rsf output", b, x, w1, w2, tw, ids, pipeline=False, rsf=2.5)
+
+
+def test_fused_moe_deterministic_and_no_alias(device):
+    x, w1, w2, tw, ids = make_moe(17, 32, 16, 4, 2, torch.bfloat16, device, seed=12)
+    x0 = x.clone()
+    a = fo.fused_moe(x, w1, w2, tw, ids)
+    b = fo.fused_moe(x, w1, w2, tw, ids)
+    assert torch.equal(a, b) and torch.equal(x, x0)
+    assert a.data_ptr() != x.data_ptr()
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_fused_moe_hypothesis(data):
+    device = DEVICE  # (a function-scoped fixture would not be reset between examples)
+    E = data.draw(st.integers(1, 12), label="E")
+    k = data.draw(st.integers(1, min(E, 4)), label="k")
+    T = data.draw(st.integers(0, 20), label="T")
+    H = data.draw(st.sampled_from([16, 24, 40]), label="H")
+    I = data.draw(st.sampled_from([8, 16, 20]), label="I")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=seed)
+    if T:
+        drop = torch.rand(T, k, generator=torch.Generator().manual_seed(seed)) < 0.2
+        ids = torch.where(drop.to(device), -1, ids).int()
+    rsf = data.draw(st.sampled_from([1.0, 2.5]), label="rsf")
+    with poisoned_allocations():
+        out = fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
+    check_layer("fused_moe (hypothesis)", out, x, w1, w2, tw, ids, pipeline=False, rsf=rsf)
+
+
+# ------------------------------------------------------------------------------- cutlass shim
+def test_cutlass_fused_moe(device):
+    """fc1 is [up; gate]; ep_size 2 maps global ids onto this rank's contiguous shard."""
+    T, H, I, E, k = 9, 32, 16, 4, 2
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.float32, device, seed=13)
+    fc1 = torch.cat([w1[:, I:], w1[:, :I]], 1)
+    res = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, quant_scales=[])
+    assert isinstance(res, list) and len(res) == 1
+    check_layer("cutlass_fused_moe", res[0], x, w1, w2, tw, ids, pipeline=False)
+    # expert parallel: rank 1 of 2 holds global experts [4, 8)
+    g = torch.Generator().manual_seed(14)
+    gids = torch.rand(T, 2 * E, generator=g).argsort(-1)[:, :k].int().to(device)
+    out = poison(T, H, dtype=torch.float32, device=device)
+    res = fo.cutlass_fused_moe(x, gids, tw, fc1, w2, torch.float32, ep_size=2, ep_rank=1, output=out)
+    assert res[0] is out
+    emap = torch.tensor([-1] * E + list(range(E)), dtype=torch.int32)
+    exp = ref.ref_fused_moe_dense(x, w1, w2, tw, gids, expert_map=emap)
+    assert_close("cutlass_fused_moe ep", out, exp, **MOE_TOL[torch.float32])
+    with pytest.raises(NotImplementedError, match="quant_scales"):
+        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, quant_scales=[torch.ones(1)])
+    with pytest.raises(NotImplementedError, match="tp_size"):
+        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, tp_size=2)
+
+
+# ---------------------------------------------------------------------------------- opcheck
+def _op_samples(device):
+    x, w1, w2, tw, ids = make_moe(5, 16, 8, 4, 2, torch.float32, device, seed=15)
+    xd, w1d, w2d, twd, idsd = make_moe(1, 16, 8, 8, 2, torch.float32, device, seed=16)  # decode pairs
+    sid, eid, ntp = (t.to(device) for t in ref_moe_align_block_size(ids.cpu(), 16, 4))
+    h = torch.randn(3, 2, 16, device=device)
+    return {
+        "moe_grouped_gemm": [(x, w1, sid, eid, ntp, 16, 2, tw, True), (x, w1, sid, eid, ntp, 16, 2, None, False)],
+        "silu_and_mul": [(h,)],
+        "silu_and_mul_out": [(h, torch.empty(3, 2, 8, device=device))],
+        "moe_sum": [(torch.randn(4, 3, 8, device=device), 2.0)],
+        "fused_moe": [(x, w1, w2, tw, ids, "silu", False, 1.5, None, -1),
+                      (xd, w1d, w2d, twd, idsd, "silu", False, 1.0, torch.arange(8, dtype=torch.int32, device=device), 8)],
+    }
+
+
+@pytest.mark.parametrize("name", ["moe_grouped_gemm", "silu_and_mul", "silu_and_mul_out", "moe_sum", "fused_moe"])
+def test_opcheck(device, name):
+    op = getattr(torch.ops.flashops, name).default
+    for args in _op_samples(device)[name]:
+        torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------- compile
+def test_compile_fused_moe_dynamic_no_recompile(device):
+    """fused_moe and moe_sum inside one compiled function: one frame (no graph break), no
+    recompile as T changes; the fused_moe op stays opaque in the graph."""
+
+    def layer(x, w1, w2, tw, ids):
+        return fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=2.0) + 1.0
+
+    cc = CompileCounter(layer, dynamic=True)
+    for T in (3, 6, 10):
+        args = make_moe(T, 16, 8, 4, 2, torch.float32, device, seed=T)
+        assert_close(f"compiled T={T}", cc(*args), layer(*args), atol=1e-5, rtol=1e-5)
+    assert cc.frames == 1
+    assert cc.graph_ops() == ["flashops.fused_moe.default"]
+
+
+def test_compile_silu_and_mul_out_visible(device):
+    def f(h, out):
+        fo.silu_and_mul(h, out=out)
+        return fo.moe_sum(out.view(out.shape[0], 1, -1))
+
+    cc = CompileCounter(f, dynamic=True)
+    for T in (3, 5):
+        h = torch.randn(T, 16, device=device)
+        out = poison(T, 8, device=device)
+        s = cc(h, out)
+        assert_close("out written under compile", out, ref.ref_silu_and_mul(h.cpu()))
+        assert_close("moe_sum of it", s, out)
+    assert cc.frames == 1
+
+
+# ------------------------------------------------------------------------------- bad input
+def _bad(match, fn, *a, **kw):
+    with pytest.raises(ValueError, match=match):
+        fn(*a, **kw)
+
+
+def test_fused_moe_bad_input(device):
+    x, w1, w2, tw, ids = make_moe(4, 16, 8, 4, 2, torch.float32, device)
+    _bad("^w1:", fo.fused_moe, x, w1[:, :, :8], w2, tw, ids)
+    _bad("^w1:", fo.fused_moe, x, w1[:, :15], w2, tw, ids)
+    _bad("^w2:", fo.fused_moe, x, w1, w2[:, :, :4], tw, ids)
+    _bad("^w2:", fo.fused_moe, x, w1, w2.half(), tw, ids)
+    _bad("^topk_weights:", fo.fused_moe, x, w1, w2, tw[:, :1], ids)
+    _bad("^topk_ids:", fo.fused_moe, x, w1, w2, tw[:3], ids[:3])
+    _bad("^topk_ids:", fo.fused_moe, x, w1, w2, tw, ids.float())
+    _bad("^hidden_states:", fo.fused_moe, x.int(), w1, w2, tw, ids)
+    _bad("^hidden_states:", fo.fused_moe, x.t(), w1, w2, tw, ids)
+    _bad("^apply_router_weight_on_input:", fo.fused_moe, x, w1, w2, tw, ids, apply_router_weight_on_input=True)
+    _bad("^expert_map:", fo.fused_moe, x, w1, w2, tw, ids, expert_map=torch.arange(4, dtype=torch.int32, device=device),
+         global_num_experts=6)
+    _bad("^global_num_experts:", fo.fused_moe, x, w1, w2, tw, ids, global_num_experts=6)
+    with pytest.raises(NotImplementedError, match="gelu"):
+        fo.fused_moe(x, w1, w2, tw, ids, activation="gelu")
+    old = _config._checks
+    _config.set_checks(True)
+    try:
+        _bad("^topk_ids: values must lie in \\[-1, 4\\)", fo.fused_moe, x, w1, w2, tw, torch.full_like(ids, 4))
+        _bad("^topk_ids:", fo.fused_moe, x, w1, w2, tw, torch.full_like(ids, -2))
+        _bad("^expert_map:", fo.fused_moe, x, w1, w2, tw, ids, expert_map=torch.full((4,), 7, dtype=torch.int32, device=device))
+    finally:
+        _config.set_checks(old)
+
+
+def test_grouped_gemm_and_helpers_bad_input(device):
+    a = torch.randn(4, 16, device=device)
+    w = torch.randn(3, 8, 16, device=device)
+    ids = torch.randint(0, 3, (4, 2), dtype=torch.int32)
+    sid, eid, ntp = (t.to(device) for t in ref_moe_align_block_size(ids, 16, 3))
+    _bad("^block_size:", fo.moe_grouped_gemm, a, w, sid, eid, ntp, 8, 2)
+    _bad("^w:", fo.moe_grouped_gemm, a, w[:, :, :8], sid, eid, ntp, 16, 2)
+    _bad("^sorted_token_ids:", fo.moe_grouped_gemm, a, w, sid.long(), eid, ntp, 16, 2)
+    _bad("^topk_weights:", fo.moe_grouped_gemm, a, w, sid, eid, ntp, 16, 2, None, True)
+    _bad("^topk_weights:", fo.moe_grouped_gemm, a, w, sid, eid, ntp, 16, 2, torch.rand(3, device=device), True)
+    _bad("^expert_ids:", fo.moe_grouped_gemm, a, w, sid, eid[:1], ntp, 16, 2)
+    old = _config._checks
+    _config.set_checks(True)
+    try:
+        _bad("^expert_ids:", fo.moe_grouped_gemm, a, w, sid, torch.full_like(eid, 3), ntp, 16, 2)
+        _bad("^num_tokens_post_pad:", fo.moe_grouped_gemm, a, w, sid, eid, ntp + 1, 16, 2)
+        _bad("^sorted_token_ids:", fo.moe_grouped_gemm, a, w, sid + 100, eid, ntp, 16, 2)
+    finally:
+        _config.set_checks(old)
+    h = torch.randn(3, 7, device=device)
+    _bad("^input:", fo.silu_and_mul, h)
+    out = poison(3, 4, device=device)
+    _bad("^out:", fo.silu_and_mul, torch.randn(3, 10, device=device), out=out)
+    assert torch.isnan(out).all()  # nothing written
+    _bad("^out:", fo.silu_and_mul, torch.randn(3, 8, device=device), out=out.half())
+    _bad("^input:", fo.moe_sum, torch.randn(3, 8, device=device))
+
+
+# ---------------------------------------------------------------------------- configs, check
+def test_shipped_configs_are_valid():
+    """Every shipped launch-config table parses, keys are token counts, tiles are sane."""
+    import glob
+    import json
+    import os
+
+    files = glob.glob(os.path.join(ops.CONFIG_DIR, "*.json"))
+    for f in files:
+        table = json.load(open(f))
+        assert table, f
+        for t, cfg in table.items():
+            assert int(t) >= 1
+            assert cfg["block_m"] in ops.GEMM_BLOCK_SIZES
+            for g in ("gemm1", "gemm2"):
+                c = cfg[g]
+                assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(c), (f, t, g)
+                assert c["BLOCK_N"] >= 16 and c["BLOCK_K"] >= 16 and c["num_warps"] in (1, 2, 4, 8, 16)
+
+
+def test_moe_config_selection():
+    cfg = ops.default_moe_config(1, 8, 256, 512, 7168)
+    assert cfg["pairs"]  # decode: one pair per block
+    cfg = ops.default_moe_config(4096, 2, 8, 7168, 4096)
+    assert not cfg["pairs"] and cfg["block_m"] in ops.GEMM_BLOCK_SIZES
+
+
+def test_selfcheck(device):
+    from torch_flashops import _selfcheck
+
+    results = _selfcheck._CHECKS["moe"](device)
+    assert {r.op for r in results} == {"silu_and_mul", "moe_sum", "moe_grouped_gemm", "fused_moe"}
+    for r in results:
+        assert r.ok, r
+
+
+# ---------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_new_ids():
+    """fused_moe captured in a CUDA graph (with the alignment inside it) and replayed with new
+    ids and weights copied into the static inputs: results follow the new routing."""
+    dev = "cuda"
+    for T, E in ((64, 8), (2, 64)):  # aligned path and decode pair path
+        x, w1, w2, tw, ids = make_moe(T, 128, 64, E, 2, torch.bfloat16, dev, seed=17)
+        fo.fused_moe(x, w1, w2, tw, ids)  # warm-up: compile outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fo.fused_moe(x, w1, w2, tw, ids)
+        for seed in (18, 19):
+            _, _, _, tw2, ids2 = make_moe(T, 128, 64, E, 2, torch.bfloat16, dev, seed=seed)
+            ids2[0] = -1
+            ids.copy_(ids2)
+            tw.copy_(tw2)
+            g.replay()
+            torch.cuda.synchronize()
+            check_layer(f"graph replay T={T}", out, x, w1, w2, tw2, ids2, pipeline=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("block_size", ops.GEMM_BLOCK_SIZES)
+def test_gpu_grouped_gemm_block_sizes(dtype, block_size):
+    """Every BLOCK_M with its default GPU tiles, K and N not multiples of the tiles."""
+    check_grouped_gemm("cuda", dtype, block_size, 2, True, M=300, K=200, N=176, E=6)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_moe_every_shipped_config():
+    """Each distinct tile config of the shipped tables (and the defaults) on a mid-size layer."""
+    import glob
+    import json
+    import os
+
+    seen = []
+    for f in sorted(glob.glob(os.path.join(ops.CONFIG_DIR, "*.json"))):
+        for cfg in json.load(open(f)).values():
+            c = {k: cfg[k] for k in ("block_m", "gemm1", "gemm2")}
+            if c not in seen:
+                seen.append(c)
+    for bm, (g1, g2) in ops._DEFAULTS.items():
+        c = {"block_m": bm, "gemm1": g1, "gemm2": g2}
+        if c not in seen:
+            seen.append(c)
+    x, w1, w2, tw, ids = make_moe(384, 512, 384, 16, 4, torch.bfloat16, "cuda", seed=20)
+    ids[5] = -1
+    exp = ref.ref_fused_moe_dense(x.float(), w1.float(), w2.float(), tw, ids)
+    real = ops.moe_config
+    try:
+        for c in seen:
+            ops.moe_config = lambda *a, c=c: {**c, "pairs": False}
+            with poisoned_allocations():
+                out = fo.fused_moe(x, w1, w2, tw, ids)
+            assert_close(f"config {c}", out, exp, **MOE_TOL[torch.bfloat16])
+    finally:
+        ops.moe_config = real
+
+
+@pytest.mark.gpu
+def test_gpu_int64_row_offsets():
+    """Output rows past 2**31 elements: row offsets must be computed in int64 (vLLM #5938)."""
+    dev = "cuda"
+    M, K, N, E = 270_000, 16, 8192, 2  # M*N = 2.2e9 > 2**31
+    a = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device=dev, dtype=torch.bfloat16) * 0.25
+    ids = (torch.arange(M, device=dev, dtype=torch.int32) % 2).view(M, 1)
+    sid, eid, ntp = torch.ops.flashops.moe_align_block_size(ids, 64, E, None, False)
+    c = fo.moe_grouped_gemm(a, w, sid, eid, ntp, 64, 1)
+    rows = torch.tensor([0, 1, M // 2, M - 2, M - 1], device=dev)
+    exp = torch.stack([a[r].float() @ w[r % 2].float().T for r in rows.tolist()])
+    assert_close("int64 rows", c[rows], exp.to(torch.bfloat16).float(), dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------- schema snapshots
+_Base = expecttest.TestCase if expecttest is not None else unittest.TestCase
+
+
+@unittest.skipIf(expecttest is None, "expecttest not installed (GPU machine)")
+class TestSchemas(_Base):
+    def _schema(self, name):
+        return str(getattr(torch.ops.flashops, name).default._schema)
+
+    def test_moe_grouped_gemm(self):
+        self.assertExpectedInline(self._schema("moe_grouped_gemm"), """flashops::moe_grouped_gemm(Tensor a, Tensor w, Tensor sorted_token_ids, Tensor expert_ids, Tensor num_tokens_post_pad, int block_size, int top_k, Tensor? topk_weights=None, bool mul_routed_weight=False) -> Tensor""")
+
+    def test_silu_and_mul(self):
+        self.assertExpectedInline(self._schema("silu_and_mul"), """flashops::silu_and_mul(Tensor input) -> Tensor""")
+
+    def test_silu_and_mul_out(self):
+        self.assertExpectedInline(self._schema("silu_and_mul_out"), """flashops::silu_and_mul_out(Tensor input, Tensor(a!) out) -> ()""")
+
+    def test_moe_sum(self):
+        self.assertExpectedInline(self._schema("moe_sum"), """flashops::moe_sum(Tensor input, float routed_scaling_factor=1.) -> Tensor""")
+
+    def test_fused_moe(self):
+        self.assertExpectedInline(self._schema("fused_moe"), """flashops::fused_moe(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", bool apply_router_weight_on_input=False, float routed_scaling_factor=1., Tensor? expert_map=None, int global_num_experts=-1) -> Tensor""")

@@ -1,0 +1,371 @@
+"""Mixture-of-Experts layer compute (spec/moe.md §3-§7): grouped GEMM, ``silu_and_mul``,
+``moe_sum``, the whole-layer ``fused_moe`` and FlashInfer's ``cutlass_fused_moe`` name.
+
+The contract is vLLM/SGLang's: ``w1 [E, 2I, H]`` is ``[gate; up]``, ``w2 [E, H, I]``, ids of -1
+are skipped pairs. Routing (``topk_softmax``, ``grouped_topk``...) and ``moe_align_block_size``
+are in ``torch_flashops.moe_routing``.
+
+Note: ``torch_flashops.fused_moe`` is the *function* once the package is imported (as in vLLM);
+this module is reached as ``from torch_flashops.fused_moe import cutlass_fused_moe``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import _config
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor
+from ._selfcheck import CheckResult, max_abs_err, selfcheck
+from .ops import moe as ops
+
+__all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "moe_sum", "cutlass_fused_moe"]
+
+_MOE_DTYPES = FLOAT_DTYPES  # bf16, fp16; fp32 for CPU tests
+
+
+def _require(cond, name: str, msg) -> None:
+    """``_checks.expect`` with a message built only on failure: formatting a SymInt while
+    torch.compile traces would specialize that size (a recompile per token count)."""
+    if not cond:
+        raise ValueError(f"{name}: {msg()}")
+
+
+def _static_float(v: float) -> float:
+    """The default 1.0 as a literal: torch.compile turns a float *default argument* into a
+    symbolic float, which makes Inductor restart the whole trace (seen on torch 2.13)."""
+    return 1.0 if v == 1.0 else v
+
+
+def _check_routing(topk_weights, topk_ids, T, device):
+    check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, device=device, last_contiguous=False)
+    check_tensor(topk_weights, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES, device=device, last_contiguous=False)
+    _require(topk_weights.shape == topk_ids.shape, "topk_weights",
+        lambda: f"shape {tuple(topk_weights.shape)} does not match topk_ids {tuple(topk_ids.shape)}")
+    _require(topk_ids.shape[0] == T, "topk_ids", lambda: f"has {topk_ids.shape[0]} rows, expected one per token ({T})")
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    routed_scaling_factor: float = 1.0,
+    expert_map: Optional[torch.Tensor] = None,
+    global_num_experts: int = -1,
+) -> torch.Tensor:
+    """The routed-experts part of an MoE layer: ``out[t] = rsf * sum_j w[t,j] * y_{id[t,j]}(x_t)``
+    with ``y_e(x) = w2[e] @ silu_and_mul(w1[e] @ x)``, as one opaque op.
+
+    Parameters
+    ----------
+    hidden_states : torch.Tensor
+        ``[T, H]``, bf16 / fp16 (fp32 on CPU), ``stride(-1) == 1`` (row stride free).
+    w1 : torch.Tensor
+        ``[E, 2I, H]``, rows ``[0, I)`` gate_proj, ``[I, 2I)`` up_proj; x's dtype; last dim
+        contiguous. ``E`` is the local expert count.
+    w2 : torch.Tensor
+        ``[E, H, I]`` down_proj; x's dtype; last dim contiguous.
+    topk_weights : torch.Tensor
+        ``[T, k]`` routing weights, fp32 (16-bit accepted).
+    topk_ids : torch.Tensor
+        ``[T, k]`` expert ids in ``[-1, global_num_experts)``, int32 (int64 accepted); -1
+        skips the pair (CUDA-graph padding rows).
+    activation : str
+        ``"silu"`` only; anything else raises ``NotImplementedError`` (reserved).
+    apply_router_weight_on_input : bool
+        Llama 4: scale the input by the weight instead of the output; needs ``k == 1``.
+    routed_scaling_factor : float
+        Multiplies the output (put it here or in the routing weights, never both).
+    expert_map : torch.Tensor, optional
+        ``[global_num_experts]`` int32, global id -> local id or -1 (expert not on this rank:
+        the pair contributes 0).
+    global_num_experts : int
+        ``-1`` means ``expert_map.numel()`` with a map, else ``E``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, H]`` in x's dtype, a new tensor (never ``hidden_states``). ``T == 0`` gives
+        ``[0, H]``. Checked mode also validates id and map values.
+    """
+    x = hidden_states
+    if activation != "silu":
+        raise NotImplementedError(f"activation {activation!r} is not implemented (only 'silu')")
+    check_tensor(x, "hidden_states", ndim=2, dtypes=_MOE_DTYPES)
+    dev = x.device
+    T, H = x.shape
+    check_tensor(w1, "w1", ndim=3, dtypes=(x.dtype,), device=dev)
+    check_tensor(w2, "w2", ndim=3, dtypes=(x.dtype,), device=dev)
+    E = w1.shape[0]
+    _require(w1.shape[2] == H and w1.shape[1] % 2 == 0 and w1.shape[1] > 0, "w1",
+             lambda: f"shape {tuple(w1.shape)} must be [E, 2I, H] with H = {H}")
+    I = w1.shape[1] // 2
+    _require(tuple(w2.shape) == (E, H, I), "w2", lambda: f"shape {tuple(w2.shape)} must be [E, H, I] = {(E, H, I)}")
+    _check_routing(topk_weights, topk_ids, T, dev)
+    k = topk_ids.shape[1]
+    _require(k >= 1, "topk_ids", lambda: "needs at least one column (k >= 1)")
+    _require(not apply_router_weight_on_input or k == 1, "apply_router_weight_on_input", lambda: f"needs k == 1, got k = {k}")
+    if expert_map is not None:
+        check_tensor(expert_map, "expert_map", ndim=1, dtypes=INDEX_DTYPES, device=dev)
+        if global_num_experts == -1:
+            global_num_experts = expert_map.numel()
+        _require(expert_map.numel() == global_num_experts, "expert_map",
+            lambda: f"has {expert_map.numel()} entries, expected global_num_experts = {global_num_experts}")
+    else:
+        if global_num_experts == -1:
+            global_num_experts = E
+        _require(global_num_experts == E, "global_num_experts",
+            lambda: f"{global_num_experts} must equal w1.shape[0] = {E} without an expert_map")
+    if _config.checks_enabled():
+        check_range_values(topk_ids, "topk_ids", -1, global_num_experts)
+        if expert_map is not None:
+            check_range_values(expert_map, "expert_map", -1, E)
+    return ops.fused_moe(x, w1, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input,
+                         _static_float(routed_scaling_factor), expert_map, global_num_experts)
+
+
+def moe_grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_pad: torch.Tensor,
+    block_size: int,
+    top_k: int,
+    topk_weights: Optional[torch.Tensor] = None,
+    mul_routed_weight: bool = False,
+) -> torch.Tensor:
+    """Grouped GEMM over aligned blocks: ``c[i] = a[i // top_k] @ w[e].T`` (times
+    ``topk_weights.flat[i]`` if ``mul_routed_weight``) for every slot ``i`` of a block with
+    expert ``e >= 0``; ``c[i] = 0`` for slots of blocks with expert -1.
+
+    Parameters
+    ----------
+    a : torch.Tensor
+        ``[M, K]`` bf16 / fp16 (fp32 on CPU), ``stride(-1) == 1``.
+    w : torch.Tensor
+        ``[E_local, N, K]``, a's dtype, last dim contiguous.
+    sorted_token_ids, expert_ids, num_tokens_post_pad : torch.Tensor
+        int32 outputs of ``moe_align_block_size`` for ``numel = M * top_k`` pairs and this
+        ``block_size``: ``[max_num_tokens_padded]``, ``[cdiv(max_num_tokens_padded,
+        block_size)]``, ``[1]`` (device scalar).
+    block_size : int
+        16, 32, 64, 128 or 256 (the GEMM's BLOCK_M).
+    top_k : int
+        Rows are gathered as ``a[i // top_k]``.
+    topk_weights : torch.Tensor, optional
+        ``numel`` routing weights (fp32; 16-bit accepted), needed with ``mul_routed_weight``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[M * top_k, N]`` in a's dtype.
+    """
+    check_tensor(a, "a", ndim=2, dtypes=_MOE_DTYPES)
+    dev = a.device
+    check_tensor(w, "w", ndim=3, dtypes=(a.dtype,), device=dev)
+    _require(w.shape[2] == a.shape[1], "w", lambda: f"shape {tuple(w.shape)}: last dim must equal a's K = {a.shape[1]}")
+    _require(block_size in ops.GEMM_BLOCK_SIZES, "block_size", lambda: f"must be one of {ops.GEMM_BLOCK_SIZES}, got {block_size}")
+    _require(isinstance(top_k, int) and top_k >= 1, "top_k", lambda: f"must be a positive int, got {top_k!r}")
+    for t, name in ((sorted_token_ids, "sorted_token_ids"), (expert_ids, "expert_ids"), (num_tokens_post_pad, "num_tokens_post_pad")):
+        check_tensor(t, name, ndim=1, dtypes=(torch.int32,), device=dev)
+    _require(num_tokens_post_pad.numel() == 1, "num_tokens_post_pad", lambda: f"must have one element, got {num_tokens_post_pad.numel()}")
+    nblk = -(-sorted_token_ids.numel() // block_size)
+    _require(expert_ids.numel() >= nblk, "expert_ids", lambda: f"has {expert_ids.numel()} blocks, sorted_token_ids needs {nblk}")
+    numel = a.shape[0] * top_k
+    if mul_routed_weight:
+        _require(topk_weights is not None, "topk_weights", lambda: "is required with mul_routed_weight=True")
+    if topk_weights is not None:
+        check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, device=dev, last_contiguous=False)
+        _require(topk_weights.numel() == numel, "topk_weights", lambda: f"has {topk_weights.numel()} elements, expected {numel}")
+    if _config.checks_enabled():
+        check_range_values(sorted_token_ids, "sorted_token_ids", 0, numel + 1)
+        check_range_values(expert_ids, "expert_ids", -1, w.shape[0])
+        ntp = int(num_tokens_post_pad[0])
+        _require(0 <= ntp <= sorted_token_ids.numel() and ntp % block_size == 0, "num_tokens_post_pad",
+            lambda: f"{ntp} must be a multiple of block_size {block_size} in [0, {sorted_token_ids.numel()}]")
+    return ops.moe_grouped_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, block_size, top_k,
+                                topk_weights, mul_routed_weight)
+
+
+def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    """``silu(input[..., :d]) * input[..., d:]`` (fp32 math, input's dtype out).
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``[..., 2d]``, fp16 / bf16 / fp32, ``stride(-1) == 1``.
+    out : torch.Tensor, optional
+        ``[..., d]``, input's dtype and device; written in place and returned.
+    enable_pdl : bool, optional
+        Accepted for FlashInfer compatibility; no effect.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., d]`` (``out`` when given).
+    """
+    check_tensor(input, "input", dtypes=FLOAT_DTYPES)
+    _require(input.dim() >= 1 and input.shape[-1] % 2 == 0, "input", lambda: f"last dim must be even, got shape {tuple(input.shape)}")
+    if out is None:
+        return ops.silu_and_mul(input)
+    check_tensor(out, "out", dtypes=(input.dtype,), device=input.device)
+    want = (*input.shape[:-1], input.shape[-1] // 2)
+    _require(tuple(out.shape) == want, "out", lambda: f"shape {tuple(out.shape)} must be {want}")
+    ops.silu_and_mul_out(input, out)
+    return out
+
+
+def moe_sum(input: torch.Tensor, routed_scaling_factor: float = 1.0) -> torch.Tensor:
+    """``out[t] = rsf * sum_j input[t, j]``: fp32 accumulation in fixed j order.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``[T, k, H]`` fp16 / bf16 / fp32, ``stride(-1) == 1``.
+    routed_scaling_factor : float
+        Multiplies the sum.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, H]`` in input's dtype.
+    """
+    check_tensor(input, "input", ndim=3, dtypes=FLOAT_DTYPES)
+    return ops.moe_sum(input, _static_float(routed_scaling_factor))
+
+
+def cutlass_fused_moe(
+    input: torch.Tensor,
+    token_selected_experts: torch.Tensor,
+    token_final_scales: torch.Tensor,
+    fc1_expert_weights: torch.Tensor,
+    fc2_expert_weights: torch.Tensor,
+    output_dtype: torch.dtype,
+    quant_scales: Optional[List[torch.Tensor]] = None,
+    fc1_expert_biases: Optional[torch.Tensor] = None,
+    fc2_expert_biases: Optional[torch.Tensor] = None,
+    input_sf: Optional[torch.Tensor] = None,
+    swiglu_alpha: Optional[torch.Tensor] = None,
+    swiglu_beta: Optional[torch.Tensor] = None,
+    swiglu_limit: Optional[torch.Tensor] = None,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    cluster_size: int = 1,
+    cluster_rank: int = 0,
+    output: Optional[torch.Tensor] = None,
+    enable_alltoall: bool = False,
+    use_deepseek_fp8_block_scale: bool = False,
+    use_w4_group_scaling: bool = False,
+    use_mxfp8_act_scaling: bool = False,
+    min_latency_mode: bool = False,
+    use_packed_weights: bool = False,
+    tune_max_num_tokens: int = 8192,
+    enable_pdl: Optional[bool] = None,
+    activation_type=None,
+) -> List[torch.Tensor]:
+    """FlashInfer's CUTLASS MoE entry point, mapped onto ``fused_moe`` (spec §7).
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``[T, H]`` bf16 / fp16.
+    token_selected_experts : torch.Tensor
+        ``[T, k]`` global expert ids (int32; -1 skips).
+    token_final_scales : torch.Tensor
+        ``[T, k]`` routing weights.
+    fc1_expert_weights : torch.Tensor
+        ``[E_local, 2I, H]`` **``[up (w3); gate (w1)]``** (FlashInfer's order; swapped to
+        ``[gate; up]`` here, which copies the weights on every call).
+    fc2_expert_weights : torch.Tensor
+        ``[E_local, H, I]``.
+    output_dtype : torch.dtype
+        Dtype of the result.
+    ep_size, ep_rank : int
+        Expert parallelism over contiguous shards: this rank holds global experts
+        ``[ep_rank * E_local, (ep_rank + 1) * E_local)``; other experts contribute 0.
+    output : torch.Tensor, optional
+        ``[T, H]`` of ``output_dtype``; written and returned.
+    Only unquantized weights, ``tp_size == 1``, no biases and the SwiGLU activation are
+    supported; the other options raise ``NotImplementedError`` when set. ``enable_pdl``,
+    ``tune_max_num_tokens``: accepted, no effect.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``[out]`` (a list, as FlashInfer's code returns).
+    """
+    unsupported = dict(
+        quant_scales=bool(quant_scales), fc1_expert_biases=fc1_expert_biases is not None,
+        fc2_expert_biases=fc2_expert_biases is not None, input_sf=input_sf is not None,
+        swiglu_alpha=swiglu_alpha is not None, swiglu_beta=swiglu_beta is not None,
+        swiglu_limit=swiglu_limit is not None, tp_size=tp_size != 1, cluster_size=cluster_size != 1,
+        enable_alltoall=enable_alltoall, use_deepseek_fp8_block_scale=use_deepseek_fp8_block_scale,
+        use_w4_group_scaling=use_w4_group_scaling, use_mxfp8_act_scaling=use_mxfp8_act_scaling,
+        min_latency_mode=min_latency_mode, use_packed_weights=use_packed_weights,
+        activation_type=activation_type is not None and getattr(activation_type, "name", activation_type) != "Swiglu",
+    )
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU, tp_size 1 only)")
+    check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, dtypes=_MOE_DTYPES)
+    _require(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
+    _require(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
+    E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
+    w1 = torch.cat([fc1_expert_weights[:, I:], fc1_expert_weights[:, :I]], dim=1)
+    expert_map = None
+    if ep_size > 1:
+        g = torch.arange(E_local * ep_size, device=input.device, dtype=torch.int32) - ep_rank * E_local
+        expert_map = torch.where((g >= 0) & (g < E_local), g, -1).to(torch.int32)
+    out = fused_moe(input, w1, fc2_expert_weights, token_final_scales, token_selected_experts,
+                    expert_map=expert_map).to(output_dtype)
+    if output is not None:
+        check_tensor(output, "output", ndim=2, dtypes=(output_dtype,), device=input.device)
+        _require(output.shape == out.shape, "output", lambda: f"shape {tuple(output.shape)} must be {tuple(out.shape)}")
+        output.copy_(out)
+        out = output
+    return [out]
+
+
+@selfcheck("moe")
+def _moe_selfcheck(device) -> list[CheckResult]:
+    """Each moe op on small random inputs against the fp32 oracle (GPU: bf16, CPU: fp32)."""
+    from .reference import moe as ref
+
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16 if device != "cpu" else torch.float32
+    tol = 3e-2 if dt == torch.bfloat16 else 1e-4
+    T, H, I, E, k = 37, 64, 32, 8, 2
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device, dt)
+
+    x, w1, w2 = rnd(T, H), rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    ids[3] = -1
+    tw = torch.rand(T, k, generator=g)
+    res = []
+    h = rnd(T, k, 2 * I)
+    res.append(CheckResult("silu_and_mul", max_abs_err(silu_and_mul(h), ref.ref_silu_and_mul(h.cpu()).float()), tol))
+    y = rnd(T, k, H)
+    res.append(CheckResult("moe_sum", max_abs_err(moe_sum(y, 2.5), ref.ref_moe_sum(y.cpu().float(), 2.5)), tol))
+    # the grouped GEMM on a hand-made alignment: block b holds pair b, pair 3's block skipped
+    B, numel = 16, T * k
+    sid = torch.full((numel * B,), numel, dtype=torch.int32)
+    sid[::B] = torch.arange(numel, dtype=torch.int32)
+    eid = ids.reshape(-1).clone()
+    ntp = torch.tensor([numel * B], dtype=torch.int32)
+    c = moe_grouped_gemm(x, w1, sid.to(device), eid.to(device), ntp.to(device), B, k, tw.to(device), True)
+    c_ref = ref.ref_moe_grouped_gemm(x.cpu().float(), w1.cpu().float(), sid, eid, ntp, B, k, tw, True)
+    res.append(CheckResult("moe_grouped_gemm", max_abs_err(c.float(), c_ref), tol))
+    out = fused_moe(x, w1, w2, tw.to(device), ids.to(device), routed_scaling_factor=2.5)
+    exp = ref.ref_fused_moe_dense(x.float(), w1.float(), w2.float(), tw, ids, rsf=2.5)
+    res.append(CheckResult("fused_moe", max_abs_err(out.float(), exp), tol * 4, "rsf 2.5, one row skipped"))
+    return res

@@ -1,0 +1,543 @@
+"""Mixture-of-Experts compute path: grouped GEMM, activation, finalize, and the whole layer.
+
+Math (spec/moe.md; T tokens, H hidden, I intermediate, E local experts, k = top-k, pair
+(t, j) has expanded index i = t*k + j, numel = T*k):
+
+    grouped GEMM   c[i] = (a[i // top_k] @ w[e].T) * (topk_w.flat[i] if mul else 1)
+                   for every slot i of an aligned block whose expert e >= 0; c[i] = 0 for e == -1
+    silu_and_mul   y[..., c] = silu(h[..., c]) * h[..., d + c]                    (fp32 math)
+    moe_sum        out[t] = rsf * sum_{j = 0..k-1} y[t, j]          (fp32, fixed j order)
+    fused_moe      align -> GEMM1 (w1 [E, 2I, H] = [gate; up]) with silu_and_mul fused into its
+                   epilogue -> GEMM2 (w2 [E, H, I], times the routing weight) -> moe_sum
+
+The GEMM kernel is the classic Triton fused-MoE design: one program per (block of BLOCK_M
+aligned slots, BLOCK_N output columns); the block's slots name the rows of ``a`` to gather
+(``a[i // top_k]``, row offsets in int64) and one expert; tiles are visited in grouped order
+(GROUP_M blocks per column tile) so consecutive programs reuse the expert's weight tile from
+L2. fp32 accumulation with ``tl.dot``, one rounding on store. Programs whose block starts at or
+past ``num_tokens_post_pad`` (a device scalar: no host sync) return at once. With the fused
+activation a program loads the matching gate tile (rows n) and up tile (rows I + n) of w1,
+keeps two accumulators and stores ``silu(g) * u`` directly: the [numel, 2I] intermediate never
+exists. For decode batches (T*k*4 <= E) the same kernel runs "one pair per block": block b
+holds the single pair b and reads its expert from ``topk_ids`` (through ``expert_map``), so no
+alignment pass runs at all.
+
+Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
+mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
+``gemm_config``: a shipped table per (E, N=I, K=H, device, dtype) in ``configs/moe/`` picked by
+the token count nearest to T, else a shape heuristic. ``FLASHOPS_MOE_AUTOTUNE=1`` times
+candidate configs on the first call of each shape (eager, outside graph capture) instead.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .. import _config
+from .._registry import register_op
+from ..meta import moe as meta
+from ..reference import moe as ref
+
+__all__ = ["moe_grouped_gemm", "silu_and_mul", "silu_and_mul_out", "moe_sum", "fused_moe",
+           "GEMM_BLOCK_SIZES", "moe_config", "gemm_config"]
+
+GEMM_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (m block, n tile), GROUP_M m blocks per sweep over the n tiles."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit(do_not_specialize=["num_valid", "num_m_blocks", "num_slots"])
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, w_desc, c_ptr,
+    sorted_ids_ptr, expert_ids_ptr, ntp_ptr,      # alignment (unused in pair mode)
+    topk_ids_ptr, expert_map_ptr,                 # pair mode routing
+    topk_w_ptr,
+    N, K, num_valid, num_m_blocks, num_slots, top_k, up_offset,
+    stride_am, stride_we, stride_wn, stride_cm,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
+    PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    r = tl.arange(0, BLOCK_M)
+    if PAIRS:
+        expert = tl.load(topk_ids_ptr + pid_m).to(tl.int32)
+        if HAS_MAP:
+            mapped = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int32)
+            expert = tl.where(expert >= 0, mapped, -1)
+        slot = tl.where(r == 0, pid_m, num_valid).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(ntp_ptr):
+            return
+        s = pid_m * BLOCK_M + r
+        slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
+    valid = slot < num_valid
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
+    c_mask = valid[:, None] & (offs_n[None, :] < N)
+    if expert < 0:
+        if WRITE_SKIP:
+            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
+        return
+
+    offs_k = tl.arange(0, BLOCK_K)
+    a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    w_cols = (offs_n % N) * stride_wn  # wrapped: loads stay in bounds without a mask
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] + offs_k[:, None]
+    up_step = up_offset * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n0 = pid_n * BLOCK_N
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - kk * BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if W_TMA:  # weight tiles by the copy engine (zero fill past N and K)
+            b = w_desc.load([expert, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_F32:  # the interpreter multiplies raw bits of 16-bit dots
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if FUSE_SILU:
+            if W_TMA:
+                bu = w_desc.load([expert, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            elif EVEN_K:
+                bu = tl.load(b_ptrs + up_step)
+            else:
+                bu = tl.load(b_ptrs + up_step, mask=k_ok[:, None], other=0.0)
+            if DOT_F32:
+                bu = bu.to(tl.float32)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if MUL_WEIGHT:
+        wt = tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+        if FUSE_SILU:
+            acc_up = acc_up * wt[:, None]
+    if FUSE_SILU:
+        acc = _silu(acc) * acc_up
+    tl.store(c_ptrs, (acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < d
+    g = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + d + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (_silu(g) * u).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _moe_sum_kernel(x_ptr, y_ptr, H, stride_xt, stride_xk, stride_yt, scale,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # fixed order: deterministic
+        acc += tl.load(x_ptr + t * stride_xt + j * stride_xk + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + cols, (acc * scale).to(y_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------- launch heuristics
+# The one place where tile sizes, warps and stages are chosen. A config is
+# {"block_m": B, "pairs": bool, "gemm1": G, "gemm2": G} with
+# G = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}.
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "moe")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _g(bn, bk, gm, warps, stages):
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages}
+
+
+# Per BLOCK_M: (GEMM1 with fused activation, plain GEMM). Measured defaults on an H100 for
+# shapes without a table entry (see benchmarks/suites/moe.py --tune).
+_DEFAULTS = {
+    16: (_g(64, 128, 1, 4, 4), _g(64, 128, 1, 4, 4)),
+    32: (_g(64, 128, 8, 4, 4), _g(64, 128, 8, 4, 4)),
+    64: (_g(64, 64, 8, 4, 4), _g(128, 64, 8, 4, 4)),
+    128: (_g(128, 64, 8, 8, 3), _g(128, 64, 8, 8, 4)),
+    256: (_g(64, 64, 8, 8, 3), _g(128, 64, 8, 8, 3)),
+}
+
+
+def _interp_gemm(N, K):
+    # Small tiles under the interpreter: the tests use H, I of a few dozen.
+    return _g(max(16, min(32, triton.next_power_of_2(N))), max(16, min(32, triton.next_power_of_2(K))), 4, 4, 1)
+
+
+def gemm_config(block_m: int, N: int, K: int, fused: bool) -> dict:
+    """Tile config of one grouped GEMM when no whole-layer config applies (the standalone op)."""
+    if _config.interpreting():
+        return _interp_gemm(N, K)
+    return dict(_DEFAULTS[block_m][0 if fused else 1])
+
+
+def config_file_name(E: int, N: int, K: int, device_name: str, dtype: torch.dtype) -> str:
+    return f"E={E},N={N},K={K},device_name={device_name.replace(' ', '_')},dtype={_DTYPE_NAMES[dtype]}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(name: str) -> Optional[dict]:
+    path = os.path.join(CONFIG_DIR, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {int(t): cfg for t, cfg in json.load(f).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _pairs_rule(T: int, k: int, E: int) -> bool:
+    return T * k * 4 <= E  # decode: few pairs, each its own block, no alignment pass
+
+
+def default_moe_config(T: int, k: int, E: int, I: int, H: int) -> dict:
+    """Shape heuristic: BLOCK_M from the mean number of pairs per expert."""
+    if _config.interpreting():
+        return {"block_m": 16, "pairs": _pairs_rule(T, k, E), "gemm1": _interp_gemm(I, H), "gemm2": _interp_gemm(H, I)}
+    per_expert = T * k / max(E, 1)
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 128 else 128
+    g1, g2 = _DEFAULTS[block_m]
+    return {"block_m": block_m, "pairs": _pairs_rule(T, k, E), "gemm1": dict(g1), "gemm2": dict(g2)}
+
+
+_TUNED: dict = {}
+
+
+def moe_config(T: int, k: int, E: int, I: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The whole-layer launch config for ``fused_moe`` (block size, both GEMMs' tiles)."""
+    if device.type == "cuda" and not _config.interpreting():
+        key = (E, I, H, k, dtype, triton.next_power_of_2(max(T, 1)))
+        if key in _TUNED:
+            return _TUNED[key]
+        table = _load_table(config_file_name(E, I, H, _device_name(device.index or 0), dtype))
+        if table:
+            cfg = dict(table[min(table, key=lambda t: abs(t - T))])
+            cfg.setdefault("pairs", _pairs_rule(T, k, E))
+            return cfg
+    return default_moe_config(T, k, E, I, H)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 KB per block)
+
+
+def _fit_smem(cfg, block_m, fused, elem):
+    """Fewer stages, then a smaller BLOCK_K, until the pipelined A and weight tiles fit shared
+    memory (fp32 inputs, or a 16-bit config reused for a bigger element size)."""
+    c = dict(cfg)
+
+    def smem():
+        return c["num_stages"] * (block_m + (2 if fused else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * elem
+
+    while smem() > _SMEM_BUDGET and c["num_stages"] > 2:
+        c["num_stages"] -= 1
+    while smem() > _SMEM_BUDGET and c["BLOCK_K"] > 16:
+        c["BLOCK_K"] //= 2
+    return c
+
+
+def _tma_ok(w) -> bool:
+    """The copy engine needs 16-byte aligned base and strides (and a unit last stride)."""
+    e = w.element_size()
+    return w.stride(2) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * e) % 16 == 0 and (w.stride(1) * e) % 16 == 0
+
+
+def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=None, topk_w=None,
+                 mul=False, fuse_silu=False, write_skip=True, scale=1.0):
+    """One grouped GEMM ``c = gather(a) @ w[e].T`` over aligned blocks (``align`` =
+    (sorted_ids, expert_ids, ntp)) or single pairs (``pairs`` = (flat topk_ids, expert_map))."""
+    n_out = w.shape[1] // 2 if fuse_silu else w.shape[1]
+    K = w.shape[2]
+    if num_valid == 0 or n_out == 0:
+        return
+    if align is not None:
+        sorted_ids, expert_ids, ntp = align
+        num_slots = sorted_ids.numel()
+        num_m_blocks = triton.cdiv(num_slots, block_m)
+        ids, emap = sorted_ids, sorted_ids
+    else:
+        ids, emap = pairs
+        sorted_ids = expert_ids = ntp = ids
+        num_slots = num_m_blocks = num_valid
+        emap = emap if emap is not None else ids
+    interp = _config.interpreting()
+    if not interp:
+        cfg = _fit_smem(cfg, block_m, fuse_silu, a.element_size())
+    use_tma = bool(cfg.get("tma")) and _tma_ok(w)
+    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_K"]]) if use_tma else w
+    grid = (num_m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _moe_gemm_kernel[grid](
+        a, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
+        n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
+        a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip,
+        PAIRS=pairs is not None, HAS_MAP=pairs is not None and pairs[1] is not None,
+        EVEN_K=K % cfg["BLOCK_K"] == 0, W_TMA=use_tma,
+        DOT_F32=interp and a.dtype != torch.float32,
+        PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _launch_moe_sum(x3, out, scale):
+    T, k, H = x3.shape
+    if T == 0 or H == 0:
+        return
+    block = min(triton.next_power_of_2(H), 1024)
+    _moe_sum_kernel[(T, triton.cdiv(H, block))](
+        x3, out, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_H=block, num_warps=4)
+
+
+def _flat(t):
+    """A contiguous 1-D view (or copy) of t: kernels index these by expanded pair index."""
+    return t.contiguous().view(-1)
+
+
+def moe_grouped_gemm_cuda(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, block_size, top_k,
+                          topk_weights=None, mul_routed_weight=False):
+    c = a.new_empty((a.shape[0] * top_k, w.shape[1]))
+    flat_w = _flat(topk_weights) if mul_routed_weight else None
+    _launch_gemm(a, w, c, num_valid=c.shape[0], top_k=top_k, block_m=block_size,
+                 cfg=gemm_config(block_size, w.shape[1], w.shape[2], False),
+                 align=(sorted_token_ids, expert_ids, num_tokens_post_pad), topk_w=flat_w, mul=mul_routed_weight)
+    return c
+
+
+def _silu_and_mul_into(x2, y2):
+    rows, d = y2.shape
+    if rows == 0 or d == 0:
+        return
+    block = min(triton.next_power_of_2(d), 1024)
+    _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), BLOCK=block, num_warps=4)
+
+
+def silu_and_mul_cuda(input):
+    d = input.shape[-1] // 2
+    out = input.new_empty((*input.shape[:-1], d))
+    _silu_and_mul_into(input.reshape(-1, 2 * d), out.view(-1, d))
+    return out
+
+
+def silu_and_mul_out_cuda(input, out):
+    d = input.shape[-1] // 2
+    x2 = input.reshape(-1, 2 * d)
+    try:
+        y2 = out.view(-1, d)
+    except RuntimeError:  # leading dims of out not flattenable: compute, then copy in
+        out.copy_(silu_and_mul_cuda(input))
+        return
+    _silu_and_mul_into(x2, y2)
+
+
+def moe_sum_cuda(input, routed_scaling_factor=1.0):
+    out = input.new_empty((input.shape[0], input.shape[2]))
+    x3 = input if input.stride(-1) == 1 else input.contiguous()
+    _launch_moe_sum(x3, out, routed_scaling_factor)
+    return out
+
+
+def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="silu",
+                   apply_router_weight_on_input=False, routed_scaling_factor=1.0, expert_map=None,
+                   global_num_experts=-1):
+    x = hidden_states
+    T, H = x.shape
+    E, I, k = w1.shape[0], w2.shape[2], topk_ids.shape[1]
+    out = x.new_empty((T, H))
+    if T == 0 or k == 0:
+        return out.zero_()
+    numel = T * k
+    if global_num_experts <= 0:
+        global_num_experts = expert_map.numel() if expert_map is not None else E
+    if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+        cfg = autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map, global_num_experts)
+    else:
+        cfg = moe_config(T, k, E, I, H, x.dtype, x.device)
+    block_m = 16 if cfg["pairs"] else cfg["block_m"]
+    route = _route(cfg, topk_ids, block_m, global_num_experts, expert_map)
+    flat_w = _flat(topk_weights)
+    on_input = apply_router_weight_on_input
+    h = x.new_empty((numel, I))
+    _launch_gemm(x, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg["gemm1"], topk_w=flat_w,
+                 mul=on_input, fuse_silu=True, write_skip=False, **route)
+    # k == 1: GEMM2 writes the layer output itself (scaled), no finalize pass
+    y = out if k == 1 else x.new_empty((numel, H))
+    _launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=cfg["gemm2"], topk_w=flat_w,
+                 mul=not on_input, write_skip=True, scale=routed_scaling_factor if k == 1 else 1.0, **route)
+    if k > 1:
+        _launch_moe_sum(y.view(T, k, H), out, routed_scaling_factor)
+    return out
+
+
+def _route(cfg, topk_ids, block_m, num_experts, expert_map):
+    if cfg["pairs"]:
+        return {"pairs": (_flat(topk_ids), expert_map)}
+    from . import moe_routing  # noqa: F401  (registers flashops::moe_align_block_size)
+
+    return {"align": torch.ops.flashops.moe_align_block_size(topk_ids, block_m, num_experts, expert_map, False)}
+
+
+# ----------------------------------------------------------------------------- autotune
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FLASHOPS_MOE_AUTOTUNE", "0") not in ("", "0")
+
+
+def _c(bn, bk, gm, warps, stages, tma=False):
+    return {**_g(bn, bk, gm, warps, stages), **({"tma": True} if tma else {})}
+
+
+# Tile configs worth timing per BLOCK_M (fused GEMM1, plain GEMM2): Hopper-sized shared memory
+# and registers; "tma" loads the weight tiles through tensor descriptors.
+_CANDIDATES = {
+    "small": ([_c(16, 256, 1, 4, 4), _c(32, 256, 1, 4, 4), _c(64, 128, 1, 4, 4), _c(64, 256, 1, 4, 3),
+               _c(128, 128, 1, 4, 3), _c(64, 128, 8, 4, 4, True), _c(128, 64, 1, 4, 6, True)],
+              [_c(32, 256, 1, 4, 4), _c(64, 128, 1, 4, 4), _c(64, 256, 1, 4, 3), _c(128, 128, 1, 4, 3),
+               _c(64, 128, 8, 4, 4, True), _c(128, 64, 1, 4, 6, True)]),
+    64: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 4, 3), _c(64, 128, 8, 4, 3), _c(128, 64, 8, 8, 4, True)],
+         [_c(128, 64, 8, 4, 4), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 3), _c(128, 64, 8, 4, 4, True)]),
+    128: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 8, 3), _c(64, 128, 8, 8, 3), _c(128, 64, 8, 8, 4, True)],
+          [_c(128, 64, 8, 8, 4), _c(256, 64, 8, 8, 3), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 4, True)]),
+    256: ([_c(64, 64, 8, 8, 3), _c(128, 64, 8, 8, 2)], [_c(128, 64, 8, 8, 3), _c(256, 64, 8, 8, 2)]),
+}
+
+
+def gemm_candidates(block_m: int, fused: bool) -> list[dict]:
+    return [dict(c) for c in _CANDIDATES["small" if block_m <= 32 else block_m][0 if fused else 1]]
+
+
+def block_m_choices(T: int, k: int, E: int) -> tuple:
+    """BLOCK_M values worth timing for a mean of T*k/E pairs per expert."""
+    m = T * k / max(E, 1)
+    return (16,) if m <= 8 else (16, 32) if m <= 24 else (16, 32, 64) if m <= 48 else (32, 64, 128) if m <= 160 else (64, 128)
+
+
+def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, global_num_experts=-1, *,
+                        options=None, candidates=None, timer=None, cache=True) -> dict:
+    """Time GEMM1 (+act) and GEMM2 candidates on these inputs and return the fastest config.
+
+    Host-synchronising; used by the tuning script and, opt-in (``FLASHOPS_MOE_AUTOTUNE=1``),
+    on the first call of a shape (never during graph capture). ``options``: (BLOCK_M, pairs)
+    pairs to try; ``candidates(block_m, fused)``: tile configs; ``timer(fn) -> ms``.
+    """
+    T, H = x.shape
+    E, I, k = w1.shape[0], w2.shape[2], topk_ids.shape[1]
+    key = (E, I, H, k, x.dtype, triton.next_power_of_2(max(T, 1)))
+    if cache and key in _TUNED:
+        return _TUNED[key]
+    if global_num_experts <= 0:
+        global_num_experts = expert_map.numel() if expert_map is not None else E
+    if options is None:
+        options = [(16, True)] if _pairs_rule(T, k, E) else []
+        options += [(b, False) for b in block_m_choices(T, k, E)]
+    timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    numel = T * k
+    flat_w = _flat(topk_weights)
+    best = None
+    for block_m, pairs in options:
+        route = _route({"pairs": pairs}, topk_ids, block_m, global_num_experts, expert_map)
+        # the alignment pass is part of the price of a BLOCK_M (pair mode has none)
+        t_align = 0.0 if pairs else timer(lambda: _route({"pairs": False}, topk_ids, block_m, global_num_experts, expert_map))
+        h = x.new_empty((numel, I))
+        y = x.new_empty((numel, H))
+        picks = []
+        for fused, a, w, c, kw in (
+            (True, x, w1, h, dict(top_k=k, mul=False, fuse_silu=True, write_skip=False)),
+            (False, h, w2, y, dict(top_k=1, mul=True, write_skip=True)),
+        ):
+            best_g = None
+            for g in (candidates or gemm_candidates)(block_m, fused):
+                def run(g=g, a=a, w=w, c=c, kw=kw):
+                    _launch_gemm(a, w, c, num_valid=numel, block_m=block_m, cfg=g, topk_w=flat_w, **kw, **route)
+                try:
+                    run()
+                    ms = timer(run)
+                except Exception:  # e.g. out of shared memory for this tile: skip it
+                    continue
+                if best_g is None or ms < best_g[0]:
+                    best_g = (ms, g)
+            picks.append(best_g)
+        if None in picks:
+            continue
+        total = t_align + picks[0][0] + picks[1][0]
+        if best is None or total < best[0]:
+            best = (total, {"block_m": block_m, "pairs": pairs, "gemm1": picks[0][1], "gemm2": picks[1][1],
+                            "ms": [round(t_align, 5), round(picks[0][0], 5), round(picks[1][0], 5)]})
+    if best is None:
+        raise RuntimeError("no MoE launch config could run")
+    if cache:
+        _TUNED[key] = best[1]
+    return best[1]
+
+
+# -------------------------------------------------------------------------- registration
+
+moe_grouped_gemm = register_op(
+    "moe_grouped_gemm(Tensor a, Tensor w, Tensor sorted_token_ids, Tensor expert_ids, "
+    "Tensor num_tokens_post_pad, int block_size, int top_k, Tensor? topk_weights=None, "
+    "bool mul_routed_weight=False) -> Tensor",
+    cuda=moe_grouped_gemm_cuda, reference=ref.moe_grouped_gemm_cpu, fake=meta.moe_grouped_gemm_fake,
+)
+silu_and_mul = register_op(
+    "silu_and_mul(Tensor input) -> Tensor",
+    cuda=silu_and_mul_cuda, reference=ref.silu_and_mul_cpu, fake=meta.silu_and_mul_fake,
+)
+silu_and_mul_out = register_op(
+    "silu_and_mul_out(Tensor input, Tensor out) -> ()",
+    cuda=silu_and_mul_out_cuda, reference=ref.silu_and_mul_out_cpu, mutates=["out"],
+)
+moe_sum = register_op(
+    "moe_sum(Tensor input, float routed_scaling_factor=1.0) -> Tensor",
+    cuda=moe_sum_cuda, reference=ref.moe_sum_cpu, fake=meta.moe_sum_fake,
+)
+fused_moe = register_op(
+    "fused_moe(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+    "str activation=\"silu\", bool apply_router_weight_on_input=False, float routed_scaling_factor=1.0, "
+    "Tensor? expert_map=None, int global_num_experts=-1) -> Tensor",
+    cuda=fused_moe_cuda, reference=ref.fused_moe_cpu, fake=meta.fused_moe_fake,
+)
