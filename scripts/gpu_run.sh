@@ -8,11 +8,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"
 rc=0
-if [ -n "${TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-240} python -m pytest ${TESTS} -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tail -n 60 | tee "$OUT/tests.log"
-  rc=${PIPESTATUS[0]}
-fi
+# each test file gets its own time limit, so one slow file cannot hide the others' results
+for t in ${TESTS:-}; do
+  echo "== $t" | tee -a "$OUT/tests.log"
+  timeout ${TEST_TIMEOUT:-240} python -m pytest "$t" -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} >"$OUT/t.log" 2>&1
+  r=$?; [ $r -ne 0 ] && rc=$r
+  grep -E "^(FAILED|ERROR)|passed|failed|error|Timeout|^E " "$OUT/t.log" | head -n 40 | tee -a "$OUT/tests.log"
+  [ $r -eq 124 ] && echo "TIMED OUT after ${TEST_TIMEOUT:-240}s: $(tail -c 300 $OUT/t.log)" | tee -a "$OUT/tests.log"
+done
+rm -f "$OUT/t.log"
 if [ -n "${SUITES:-}" ]; then
-  timeout ${BENCH_TIMEOUT:-300} python -m benchmarks ${SUITES} --out "$OUT/bench" 2>&1 | grep -v "it/s\]" | tail -n 150 | tee "$OUT/bench.log"
+  timeout ${BENCH_TIMEOUT:-300} python -m benchmarks ${SUITES} --out "$OUT/bench" >"$OUT/bench_raw.log" 2>&1
+  grep -v "it/s\]" "$OUT/bench_raw.log" | grep -v "^|" | tail -n 30
+  rm -f "$OUT/bench_raw.log"
+  # one file per suite comes back: the Markdown table (JSON/PNG stay unless asked for)
+  mkdir -p "$OUT/md"; for f in "$OUT"/bench/*.md; do [ -f "$f" ] && cp "$f" "$OUT/md/"; done
+  [ -n "${KEEP_BENCH:-}" ] || rm -rf "$OUT/bench"
 fi
 exit $rc

@@ -24,7 +24,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "gpu",
-    max_examples=100,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
