@@ -622,31 +622,32 @@ def _append_then_read(key, value, append_indptr, cache, kv_indices, kv_indptr, k
     return u.k[pages, x % u.page_size], u.v[pages, x % u.page_size], bi, pos
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_compile_append_then_read_dynamic(form, device):
-    """fullgraph + dynamic: one frame across nnz values, the reads see the writes, the caller's
-    cache is updated, and the generated code mutates it in place (no copy of the cache)."""
+def test_compile_append_then_read_dynamic(device):
+    """fullgraph + dynamic, for a 5-D NHD cache and an HND (k, v) pair: one frame across nnz
+    values, the reads see the writes, the caller's cache is updated, and the generated code
+    mutates it in place (no copy of the cache). One test, so one process pays Inductor's
+    warm-up."""
     from torch._inductor.utils import run_and_get_code
 
-    cc = CompileCounter(_append_then_read, dynamic=True)
-    layout = "HND" if form == "tuple" else "NHD"
-    for i, seed in enumerate((21, 22, 23)):
-        d = make_batch(torch.Generator().manual_seed(seed), B=4, page_size=4, H=2, D=16)
-        to = lambda t: t.to(device)  # noqa: E731
-        cache = _to_form(to(d["k_cache"]), to(d["v_cache"]), layout, form)
-        args = (to(d["key"]), to(d["value"]), to(d["append_indptr"]), cache, to(d["kv_indices"]), to(d["kv_indptr"]),
-                to(d["kv_last_page_len"]), layout)
-        if i == 0:
-            (k_read, v_read, bi, pos), code = run_and_get_code(cc, *args)
-            src = "\n".join(code)
-            assert "flashops.append_paged_kv_cache" in src and "clone" not in src and ".copy_(" not in src
-        else:
-            k_read, v_read, bi, pos = cc(*args)
-        ok = (bi >= 0).cpu()
-        assert torch.equal(k_read.cpu()[ok], d["key"][ok]) and torch.equal(v_read.cpu()[ok], d["value"][ok])
-        assert_cache_equal(cache, layout, *expected_cache(d, bi.cpu(), pos.cpu()))
-    assert cc.frames == 1, f"{cc.frames} frames compiled (graph break or recompile)"
-    assert cc.graph_ops().count("flashops.append_paged_kv_cache.default") == 1
+    for form, layout in (("5d", "NHD"), ("tuple", "HND")):
+        cc = CompileCounter(_append_then_read, dynamic=True)
+        for i, seed in enumerate((21, 22, 23)):
+            d = make_batch(torch.Generator().manual_seed(seed), B=4, page_size=4, H=2, D=16)
+            to = lambda t: t.to(device)  # noqa: E731
+            cache = _to_form(to(d["k_cache"]), to(d["v_cache"]), layout, form)
+            args = (to(d["key"]), to(d["value"]), to(d["append_indptr"]), cache, to(d["kv_indices"]),
+                    to(d["kv_indptr"]), to(d["kv_last_page_len"]), layout)
+            if i == 0:
+                (k_read, v_read, bi, pos), code = run_and_get_code(cc, *args)
+                src = "\n".join(code)
+                assert "flashops.append_paged_kv_cache" in src and "clone" not in src and ".copy_(" not in src, form
+            else:
+                k_read, v_read, bi, pos = cc(*args)
+            ok = (bi >= 0).cpu()
+            assert torch.equal(k_read.cpu()[ok], d["key"][ok]) and torch.equal(v_read.cpu()[ok], d["value"][ok])
+            assert_cache_equal(cache, layout, *expected_cache(d, bi.cpu(), pos.cpu()))
+        assert cc.frames == 1, f"{form}: {cc.frames} frames compiled (graph break or recompile)"
+        assert cc.graph_ops().count("flashops.append_paged_kv_cache.default") == 1, form
 
 
 class _CachedLayer(torch.nn.Module):
