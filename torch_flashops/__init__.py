@@ -21,6 +21,8 @@ from ._registry import registered_ops  # noqa: E402
 from .page import *  # noqa: E402,F401,F403
 from .cascade import *  # noqa: E402,F401,F403
 from .quantization import *  # noqa: E402,F401,F403
+from .prefill import *  # noqa: E402,F401,F403
+from .decode import *  # noqa: E402,F401,F403
 from .moe_routing import *  # noqa: E402,F401,F403
 from .fused_moe import *  # noqa: E402,F401,F403
 

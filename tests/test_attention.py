@@ -1,0 +1,426 @@
+"""attention family: the kernels (single / paged / ragged, decode and prefill) against the §9
+oracle, through the FlashInfer-compatible functions and wrappers.
+
+On CPU-only machines the Triton kernels run in the interpreter (conftest): shapes are tiny
+(D 16/32, a few pages, page sizes 1/3/4/5). The plain-PyTorch CPU backend is tested beside them
+(``backend`` fixture). API behaviour (compile, opcheck, bad input, CUDA graphs) lives in
+``test_attention_api.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import torch_flashops as fi
+from torch_flashops import _config
+from torch_flashops.reference.attention import ref_attention
+
+from .helpers import assert_close, poison
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
+                                        "ignore::DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LSE_TOL = dict(atol=1e-3, rtol=1e-3)
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def backend(request, device):
+    """The Triton kernels (GPU, or the CPU interpreter) and, on CPU, the plain-PyTorch backend."""
+    if request.param == "reference":
+        if device != "cpu":
+            pytest.skip("the reference backend serves CPU tensors only")
+        old = _config._cpu_backend
+        _config.set_cpu_backend("reference")
+        try:
+            yield "reference"
+        finally:
+            _config.set_cpu_backend(old)
+    else:
+        yield "kernel"
+
+
+def workspace(device, nbytes=1 << 22):
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+# --------------------------------------------------------------------------- batch builder
+
+
+class Batch:
+    """A random paged batch: CSR page table with shuffled (optionally shared) pages, the cache in
+    the requested form/layout, the oracle's NHD K/V views, and q (optionally a strided view)."""
+
+    def __init__(self, qo_lens, kv_lens, *, page_size, Hq, Hkv, D, Dv=None, dtype=torch.float32, layout="NHD",
+                 form="5d", seed=0, device=DEVICE, shared_pages=False, q_strided=False, pad_cache=False,
+                 spare_pages=3):
+        g = torch.Generator().manual_seed(seed)
+        Dv = Dv or D
+        self.qo_lens, self.kv_lens = list(qo_lens), list(kv_lens)
+        B = len(kv_lens)
+        npages = [(n + page_size - 1) // page_size for n in kv_lens]
+        P = sum(npages) + spare_pages
+        self.P, self.page_size, self.layout = P, page_size, layout
+        if shared_pages:
+            ids = torch.randint(0, P, (sum(npages),), generator=g)
+        else:
+            ids = torch.randperm(P, generator=g)[: sum(npages)]
+        self.kv_indptr = torch.tensor([0] + torch.tensor(npages, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32)
+        self.kv_indices = ids.to(torch.int32)
+        self.last = torch.tensor([(n - 1) % page_size + 1 if n > 0 else 0 for n in kv_lens], dtype=torch.int32)
+        self.qo_indptr = torch.tensor([0] + torch.tensor(self.qo_lens, dtype=torch.long).cumsum(0).tolist(),
+                                      dtype=torch.int32)
+        k = torch.randn(P, page_size, Hkv, D, generator=g)
+        v = torch.randn(P, page_size, Hkv, Dv, generator=g)
+        self.k_nhd, self.v_nhd = k.to(dtype), v.to(dtype)  # oracle inputs [P, page, H, D]
+        to_layout = (lambda t: t) if layout == "NHD" else (lambda t: t.transpose(1, 2).contiguous())
+        kl, vl = to_layout(self.k_nhd).to(device), to_layout(self.v_nhd).to(device)
+        if form == "5d":
+            assert D == Dv
+            self.cache = torch.stack([kl, vl], dim=1)
+        else:
+            if pad_cache:  # padded head/page strides: views into wider buffers
+                kb = torch.zeros(*kl.shape[:-1], D + 16, dtype=dtype, device=device)
+                vb = torch.zeros(*vl.shape[:-1], Dv + 16, dtype=dtype, device=device)
+                kb[..., :D], vb[..., :Dv] = kl, vl
+                kl, vl = kb[..., :D], vb[..., :Dv]
+            self.cache = (kl, vl)
+        N = int(self.qo_indptr[-1])
+        qd = torch.randn(N, Hq, D, generator=g).to(dtype)
+        if q_strided:  # q sliced out of a packed qkv buffer
+            qkv = torch.randn(N, (Hq + 2 * Hkv) * D, generator=g).to(dtype).to(device)
+            qkv[:, : Hq * D] = qd.reshape(N, Hq * D).to(device)
+            self.q = qkv[:, : Hq * D].unflatten(1, (Hq, D))
+        else:
+            self.q = qd.to(device)
+        self.Hq, self.Hkv, self.D, self.Dv, self.dtype, self.device = Hq, Hkv, D, Dv, dtype, device
+
+    def oracle(self, **kw):
+        return ref_attention(self.q.cpu(), self.k_nhd, self.v_nhd, self.qo_indptr, self.kv_indptr, self.kv_indices,
+                             self.last, **kw)
+
+    def dev(self, t):
+        return t.to(self.device)
+
+    def random_masks(self, seed):
+        """Per-request random bool masks [qo, kv] (about half set), with a fully masked row."""
+        g = torch.Generator().manual_seed(seed)
+        masks = []
+        for qo, kv in zip(self.qo_lens, self.kv_lens):
+            m = torch.rand(qo, kv, generator=g) < 0.5
+            if qo > 1:
+                m[0] = False
+            masks.append(m)
+        return masks
+
+
+def check_attention(name, o, lse, ref_o, ref_lse, dtype, rows=None):
+    rows = slice(None) if rows is None else rows
+    assert_close(f"{name}.o", o[rows], ref_o[rows].to(o.dtype), dtype=o.dtype)
+    if lse is not None:
+        assert lse.dtype == torch.float32
+        assert_close(f"{name}.lse", lse[rows], ref_lse[rows], **LSE_TOL)
+
+
+def plan_paged(w, b: Batch, **kw):
+    kw.setdefault("q_data_type", b.dtype)
+    w.plan(b.dev(b.qo_indptr), b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), b.Hq, b.Hkv, b.D, b.page_size,
+           head_dim_vo=b.Dv, **kw)
+
+
+# --------------------------------------------------------------------------- single request
+
+
+SINGLE_CASES = [
+    # qo, kv, Hq, Hkv, D, causal, layout, options
+    (5, 37, 4, 2, 32, False, "NHD", {}),
+    (5, 37, 4, 2, 32, True, "HND", {}),
+    (7, 7, 3, 1, 16, True, "NHD", dict(window_left=2, logits_soft_cap=5.0)),
+    (4, 20, 4, 4, 32, True, "NHD", dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0, rope_scale=2.0)),
+    (6, 19, 8, 2, 16, False, "HND", dict(pos_encoding_mode="ALIBI")),
+    (3, 300, 8, 1, 16, True, "NHD", dict(sm_scale=0.3, lse_base="ln")),  # long kv: split-KV path
+]
+
+
+@pytest.mark.parametrize("case", SINGLE_CASES, ids=lambda c: f"qo{c[0]}-kv{c[1]}-H{c[2]}/{c[3]}-D{c[4]}-"
+                         f"{'causal' if c[5] else 'full'}-{c[6]}-{'-'.join(c[7]) or 'plain'}")
+def test_single_prefill(case, backend, device):
+    qo, kv, Hq, Hkv, D, causal, layout, opts = case
+    g = torch.Generator().manual_seed(qo * 100 + kv)
+    q = torch.randn(qo, Hq, D, generator=g)
+    k = torch.randn(kv, Hkv, D, generator=g)
+    v = torch.randn(kv, Hkv, D, generator=g)
+    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    o, lse = fi.single_prefill_with_kv_cache(q.to(device), kk.to(device), vv.to(device), causal=causal,
+                                             kv_layout=layout, return_lse=True, **opts)
+    assert o.shape == (qo, Hq, D) and o.is_contiguous() and lse.shape == (qo, Hq)
+    ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), [0, qo], [0, kv], torch.arange(kv), [1], causal=causal,
+                           **{("masks" if a == "custom_mask" else a): x for a, x in opts.items()})
+    check_attention("single_prefill", o, lse, ro, rl, torch.float32)
+
+
+def test_single_prefill_masks_dtypes_and_scales(backend, device):
+    """custom mask (with a fully masked row) == its packed form; bf16 with o_dtype fp32; k/v scales."""
+    g = torch.Generator().manual_seed(3)
+    qo, kv, H, D = 6, 21, 2, 16
+    q, k, v = (torch.randn(n, H, D, generator=g) for n in (qo, kv, kv))
+    mask = torch.rand(qo, kv, generator=g) < 0.4
+    mask[2] = False
+    packed = torch.from_numpy(__import__("numpy").packbits(mask.numpy().reshape(-1), bitorder="little"))
+    ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), [0, qo], [0, kv], torch.arange(kv), [1], masks=[mask],
+                           k_scale=0.5, v_scale=2.0)
+    for kw in (dict(custom_mask=mask.to(device)), dict(packed_custom_mask=packed.to(device), causal=True)):
+        o, lse = fi.single_prefill_with_kv_cache_return_lse(q.to(device), k.to(device), v.to(device), k_scale=0.5,
+                                                            v_scale=2.0, **kw)
+        check_attention("masked", o, lse, ro, rl, torch.float32)
+        assert (o[2] == 0).all() and torch.isinf(lse[2]).all() and (lse[2] < 0).all()
+    qb, kb, vb = (t.to(device, torch.bfloat16) for t in (q, k, v))
+    o = fi.single_prefill_with_kv_cache(qb, kb, vb, causal=True, o_dtype="float32")
+    ro, _ = ref_attention(qb.cpu(), kb.cpu().unsqueeze(1), vb.cpu().unsqueeze(1), [0, qo], [0, kv],
+                          torch.arange(kv), [1], causal=True)
+    assert o.dtype == torch.float32
+    assert_close("bf16->fp32", o, ro.float(), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kv", [1, 17, 200])
+def test_single_decode(layout, kv, backend, device):
+    g = torch.Generator().manual_seed(kv)
+    Hq, Hkv, D = 6, 2, 32
+    q, k, v = torch.randn(Hq, D, generator=g), torch.randn(kv, Hkv, D, generator=g), torch.randn(kv, Hkv, D, generator=g)
+    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    o, lse = fi.single_decode_with_kv_cache(q.to(device), kk.to(device), vv.to(device), kv_layout=layout,
+                                            window_left=kv // 2, return_lse=True, q_scale=1.5)
+    assert o.shape == (Hq, D) and lse.shape == (Hq,)
+    ro, rl = ref_attention(q[None], k.unsqueeze(1), v.unsqueeze(1), [0, 1], [0, kv], torch.arange(kv), [1],
+                           window_left=kv // 2, q_scale=1.5)
+    check_attention("single_decode", o, lse, ro[0], rl[0], torch.float32)
+
+
+def test_extreme_logits_stay_finite(device):
+    """|s| up to ~5e4 after scaling: outputs finite and equal to the oracle."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(4, 2, 16, generator=g) * 300
+    k = torch.randn(40, 2, 16, generator=g) * 300
+    v = torch.randn(40, 2, 16, generator=g)
+    o, lse = fi.single_prefill_with_kv_cache(q.to(device), k.to(device), v.to(device), return_lse=True, sm_scale=1.0)
+    ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), [0, 4], [0, 40], torch.arange(40), [1], sm_scale=1.0)
+    assert rl.abs().max() > 5e4 / math.log(2) * 0.5
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    check_attention("extreme", o, lse, ro, rl, torch.float32)
+
+
+# --------------------------------------------------------------------------- batch: paged prefill
+
+
+PAGED_CASES = [
+    # qo_lens, kv_lens, page, Hq, Hkv, D, layout, form, causal, options
+    ([3, 0, 5, 1], [7, 0, 20, 33], 4, 4, 2, 32, "NHD", "5d", True, {}),
+    ([3, 0, 5, 1], [7, 0, 20, 33], 4, 4, 2, 32, "HND", "tuple", False, {}),
+    ([2, 6, 1], [2, 3, 11], 1, 7, 1, 16, "NHD", "tuple", True, {}),  # qo > kv rows see nothing
+    ([4, 4], [9, 16], 5, 8, 2, 16, "HND", "5d", True, dict(window_left=1, logits_soft_cap=8.0)),
+    ([5, 2], [12, 30], 3, 2, 2, 16, "NHD", "5d", True, dict(pos_encoding_mode="ROPE_LLAMA")),
+    ([3, 3], [10, 17], 4, 6, 3, 16, "NHD", "tuple", False, dict(pos_encoding_mode="ALIBI", sm_scale=0.2)),
+]
+
+
+def _paged_id(c):
+    return (f"B{len(c[0])}-page{c[2]}-H{c[3]}/{c[4]}-D{c[5]}-{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}"
+            f"{'-' + '-'.join(c[9]) if c[9] else ''}")
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=_paged_id)
+def test_paged_prefill(case, backend, device):
+    qo, kv, page, Hq, Hkv, D, layout, form, causal, opts = case
+    b = Batch(qo, kv, page_size=page, Hq=Hq, Hkv=Hkv, D=D, layout=layout, form=form, seed=len(qo) * 7 + page,
+              q_strided=form == "tuple", pad_cache=form == "tuple", shared_pages=True)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), layout)
+    plan_paged(w, b, causal=causal, **opts)
+    out, lse_out = poison(b.q.shape[0], Hq, D, device=device), poison(b.q.shape[0], Hq, device=device)
+    o, lse = w.run(b.q, b.cache, out=out, lse=lse_out, return_lse=True)
+    assert o is out and lse is lse_out
+    ro, rl = b.oracle(causal=causal, **opts)
+    check_attention("paged", o, lse, ro, rl, torch.float32)
+    o2 = w.run(b.q, b.cache)  # fresh outputs, same values
+    assert o2.is_contiguous() and torch.equal(o2, o)
+
+
+def test_paged_prefill_custom_mask(backend, device):
+    b = Batch([3, 4, 0, 2], [5, 9, 3, 0], page_size=3, Hq=4, Hkv=2, D=16, seed=5)
+    masks = b.random_masks(1)
+    flat = torch.cat([m.reshape(-1) for m in masks])
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, custom_mask=flat.to(device), causal=True)  # causal is ignored with a mask
+    o, lse = w.run_return_lse(b.q, b.cache)
+    ro, rl = b.oracle(masks=masks, window_left=-1)
+    check_attention("mask", o, lse, ro, rl, torch.float32)
+    # the same bits pre-packed per request from byte boundaries (spec §0.4)
+    import numpy as np
+
+    packed = torch.from_numpy(np.concatenate([np.packbits(m.numpy().reshape(-1), bitorder="little") for m in masks]))
+    plan_paged(w, b, packed_custom_mask=packed.to(device), window_left=2)
+    o, lse = w.run_return_lse(b.q, b.cache)
+    ro, rl = b.oracle(masks=masks, window_left=2)
+    check_attention("packed mask + window", o, lse, ro, rl, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_paged_prefill_half(dtype, device):
+    b = Batch([3, 1, 6], [40, 5, 70], page_size=16, Hq=8, Hkv=2, D=32, dtype=DT[dtype], seed=11)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=True)
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(causal=True)
+    assert o.dtype == DT[dtype]
+    check_attention(dtype, o, lse, ro, rl, DT[dtype])
+
+
+def test_split_kv_matches_unsplit_and_is_deterministic(device):
+    """fixed_split_size (pages per chunk) and disable_split_kv agree; runs are bitwise repeatable;
+    with a fixed split size a request's result does not depend on the rest of the batch."""
+    b = Batch([1, 2, 1], [75, 40, 3], page_size=4, Hq=4, Hkv=2, D=16, seed=21)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=True, disable_split_kv=True)
+    o_ref, lse_ref = w.run(b.q, b.cache, return_lse=True)
+    assert w._t.split_work.shape[0] // 4 <= 2 and (w._t.split_work[::4] < 0).all()  # idle padding only
+    plan_paged(w, b, causal=True, fixed_split_size=3)
+    assert int((w._t.split_work[::4] >= 0).sum()) >= 8  # the long requests really are split
+    o1, lse1 = w.run(b.q, b.cache, return_lse=True)
+    o2, lse2 = w.run(b.q, b.cache, return_lse=True)
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    check_attention("split", o1, lse1, o_ref, lse_ref, torch.float32)
+    ro, rl = b.oracle(causal=True)
+    check_attention("split vs oracle", o1, lse1, ro, rl, torch.float32)
+    # request 0 alone, same fixed split: bitwise the same rows
+    b0 = Batch([1], [75], page_size=4, Hq=4, Hkv=2, D=16, seed=21)
+    b0.cache, b0.kv_indices, b0.q = b.cache, b.kv_indices[: int(b.kv_indptr[1])], b.q[:1]
+    w0 = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w0, b0, causal=True, fixed_split_size=3)
+    assert torch.equal(w0.run(b0.q, b0.cache), o1[:1])
+
+
+# --------------------------------------------------------------------------- batch: decode
+
+
+@pytest.mark.parametrize("layout,form,page", [("NHD", "5d", 16), ("HND", "tuple", 1), ("NHD", "tuple", 3)])
+def test_decode_matches_oracle_and_prefill(layout, form, page, backend, device):
+    kv = [1, 37, 0, 150, 16]
+    b = Batch([1] * len(kv), kv, page_size=page, Hq=8, Hkv=2, D=16, layout=layout, form=form, seed=page,
+              q_strided=True)
+    dec = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), layout)
+    dec.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 8, 2, 16, page, q_data_type="float32",
+             logits_soft_cap=20.0, window_left=40)
+    o, lse = dec.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(logits_soft_cap=20.0, window_left=40)
+    check_attention("decode", o, lse, ro, rl, torch.float32)
+    assert (o[2] == 0).all() and torch.isinf(lse[2]).all()  # kv_len 0
+    pre = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), layout)
+    plan_paged(pre, b, logits_soft_cap=20.0, window_left=40)
+    op, lp = pre.run(b.q, b.cache, return_lse=True)
+    check_attention("decode == prefill(qo_len 1)", o, lse, op, lp, torch.float32)
+
+
+def test_decode_q_len_per_req(device):
+    """Speculative verify: L query rows per request, causal inside the request."""
+    L, kv = 3, [3, 10, 24]
+    b = Batch([L] * 3, kv, page_size=4, Hq=4, Hkv=1, D=16, seed=31)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), use_tensor_cores=True)
+    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 1, 16, 4, q_data_type=torch.float32,
+           q_len_per_req=L)
+    o, lse = w.run(b.q, b.cache, return_lse=True, q_len_per_req=L)
+    ro, rl = b.oracle(causal=True)
+    check_attention("q_len_per_req", o, lse, ro, rl, torch.float32)
+
+
+def test_decode_split_kv_long_context(device):
+    """Small batch, long context: the planner splits KV on its own; equals the unsplit plan."""
+    b = Batch([1, 1], [700, 90], page_size=16, Hq=4, Hkv=1, D=16, seed=41)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 1, 16, 16, q_data_type=torch.float32)
+    assert int((w._t.split_work[::4] >= 0).sum()) >= 3
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle()
+    check_attention("decode split", o, lse, ro, rl, torch.float32)
+    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 1, 16, 16, q_data_type=torch.float32,
+           disable_split_kv=True)
+    o2, lse2 = w.run(b.q, b.cache, return_lse=True)
+    check_attention("decode unsplit", o2, lse2, o, lse, torch.float32)
+
+
+# --------------------------------------------------------------------------- batch: ragged
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ragged_prefill(causal, backend, device):
+    """Ragged K/V, (D_qk, D_vo) = (48, 32) (padded head dims), q sliced out of a packed buffer."""
+    g = torch.Generator().manual_seed(5)
+    qo, kv, Hq, Hkv, Dqk, Dvo = [3, 0, 4, 2], [10, 4, 6, 0], 4, 2, 48, 32
+    qi = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int32)
+    ki = torch.tensor([0, 10, 14, 20, 20], dtype=torch.int32)
+    qkv = torch.randn(9, Hq * Dqk + 8, generator=g)
+    q = qkv[:, : Hq * Dqk].unflatten(1, (Hq, Dqk))
+    k, v = torch.randn(20, Hkv, Dqk, generator=g), torch.randn(20, Hkv, Dvo, generator=g)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    w.plan(qi.to(device), ki.to(device), Hq, Hkv, Dqk, Dvo, causal=causal, q_data_type=torch.float32)
+    o, lse = w.run(q.to(device), k.to(device), v.to(device), return_lse=True)
+    assert o.shape == (9, Hq, Dvo)
+    ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), qi, ki, torch.arange(20), [1] * 4, causal=causal)
+    check_attention("ragged", o, lse, ro, rl, torch.float32)
+
+
+def test_ragged_positional_order_and_split(device):
+    """Ragged plan's positional order is (..., window_left, logits_soft_cap, sm_scale) [spec §6]."""
+    g = torch.Generator().manual_seed(6)
+    qi = torch.tensor([0, 2, 3], dtype=torch.int32)
+    ki = torch.tensor([0, 150, 170], dtype=torch.int32)
+    q, k, v = torch.randn(3, 2, 16, generator=g), torch.randn(170, 1, 16, generator=g), torch.randn(170, 1, 16, generator=g)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    #      qo, kv, Hq, Hkv, Dqk, Dvo, mask, packed, causal, pos, fp16red, window, cap, sm_scale
+    w.plan(qi, ki, 2, 1, 16, None, None, None, True, "NONE", False, 60, 10.0, 0.3, q_data_type="float32",
+           fixed_split_size=32)
+    o, lse = w.run(q.to(device), k.to(device), v.to(device), return_lse=True)
+    ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), qi, ki, torch.arange(170), [1, 1], causal=True,
+                           window_left=60, logits_soft_cap=10.0, sm_scale=0.3)
+    check_attention("ragged positional", o, lse, ro, rl, torch.float32)
+
+
+# --------------------------------------------------------------------------- hypothesis fuzz
+
+
+GQA = [(1, 1), (2, 1), (4, 2), (7, 1), (8, 1), (6, 3), (5, 5)]
+
+
+@st.composite
+def batches(draw):
+    B = draw(st.integers(1, 4))
+    qo = draw(st.lists(st.integers(0, 5), min_size=B, max_size=B))
+    kv = draw(st.lists(st.integers(0, 24), min_size=B, max_size=B))
+    return dict(
+        qo=qo, kv=kv, page=draw(st.sampled_from([1, 3, 4, 5])), heads=draw(st.sampled_from(GQA)),
+        D=draw(st.sampled_from([16, 32])), layout=draw(st.sampled_from(["NHD", "HND"])),
+        form=draw(st.sampled_from(["5d", "tuple"])), causal=draw(st.booleans()),
+        window=draw(st.sampled_from([-1, -1, 0, 1, 5])), cap=draw(st.sampled_from([0.0, 0.0, 6.0])),
+        pos=draw(st.sampled_from(["NONE", "NONE", "ROPE_LLAMA", "ALIBI"])), mask=draw(st.booleans()),
+        split=draw(st.sampled_from([None, 1, 2])), seed=draw(st.integers(0, 2 ** 16)),
+        strided=draw(st.booleans()), shared=draw(st.booleans()),
+    )
+
+
+@settings(deadline=None)
+@given(batches())
+def test_paged_fuzz(c):
+    Hq, Hkv = c["heads"]
+    b = Batch(c["qo"], c["kv"], page_size=c["page"], Hq=Hq, Hkv=Hkv, D=c["D"], layout=c["layout"], form=c["form"],
+              seed=c["seed"], q_strided=c["strided"], shared_pages=c["shared"], pad_cache=c["strided"])
+    masks = b.random_masks(c["seed"]) if c["mask"] else None
+    opts = dict(window_left=c["window"], logits_soft_cap=c["cap"], pos_encoding_mode=c["pos"])
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(DEVICE), c["layout"])
+    flat = torch.cat([m.reshape(-1) for m in masks]).to(DEVICE) if masks else None
+    plan_paged(w, b, causal=c["causal"], custom_mask=flat, fixed_split_size=c["split"], **opts)
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(causal=c["causal"], masks=masks, **opts)
+    check_attention("fuzz", o, lse, ro, rl, torch.float32)

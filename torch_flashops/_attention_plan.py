@@ -1,0 +1,350 @@
+"""Host-side planning shared by the batch attention wrappers (decode, paged/ragged prefill).
+
+``plan()`` of every wrapper ends here: the CSR arrays are brought to the host once, validated
+(spec attention.md §3, always on), and turned into the kernel's work lists (see the banner of
+``ops/attention.py``):
+
+  work       int32 [Wd, 4]  (b, m_start, kv_lo, kv_hi): one program per item and KV head,
+                            writes o directly; sorted longest first (load balance)
+  split_work int32 [Ws, 4]  the chunks of KV ranges split across programs (split-KV); each
+                            writes a partial state to scratch
+  merge      int32 [Ms, 4]  (b, m_start, first split item, count): partials to combine
+
+On the device each list is flattened to 1-D int32 ``[4 * rows]``. Lists are padded with idle items (b = -1) to at least 2 rows, so a compiled ``run()`` never
+specialises on a list being empty or of length 1, and in CUDA-graph mode to the sizes frozen
+at the first plan, so a captured launch grid stays valid for every later plan. Everything a
+run needs that changes from plan to plan lives in device tensors (``PlanTensors``); Python
+ints kept on the wrapper are only the frozen options and tile sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ._checks import check_indptr_values, expect
+from .meta.attention import check_pos_encoding_mode
+from .ops import attention as attn_ops
+
+__all__ = [
+    "PlanTensors",
+    "Schedule",
+    "build_schedule",
+    "to_host_int",
+    "check_indptr",
+    "validate_qo_indptr",
+    "validate_paged_csr",
+    "pack_custom_masks",
+    "parse_dtype",
+    "check_backend",
+    "reject",
+    "resolve_sm_scale",
+    "check_window_left",
+    "check_soft_cap",
+    "rope_defaults",
+    "check_lse_base",
+]
+
+MIN_LIST_ROWS = 2
+
+
+# ------------------------------------------------------------------------- option parsing
+def parse_dtype(x, name: str) -> Optional[torch.dtype]:
+    """A ``torch.dtype`` or its string name (``"float16"``, ``"torch.bfloat16"``); None passes."""
+    if x is None or isinstance(x, torch.dtype):
+        return x
+    if isinstance(x, str):
+        dt = getattr(torch, x.replace("torch.", ""), None)
+        if isinstance(dt, torch.dtype):
+            return dt
+    raise ValueError(f"{name}: expected a torch.dtype or its name, got {x!r}")
+
+
+def check_backend(backend) -> None:
+    if backend not in ("auto", "fa2", "fa3", "triton"):
+        raise NotImplementedError(f"backend={backend!r}: only 'auto', 'fa2', 'fa3' and 'triton' (all our Triton kernels)")
+
+
+def reject(**kwargs) -> None:
+    """``NotImplementedError`` for every reserved argument given a non-default value."""
+    for name, value in kwargs.items():
+        if value is not None and value is not False and not (isinstance(value, (tuple, list, dict)) and len(value) == 0):
+            raise NotImplementedError(f"{name} is not supported by torch_flashops (got a non-default value)")
+
+
+def resolve_sm_scale(sm_scale, head_dim: int, q_scale=None, k_scale=None) -> float:
+    """``sm_scale`` (default 1/sqrt(D)) times the scalar q/k scales (spec §0.4 step 2)."""
+    s = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    for name, x in (("q_scale", q_scale), ("k_scale", k_scale)):
+        s *= scalar_scale(x, name)
+    return s
+
+
+def scalar_scale(x, name: str) -> float:
+    """A scalar scale as float (None -> 1). Tensors with more than one element (per-head
+    scales) are reserved: ``NotImplementedError``."""
+    if x is None:
+        return 1.0
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise NotImplementedError(f"{name}: per-head scale tensors are not supported (scalar scales only)")
+        return float(x)
+    return float(x)
+
+
+def check_window_left(window_left, name: str = "window_left") -> int:
+    w = -1 if window_left is None else int(window_left)
+    expect(w >= -1, name, f"must be >= -1 (-1 = no window), got {w}")
+    return w
+
+
+def check_soft_cap(logits_soft_cap) -> float:
+    c = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
+    expect(c >= 0.0, "logits_soft_cap", f"must be None, 0 or positive, got {c}")
+    return c
+
+
+def rope_defaults(rope_scale, rope_theta) -> tuple[float, float]:
+    rs = 1.0 if rope_scale is None else float(rope_scale)
+    rt = 1e4 if rope_theta is None else float(rope_theta)
+    expect(rs > 0, "rope_scale", f"must be positive, got {rs}")
+    expect(rt > 0, "rope_theta", f"must be positive, got {rt}")
+    return rs, rt
+
+
+def check_lse_base(lse_base) -> bool:
+    """True for natural-log LSEs (``"ln"``), False for base 2 (``"log2"``)."""
+    expect(lse_base in ("log2", "ln"), "lse_base", f"must be 'log2' or 'ln', got {lse_base!r}")
+    return lse_base == "ln"
+
+
+def check_pos_mode(pos_encoding_mode) -> str:
+    check_pos_encoding_mode(pos_encoding_mode)
+    return pos_encoding_mode
+
+
+# ------------------------------------------------------------------------- CSR validation
+def to_host_int(t, name: str) -> np.ndarray:
+    """An index tensor (or sequence) as a host int64 array (one device-to-host copy)."""
+    if isinstance(t, torch.Tensor):
+        expect(t.dim() == 1, name, f"expected 1-D, got shape {tuple(t.shape)}")
+        expect(not t.is_floating_point() and not t.is_complex(), name, f"expected an integer dtype, got {t.dtype}")
+        return t.detach().to("cpu", torch.int64).numpy()
+    return np.asarray(t, dtype=np.int64).reshape(-1)
+
+
+def check_indptr(h: np.ndarray, name: str, length: Optional[int] = None) -> None:
+    """A host CSR indptr: the expected length (when given), starts at 0, non-decreasing."""
+    if length is not None:
+        expect(h.size == length, name, f"length {h.size} does not match the batch (expected {length})")
+    check_indptr_values(torch.from_numpy(h), name)
+
+
+def validate_qo_indptr(qo_h: np.ndarray, batch: int, name: str = "qo_indptr") -> None:
+    check_indptr(qo_h, name, batch + 1)
+
+
+def validate_paged_csr(kv_indptr_h, last_h, n_indices: int, page_size: int, *, indptr_name="paged_kv_indptr",
+                       last_name="paged_kv_last_page_len", indices_name="paged_kv_indices") -> np.ndarray:
+    """§0.3 rules for a page table; returns ``kv_len`` per request (int64)."""
+    check_indptr(kv_indptr_h, indptr_name)
+    B = kv_indptr_h.size - 1
+    expect(last_h.size == B, last_name, f"length {last_h.size} does not match len({indptr_name}) - 1 = {B}")
+    expect(n_indices >= int(kv_indptr_h[-1]), indices_name,
+           f"has {n_indices} entries, fewer than {indptr_name}[-1] = {int(kv_indptr_h[-1])}")
+    n = np.diff(kv_indptr_h)
+    ok = np.where(n >= 1, (last_h >= 1) & (last_h <= page_size), last_h == 0)
+    if not ok.all():
+        b = int(np.argmin(ok))
+        raise ValueError(f"{last_name}: request {b} has {int(n[b])} pages and last_page_len {int(last_h[b])} "
+                         f"(must be in [1, {page_size}] with pages, 0 without)")
+    return np.maximum(n - 1, 0) * page_size + last_h
+
+
+def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, device):
+    """Per-request packed masks (little-endian, each from a byte boundary) and their byte
+    offsets ``mask_indptr [B+1]`` (int32), or ``(None, None)`` when no mask is given."""
+    nbits = qo_lens * kv_lens
+    nbytes = (nbits + 7) // 8
+    indptr = np.concatenate([[0], np.cumsum(nbytes)]).astype(np.int64)
+    if packed_custom_mask is not None:
+        expect(packed_custom_mask.dim() == 1 and packed_custom_mask.dtype == torch.uint8, "packed_custom_mask",
+               f"expected 1-D uint8, got {packed_custom_mask.dtype} of shape {tuple(packed_custom_mask.shape)}")
+        expect(packed_custom_mask.shape[0] == int(indptr[-1]), "packed_custom_mask",
+               f"has {packed_custom_mask.shape[0]} bytes, expected sum ceil(qo_len*kv_len/8) = {int(indptr[-1])}")
+        packed = packed_custom_mask.to(device).contiguous()
+    elif custom_mask is not None:
+        expect(custom_mask.dim() == 1, "custom_mask", f"expected a flat bool tensor, got shape {tuple(custom_mask.shape)}")
+        expect(custom_mask.shape[0] == int(nbits.sum()), "custom_mask",
+               f"has {custom_mask.shape[0]} elements, expected sum qo_len*kv_len = {int(nbits.sum())}")
+        bits = custom_mask.detach().to("cpu").bool().numpy()
+        starts = np.concatenate([[0], np.cumsum(nbits)])
+        chunks = [np.packbits(bits[starts[b]:starts[b + 1]], bitorder="little") for b in range(len(nbits))]
+        host = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+        packed = torch.from_numpy(np.ascontiguousarray(host, dtype=np.uint8)).to(device)
+    else:
+        return None, None
+    if packed.shape[0] == 0:  # keep a valid pointer for the kernel
+        packed = torch.zeros(1, dtype=torch.uint8, device=device)
+    return packed, torch.from_numpy(indptr.astype(np.int32)).to(device)
+
+
+# ------------------------------------------------------------------------- the schedule
+@dataclasses.dataclass
+class Schedule:
+    work: np.ndarray  # [Wd, 4] int32
+    split_work: np.ndarray  # [Ws, 4]
+    merge: np.ndarray  # [Ms, 4]
+    chunk: int  # keys per split chunk (0: no split)
+
+
+@dataclasses.dataclass
+class Bounds:
+    """Frozen list sizes of a CUDA-graph wrapper (rows of work / split_work / merge)."""
+
+    work: int
+    split_work: int
+    merge: int
+
+
+def tile_bound(total_rows: int, batch: int, group: int, block_m: int) -> int:
+    """Most m tiles a batch of ``batch`` requests and ``total_rows`` query rows can have."""
+    return max(MIN_LIST_ROWS, (total_rows * group + batch * (block_m - 1)) // block_m)
+
+
+def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, block_m: int, block_n: int,
+                   num_kv_heads: int, d_vo: int, causal: bool, window_left: int, has_mask: bool, device,
+                   workspace_bytes: int, disable_split_kv: bool = False, fixed_split_keys: Optional[int] = None,
+                   bounds: Optional[Bounds] = None) -> Schedule:
+    """Tile every request's (row x group head) index into ``block_m`` tiles, clip each tile's
+    key range by causality and window, and split long ranges into chunks when the tiles alone
+    leave the machine idle (or when ``fixed_split_keys`` asks for it)."""
+    B = qo_lens.size
+    qo_lens = qo_lens.astype(np.int64)
+    kv_lens = kv_lens.astype(np.int64)
+    n_tiles = -(-(qo_lens * group) // block_m)
+    tb = np.repeat(np.arange(B, dtype=np.int64), n_tiles)
+    first_tile = np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
+    m_start = (np.arange(tb.size, dtype=np.int64) - first_tile) * block_m
+    qo, kv = qo_lens[tb], kv_lens[tb]
+    r_first = m_start // group
+    r_last = np.minimum((m_start + block_m - 1) // group, qo - 1)
+    hi = kv.copy()
+    if causal and not has_mask:
+        hi = np.clip(kv - qo + r_last + 1, 0, kv)
+    lo = np.zeros_like(hi)
+    if window_left >= 0:
+        lo = np.clip(kv - qo + r_first - window_left, 0, None)
+    lo = np.minimum(lo, hi)
+    length = hi - lo
+
+    max_split_items = max(0, workspace_bytes // attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo))
+    if bounds is not None:
+        max_split_items = min(max_split_items, bounds.split_work)
+    chunk = 0
+    if not disable_split_kv and tb.size and length.max(initial=0) > 0:
+        min_chunk = attn_ops.split_min_chunk(block_n)
+        if fixed_split_keys is not None:
+            chunk = max(1, int(fixed_split_keys))
+        else:
+            target = attn_ops.num_sms(device) * attn_ops._SPLIT_PROGRAMS_PER_SM
+            if tb.size * num_kv_heads < target:
+                per_head = -(-target // num_kv_heads)
+                chunk = max(min_chunk, -(-int(length.sum()) // per_head))
+                chunk = -(-chunk // block_n) * block_n
+    n_s = np.ones_like(length)
+    while chunk:
+        n_s = np.maximum(1, -(-length // chunk))
+        if int(n_s[n_s > 1].sum()) <= max_split_items:
+            break
+        chunk *= 2  # too many partials for the workspace (or the frozen list): coarser chunks
+    if not chunk:
+        n_s = np.ones_like(length)
+    split = n_s > 1
+
+    direct = np.flatnonzero(~split)
+    direct = direct[np.argsort(-length[direct], kind="stable")]  # longest first
+    work = np.stack([tb[direct], m_start[direct], lo[direct], hi[direct]], axis=1)
+
+    st = np.flatnonzero(split)
+    cnt = n_s[st]
+    first = np.cumsum(cnt) - cnt
+    merge = np.stack([tb[st], m_start[st], first, cnt], axis=1)
+    owner = np.repeat(st, cnt)
+    s_idx = np.arange(owner.size, dtype=np.int64) - np.repeat(first, cnt)
+    s_lo = lo[owner] + s_idx * chunk
+    s_hi = np.minimum(s_lo + chunk, hi[owner])
+    split_work = np.stack([tb[owner], m_start[owner], s_lo, s_hi], axis=1)
+    return Schedule(_as_list(work), _as_list(split_work), _as_list(merge), int(chunk))
+
+
+def _as_list(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.reshape(-1, 4), dtype=np.int32)
+
+
+def padded(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` followed by idle rows (b = -1) up to ``rows`` rows."""
+    out = np.full((rows, a.shape[1] if a.ndim == 2 else 1), -1, dtype=np.int32)
+    out[: a.shape[0]] = a
+    out[a.shape[0]:, 1:] = 0
+    return out
+
+
+# ------------------------------------------------------------------------- device state
+@dataclasses.dataclass
+class PlanTensors:
+    """The device tensors a planned ``run()`` passes to the op (all int32 except the mask)."""
+
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: Optional[torch.Tensor]  # paged only
+    kv_lens: Optional[torch.Tensor]  # paged only
+    work: torch.Tensor
+    split_work: torch.Tensor
+    merge: torch.Tensor
+    packed_mask: Optional[torch.Tensor] = None
+    mask_indptr: Optional[torch.Tensor] = None
+
+
+def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into: Optional[PlanTensors] = None):
+    """Device tensors of the three lists: fresh (padded to >= 2 rows) or, in CUDA-graph mode,
+    copied into the frozen buffers of ``into`` (padded to ``bounds``)."""
+    if bounds is None:
+        rows = [max(MIN_LIST_ROWS, a.shape[0]) for a in (sched.work, sched.split_work, sched.merge)]
+    else:
+        rows = [bounds.work, bounds.split_work, bounds.merge]
+        for a, n, name in ((sched.work, rows[0], "work"), (sched.split_work, rows[1], "split_work"),
+                           (sched.merge, rows[2], "merge")):
+            expect(a.shape[0] <= n, "plan", f"{name} list of {a.shape[0]} items exceeds the frozen CUDA-graph size {n}")
+    host = [torch.from_numpy(padded(a, n).reshape(-1)) for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
+    if into is not None:
+        into.work.copy_(host[0], non_blocking=False)
+        into.split_work.copy_(host[1])
+        into.merge.copy_(host[2])
+        return into.work, into.split_work, into.merge
+    return tuple(h.reshape(-1).to(device) for h in host)
+
+
+def device_int32(a, device, min_len: int = 0) -> torch.Tensor:
+    """Host array or tensor -> contiguous int32 device tensor of at least ``min_len`` entries."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+        if t.device == torch.device(device) and t.dtype == torch.int32 and t.is_contiguous() and t.numel() >= min_len:
+            return t
+        t = t.to(torch.int32)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+    if t.numel() < min_len:
+        t = torch.cat([t.cpu(), torch.zeros(min_len - t.numel(), dtype=torch.int32)])
+    return t.to(device).contiguous()
+
+
+def copy_into(buf: torch.Tensor, src, name: str) -> None:
+    """CUDA-graph mode: write ``src`` into the head of the frozen buffer ``buf``."""
+    src_t = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64))
+    expect(src_t.numel() <= buf.numel(), name,
+           f"has {src_t.numel()} entries, more than its CUDA-graph buffer holds ({buf.numel()})")
+    buf[: src_t.numel()].copy_(src_t.reshape(-1).to(buf.dtype))

@@ -1,0 +1,628 @@
+# Attention over a paged, ragged or single KV: Triton kernels, launchers, op registration.
+#
+# For request b, query row r (0 <= r < qo_len), qo head h, key j < kv_len (spec attention.md §0.4):
+#
+#     p_r   = kv_len - qo_len + r                       (append-before-attention position)
+#     s_rj  = sm_scale * <rope(q_r, p_r), rope(k_j, j)>  [+ slope_h * (j - r)]   (ALiBi)
+#     s_rj  = c * tanh(s_rj / c)                                                  (soft-cap)
+#     keep  = mask bit (r, j)  or  causal: j <= p_r;   and window: j >= p_r - window_left
+#     o_r   = v_scale * sum_keep softmax(s)_j v_j,    lse_r = log2 sum_keep exp(s_rj)
+#     empty keep-set: o_r = 0, lse_r = -inf.
+#
+# Shapes: q [R, H_qo, D_qk] (any row/head strides), K/V views ordered [P, page, H_kv, D] (paged;
+# from one 5-D cache or a (k, v) pair, NHD or HND, see meta.page.paged_kv_views) or [T, H_kv, D]
+# (ragged / single), o [R, H_qo, D_vo], lse [R, H_qo] fp32.
+#
+# One kernel, `_attn_fwd_kernel`, serves all three ops. A program owns one *work item* and one
+# KV head hk: BLOCK_M rows of the flattened (query row, group head) index m = r * G + g of one
+# request (G = H_qo / H_kv: the GQA group is packed into the M dimension, so each K/V tile is
+# read once per KV head, whatever G) against the keys [kv_lo, kv_hi) of that request, in
+# BLOCK_N tiles gathered through the page table. Online softmax in base 2, fp32 accumulators.
+#   * WORKLIST (paged, ragged): items come from plan() as int32 rows (b, m_start, kv_lo, kv_hi),
+#     flattened to 1-D (a constant dim of 4 would make dynamo duck-size other plan tensors to it).
+#     `split_work` items cover one chunk of a long KV range each and write a normalised partial
+#     state (o, lse) to a scratch tile; `merge` rows (b, m_start, first item, count) tell
+#     `_merge_kernel` which partials to combine (fixed order: bitwise reproducible, no
+#     atomics). `work` items write o directly. Idle items (b = -1) exit at once, so the grid
+#     depends only on the (frozen) list lengths: CUDA-graph safe.
+#   * single: no list; program id -> (m tile, KV split) arithmetically from the shapes.
+# Masking is only computed on tiles that need it: a tile fully inside the causal/window keep
+# set runs the unmasked loop.
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _config
+from .._registry import register_op
+from ..meta import attention as meta
+from ..meta.page import paged_kv_views
+from ..reference import attention as ref
+from .cascade import online_merge_finish, online_merge_step
+
+__all__ = [
+    "POS_ENCODING_MODES",
+    "tile_m",
+    "attn_config",
+    "num_sms",
+    "single_attention_op",
+    "paged_attention_op",
+    "paged_attention_out_op",
+    "ragged_attention_op",
+    "ragged_attention_out_op",
+]
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = math.log(2.0)
+POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
+WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
+
+
+# ------------------------------------------------------------------ shared device functions
+@triton.jit
+def _tanh(x):
+    e = tl.exp2(x * (2.0 * LOG2E))  # overflow to inf gives exactly 1
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` in fp32. UPCAST: the interpreter multiplies 16-bit dots wrongly, go via fp32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _rope(x, x_partner, pos, freq, sign):
+    """Rotate-half RoPE of rows ``x [n, D]`` at positions ``pos [n]``; ``x_partner`` holds
+    x[(d + D/2) % D], ``sign`` is -1 for the first half; ``freq [D]`` repeats f_i."""
+    ang = pos.to(tl.float32)[:, None] * freq[None, :]
+    return x.to(tl.float32) * tl.cos(ang) + sign[None, :] * x_partner.to(tl.float32) * tl.sin(ang)
+
+
+@triton.jit
+def _load_rows(row_ptr, offs, n_valid, d_mask, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    """Rows ``row_ptr[i] + offs`` as a [n, BLOCK_D] tile; masks only where they can bite."""
+    ptrs = row_ptr[:, None] + offs[None, :]
+    if MASK_N and MASK_D:
+        return tl.load(ptrs, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
+    elif MASK_N:
+        return tl.load(ptrs, mask=n_valid[:, None], other=0.0)
+    elif MASK_D:
+        return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(page, slot) of keys ``offs_n`` of a request. Paged: page ids from the page table, masked
+    to [0, num_pages); ragged: page = row ``kv_base + j`` (masked to the rows given), slot 0."""
+    if PAGED:
+        page = tl.load(KV_INDICES + kv_base + offs_n // PAGE_SIZE, mask=n_valid, other=0)
+        page = tl.where((page >= 0) & (page < num_pages), page, 0)
+        slot = offs_n % PAGE_SIZE
+    else:
+        page = kv_base + offs_n
+        page = tl.where(n_valid & (page < num_pages), page, 0)
+        slot = offs_n * 0
+    return page.to(tl.int64), slot.to(tl.int64)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, start,
+    K, V, KV_INDICES, MASK, FREQS,
+    kv_base, kv_hi, kv_len, num_pages, mask_base,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
+    offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+):
+    """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < kv_hi
+    page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE)
+    k_row = K + page * stride_kp + slot * stride_ks + hk * stride_kh
+    v_row = V + page * stride_vp + slot * stride_vs + hk * stride_vh
+    k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D)
+    if POS == 1:
+        kp = _load_rows(k_row, partner_d, n_valid, d_mask, MASKED, PAD_D)
+        k = _rope(k, kp, offs_n, freq_d, sign_d).to(q.dtype)
+    qk = _dot(q, tl.trans(k), UPCAST, PREC)
+    if (POS == 2) or SOFTCAP:
+        s = qk * sm_scale
+        if POS == 2:
+            s += slope[:, None] * (offs_n[None, :] - r[:, None]).to(tl.float32)
+        if SOFTCAP:
+            s = soft_cap * _tanh(s / soft_cap)
+        s = s * LOG2E
+    else:
+        s = qk * qk_scale
+    if MASKED:
+        keep = n_valid[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= pos[:, None])
+        if WINDOW:
+            keep = keep & (offs_n[None, :] >= pos[:, None] - window_left)
+        if HAS_MASK:
+            bit = r.to(tl.int64)[:, None] * kv_len + offs_n[None, :]
+            byte = tl.load(MASK + mask_base + bit // 8, mask=valid_m[:, None] & n_valid[None, :], other=0)
+            keep = keep & (((byte.to(tl.int32) >> (bit % 8).to(tl.int32)) & 1) != 0)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, m_new, l_i
+
+
+# ------------------------------------------------------------------------------ the kernels
+@triton.jit(do_not_specialize=["num_split_items", "num_pages", "num_q_rows", "single_qo_len", "single_kv_len", "single_chunk",
+                               "single_n_split", "window_left"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, PO, PLSE,
+    WORK, SPLIT_WORK, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LENS, MASK, MASK_INDPTR, FREQS,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    num_split_items, num_kv_heads, num_pages, num_q_rows,
+    single_qo_len, single_kv_len, single_chunk, single_n_split,
+    window_left, sm_scale, soft_cap, alibi_n, v_scale, lse_scale,
+    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    # ---- which rows and keys this program owns
+    if WORKLIST:
+        is_split = pid < num_split_items
+        item = tl.where(is_split, SPLIT_WORK + pid * 4, WORK + (pid - num_split_items) * 4)
+        slot = tl.where(is_split, pid, -1)
+        b = tl.load(item)
+        if b < 0:
+            return  # idle item (padding of a frozen CUDA-graph list)
+        m_start = tl.load(item + 1)
+        kv_lo = tl.load(item + 2)
+        kv_hi = tl.load(item + 3)
+        qo_start = tl.load(QO_INDPTR + b)
+        qo_len = tl.load(QO_INDPTR + b + 1) - qo_start
+        kv_base = tl.load(KV_INDPTR + b)
+        kv_cap = tl.load(KV_INDPTR + b + 1) - kv_base  # pages (paged) or rows (ragged) owned
+        if PAGED:
+            kv_len = tl.minimum(tl.load(KV_LENS + b), kv_cap * PAGE_SIZE)
+        else:
+            kv_len = kv_cap
+        mask_base = 0
+        if HAS_MASK:
+            mask_base = tl.load(MASK_INDPTR + b).to(tl.int64)
+    else:
+        tile = pid // single_n_split
+        split = pid % single_n_split
+        slot = tl.where(single_n_split > 1, pid, -1)
+        m_start = tile * BLOCK_M
+        qo_start = 0
+        qo_len = single_qo_len
+        kv_base = 0
+        kv_len = single_kv_len
+        kv_lo = split * single_chunk
+        kv_hi = kv_lo + single_chunk
+        mask_base = 0
+    kv_len = tl.maximum(kv_len, 0)
+    delta = kv_len - qo_len  # p_r = r + delta
+    r_first = m_start // GROUP
+    r_last = tl.minimum((m_start + BLOCK_M - 1) // GROUP, qo_len - 1)
+    kv_hi = tl.minimum(kv_hi, kv_len)
+    if CAUSAL:
+        kv_hi = tl.minimum(kv_hi, r_last + delta + 1)
+    if WINDOW:
+        kv_lo = tl.maximum(kv_lo, r_first + delta - window_left)
+    kv_lo = tl.maximum(kv_lo, 0)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    r = offs_m // GROUP
+    valid_m = (offs_m < qo_len * GROUP) & (qo_start + r < num_q_rows)  # rows past q: memory safety
+    h = hk * GROUP + offs_m % GROUP
+    pos = r + delta
+    offs_d = tl.arange(0, BLOCK_DQK)
+    d_mask = offs_d < D_QK
+    offs_dv = tl.arange(0, BLOCK_DVO)
+    dv_mask = offs_dv < D_VO
+
+    # ---- the query tile [BLOCK_M, D_qk] (rotated at p_r for RoPE)
+    q_row = Q + (qo_start + r).to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
+    q = tl.load(q_row[:, None] + offs_d[None, :], mask=valid_m[:, None] & d_mask[None, :], other=0.0)
+    partner_d = offs_d
+    sign_d = offs_d.to(tl.float32)
+    freq_d = sign_d
+    if POS == 1:
+        half: tl.constexpr = D_QK // 2
+        partner_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
+        sign_d = tl.where(offs_d < half, -1.0, 1.0)
+        freq_d = tl.load(FREQS + offs_d % half, mask=d_mask, other=0.0)
+        qp = tl.load(q_row[:, None] + partner_d[None, :], mask=valid_m[:, None] & d_mask[None, :], other=0.0)
+        q = _rope(q, qp, pos, freq_d, sign_d).to(Q.dtype.element_ty)
+    slope = sign_d
+    if POS == 2:  # ALiBi slope of head h (spec §0.4 step 3), alibi_n = 2^floor(log2 H_qo)
+        hf = h.to(tl.float32)
+        slope = tl.where(h < alibi_n, tl.exp2(-8.0 * (hf + 1.0) / alibi_n),
+                         tl.exp2(-4.0 * (2.0 * (hf - alibi_n) + 1.0) / alibi_n))
+    qk_scale = sm_scale * LOG2E
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DVO], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # ---- three key ranges: [kv_lo, a) masked (window edge), [a, c) unmasked, [c, kv_hi) masked
+    a = kv_lo
+    c = kv_lo
+    if not HAS_MASK:
+        if WINDOW:  # keys >= r_last + delta - window_left are inside every row's window
+            a = kv_lo + tl.maximum(tl.cdiv(r_last + delta - window_left - kv_lo, BLOCK_N), 0) * BLOCK_N
+            a = tl.minimum(a, kv_hi)
+        full_end = kv_hi
+        if CAUSAL:  # keys <= r_first + delta are visible to every row
+            full_end = tl.minimum(full_end, r_first + delta + 1)
+        c = a + tl.maximum(full_end - a, 0) // BLOCK_N * BLOCK_N
+    for seg in tl.static_range(3):  # unrolled: the middle range runs the unmasked tile
+        if seg == 0:
+            lo, hi = kv_lo, a
+        elif seg == 1:
+            lo, hi = a, c
+        else:
+            lo, hi = c, kv_hi
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, start, K, V, KV_INDICES, MASK, FREQS,
+                kv_base, kv_hi, kv_len, num_pages, mask_base,
+                stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
+                offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
+                BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO)
+
+    # ---- finish: empty rows give o = 0, lse = -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    if slot >= 0:  # split item: normalised partial state into the scratch tile
+        prow = (slot.to(tl.int64) * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(PO + prow[:, None] * D_VO + offs_dv[None, :], o, mask=valid_m[:, None] & dv_mask[None, :])
+        tl.store(PLSE + prow, lse2, mask=valid_m)
+    else:
+        orow = (qo_start + r).to(tl.int64)
+        o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_dv[None, :]
+        tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & dv_mask[None, :])
+        tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
+
+
+@triton.jit(do_not_specialize=["num_q_rows", "single_qo_len", "single_n_split"])
+def _merge_kernel(
+    O, LSE, PO, PLSE, MERGE, QO_INDPTR,
+    stride_ot, stride_oh, stride_lt, stride_lh,
+    num_kv_heads, num_q_rows, single_qo_len, single_n_split, v_scale, lse_scale,
+    GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr,
+    WORKLIST: tl.constexpr,
+):
+    # Program (merge row e, KV head hk): combine the `count` partial tiles of one (request,
+    # m tile) in item order (spec §0.5 merge, folded online with the cascade family's device
+    # functions; empty partials contribute 0).
+    e = tl.program_id(0)
+    hk = tl.program_id(1)
+    if WORKLIST:
+        b = tl.load(MERGE + e * 4)
+        if b < 0:
+            return
+        m_start = tl.load(MERGE + e * 4 + 1)
+        first = tl.load(MERGE + e * 4 + 2)
+        count = tl.load(MERGE + e * 4 + 3)
+        qo_start = tl.load(QO_INDPTR + b)
+        qo_len = tl.load(QO_INDPTR + b + 1) - qo_start
+    else:
+        m_start = e * BLOCK_M
+        first = e * single_n_split
+        count = single_n_split
+        qo_start = 0
+        qo_len = single_qo_len
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
+    offs_dv = tl.arange(0, BLOCK_DVO)
+    dv_mask = offs_dv < D_VO
+    acc = tl.zeros([BLOCK_M, BLOCK_DVO], dtype=tl.float32)
+    m_run = tl.full([BLOCK_M, 1], float("-inf"), dtype=tl.float32)
+    d_run = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    for i in range(0, count):
+        prow = ((first + i).to(tl.int64) * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)
+        s = tl.load(PLSE + prow, mask=valid_m, other=float("-inf"))[:, None]
+        o = tl.load(PO + prow[:, None] * D_VO + offs_dv[None, :], mask=valid_m[:, None] & dv_mask[None, :], other=0.0)
+        acc, m_run, d_run = online_merge_step(acc, m_run, d_run, o, s)
+    o, lse2 = online_merge_finish(acc, m_run, d_run)
+    lse2 = tl.reshape(lse2, [BLOCK_M])
+    r = offs_m // GROUP
+    h = hk * GROUP + offs_m % GROUP
+    orow = (qo_start + r).to(tl.int64)
+    o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_dv[None, :]
+    tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & dv_mask[None, :])
+    tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
+
+
+# ------------------------------------------------------------------------- launch heuristics
+_SPLIT_PROGRAMS_PER_SM = 4  # split KV until about this many programs per SM are in flight
+_CPU_SMS = 4  # the interpreter's pretend SM count (keeps CPU schedules small but split-capable)
+
+
+def num_sms(device) -> int:
+    """Multiprocessors of ``device`` (the split-KV planner's notion of machine width)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _CPU_SMS
+
+
+def tile_m(group: int, max_qo_len: int) -> int:
+    """Rows of the flattened (query row, group head) index per program: 16..128 (tl.dot needs
+    >= 16 rows), the smallest power of two holding one request's rows, capped at 128."""
+    need = max(1, group * max(max_qo_len, 1))
+    return int(min(128, max(16, triton.next_power_of_2(need))))
+
+
+def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned."""
+    d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
+    if torch.device(device).type != "cuda":
+        return 32 if d > 128 else 64, 4, 1
+    wide = dtype == torch.float32 or d > 128
+    if block_m >= 128:
+        return (32 if wide else 64), 8, (2 if wide else 3)
+    if block_m >= 64:
+        return (32 if wide else 64), 4, (2 if wide else 3)
+    return (32 if wide else 64), 4, (2 if wide else 3)
+
+
+def split_min_chunk(block_n: int) -> int:
+    """Fewest keys a split-KV chunk may hold (smaller chunks cost more merging than they save)."""
+    return max(2 * block_n, 128)
+
+
+def partial_item_bytes(num_kv_heads: int, block_m: int, d_vo: int) -> int:
+    """Scratch bytes one split item needs: its fp32 partial o tile and lse per KV head."""
+    return num_kv_heads * block_m * (d_vo + 1) * 4
+
+
+# -------------------------------------------------------------------------------- launchers
+def _pos_code(pos_encoding_mode: str) -> int:
+    return POS_ENCODING_MODES[pos_encoding_mode]
+
+
+def _rope_freqs(pos: int, d_qk: int, rope_scale: float, rope_theta: float, device) -> Optional[torch.Tensor]:
+    """fp32 ``[D/2]`` rotate-half frequencies (computed in fp64, rounded once) or None."""
+    if pos != 1:
+        return None
+    i = torch.arange(d_qk // 2, dtype=torch.float64, device=device)
+    return (rope_theta ** (-2.0 * i / d_qk) / rope_scale).to(torch.float32)
+
+
+def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, block_m,
+            work=None, split_work=None, merge=None, qo_indptr=None, kv_indptr=None, kv_indices=None, kv_lens=None,
+            packed_mask=None, mask_indptr=None, single=None,
+            causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln):
+    """Launch the attention kernel (and the merge kernel when KV is split) on 4-D K/V views
+    ``[P, page, H_kv, D]`` (ragged/single: page == 1, P = rows)."""
+    R, Hq, d_qk = q.shape
+    h_kv = k.shape[2]
+    d_vo = v.shape[-1]
+    if R == 0 or Hq == 0:
+        return
+    pos = _pos_code(pos_encoding_mode)
+    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device)
+    if worklist:
+        n_split_items, n_items = split_work.shape[0] // WORK_FIELDS, work.shape[0] // WORK_FIELDS
+        grid0 = n_split_items + n_items
+        s_qo, s_kv, s_chunk, s_nsplit = 0, 0, 1, 1
+    else:
+        s_qo, s_kv, s_chunk, s_nsplit = single
+        n_tiles = triton.cdiv(s_qo * group, block_m)
+        n_split_items = n_tiles * s_nsplit if s_nsplit > 1 else 0
+        grid0 = n_tiles * s_nsplit
+    if grid0 == 0:
+        return
+    dev = q.device
+    scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4
+    po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
+    n_po = n_split_items * h_kv * block_m * d_vo
+    plse = po[n_po:]
+    freqs = _rope_freqs(pos, d_qk, rope_scale, rope_theta, dev)
+    dummy = lse  # any tensor: pointer arguments of disabled features are never dereferenced
+    window = window_left >= 0
+    soft = logits_soft_cap is not None and logits_soft_cap > 0
+    upcast = _config.interpreting() and q.dtype != torch.float32
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _attn_fwd_kernel[(grid0, h_kv)](
+        q, k, v, o, lse, po, plse,
+        work if worklist else dummy, split_work if worklist else dummy,
+        qo_indptr if worklist else dummy, kv_indptr if worklist else dummy,
+        kv_indices if paged else dummy, kv_lens if paged else dummy,
+        packed_mask if packed_mask is not None else dummy, mask_indptr if mask_indptr is not None else dummy,
+        freqs if freqs is not None else dummy,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        n_split_items if worklist else 0, h_kv, num_pages, R,
+        s_qo, s_kv, s_chunk, s_nsplit,
+        window_left, float(sm_scale), float(logits_soft_cap or 0.0),
+        2 ** int(math.floor(math.log2(Hq))), float(v_scale), LN2 if lse_ln else 1.0,
+        GROUP=group, PAGE_SIZE=page_size if paged else 1, D_QK=d_qk, D_VO=d_vo,
+        BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DVO=triton.next_power_of_2(d_vo),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
+        HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if n_split_items == 0:
+        return
+    n_merge = merge.shape[0] // WORK_FIELDS if worklist else n_tiles
+    _merge_kernel[(n_merge, h_kv)](
+        o, lse, po, plse, merge if worklist else dummy, qo_indptr if worklist else dummy,
+        o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
+        h_kv, R, s_qo, s_nsplit, float(v_scale), LN2 if lse_ln else 1.0,
+        GROUP=group, D_VO=d_vo, BLOCK_DVO=triton.next_power_of_2(d_vo), BLOCK_M=block_m, WORKLIST=worklist,
+        num_warps=4 if block_m * d_vo <= 8192 else 8,
+    )
+
+
+def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_n: int, device) -> tuple[int, int]:
+    """(chunk, n_split) for a single request: split the keys when the tiles alone cannot fill
+    the machine (decode of one long sequence)."""
+    target = num_sms(device) * _SPLIT_PROGRAMS_PER_SM
+    min_chunk = split_min_chunk(block_n)
+    if n_tiles * h_kv >= target or kv_len <= min_chunk:
+        return max(kv_len, 1), 1
+    want = max(1, target // max(n_tiles * h_kv, 1))
+    chunk = max(min_chunk, triton.cdiv(triton.cdiv(kv_len, want), block_n) * block_n)
+    return chunk, triton.cdiv(kv_len, chunk)
+
+
+def single_attention_cuda(q, k, v, packed_mask, kv_layout, causal, window_left, sm_scale, logits_soft_cap,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o_dtype=None):
+    meta.check_single(q, k, v, packed_mask, kv_layout, pos_encoding_mode)
+    o, lse = meta.attention_outputs(q, meta.single_d_vo(v), o_dtype)
+    K, V = meta.single_kv_views(k, v, kv_layout)
+    qo_len, h_qo, d_qk = q.shape
+    kv_len, h_kv = K.shape[0], K.shape[1]
+    group = h_qo // h_kv
+    block_m = tile_m(group, qo_len)
+    block_n = attn_config(block_m, d_qk, v.shape[-1], q.dtype, q.device)[0]
+    n_tiles = triton.cdiv(qo_len * group, block_m)
+    chunk, n_split = _single_split(qo_len, kv_len, n_tiles, h_kv, block_n, q.device)
+    _launch(q, K.unsqueeze(1), V.unsqueeze(1), o, lse, paged=False, worklist=False, group=group, page_size=1,
+            num_pages=kv_len, block_m=block_m, single=(qo_len, kv_len, chunk, n_split), packed_mask=packed_mask,
+            causal=causal, window_left=window_left, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+            pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale,
+            lse_ln=lse_ln)
+    return o, lse
+
+
+def paged_attention_out_cuda(q, k_cache, v_cache, kv_layout, work, split_work, merge, qo_indptr, kv_indptr, kv_indices,
+                             kv_lens, packed_mask, mask_indptr, block_m, causal, window_left, sm_scale, logits_soft_cap,
+                             pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o, lse):
+    K, V = paged_kv_views(k_cache, v_cache, kv_layout)
+    meta.check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
+                     pos_encoding_mode, o=o, lse=lse, kv_indices=kv_indices, kv_lens=kv_lens)
+    _launch(q, K, V, o, lse, paged=True, worklist=True, group=q.shape[1] // K.shape[2], page_size=K.shape[1],
+            num_pages=K.shape[0], block_m=block_m, work=work, split_work=split_work, merge=merge,
+            qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
+            packed_mask=packed_mask, mask_indptr=mask_indptr, causal=causal, window_left=window_left,
+            sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, pos_encoding_mode=pos_encoding_mode,
+            rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale, lse_ln=lse_ln)
+
+
+def ragged_attention_out_cuda(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr,
+                              block_m, causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale,
+                              rope_theta, v_scale, lse_ln, o, lse):
+    K, V = k.unsqueeze(1), v.unsqueeze(1)
+    meta.check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
+                     pos_encoding_mode, o=o, lse=lse)
+    _launch(q, K, V, o, lse, paged=False, worklist=True, group=q.shape[1] // k.shape[1], page_size=1,
+            num_pages=k.shape[0], block_m=block_m, work=work, split_work=split_work, merge=merge,
+            qo_indptr=qo_indptr, kv_indptr=kv_indptr, packed_mask=packed_mask, mask_indptr=mask_indptr,
+            causal=causal, window_left=window_left, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+            pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale,
+            lse_ln=lse_ln)
+
+
+def _functional(out_impl, d_vo):
+    """The functional op ``(..., o_dtype) -> (o, lse)`` of an ``_out`` implementation: fresh
+    contiguous outputs, then the same launch (or reference) writes them."""
+
+    def impl(*args):
+        *args, o_dtype = args
+        o, lse = meta.attention_outputs(args[0], d_vo(*args), o_dtype)
+        out_impl(*args, o, lse)
+        return o, lse
+
+    impl.__name__ = out_impl.__name__.replace("_out", "")
+    return impl
+
+
+def _paged_d_vo(q, k_cache, v_cache, *rest):
+    return meta.paged_d_vo(k_cache, v_cache)
+
+
+def _ragged_d_vo(q, k, v, *rest):
+    return v.shape[-1]
+
+
+# ---------------------------------------------------- CPU impls (validated reference calls)
+def _single_attention_cpu(q, k, v, packed_mask, kv_layout, causal, window_left, sm_scale, logits_soft_cap,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o_dtype=None):
+    meta.check_single(q, k, v, packed_mask, kv_layout, pos_encoding_mode)
+    return ref.single_attention_cpu(q, k, v, packed_mask, kv_layout, causal, window_left, sm_scale, logits_soft_cap,
+                                    pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o_dtype)
+
+
+def _paged_attention_out_cpu(q, k_cache, v_cache, kv_layout, work, split_work, merge, qo_indptr, kv_indptr, kv_indices,
+                             kv_lens, packed_mask, mask_indptr, block_m, causal, window_left, sm_scale, logits_soft_cap,
+                             pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o, lse):
+    K, V = paged_kv_views(k_cache, v_cache, kv_layout)
+    meta.check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
+                     pos_encoding_mode, o=o, lse=lse, kv_indices=kv_indices, kv_lens=kv_lens)
+    ref.paged_attention_out_cpu(q, k_cache, v_cache, kv_layout, work, split_work, merge, qo_indptr, kv_indptr,
+                                kv_indices, kv_lens, packed_mask, mask_indptr, block_m, causal, window_left, sm_scale,
+                                logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o, lse)
+
+
+def _ragged_attention_out_cpu(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr,
+                              block_m, causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale,
+                              rope_theta, v_scale, lse_ln, o, lse):
+    meta.check_batch(q, k.unsqueeze(1), v.unsqueeze(1), work, split_work, merge, qo_indptr, kv_indptr, packed_mask,
+                     mask_indptr, block_m, pos_encoding_mode, o=o, lse=lse)
+    ref.ragged_attention_out_cpu(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr,
+                                 block_m, causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode,
+                                 rope_scale, rope_theta, v_scale, lse_ln, o, lse)
+
+
+# ----------------------------------------------------------------------------- registration
+_OPTS = ("bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, "
+         "float rope_scale, float rope_theta, float v_scale, bool lse_ln")
+_PAGED = ("Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, "
+          "Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, "
+          "Tensor? mask_indptr, int block_m, " + _OPTS)
+_RAGGED = ("Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, "
+           "Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, int block_m, " + _OPTS)
+
+single_attention_op = register_op(
+    "single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, str kv_layout, " + _OPTS
+    + ", ScalarType? o_dtype=None) -> (Tensor, Tensor)",
+    cuda=single_attention_cuda, reference=_single_attention_cpu, fake=meta.single_attention_fake,
+)
+paged_attention_op = register_op(
+    f"paged_attention({_PAGED}, ScalarType? o_dtype=None) -> (Tensor, Tensor)",
+    cuda=_functional(paged_attention_out_cuda, _paged_d_vo),
+    reference=_functional(_paged_attention_out_cpu, _paged_d_vo), fake=meta.paged_attention_fake,
+)
+paged_attention_out_op = register_op(
+    f"paged_attention_out({_PAGED}, Tensor o, Tensor lse) -> ()",
+    cuda=paged_attention_out_cuda, reference=_paged_attention_out_cpu, mutates=["o", "lse"],
+)
+ragged_attention_op = register_op(
+    f"ragged_attention({_RAGGED}, ScalarType? o_dtype=None) -> (Tensor, Tensor)",
+    cuda=_functional(ragged_attention_out_cuda, _ragged_d_vo),
+    reference=_functional(_ragged_attention_out_cpu, _ragged_d_vo), fake=meta.ragged_attention_fake,
+)
+ragged_attention_out_op = register_op(
+    f"ragged_attention_out({_RAGGED}, Tensor o, Tensor lse) -> ()",
+    cuda=ragged_attention_out_cuda, reference=_ragged_attention_out_cpu, mutates=["o", "lse"],
+)

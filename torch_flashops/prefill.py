@@ -1,0 +1,675 @@
+"""Prefill attention (FlashInfer's ``flashinfer.prefill``): one request, or a batch over a paged
+or ragged KV cache, with the CSR of append lengths (spec attention.md §2, §3, §5, §6).
+
+The batch wrappers follow FlashInfer's two-phase protocol: ``plan()`` is host code (it reads
+the index arrays once, validates them and builds the kernel's work lists on the device, see
+``_attention_plan``) and ``run()`` only launches ops, so it can be captured by
+``torch.compile(fullgraph=True)`` and CUDA graphs. ``BatchDecodeWithPagedKVCacheWrapper``
+(``decode.py``) is this paged path with one query row per request.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import _attention_plan as P
+from ._checks import check_range_values, check_tensor, expect
+from ._config import checks_enabled
+from .meta.attention import check_head_dim, check_heads, check_out, check_pos_encoding_mode
+from .meta.page import check_kv_layout
+from .ops import attention as attn_ops
+from .page import _unpack_paged_kv_cache
+
+__all__ = [
+    "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
+]
+
+
+# ----------------------------------------------------------------------------- single request
+def _pack_mask_little(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[qo_len, kv_len]`` -> uint8 ``[ceil(qo_len*kv_len/8)]``, little-endian (no sync)."""
+    from .quantization import packbits
+
+    return packbits(mask, bitorder="little")
+
+
+def single_prefill_with_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale_q: Optional[torch.Tensor] = None,
+    scale_k: Optional[torch.Tensor] = None,
+    scale_v: Optional[torch.Tensor] = None,
+    o_dtype: Optional[Union[str, torch.dtype]] = None,
+    custom_mask: Optional[torch.Tensor] = None,
+    packed_custom_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    kv_layout: str = "NHD",
+    pos_encoding_mode: str = "NONE",
+    use_fp16_qk_reduction: bool = False,
+    sm_scale: Optional[float] = None,
+    window_left: int = -1,
+    logits_soft_cap: Optional[float] = None,
+    rope_scale: Optional[float] = None,
+    rope_theta: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    kv_cache_sf: Optional[torch.Tensor] = None,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
+    *,
+    lse_base: str = "log2",
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Prefill attention of one request's queries over its own keys/values.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        fp16, bf16 or fp32, shape ``[qo_len, num_qo_heads, head_dim_qk]`` (``stride(-1) == 1``,
+        other strides free). Row r sits at position ``kv_len - qo_len + r``.
+    k : torch.Tensor
+        Same dtype, ``[kv_len, num_kv_heads, head_dim_qk]`` (NHD) or
+        ``[num_kv_heads, kv_len, head_dim_qk]`` (HND).
+    v : torch.Tensor
+        Same dtype and layout as ``k`` with last dim ``head_dim_vo``.
+    scale_q, scale_k, scale_v : None
+        Per-head fp8 scale tensors: reserved (``NotImplementedError``).
+    o_dtype : torch.dtype or str, optional
+        Output dtype (default q's).
+    custom_mask : torch.Tensor, optional
+        bool ``[qo_len, kv_len]``, True = attend; overrides ``causal``.
+    packed_custom_mask : torch.Tensor, optional
+        uint8 ``[ceil(qo_len * kv_len / 8)]``, the same bits packed little-endian (overrides
+        ``custom_mask``).
+    causal : bool
+        Bottom-right aligned causal mask (``kv_len >= qo_len`` required).
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    pos_encoding_mode : str
+        ``"NONE"``, ``"ROPE_LLAMA"`` (rotate-half RoPE applied on the fly) or ``"ALIBI"``.
+    use_fp16_qk_reduction : bool
+        Accepted and ignored (fp32 accumulation always).
+    sm_scale : float, optional
+        Softmax scale, default ``1 / sqrt(head_dim_qk)``.
+    window_left : int
+        Keys ``j >= p_r - window_left`` are kept (``-1``: no window).
+    logits_soft_cap : float, optional
+        ``s = c * tanh(s / c)`` when ``c > 0``.
+    rope_scale, rope_theta : float, optional
+        RoPE parameters (defaults 1 and 1e4).
+    backend : str
+        ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"``: all mean our Triton kernel.
+    return_lse : bool
+        Also return the log-sum-exp.
+    kv_cache_sf : None
+        Reserved (``NotImplementedError``).
+    k_scale, v_scale : float, optional
+        Scalar scales: ``k_scale`` multiplies ``sm_scale``, ``v_scale`` the output.
+    lse_base : str
+        ``"log2"`` (default, FlashInfer's) or ``"ln"``.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
+        ``o`` of shape ``[qo_len, num_qo_heads, head_dim_vo]`` (``o_dtype``), and with
+        ``return_lse`` the fp32 ``lse [qo_len, num_qo_heads]``.
+    """
+    P.reject(scale_q=scale_q, scale_k=scale_k, scale_v=scale_v, kv_cache_sf=kv_cache_sf)
+    P.check_backend(backend)
+    check_kv_layout(kv_layout)
+    check_pos_encoding_mode(pos_encoding_mode)
+    check_tensor(q, "q", ndim=3)
+    check_tensor(k, "k", ndim=3)
+    check_tensor(v, "v", ndim=3)
+    kv_len = k.shape[0] if kv_layout == "NHD" else k.shape[1]
+    if causal and custom_mask is None and packed_custom_mask is None:
+        expect(kv_len >= q.shape[0], "causal", f"needs kv_len >= qo_len, got kv_len {kv_len} < qo_len {q.shape[0]}")
+    if packed_custom_mask is None and custom_mask is not None:
+        check_tensor(custom_mask, "custom_mask", ndim=2, last_contiguous=False)
+        expect(tuple(custom_mask.shape) == (q.shape[0], kv_len), "custom_mask",
+               f"shape {tuple(custom_mask.shape)}, expected [qo_len, kv_len] = {(q.shape[0], kv_len)}")
+        packed_custom_mask = _pack_mask_little(custom_mask)
+    window = P.check_window_left(window_left)
+    cap = P.check_soft_cap(logits_soft_cap)
+    rs, rt = P.rope_defaults(rope_scale, rope_theta)
+    lse_ln = P.check_lse_base(lse_base)
+    scale = P.resolve_sm_scale(sm_scale, q.shape[-1], None, k_scale)
+    o, lse = attn_ops.single_attention_op(
+        q, k, v, packed_custom_mask, kv_layout, bool(causal), window, scale, cap, pos_encoding_mode, rs, rt,
+        P.scalar_scale(v_scale, "v_scale"), lse_ln, P.parse_dtype(o_dtype, "o_dtype"))
+    return (o, lse) if return_lse else o
+
+
+single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
+
+
+# ----------------------------------------------------------------------------- batch wrappers
+def _check_workspace(buf) -> None:
+    check_tensor(buf, "float_workspace_buffer", dtypes=(torch.uint8, torch.int8), last_contiguous=False)
+    expect(buf.is_contiguous(), "float_workspace_buffer", "must be contiguous")
+    expect(buf.data_ptr() % 16 == 0, "float_workspace_buffer", "must be 16-byte aligned")
+
+
+def _check_graph_buf(buf, name: str, length: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(buf, torch.Tensor):
+        raise ValueError(f"{name}: must be a torch.Tensor when use_cuda_graph=True")
+    check_tensor(buf, name, ndim=1, dtypes=(torch.int32,))
+    expect(buf.is_contiguous(), name, "must be contiguous")
+    if length is not None:
+        expect(buf.shape[0] == length, name, f"length {buf.shape[0]} must be batch_size + 1 = {length}")
+    return buf
+
+
+def _check_mask_bufs(custom_mask_buf, mask_indptr_buf, B: int) -> None:
+    if custom_mask_buf is not None:
+        check_tensor(custom_mask_buf, "custom_mask_buf", ndim=1, dtypes=(torch.uint8,))
+    if mask_indptr_buf is not None:
+        _check_graph_buf(mask_indptr_buf, "mask_indptr_buf", B + 1)
+
+
+class _Plan:
+    """Scalars fixed by one ``plan()`` (run() reads these as constants).
+
+    The float options are also kept as their ``repr`` strings, which is what ``run()`` reads:
+    under ``torch.compile(dynamic=True)`` a float attribute becomes a symbolic float, and when
+    it reaches an opaque op dynamo restarts its analysis (compiling the frame twice); a string
+    is a guarded constant, so ``float(s)`` folds at trace time.
+    """
+
+    _FLOATS = ("sm_scale", "soft_cap", "rope_scale", "rope_theta")
+    __slots__ = ("num_qo_heads", "num_kv_heads", "head_dim_qk", "head_dim_vo", "page_size", "causal",
+                 "pos_encoding_mode", "window_left", "soft_cap", "sm_scale", "rope_scale", "rope_theta",
+                 "q_dtype", "kv_dtype", "o_dtype", "block_m", "nnz_pages", "total_rows", "batch", "float_reprs")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+        self.float_reprs = tuple(repr(float(kw[k])) for k in self._FLOATS)
+
+
+_FORWARD_PLAN_KEYS = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "window_left", "logits_soft_cap",
+                      "sm_scale", "rope_scale", "rope_theta")
+
+
+class _BatchAttention:
+    """Plan/run machinery shared by the paged/ragged prefill wrappers and the decode wrapper."""
+
+    _paged = True
+    _name = "wrapper"
+
+    def _init_common(self, float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs=None):
+        _check_workspace(float_workspace_buffer)
+        check_kv_layout(kv_layout)
+        P.check_backend(backend)
+        P.reject(jit_args=jit_args, jit_kwargs=jit_kwargs)
+        self._float_workspace_buffer = float_workspace_buffer
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self._backend = backend
+        self.device = float_workspace_buffer.device
+        self._plan: Optional[_Plan] = None
+        self._t: Optional[P.PlanTensors] = None
+        self._bounds: Optional[P.Bounds] = None
+        self._frozen_block_m: Optional[int] = None
+        self._kv_lens_buf: Optional[torch.Tensor] = None
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        """Swap the float workspace (its size bounds the split-KV scratch of later plans)."""
+        _check_workspace(float_workspace_buffer)
+        self._float_workspace_buffer = float_workspace_buffer
+
+    def end_forward(self) -> None:
+        """No-op (FlashInfer compatibility)."""
+
+    # -- plan ---------------------------------------------------------------------------
+    def _schedule(self, qo_h, kv_lens_h, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, window_left,
+                  has_mask, disable_split_kv, fixed_split_keys, dtype):
+        """Tile size and work lists for one plan (frozen sizes in CUDA-graph mode)."""
+        qo_lens = np.diff(qo_h)
+        group = num_qo_heads // num_kv_heads
+        block_m = self._frozen_block_m or attn_ops.tile_m(group, int(qo_lens.max(initial=1)))
+        block_n = attn_ops.attn_config(block_m, head_dim_qk, head_dim_vo, dtype, self.device)[0]
+        ws = self._float_workspace_buffer.numel()
+        if self._use_cuda_graph and self._bounds is None:
+            tiles = P.tile_bound(int(qo_h[-1]), qo_lens.size, group, block_m)
+            per_head = -(-attn_ops.num_sms(self.device) * attn_ops._SPLIT_PROGRAMS_PER_SM // num_kv_heads)
+            cap = ws // attn_ops.partial_item_bytes(num_kv_heads, block_m, head_dim_vo)
+            self._bounds = P.Bounds(tiles, max(P.MIN_LIST_ROWS, min(cap, tiles + 2 * per_head)), tiles)
+            self._frozen_block_m = block_m
+            self._frozen_rows = int(qo_h[-1])
+        if self._use_cuda_graph:
+            expect(int(qo_h[-1]) <= self._frozen_rows, "qo_indptr",
+                   f"total rows {int(qo_h[-1])} exceed the first plan's {self._frozen_rows} (frozen in CUDA-graph mode)")
+        sched = P.build_schedule(qo_lens, kv_lens_h, group=group, block_m=block_m, block_n=block_n,
+                                 num_kv_heads=num_kv_heads, d_vo=head_dim_vo, causal=causal, window_left=window_left,
+                                 has_mask=has_mask, device=self.device, workspace_bytes=ws,
+                                 disable_split_kv=disable_split_kv, fixed_split_keys=fixed_split_keys,
+                                 bounds=self._bounds)
+        return block_m, sched
+
+    def _set_lists(self, sched, **tensors):
+        into = self._t if (self._use_cuda_graph and self._t is not None) else None
+        work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into)
+        self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
+
+    def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens, custom_mask_buf, mask_indptr_buf):
+        packed, mask_indptr = P.pack_custom_masks(custom_mask, packed_custom_mask, qo_lens, kv_lens, self.device)
+        if packed is None or not self._use_cuda_graph:
+            return packed, mask_indptr
+        if custom_mask_buf is None or mask_indptr_buf is None:
+            raise ValueError("custom_mask_buf: CUDA-graph mode with a custom mask needs custom_mask_buf and "
+                             "mask_indptr_buf at __init__")
+        P.copy_into(custom_mask_buf, packed, "custom_mask_buf")
+        P.copy_into(mask_indptr_buf, mask_indptr, "mask_indptr_buf")
+        return custom_mask_buf, mask_indptr_buf
+
+    # -- run ----------------------------------------------------------------------------
+    def _check_run(self, q, cache_dtype, page_size, num_kv_heads, head_dim_qk, head_dim_vo, window_left, extra,
+                   lse_base):
+        if self._plan is None:
+            raise RuntimeError(f"{self._name}.run() called before plan()")
+        pl = self._plan
+        P.reject(**extra)
+        check_tensor(q, "q", ndim=3)
+        expect(q.dtype == pl.q_dtype, "q", f"dtype {q.dtype} does not match the planned q_data_type {pl.q_dtype}")
+        expect(cache_dtype == pl.kv_dtype, "paged_kv_cache" if self._paged else "k",
+               f"dtype {cache_dtype} does not match the planned kv_data_type {pl.kv_dtype}")
+        expect(q.device == self.device, "q", f"on {q.device}, the workspace is on {self.device}")
+        expect(q.shape[1] == pl.num_qo_heads and q.shape[2] == pl.head_dim_qk, "q",
+               f"shape {tuple(q.shape)} does not match the plan (num_qo_heads {pl.num_qo_heads}, head_dim {pl.head_dim_qk})")
+        name = "paged_kv_cache" if self._paged else "k"
+        if page_size is not None:
+            expect(page_size == pl.page_size, name, f"page_size {page_size} does not match the planned {pl.page_size}")
+        expect(num_kv_heads == pl.num_kv_heads, name, f"num_kv_heads {num_kv_heads} does not match the planned {pl.num_kv_heads}")
+        expect(head_dim_qk == pl.head_dim_qk, name, f"head dim {head_dim_qk} does not match the planned {pl.head_dim_qk}")
+        expect(head_dim_vo == pl.head_dim_vo, "v" if not self._paged else name,
+               f"value head dim {head_dim_vo} does not match the planned {pl.head_dim_vo}")
+        if window_left is not None:
+            expect(int(window_left) == pl.window_left, "window_left",
+                   f"run(window_left={window_left}) differs from the planned {pl.window_left}")
+        if not torch.compiler.is_compiling():
+            expect(q.shape[0] >= pl.total_rows, "q", f"has {q.shape[0]} rows, the plan needs {pl.total_rows}")
+        return P.check_lse_base(lse_base)
+
+    def _outputs(self, q, out, lse):
+        pl = self._plan
+        if out is None and lse is None:
+            return None, None
+        if out is None:
+            out = q.new_empty((q.shape[0], q.shape[1], pl.head_dim_vo), dtype=pl.o_dtype)
+        if lse is None:
+            lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+        check_out(out, lse, q, pl.head_dim_vo, pl.o_dtype)
+        return out, lse
+
+    def _opts(self, q_scale, k_scale, v_scale, lse_ln):
+        """The op's option arguments (see ``_Plan`` for why floats come from strings)."""
+        pl = self._plan
+        sm_scale, soft_cap, rope_scale, rope_theta = (float(x) for x in pl.float_reprs)
+        scale = sm_scale * P.scalar_scale(q_scale, "q_scale") * P.scalar_scale(k_scale, "k_scale")
+        return (bool(pl.causal), pl.window_left, scale, soft_cap, pl.pos_encoding_mode, rope_scale, rope_theta,
+                P.scalar_scale(v_scale, "v_scale"), lse_ln)
+
+    def forward(self, q: torch.Tensor, *kv, **kwargs):
+        """Deprecated alias of ``run(q, paged_kv_cache)`` / ``run(q, k, v)``; plan-time keywords
+        given here must equal the plan's values (``ValueError``), run keywords pass through."""
+        return self._forward(q, kv, kwargs, False)
+
+    def forward_return_lse(self, q: torch.Tensor, *kv, **kwargs):
+        """Deprecated alias of ``run(..., return_lse=True)``."""
+        return self._forward(q, kv, kwargs, True)
+
+    def _forward(self, q, kv, kwargs, return_lse):
+        plan_kwargs = {k: v for k, v in kwargs.items() if k in _FORWARD_PLAN_KEYS}
+        run_kwargs = {k: v for k, v in kwargs.items() if k not in _FORWARD_PLAN_KEYS}
+        if self._plan is None:
+            raise RuntimeError(f"{self._name}.forward() called before plan()")
+        pl = self._plan
+        planned = dict(causal=bool(pl.causal), pos_encoding_mode=pl.pos_encoding_mode, window_left=pl.window_left,
+                       logits_soft_cap=pl.soft_cap, sm_scale=pl.sm_scale, rope_scale=pl.rope_scale,
+                       rope_theta=pl.rope_theta)
+        for key, value in plan_kwargs.items():
+            if key in ("use_fp16_qk_reduction",):
+                continue
+            expect(key in planned, key, "is not an argument of forward()")
+            given = value
+            if key == "logits_soft_cap":
+                given = P.check_soft_cap(value)
+            elif key == "sm_scale" and value is None:
+                given = 1.0 / math.sqrt(pl.head_dim_qk)
+            elif key == "rope_scale" and value is None:
+                given = 1.0
+            elif key == "rope_theta" and value is None:
+                given = 1e4
+            elif key == "causal":
+                given = bool(value)
+            if given != planned[key] and not (isinstance(given, float) and math.isclose(given, planned[key])):
+                raise ValueError(f"{key}: forward({key}={value!r}) differs from the planned value {planned[key]!r}; re-plan instead")
+        return self.run(q, *kv, return_lse=return_lse, **run_kwargs)
+
+    def _plan_common(self, qo_h, kv_lens_h, index_tensors, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo,
+                     page_size, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left,
+                     logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type,
+                     fixed_split_keys, disable_split_kv, nnz_pages=0):
+        """Everything a plan does once the CSR is valid on the host: option checks, the schedule,
+        the device tensors (``index_tensors(dev)`` builds or fills the KV index tensors) and the
+        frozen scalars."""
+        check_heads(num_qo_heads, num_kv_heads)
+        check_head_dim(head_dim_qk, "head_dim_qk")
+        head_dim_vo = head_dim_qk if head_dim_vo is None else head_dim_vo
+        check_head_dim(head_dim_vo, "head_dim_vo")
+        check_pos_encoding_mode(pos_encoding_mode)
+        window = P.check_window_left(window_left)
+        q_dt = P.parse_dtype(q_data_type, "q_data_type")
+        kv_dt = P.parse_dtype(kv_data_type, "kv_data_type") or q_dt
+        o_dt = P.parse_dtype(o_data_type, "o_data_type") or q_dt
+        B = qo_h.size - 1
+        dev = self.device
+        if self._use_cuda_graph:
+            expect(B == self._fixed_batch_size, "qo_indptr",
+                   f"batch size {B} differs from the CUDA-graph batch size {self._fixed_batch_size}")
+        has_mask = custom_mask is not None or packed_custom_mask is not None
+        block_m, sched = self._schedule(qo_h, kv_lens_h, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                                        head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, causal=bool(causal),
+                                        window_left=window, has_mask=has_mask, disable_split_kv=disable_split_kv,
+                                        fixed_split_keys=fixed_split_keys, dtype=q_dt)
+        if self._use_cuda_graph:
+            P.copy_into(self._qo_indptr_buf, qo_h, "qo_indptr")
+            qo_t = self._qo_indptr_buf
+        else:
+            qo_t = P.device_int32(qo_h, dev)
+        packed, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, np.diff(qo_h), kv_lens_h,
+                                                 getattr(self, "_custom_mask_buf", None),
+                                                 getattr(self, "_mask_indptr_buf", None))
+        self._set_lists(sched, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr, **index_tensors(dev))
+        rs, rt = P.rope_defaults(rope_scale, rope_theta)
+        self._plan = _Plan(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
+                           head_dim_vo=head_dim_vo, page_size=page_size, causal=bool(causal),
+                           pos_encoding_mode=pos_encoding_mode, window_left=window,
+                           soft_cap=P.check_soft_cap(logits_soft_cap),
+                           sm_scale=P.resolve_sm_scale(sm_scale, head_dim_qk), rope_scale=rs, rope_theta=rt,
+                           q_dtype=q_dt, kv_dtype=kv_dt, o_dtype=o_dt, block_m=block_m, nnz_pages=nnz_pages,
+                           total_rows=int(qo_h[-1]), batch=B)
+
+    def _plan_paged(self, qo_h, kv_indptr_h, kv_lens_h, kv_indices, last_page_len, *, page_size, fixed_split_size,
+                    **options):
+        """Plan over a page table (shared by the paged prefill and the decode wrappers)."""
+        expect(int(page_size) >= 1, "page_size", f"must be >= 1, got {page_size}")
+        page_size = int(page_size)
+
+        def index_tensors(dev):
+            if not self._use_cuda_graph:
+                return dict(kv_indptr=P.device_int32(kv_indptr_h, dev),
+                            kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS),
+                            kv_lens=P.device_int32(kv_lens_h, dev, P.MIN_LIST_ROWS))
+            P.copy_into(self._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr")
+            P.copy_into(self._paged_kv_indices_buf, kv_indices, "paged_kv_indices")
+            P.copy_into(self._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len")
+            if self._kv_lens_buf is None:
+                self._kv_lens_buf = torch.zeros(max(kv_lens_h.size, P.MIN_LIST_ROWS), dtype=torch.int32, device=dev)
+            P.copy_into(self._kv_lens_buf, kv_lens_h, "kv_lens")
+            return dict(kv_indptr=self._paged_kv_indptr_buf, kv_indices=self._paged_kv_indices_buf,
+                        kv_lens=self._kv_lens_buf)
+
+        fixed_keys = None if fixed_split_size is None else int(fixed_split_size) * page_size
+        self._plan_common(qo_h, kv_lens_h, index_tensors, page_size=page_size, fixed_split_keys=fixed_keys,
+                          nnz_pages=int(kv_indptr_h[-1]), **options)
+
+    def _run_paged(self, q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out, lse,
+                   return_lse, check_q=None):
+        """run() of the paged wrappers: validate against the plan, then launch the op."""
+        kv = _unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        lse_ln = self._check_run(q, kv.k.dtype, kv.page_size, kv.num_kv_heads, kv.head_dim, kv.head_dim_vo,
+                                 window_left, reserved, lse_base)
+        if check_q is not None:
+            check_q(q)
+        self._checked_page_ids(kv)
+        t, pl = self._t, self._plan
+        args = (q, kv.op_args[0], kv.op_args[1], self._kv_layout, t.work, t.split_work, t.merge, t.qo_indptr,
+                t.kv_indptr, t.kv_indices, t.kv_lens, t.packed_mask, t.mask_indptr, pl.block_m,
+                *self._opts(q_scale, k_scale, v_scale, lse_ln))
+        out, lse = self._outputs(q, out, lse)
+        if out is None:
+            out, lse = attn_ops.paged_attention_op(*args, pl.o_dtype)
+        else:
+            attn_ops.paged_attention_out_op(*args, out, lse)
+        return (out, lse) if return_lse else out
+
+    def _checked_page_ids(self, kv):
+        if checks_enabled() and self._paged:
+            n = self._plan.nnz_pages
+            check_range_values(self._t.kv_indices[:n], "paged_kv_indices", 0, kv.num_pages)
+
+
+
+
+class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
+    """Batch prefill (append) attention over a paged KV cache (FlashInfer-compatible).
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        uint8/int8 byte buffer, 16-byte aligned (128 MiB recommended). Its size bounds the
+        split-KV partial states of a plan (the scratch itself is allocated per run).
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    use_cuda_graph : bool
+        Freeze the batch size and list sizes so ``run()`` can be replayed from a CUDA graph;
+        then ``qo_indptr_buf``, ``paged_kv_indptr_buf`` (int32 ``[B+1]``),
+        ``paged_kv_indices_buf`` and ``paged_kv_last_page_len_buf`` (int32 ``[B]``) are required,
+        and ``custom_mask_buf`` (uint8) / ``mask_indptr_buf`` (int32 ``[B+1]``) for masks.
+    backend : str
+        ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"`` (all our Triton kernel).
+    jit_args, jit_kwargs : None
+        Reserved (``NotImplementedError``).
+    """
+
+    _name = "BatchPrefillWithPagedKVCacheWrapper"
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf: Optional[torch.Tensor] = None, paged_kv_indptr_buf: Optional[torch.Tensor] = None,
+                 paged_kv_indices_buf: Optional[torch.Tensor] = None,
+                 paged_kv_last_page_len_buf: Optional[torch.Tensor] = None,
+                 custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
+                 backend: str = "auto", jit_args: Optional[Any] = None, jit_kwargs: Optional[Any] = None) -> None:
+        self._init_common(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs)
+        self._custom_mask_buf, self._mask_indptr_buf = custom_mask_buf, mask_indptr_buf
+        if self._use_cuda_graph:
+            _check_graph_buf(paged_kv_last_page_len_buf, "paged_kv_last_page_len_buf")
+            B = paged_kv_last_page_len_buf.shape[0]
+            _check_graph_buf(qo_indptr_buf, "qo_indptr_buf", B + 1)
+            _check_graph_buf(paged_kv_indptr_buf, "paged_kv_indptr_buf", B + 1)
+            _check_graph_buf(paged_kv_indices_buf, "paged_kv_indices_buf")
+            _check_mask_bufs(custom_mask_buf, mask_indptr_buf, B)
+            self._fixed_batch_size = B
+        self._qo_indptr_buf = qo_indptr_buf
+        self._paged_kv_indptr_buf = paged_kv_indptr_buf
+        self._paged_kv_indices_buf = paged_kv_indices_buf
+        self._paged_kv_last_page_len_buf = paged_kv_last_page_len_buf
+
+    @torch.compiler.disable
+    def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
+             paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             page_size: int, head_dim_vo: Optional[int] = None, custom_mask: Optional[torch.Tensor] = None,
+             packed_custom_mask: Optional[torch.Tensor] = None, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None, window_left: int = -1,
+             logits_soft_cap: Optional[float] = None, rope_scale: Optional[float] = None,
+             rope_theta: Optional[float] = None, q_data_type: Union[str, torch.dtype] = "float16",
+             kv_data_type: Optional[Union[str, torch.dtype]] = None,
+             o_data_type: Optional[Union[str, torch.dtype]] = None, non_blocking: bool = True,
+             prefix_len_ptr: Optional[torch.Tensor] = None, token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr: Optional[torch.Tensor] = None,
+             seq_lens: Optional[torch.Tensor] = None, seq_lens_q: Optional[torch.Tensor] = None,
+             block_tables: Optional[torch.Tensor] = None, max_token_per_sequence: Optional[int] = None,
+             max_sequence_kv: Optional[int] = None, fixed_split_size: Optional[int] = None,
+             disable_split_kv: bool = False) -> None:
+        """Plan attention for a batch: ``qo_indptr [B+1]`` (append lengths), the page table
+        ``paged_kv_indptr [B+1]``, ``paged_kv_indices [>= indptr[-1]]``,
+        ``paged_kv_last_page_len [B]`` (int32, host or device), heads, dims, page size and the
+        options (see the class docstring and spec §5). Host code; not for compiled regions."""
+        P.reject(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                 token_pos_in_items_len=token_pos_in_items_len or None, max_item_len_ptr=max_item_len_ptr,
+                 seq_lens=seq_lens, seq_lens_q=seq_lens_q, block_tables=block_tables,
+                 max_token_per_sequence=max_token_per_sequence, max_sequence_kv=max_sequence_kv)
+        qo_h = P.to_host_int(qo_indptr, "qo_indptr")
+        kv_indptr_h = P.to_host_int(paged_kv_indptr, "paged_kv_indptr")
+        last_h = P.to_host_int(paged_kv_last_page_len, "paged_kv_last_page_len")
+        B = last_h.size
+        P.validate_qo_indptr(qo_h, B)
+        expect(isinstance(paged_kv_indices, torch.Tensor) and paged_kv_indices.dim() == 1, "paged_kv_indices",
+               "expected a 1-D int32 tensor")
+        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], int(page_size))
+        self._plan_paged(qo_h, kv_indptr_h, kv_lens_h, paged_kv_indices, last_h,
+                         num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
+                         head_dim_vo=head_dim_vo, page_size=page_size, custom_mask=custom_mask,
+                         packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
+                         sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                         rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+                         kv_data_type=kv_data_type, o_data_type=o_data_type, fixed_split_size=fixed_split_size,
+                         disable_split_kv=disable_split_kv)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache, *args, q_scale: Optional[float] = None,
+            k_scale: Optional[float] = None, v_scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
+            lse: Optional[torch.Tensor] = None, return_lse: bool = False, enable_pdl: Optional[bool] = None,
+            window_left: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+            kv_cache_sf: Optional[torch.Tensor] = None, skip_softmax_threshold_scale_factor: Optional[float] = None,
+            use_fp16_softmax: Optional[bool] = None, uses_spcompress: Optional[bool] = None,
+            lse_base: str = "log2") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Attention of ``q [R, num_qo_heads, head_dim_qk]`` (``R >= qo_indptr[-1]``) over the
+        planned pages of ``paged_kv_cache`` (5-D tensor or ``(k_cache, v_cache)``, layout as at
+        init). Returns ``o [R, num_qo_heads, head_dim_vo]`` (the planned ``o_data_type``) and,
+        with ``return_lse``, the fp32 ``lse [R, num_qo_heads]`` (base 2, or e with
+        ``lse_base="ln"``). ``out``/``lse`` are written in place when given."""
+        reserved = dict(args=args or None, sinks=sinks, kv_cache_sf=kv_cache_sf,
+                        skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor,
+                        use_fp16_softmax=use_fp16_softmax or None, uses_spcompress=uses_spcompress or None)
+        return self._run_paged(q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out,
+                               lse, return_lse)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
+    """Batch prefill attention over ragged (contiguous, per-request) K/V (FlashInfer-compatible).
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        uint8/int8 byte buffer, 16-byte aligned; bounds the split-KV partial states.
+    kv_layout : str
+        ``"NHD"`` only (``"HND"``: ``NotImplementedError``, FlashInfer documents NHD only).
+    use_cuda_graph : bool
+        Freeze sizes for CUDA-graph replay; needs ``qo_indptr_buf`` and ``kv_indptr_buf``
+        (int32 ``[B+1]``), and ``custom_mask_buf``/``mask_indptr_buf`` for masks.
+    backend : str
+        ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"``.
+    """
+
+    _paged = False
+    _name = "BatchPrefillWithRaggedKVCacheWrapper"
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf: Optional[torch.Tensor] = None, kv_indptr_buf: Optional[torch.Tensor] = None,
+                 custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
+                 backend: str = "auto", jit_args: Optional[Any] = None, jit_kwargs: Optional[Any] = None) -> None:
+        self._init_common(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs)
+        if kv_layout != "NHD":
+            raise NotImplementedError("BatchPrefillWithRaggedKVCacheWrapper: only kv_layout='NHD' is supported")
+        self._custom_mask_buf, self._mask_indptr_buf = custom_mask_buf, mask_indptr_buf
+        if self._use_cuda_graph:
+            _check_graph_buf(qo_indptr_buf, "qo_indptr_buf")
+            B = qo_indptr_buf.shape[0] - 1
+            _check_graph_buf(kv_indptr_buf, "kv_indptr_buf", B + 1)
+            _check_mask_bufs(custom_mask_buf, mask_indptr_buf, B)
+            self._fixed_batch_size = B
+        self._qo_indptr_buf = qo_indptr_buf
+        self._kv_indptr_buf = kv_indptr_buf
+
+    @torch.compiler.disable
+    def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
+             head_dim_qk: int, head_dim_vo: Optional[int] = None, custom_mask: Optional[torch.Tensor] = None,
+             packed_custom_mask: Optional[torch.Tensor] = None, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: Optional[float] = None,
+             sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
+             rope_theta: Optional[float] = None, q_data_type: Union[str, torch.dtype] = "float16",
+             kv_data_type: Optional[Union[str, torch.dtype]] = None,
+             o_data_type: Optional[Union[str, torch.dtype]] = None, non_blocking: bool = True,
+             prefix_len_ptr: Optional[torch.Tensor] = None, token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr: Optional[torch.Tensor] = None,
+             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False,
+             seq_lens: Optional[torch.Tensor] = None, seq_lens_q: Optional[torch.Tensor] = None,
+             max_token_per_sequence: Optional[int] = None, max_sequence_kv: Optional[int] = None,
+             v_indptr: Optional[torch.Tensor] = None, o_indptr: Optional[torch.Tensor] = None) -> None:
+        """Plan attention for ``qo_indptr [B+1]`` query rows against ``kv_indptr [B+1]`` K/V rows
+        (int32, host or device); options as spec §6. Host code; not for compiled regions."""
+        P.reject(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                 token_pos_in_items_len=token_pos_in_items_len or None, max_item_len_ptr=max_item_len_ptr,
+                 seq_lens=seq_lens, seq_lens_q=seq_lens_q, max_token_per_sequence=max_token_per_sequence,
+                 max_sequence_kv=max_sequence_kv, v_indptr=v_indptr, o_indptr=o_indptr)
+        qo_h = P.to_host_int(qo_indptr, "qo_indptr")
+        kv_h = P.to_host_int(kv_indptr, "kv_indptr")
+        P.validate_qo_indptr(qo_h, qo_h.size - 1)
+        P.check_indptr(kv_h, "kv_indptr", qo_h.size)
+        kv_lens = np.diff(kv_h)
+
+        def index_tensors(dev):
+            if self._use_cuda_graph:
+                P.copy_into(self._kv_indptr_buf, kv_h, "kv_indptr")
+                return dict(kv_indptr=self._kv_indptr_buf, kv_indices=None, kv_lens=None)
+            return dict(kv_indptr=P.device_int32(kv_h, dev), kv_indices=None, kv_lens=None)
+
+        self._plan_common(qo_h, kv_lens, index_tensors, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                          head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=None, custom_mask=custom_mask,
+                          packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
+                          sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                          rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+                          kv_data_type=kv_data_type, o_data_type=o_data_type, fixed_split_keys=fixed_split_size,
+                          disable_split_kv=disable_split_kv)
+        self._total_kv_rows = int(kv_h[-1])
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, q_scale: Optional[float] = None,
+            k_scale: Optional[float] = None, v_scale: Optional[float] = None, o_scale: Optional[float] = None,
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
+            enable_pdl: Optional[bool] = None, kv_cache_sf: Optional[torch.Tensor] = None,
+            lse_base: str = "log2") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Attention of ``q [R, num_qo_heads, head_dim_qk]`` over ``k [kv_indptr[-1], num_kv_heads,
+        head_dim_qk]`` and ``v [kv_indptr[-1], num_kv_heads, head_dim_vo]`` (strided views allowed).
+        Returns ``o [R, num_qo_heads, head_dim_vo]`` and, with ``return_lse``, ``lse [R, num_qo_heads]``."""
+        check_tensor(k, "k", ndim=3)
+        check_tensor(v, "v", ndim=3)
+        expect(v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1], "v",
+               f"shape {tuple(v.shape)} does not match k's {tuple(k.shape)} in rows and heads")
+        expect(v.dtype == k.dtype, "v", f"dtype {v.dtype} does not match k's {k.dtype}")
+        lse_ln = self._check_run(q, k.dtype, None, k.shape[1], k.shape[2], v.shape[2], None,
+                                 dict(args=args or None, o_scale=o_scale, kv_cache_sf=kv_cache_sf), lse_base)
+        if not torch.compiler.is_compiling():
+            expect(k.shape[0] >= self._total_kv_rows, "k",
+                   f"has {k.shape[0]} rows, kv_indptr[-1] is {self._total_kv_rows}")
+        t, pl = self._t, self._plan
+        a = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.packed_mask, t.mask_indptr,
+             pl.block_m, *self._opts(q_scale, k_scale, v_scale, lse_ln))
+        out, lse = self._outputs(q, out, lse)
+        if out is None:
+            out, lse = attn_ops.ragged_attention_op(*a, pl.o_dtype)
+        else:
+            attn_ops.ragged_attention_out_op(*a, out, lse)
+        return (out, lse) if return_lse else out
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
