@@ -69,6 +69,19 @@ def _annotate_mutations(schema: str, mutates: Iterable[str]) -> str:
     return f"{head}({','.join(out).strip()}){ret}"
 
 
+def _cuda_index(args) -> Optional[int]:
+    """Device index of the first CUDA tensor among ``args`` (tensor lists included)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_cuda:
+                return a.device.index
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    return t.device.index
+    return None
+
+
 def register_op(
     schema: str,
     *,
@@ -94,8 +107,18 @@ def register_op(
             return cuda(*args, **kwargs)
         return reference(*args, **kwargs)
 
+    def cuda_impl(*args, **kwargs):
+        # Python kernels registered through Library.impl get no device guard from the
+        # dispatcher, and Triton launches on the *current* device: switch to the inputs' one.
+        idx = _cuda_index(args)
+        if idx is not None and idx != torch.cuda.current_device():
+            with torch.cuda.device(idx):
+                return cuda(*args, **kwargs)
+        return cuda(*args, **kwargs)
+
     cpu_impl.__name__ = f"{name}_cpu"
-    _LIB.impl(name, cuda, "CUDA")
+    cuda_impl.__name__ = f"{name}_cuda"
+    _LIB.impl(name, cuda_impl, "CUDA")
     _LIB.impl(name, cpu_impl, "CPU")
     if fake is None:
         if not full.rstrip().endswith("-> ()"):
