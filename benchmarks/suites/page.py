@@ -59,7 +59,7 @@ def _batch(B, seq_len, append_len, page_size, H, D, layout, form, dtype, device,
     """B requests of ``seq_len`` tokens whose last ``append_len`` are new; shuffled page ids."""
     pages_per = math.ceil(seq_len / page_size)
     P = B * pages_per
-    kv_indices = torch.randperm(P, generator=g).to(torch.int32).to(device)
+    kv_indices = torch.randperm(P, generator=g, device=g.device).to(torch.int32).to(device)
     kv_indptr = (torch.arange(B + 1, dtype=torch.int32) * pages_per).to(device)
     last = torch.full((B,), seq_len - (pages_per - 1) * page_size, dtype=torch.int32, device=device)
     append_indptr = (torch.arange(B + 1, dtype=torch.int32) * append_len).to(device)
