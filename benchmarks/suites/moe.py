@@ -200,38 +200,39 @@ def _phases(ctx, ops, cfg, batches, w1, w2, bias, case, graph):
 def _compile_job(job):
     """Worker: launch every candidate once on a small problem with the real H, I, k (same
     kernel specialisations as the real shapes), so the Triton cache is warm for the timing."""
-    name, T, options = job
+    name, cfg, T, options, dev = job
     import torch_flashops  # noqa: F401
     from torch_flashops.ops import moe as ops
 
-    cfg = MODELS[name]
     E = 4
-    small = dict(cfg, E=E)
-    w1, w2, _ = make_layer(small, "cuda", torch.bfloat16)
-    x = torch.randn(64, cfg["H"], device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, E, (64, cfg["k"]), device="cuda", dtype=torch.int32)
-    tw = torch.rand(64, cfg["k"], device="cuda")
+    w1, w2, _ = make_layer(dict(cfg, E=E), dev, torch.bfloat16)
+    x = torch.randn(64, cfg["H"], device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(0, E, (64, cfg["k"]), device=dev, dtype=torch.int32)
+    tw = torch.rand(64, cfg["k"], device=dev)
     t0 = time.time()
     ops.autotune_moe_config(x, w1, w2, tw, ids, options=options, timer=lambda fn: 0.0, cache=False)
-    torch.cuda.synchronize()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     return name, T, time.time() - t0
 
 
-def tune(out_dir, models=None, budget_s=200.0, workers=12):
-    """Time candidate configs for each model and T; write the shipped tables."""
+def tune(out_dir, models=None, budget_s=200.0, workers=12, *, shapes=MODELS, tokens=TOKENS, timer=None,
+         candidates=None, write_package=True):
+    """Time candidate configs for each model and T; write the tables (package and ``out_dir``)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     import torch_flashops  # noqa: F401
     from torch_flashops.ops import moe as ops
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     t_start = time.time()
-    models = models or list(MODELS)
+    models = models or list(shapes)
     order = [4096, 1, 256, 16384, 1024, 64, 16]
     plan = []
     for name in models:
-        cfg = MODELS[name]
-        for T in sorted(TOKENS[name], key=order.index):
+        cfg = shapes[name]
+        for T in sorted(tokens[name], key=lambda t: order.index(t) if t in order else len(order)):
             opts = ([(16, True)] if ops._pairs_rule(T, cfg["k"], cfg["E"]) else [])
             opts += [(b, False) for b in ops.block_m_choices(T, cfg["k"], cfg["E"])]
             plan.append((name, T, opts))
@@ -239,34 +240,37 @@ def tune(out_dir, models=None, budget_s=200.0, workers=12):
     jobs, seen = [], set()
     for name, T, opts in plan:
         key = (name, tuple(opts))
-        if key not in seen:
+        if key not in seen and dev == "cuda":
             seen.add(key)
-            jobs.append((name, T, opts))
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        for name, T, secs in pool.map(_compile_job, jobs):
-            print(f"[tune] compiled {name} T={T} candidates in {secs:.1f} s", flush=True)
+            jobs.append((name, shapes[name], T, opts, dev))
+    if jobs:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for name, T, secs in pool.map(_compile_job, jobs):
+                print(f"[tune] compiled {name} T={T} candidates in {secs:.1f} s", flush=True)
     print(f"[tune] warm-up done at {time.time() - t_start:.0f} s", flush=True)
     tables = {name: {} for name in models}
-    dev_name = torch.cuda.get_device_name()
+    dev_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     for name in models:
-        cfg = MODELS[name]
-        w1, w2, bias = make_layer(cfg, "cuda", torch.bfloat16)
+        cfg = shapes[name]
+        w1, w2, bias = make_layer(cfg, dev, torch.bfloat16)
         for pname, T, opts in plan:
             if pname != name:
                 continue
             if time.time() - t_start > budget_s:
                 print(f"[tune] budget spent: {name} T={T} not tuned", flush=True)
                 continue
-            x, _, tw, ids = make_batches(cfg, T, 1, "cuda", torch.bfloat16, bias)[0]
-            best = ops.autotune_moe_config(x, w1, w2, tw, ids, options=opts, cache=False)
+            x, _, tw, ids = make_batches(cfg, T, 1, dev, torch.bfloat16, bias)[0]
+            best = ops.autotune_moe_config(x, w1, w2, tw, ids, options=opts, cache=False, timer=timer,
+                                           candidates=candidates)
             tables[name][T] = best
             print(f"[tune] {name} T={T}: {json.dumps(best)}", flush=True)
         del w1, w2
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
         if tables[name]:
             fname = ops.config_file_name(cfg["E"], cfg["I"], cfg["H"], dev_name, torch.bfloat16)
             data = {str(t): tables[name][t] for t in sorted(tables[name])}
-            for d in (ops.CONFIG_DIR, out_dir):
+            for d in (ops.CONFIG_DIR, out_dir) if write_package else (out_dir,):
                 os.makedirs(d, exist_ok=True)
                 with open(os.path.join(d, fname), "w") as f:
                     json.dump(data, f, indent=1)

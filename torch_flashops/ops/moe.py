@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -211,7 +212,8 @@ def gemm_config(block_m: int, N: int, K: int, fused: bool) -> dict:
 
 
 def config_file_name(E: int, N: int, K: int, device_name: str, dtype: torch.dtype) -> str:
-    return f"E={E},N={N},K={K},device_name={device_name.replace(' ', '_')},dtype={_DTYPE_NAMES[dtype]}.json"
+    """``E8_N7168_K4096_NVIDIA_H100_80GB_HBM3_bf16.json`` (N = I per GPU, K = H)."""
+    return f"E{E}_N{N}_K{K}_{re.sub(r'[^A-Za-z0-9]+', '_', device_name)}_{_DTYPE_NAMES[dtype]}.json"
 
 
 @functools.lru_cache(maxsize=None)
