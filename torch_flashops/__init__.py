@@ -18,6 +18,7 @@ from ._registry import registered_ops  # noqa: E402
 
 # Families (each import registers its ops).
 # (each family adds one line here: `from .<family> import *  # noqa: E402,F401,F403`)
+from .rope import *  # noqa: E402,F401,F403
 from .page import *  # noqa: E402,F401,F403
 from .cascade import *  # noqa: E402,F401,F403
 from .quantization import *  # noqa: E402,F401,F403
