@@ -64,6 +64,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tol", type=float, default=None, help="max relative logit error (default per dtype)")
+    g.add_argument("--compare", action="store_true",
+                   help="after the run, time one decode step: eager vs compiled, and a compiled SDPA static-cache peer")
 
 
 def run(a) -> dict:
@@ -155,7 +157,47 @@ def run(a) -> dict:
     print(f"graph breaks: {breaks}; compiled graphs: {graphs} (prefill + decode = 2 expected); recompiles: "
           f"{res['recompiles']}; cudagraph skips: {skips}")
     print("first request's tokens:", res["generated"][0])
+    if a.compare:
+        res.update(_compare(a, model, step, weights, cfg, decode_w, t, tokens, device, dtype, mode))
     return res
+
+
+def _time_steps(fn, device, iters=20):
+    for _ in range(3):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def _compare(a, model, step, weights, cfg, decode_w, t, tokens, device, dtype, mode) -> dict:
+    """Per-step decode latency: eager flashops, compiled flashops, compiled SDPA static cache."""
+    from .models.llama import StaticCacheLlama
+
+    B = a.batch
+    args = (tokens, *step_args(t), decode_w)
+    with torch.no_grad():
+        eager = _time_steps(lambda: model(*args), device)
+        compiled = _time_steps(lambda: step(*args), device)
+        out = dict(eager_step_s=eager, compiled_step_s=compiled)
+        line = (f"decode step (batch {B}): eager {eager * 1e3:.2f} ms, compiled ({mode}) {compiled * 1e3:.2f} ms "
+                f"-> {eager / compiled:.1f}x; {B / compiled:.0f} tokens/s")
+        if not cfg.num_experts:
+            max_len = a.max_prompt + a.steps + 8
+            peer = StaticCacheLlama(weights, B, max_len).eval()
+            peer_c = torch.compile(peer, fullgraph=True, mode=mode)
+            pos = t["positions"].long().clamp(max=max_len - 1)  # decode: one position per request
+            ps = _time_steps(lambda: peer_c(tokens, pos), device)
+            out["sdpa_static_step_s"] = ps
+            line += f"; SDPA over dense static KV, compiled: {ps * 1e3:.2f} ms = {B / ps:.0f} tokens/s"
+    print(line)
+    return out
+
 
 
 def main(argv=None) -> int:

@@ -268,3 +268,40 @@ def check_sizes(cfg: LlamaConfig, prompt_lens, decode_steps: int, page_size: int
 def greedy(logits: torch.Tensor, last_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     rows = logits if last_rows is None else logits[last_rows]
     return rows.argmax(-1)
+
+
+# --------------------------------------------------------------------------- dense-KV peer
+class StaticCacheLlama(nn.Module):
+    """The peer for timing: the same model over a dense, statically sized KV cache
+    ``[B, Hkv, max_len, D]`` per layer (what HF's static cache does), SDPA with a length mask.
+    Decode only: one token per request at ``positions`` [B]. Compiles whole
+    (``mode="reduce-overhead"``): the cache is a module buffer written with ``index_copy_``."""
+
+    def __init__(self, weights: LlamaWeights, batch: int, max_len: int):
+        super().__init__()
+        self.w, self.cfg, self.max_len = weights, weights.cfg, max_len
+        cfg = weights.cfg
+        dev, dt = weights.embed.device, weights.embed.dtype
+        for i in range(cfg.num_layers):
+            self.register_buffer(f"k_{i}", torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=dev, dtype=dt))
+            self.register_buffer(f"v_{i}", torch.zeros(batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=dev, dtype=dt))
+
+    def forward(self, input_ids, positions):
+        cfg, w = self.cfg, self.w
+        B = input_ids.shape[0]
+        x = w.embed[input_ids]
+        keep = torch.arange(self.max_len, device=x.device)[None, None, None, :] <= positions[:, None, None, None]
+        rows = torch.arange(B, device=x.device)
+        for i, blk in enumerate(w.layers):
+            h = rms_norm(x, blk.attn_norm, cfg.rms_eps)
+            q, k, v = _split_qkv(h @ blk.wqkv.T, cfg)
+            q, k = _rope_ref(q, positions, cfg.rope_theta), _rope_ref(k, positions, cfg.rope_theta)
+            kc, vc = getattr(self, f"k_{i}"), getattr(self, f"v_{i}")
+            kc[rows, :, positions] = k
+            vc[rows, :, positions] = v
+            o = F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=keep, enable_gqa=True)
+            x = x + o.reshape(B, -1) @ blk.wo.T
+            hm = rms_norm(x, blk.mlp_norm, cfg.rms_eps)
+            g, u = (hm @ blk.w1.T).chunk(2, -1)
+            x = x + (F.silu(g) * u) @ blk.w2.T
+        return rms_norm(x, w.final_norm, cfg.rms_eps) @ w.lm_head.T
