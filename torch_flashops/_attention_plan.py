@@ -97,27 +97,27 @@ def scalar_scale(x, name: str) -> float:
 
 def check_window_left(window_left, name: str = "window_left") -> int:
     w = -1 if window_left is None else int(window_left)
-    expect(w >= -1, name, f"must be >= -1 (-1 = no window), got {w}")
+    expect(w >= -1, name, "must be >= -1 (-1 = no window), got {}", w)
     return w
 
 
 def check_soft_cap(logits_soft_cap) -> float:
     c = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
-    expect(c >= 0.0, "logits_soft_cap", f"must be None, 0 or positive, got {c}")
+    expect(c >= 0.0, "logits_soft_cap", "must be None, 0 or positive, got {}", c)
     return c
 
 
 def rope_defaults(rope_scale, rope_theta) -> tuple[float, float]:
     rs = 1.0 if rope_scale is None else float(rope_scale)
     rt = 1e4 if rope_theta is None else float(rope_theta)
-    expect(rs > 0, "rope_scale", f"must be positive, got {rs}")
-    expect(rt > 0, "rope_theta", f"must be positive, got {rt}")
+    expect(rs > 0, "rope_scale", "must be positive, got {}", rs)
+    expect(rt > 0, "rope_theta", "must be positive, got {}", rt)
     return rs, rt
 
 
 def check_lse_base(lse_base) -> bool:
     """True for natural-log LSEs (``"ln"``), False for base 2 (``"log2"``)."""
-    expect(lse_base in ("log2", "ln"), "lse_base", f"must be 'log2' or 'ln', got {lse_base!r}")
+    expect(lse_base in ("log2", "ln"), "lse_base", "must be 'log2' or 'ln', got {!r}", lse_base)
     return lse_base == "ln"
 
 
@@ -130,8 +130,8 @@ def check_pos_mode(pos_encoding_mode) -> str:
 def to_host_int(t, name: str) -> np.ndarray:
     """An index tensor (or sequence) as a host int64 array (one device-to-host copy)."""
     if isinstance(t, torch.Tensor):
-        expect(t.dim() == 1, name, f"expected 1-D, got shape {tuple(t.shape)}")
-        expect(not t.is_floating_point() and not t.is_complex(), name, f"expected an integer dtype, got {t.dtype}")
+        expect(t.dim() == 1, name, "expected 1-D, got shape {}", tuple(t.shape))
+        expect(not t.is_floating_point() and not t.is_complex(), name, "expected an integer dtype, got {}", t.dtype)
         return t.detach().to("cpu", torch.int64).numpy()
     return np.asarray(t, dtype=np.int64).reshape(-1)
 
@@ -139,7 +139,7 @@ def to_host_int(t, name: str) -> np.ndarray:
 def check_indptr(h: np.ndarray, name: str, length: Optional[int] = None) -> None:
     """A host CSR indptr: the expected length (when given), starts at 0, non-decreasing."""
     if length is not None:
-        expect(h.size == length, name, f"length {h.size} does not match the batch (expected {length})")
+        expect(h.size == length, name, "length {} does not match the batch (expected {})", h.size, length)
     check_indptr_values(torch.from_numpy(h), name)
 
 
@@ -152,9 +152,9 @@ def validate_paged_csr(kv_indptr_h, last_h, n_indices: int, page_size: int, *, i
     """§0.3 rules for a page table; returns ``kv_len`` per request (int64)."""
     check_indptr(kv_indptr_h, indptr_name)
     B = kv_indptr_h.size - 1
-    expect(last_h.size == B, last_name, f"length {last_h.size} does not match len({indptr_name}) - 1 = {B}")
+    expect(last_h.size == B, last_name, "length {} does not match len({}) - 1 = {}", last_h.size, indptr_name, B)
     expect(n_indices >= int(kv_indptr_h[-1]), indices_name,
-           f"has {n_indices} entries, fewer than {indptr_name}[-1] = {int(kv_indptr_h[-1])}")
+           "has {} entries, fewer than {}[-1] = {}", n_indices, indptr_name, int(kv_indptr_h[-1]))
     n = np.diff(kv_indptr_h)
     ok = np.where(n >= 1, (last_h >= 1) & (last_h <= page_size), last_h == 0)
     if not ok.all():
@@ -172,14 +172,14 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
     indptr = np.concatenate([[0], np.cumsum(nbytes)]).astype(np.int64)
     if packed_custom_mask is not None:
         expect(packed_custom_mask.dim() == 1 and packed_custom_mask.dtype == torch.uint8, "packed_custom_mask",
-               f"expected 1-D uint8, got {packed_custom_mask.dtype} of shape {tuple(packed_custom_mask.shape)}")
+               "expected 1-D uint8, got {} of shape {}", packed_custom_mask.dtype, tuple(packed_custom_mask.shape))
         expect(packed_custom_mask.shape[0] == int(indptr[-1]), "packed_custom_mask",
-               f"has {packed_custom_mask.shape[0]} bytes, expected sum ceil(qo_len*kv_len/8) = {int(indptr[-1])}")
+               "has {} bytes, expected sum ceil(qo_len*kv_len/8) = {}", packed_custom_mask.shape[0], int(indptr[-1]))
         packed = packed_custom_mask.to(device).contiguous()
     elif custom_mask is not None:
-        expect(custom_mask.dim() == 1, "custom_mask", f"expected a flat bool tensor, got shape {tuple(custom_mask.shape)}")
+        expect(custom_mask.dim() == 1, "custom_mask", "expected a flat bool tensor, got shape {}", tuple(custom_mask.shape))
         expect(custom_mask.shape[0] == int(nbits.sum()), "custom_mask",
-               f"has {custom_mask.shape[0]} elements, expected sum qo_len*kv_len = {int(nbits.sum())}")
+               "has {} elements, expected sum qo_len*kv_len = {}", custom_mask.shape[0], int(nbits.sum()))
         bits = custom_mask.detach().to("cpu").bool().numpy()
         starts = np.concatenate([[0], np.cumsum(nbits)])
         chunks = [np.packbits(bits[starts[b]:starts[b + 1]], bitorder="little") for b in range(len(nbits))]
@@ -318,7 +318,7 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
         rows = [bounds.work, bounds.split_work, bounds.merge]
         for a, n, name in ((sched.work, rows[0], "work"), (sched.split_work, rows[1], "split_work"),
                            (sched.merge, rows[2], "merge")):
-            expect(a.shape[0] <= n, "plan", f"{name} list of {a.shape[0]} items exceeds the frozen CUDA-graph size {n}")
+            expect(a.shape[0] <= n, "plan", "{} list of {} items exceeds the frozen CUDA-graph size {}", name, a.shape[0], n)
     host = [torch.from_numpy(padded(a, n).reshape(-1)) for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
     if into is not None:
         into.work.copy_(host[0], non_blocking=False)
@@ -346,5 +346,5 @@ def copy_into(buf: torch.Tensor, src, name: str) -> None:
     """CUDA-graph mode: write ``src`` into the head of the frozen buffer ``buf``."""
     src_t = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64))
     expect(src_t.numel() <= buf.numel(), name,
-           f"has {src_t.numel()} entries, more than its CUDA-graph buffer holds ({buf.numel()})")
+           "has {} entries, more than its CUDA-graph buffer holds ({})", src_t.numel(), buf.numel())
     buf[: src_t.numel()].copy_(src_t.reshape(-1).to(buf.dtype))

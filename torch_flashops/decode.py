@@ -90,7 +90,7 @@ def single_decode_with_kv_cache(
     check_tensor(q, "q", ndim=2)
     check_tensor(k, "k", ndim=3)
     check_tensor(v, "v", ndim=3)
-    expect(v.shape[-1] == k.shape[-1], "v", f"head dim {v.shape[-1]} must equal k's {k.shape[-1]} for decode")
+    expect(v.shape[-1] == k.shape[-1], "v", "head dim {} must equal k's {} for decode", v.shape[-1], k.shape[-1])
     window = P.check_window_left(window_left)
     cap = P.check_soft_cap(logits_soft_cap)
     rs, rt = P.rope_defaults(rope_scale, rope_theta)
@@ -167,7 +167,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         Arguments after ``page_size`` given positionally are deprecated (warning).
         Host code; not for compiled regions."""
         if args:
-            expect(len(args) <= len(_PLAN_POSITIONAL), "plan", f"takes at most {7 + len(_PLAN_POSITIONAL)} positional arguments")
+            expect(len(args) <= len(_PLAN_POSITIONAL), "plan", "takes at most {} positional arguments", 7 + len(_PLAN_POSITIONAL))
             warnings.warn("BatchDecodeWithPagedKVCacheWrapper.plan: passing options after page_size positionally is "
                           "deprecated; pass them by keyword", DeprecationWarning, stacklevel=2)
             for name, value in zip(_PLAN_POSITIONAL, args):
@@ -185,12 +185,12 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         if window_right != 0:
             raise NotImplementedError("window_right != 0 is not supported (the right window is the causal bound)")
         L = int(q_len_per_req)
-        expect(L >= 1, "q_len_per_req", f"must be >= 1, got {L}")
+        expect(L >= 1, "q_len_per_req", "must be >= 1, got {}", L)
         if L > 1:
             expect(self._use_tensor_cores, "q_len_per_req", "> 1 requires use_tensor_cores=True (as FlashInfer)")
         if self._use_cuda_graph and self._q_len_per_req is not None:
             expect(L == self._q_len_per_req, "q_len_per_req",
-                   f"is frozen in CUDA-graph mode: planned {self._q_len_per_req}, got {L}")
+                   "is frozen in CUDA-graph mode: planned {}, got {}", self._q_len_per_req, L)
         if data_type is not None:
             q_data_type = data_type if q_data_type is None else q_data_type
             kv_data_type = data_type if kv_data_type is None else kv_data_type
@@ -202,7 +202,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         B = last_h.size
         if L > 1 and B:
             expect(int(kv_lens_h.min()) >= L, "q_len_per_req",
-                   f"={L} needs kv_len >= q_len_per_req for every request, got a request of kv_len {int(kv_lens_h.min())}")
+                   "={} needs kv_len >= q_len_per_req for every request, got a request of kv_len {}", L, int(kv_lens_h.min()))
         qo_h = np.arange(B + 1, dtype=np.int64) * L
         self._plan_paged(qo_h, kv_indptr_h, kv_lens_h, indices, last_h, num_qo_heads=num_qo_heads,
                          num_kv_heads=num_kv_heads, head_dim_qk=head_dim, head_dim_vo=None, page_size=page_size,
@@ -231,9 +231,9 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         def check_q(q):
             if not torch.compiler.is_compiling():  # compiled: the kernel masks rows past q.shape[0]
                 B = self._plan.batch
-                expect(q.shape[0] == B * L, "q", f"has {q.shape[0]} rows, expected batch_size * q_len_per_req = {B} * {L}")
+                expect(q.shape[0] == B * L, "q", "has {} rows, expected batch_size * q_len_per_req = {} * {}", q.shape[0], B, L)
             if q_len_per_req is not None:
-                expect(int(q_len_per_req) == L, "q_len_per_req", f"={q_len_per_req} differs from the planned {L}")
+                expect(int(q_len_per_req) == L, "q_len_per_req", "={} differs from the planned {}", q_len_per_req, L)
 
         reserved = dict(args=args or None, sinks=sinks, kv_cache_sf=kv_cache_sf,
                         skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor)

@@ -130,11 +130,11 @@ def single_prefill_with_kv_cache(
     check_tensor(v, "v", ndim=3)
     kv_len = k.shape[0] if kv_layout == "NHD" else k.shape[1]
     if causal and custom_mask is None and packed_custom_mask is None:
-        expect(kv_len >= q.shape[0], "causal", f"needs kv_len >= qo_len, got kv_len {kv_len} < qo_len {q.shape[0]}")
+        expect(kv_len >= q.shape[0], "causal", "needs kv_len >= qo_len, got kv_len {} < qo_len {}", kv_len, q.shape[0])
     if packed_custom_mask is None and custom_mask is not None:
         check_tensor(custom_mask, "custom_mask", ndim=2, last_contiguous=False)
         expect(tuple(custom_mask.shape) == (q.shape[0], kv_len), "custom_mask",
-               f"shape {tuple(custom_mask.shape)}, expected [qo_len, kv_len] = {(q.shape[0], kv_len)}")
+               "shape {}, expected [qo_len, kv_len] = {}", tuple(custom_mask.shape), (q.shape[0], kv_len))
         packed_custom_mask = _pack_mask_little(custom_mask)
     window = P.check_window_left(window_left)
     cap = P.check_soft_cap(logits_soft_cap)
@@ -163,7 +163,7 @@ def _check_graph_buf(buf, name: str, length: Optional[int] = None) -> torch.Tens
     check_tensor(buf, name, ndim=1, dtypes=(torch.int32,))
     expect(buf.is_contiguous(), name, "must be contiguous")
     if length is not None:
-        expect(buf.shape[0] == length, name, f"length {buf.shape[0]} must be batch_size + 1 = {length}")
+        expect(buf.shape[0] == length, name, "length {} must be batch_size + 1 = {}", buf.shape[0], length)
     return buf
 
 
@@ -250,7 +250,7 @@ class _BatchAttention:
             self._frozen_rows = int(qo_h[-1])
         if self._use_cuda_graph:
             expect(int(qo_h[-1]) <= self._frozen_rows, "qo_indptr",
-                   f"total rows {int(qo_h[-1])} exceed the first plan's {self._frozen_rows} (frozen in CUDA-graph mode)")
+                   "total rows {} exceed the first plan's {} (frozen in CUDA-graph mode)", int(qo_h[-1]), self._frozen_rows)
         sched = P.build_schedule(qo_lens, kv_lens_h, group=group, block_m=block_m, block_n=block_n,
                                  num_kv_heads=num_kv_heads, d_vo=head_dim_vo, causal=causal, window_left=window_left,
                                  has_mask=has_mask, device=self.device, workspace_bytes=ws,
@@ -282,24 +282,24 @@ class _BatchAttention:
         pl = self._plan
         P.reject(**extra)
         check_tensor(q, "q", ndim=3)
-        expect(q.dtype == pl.q_dtype, "q", f"dtype {q.dtype} does not match the planned q_data_type {pl.q_dtype}")
+        expect(q.dtype == pl.q_dtype, "q", "dtype {} does not match the planned q_data_type {}", q.dtype, pl.q_dtype)
         expect(cache_dtype == pl.kv_dtype, "paged_kv_cache" if self._paged else "k",
-               f"dtype {cache_dtype} does not match the planned kv_data_type {pl.kv_dtype}")
-        expect(q.device == self.device, "q", f"on {q.device}, the workspace is on {self.device}")
+               "dtype {} does not match the planned kv_data_type {}", cache_dtype, pl.kv_dtype)
+        expect(q.device == self.device, "q", "on {}, the workspace is on {}", q.device, self.device)
         expect(q.shape[1] == pl.num_qo_heads and q.shape[2] == pl.head_dim_qk, "q",
-               f"shape {tuple(q.shape)} does not match the plan (num_qo_heads {pl.num_qo_heads}, head_dim {pl.head_dim_qk})")
+               "shape {} does not match the plan (num_qo_heads {}, head_dim {})", tuple(q.shape), pl.num_qo_heads, pl.head_dim_qk)
         name = "paged_kv_cache" if self._paged else "k"
         if page_size is not None:
-            expect(page_size == pl.page_size, name, f"page_size {page_size} does not match the planned {pl.page_size}")
-        expect(num_kv_heads == pl.num_kv_heads, name, f"num_kv_heads {num_kv_heads} does not match the planned {pl.num_kv_heads}")
-        expect(head_dim_qk == pl.head_dim_qk, name, f"head dim {head_dim_qk} does not match the planned {pl.head_dim_qk}")
+            expect(page_size == pl.page_size, name, "page_size {} does not match the planned {}", page_size, pl.page_size)
+        expect(num_kv_heads == pl.num_kv_heads, name, "num_kv_heads {} does not match the planned {}", num_kv_heads, pl.num_kv_heads)
+        expect(head_dim_qk == pl.head_dim_qk, name, "head dim {} does not match the planned {}", head_dim_qk, pl.head_dim_qk)
         expect(head_dim_vo == pl.head_dim_vo, "v" if not self._paged else name,
-               f"value head dim {head_dim_vo} does not match the planned {pl.head_dim_vo}")
+               "value head dim {} does not match the planned {}", head_dim_vo, pl.head_dim_vo)
         if window_left is not None:
             expect(int(window_left) == pl.window_left, "window_left",
-                   f"run(window_left={window_left}) differs from the planned {pl.window_left}")
+                   "run(window_left={}) differs from the planned {}", window_left, pl.window_left)
         if not torch.compiler.is_compiling():
-            expect(q.shape[0] >= pl.total_rows, "q", f"has {q.shape[0]} rows, the plan needs {pl.total_rows}")
+            expect(q.shape[0] >= pl.total_rows, "q", "has {} rows, the plan needs {}", q.shape[0], pl.total_rows)
         return P.check_lse_base(lse_base)
 
     def _outputs(self, q, out, lse):
@@ -378,7 +378,7 @@ class _BatchAttention:
         dev = self.device
         if self._use_cuda_graph:
             expect(B == self._fixed_batch_size, "qo_indptr",
-                   f"batch size {B} differs from the CUDA-graph batch size {self._fixed_batch_size}")
+                   "batch size {} differs from the CUDA-graph batch size {}", B, self._fixed_batch_size)
         has_mask = custom_mask is not None or packed_custom_mask is not None
         block_m, sched = self._schedule(qo_h, kv_lens_h, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                                         head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, causal=bool(causal),
@@ -405,7 +405,7 @@ class _BatchAttention:
     def _plan_paged(self, qo_h, kv_indptr_h, kv_lens_h, kv_indices, last_page_len, *, page_size, fixed_split_size,
                     **options):
         """Plan over a page table (shared by the paged prefill and the decode wrappers)."""
-        expect(int(page_size) >= 1, "page_size", f"must be >= 1, got {page_size}")
+        expect(int(page_size) >= 1, "page_size", "must be >= 1, got {}", page_size)
         page_size = int(page_size)
 
         def index_tensors(dev):
@@ -654,13 +654,13 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         check_tensor(k, "k", ndim=3)
         check_tensor(v, "v", ndim=3)
         expect(v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1], "v",
-               f"shape {tuple(v.shape)} does not match k's {tuple(k.shape)} in rows and heads")
-        expect(v.dtype == k.dtype, "v", f"dtype {v.dtype} does not match k's {k.dtype}")
+               "shape {} does not match k's {} in rows and heads", tuple(v.shape), tuple(k.shape))
+        expect(v.dtype == k.dtype, "v", "dtype {} does not match k's {}", v.dtype, k.dtype)
         lse_ln = self._check_run(q, k.dtype, None, k.shape[1], k.shape[2], v.shape[2], None,
                                  dict(args=args or None, o_scale=o_scale, kv_cache_sf=kv_cache_sf), lse_base)
         if not torch.compiler.is_compiling():
             expect(k.shape[0] >= self._total_kv_rows, "k",
-                   f"has {k.shape[0]} rows, kv_indptr[-1] is {self._total_kv_rows}")
+                   "has {} rows, kv_indptr[-1] is {}", k.shape[0], self._total_kv_rows)
         t, pl = self._t, self._plan
         a = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.packed_mask, t.mask_indptr,
              pl.block_m, *self._opts(q_scale, k_scale, v_scale, lse_ln))
@@ -673,3 +673,55 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
 
+
+
+# ----------------------------------------------------------------------------- self-check
+from ._selfcheck import CheckResult, max_abs_err, selfcheck  # noqa: E402
+
+
+@selfcheck("attention")
+def _attention_selfcheck(device) -> list:
+    """Each attention op on a small random batch (bf16, GQA 4:2) against the fp64 oracle."""
+    from .reference.attention import ref_attention
+
+    g = torch.Generator().manual_seed(0)
+    dt, Hq, Hkv, D, page = torch.bfloat16, 4, 2, 64, 5
+    bf = lambda *s: torch.randn(*s, generator=g).to(dt)  # noqa: E731
+    out = []
+    ws = torch.empty(1 << 22, dtype=torch.uint8, device=device)
+    # single prefill (causal) and decode (long enough to split)
+    for qo, kv, name in ((7, 40, "single_attention"), (1, 600, "single_attention")):
+        q, k, v = bf(qo, Hq, D), bf(kv, Hkv, D), bf(kv, Hkv, D)
+        o, lse = single_prefill_with_kv_cache(q.to(device), k.to(device), v.to(device), causal=True, return_lse=True)
+        ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), [0, qo], [0, kv], torch.arange(kv), [1], causal=True)
+        out.append(CheckResult(name, max(max_abs_err(o, ro.to(dt)), max_abs_err(lse, rl) * 1e-1), 2e-2,
+                               note=f"qo={qo} kv={kv} causal bf16"))
+    # paged prefill and decode over one page table
+    kv_lens = [9, 0, 33, 120]
+    npg = [(n + page - 1) // page for n in kv_lens]
+    indptr = torch.tensor([0] + torch.tensor(npg).cumsum(0).tolist(), dtype=torch.int32)
+    P = int(indptr[-1]) + 2
+    indices = torch.randperm(P, generator=g)[: int(indptr[-1])].int()
+    last = torch.tensor([(n - 1) % page + 1 if n else 0 for n in kv_lens], dtype=torch.int32)
+    cache = bf(P, 2, page, Hkv, D)
+    for qo_lens, name in (([3, 2, 5, 1], "paged_attention"), ([1, 1, 1, 1], "paged_attention_out")):
+        qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+        q = bf(int(qo_indptr[-1]), Hq, D)
+        w = BatchPrefillWithPagedKVCacheWrapper(ws)
+        w.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, page, causal=True, q_data_type=dt)
+        o = torch.full((q.shape[0], Hq, D), float("nan"), dtype=dt, device=device) if name.endswith("_out") else None
+        o = w.run(q.to(device), cache.to(device), out=o)
+        ro, rl = ref_attention(q, cache[:, 0], cache[:, 1], qo_indptr, indptr, indices, last, causal=True)
+        out.append(CheckResult(name, max_abs_err(o, ro.to(dt)), 2e-2, note=f"qo_lens={qo_lens} page={page} bf16"))
+    # ragged prefill
+    qi = torch.tensor([0, 4, 9], dtype=torch.int32)
+    ki = torch.tensor([0, 20, 26], dtype=torch.int32)
+    q, k, v = bf(9, Hq, D), bf(26, Hkv, D), bf(26, Hkv, D)
+    w = BatchPrefillWithRaggedKVCacheWrapper(ws)
+    w.plan(qi, ki, Hq, Hkv, D, causal=True, q_data_type=dt)
+    ro, _ = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), qi, ki, torch.arange(26), [1, 1], causal=True)
+    for name in ("ragged_attention", "ragged_attention_out"):
+        o = torch.full((9, Hq, D), float("nan"), dtype=dt, device=device) if name.endswith("_out") else None
+        o = w.run(q.to(device), k.to(device), v.to(device), out=o)
+        out.append(CheckResult(name, max_abs_err(o, ro.to(dt)), 2e-2, note="causal bf16"))
+    return out

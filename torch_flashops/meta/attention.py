@@ -24,24 +24,24 @@ def check_pos_encoding_mode(mode) -> None:
 
 
 def check_head_dim(d, name: str) -> None:
-    expect(d % 16 == 0 and 16 <= d <= MAX_HEAD_DIM, name, f"head dim {d} must be a multiple of 16 in [16, {MAX_HEAD_DIM}]")
+    expect(d % 16 == 0 and 16 <= d <= MAX_HEAD_DIM, name, "head dim {} must be a multiple of 16 in [16, {}]", d, MAX_HEAD_DIM)
 
 
 def check_heads(h_qo, h_kv, name: str = "num_qo_heads") -> None:
     expect(h_kv >= 1 and h_qo >= 1 and h_qo % h_kv == 0, name,
-           f"num_qo_heads {h_qo} must be a positive multiple of num_kv_heads {h_kv}")
+           "num_qo_heads {} must be a positive multiple of num_kv_heads {}", h_qo, h_kv)
 
 
 def _check_qkv(q, K, V, pos_encoding_mode) -> None:
     """``q [R, H_qo, D]`` against 4-D K/V views ``[P, page, H_kv, D*]``."""
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
-    expect(K.dtype == q.dtype, "k", f"dtype {K.dtype} does not match q dtype {q.dtype} (one dtype for q, k, v)")
-    expect(V.dtype == q.dtype, "v", f"dtype {V.dtype} does not match q dtype {q.dtype} (one dtype for q, k, v)")
-    expect(K.device == q.device and V.device == q.device, "k", f"on {K.device}, expected {q.device} (q's device)")
+    expect(K.dtype == q.dtype, "k", "dtype {} does not match q dtype {} (one dtype for q, k, v)", K.dtype, q.dtype)
+    expect(V.dtype == q.dtype, "v", "dtype {} does not match q dtype {} (one dtype for q, k, v)", V.dtype, q.dtype)
+    expect(K.device == q.device and V.device == q.device, "k", "on {}, expected {} (q's device)", K.device, q.device)
     expect(K.stride(-1) == 1 or K.shape[-1] <= 1, "k", "last dimension must be contiguous (stride(-1) == 1)")
     expect(V.stride(-1) == 1 or V.shape[-1] <= 1, "v", "last dimension must be contiguous (stride(-1) == 1)")
-    expect(K.shape[-1] == q.shape[-1], "k", f"head dim {K.shape[-1]} does not match q's {q.shape[-1]}")
-    expect(K.shape[:-1] == V.shape[:-1], "v", f"shape {tuple(V.shape)} does not match k's {tuple(K.shape)} but in the last dim")
+    expect(K.shape[-1] == q.shape[-1], "k", "head dim {} does not match q's {}", K.shape[-1], q.shape[-1])
+    expect(K.shape[:-1] == V.shape[:-1], "v", "shape {} does not match k's {} but in the last dim", tuple(V.shape), tuple(K.shape))
     check_heads(q.shape[1], K.shape[2], "q")
     check_head_dim(q.shape[-1], "q")
     check_head_dim(V.shape[-1], "v")
@@ -68,7 +68,7 @@ def check_single(q, k, v, packed_mask, kv_layout, pos_encoding_mode) -> None:
         _check_packed_mask(packed_mask, q.device)
         need = (q.shape[0] * K.shape[0] + 7) // 8
         expect(packed_mask.shape[0] == need, "packed_custom_mask",
-               f"has {packed_mask.shape[0]} bytes, expected ceil(qo_len * kv_len / 8) = {need}")
+               "has {} bytes, expected ceil(qo_len * kv_len / 8) = {}", packed_mask.shape[0], need)
 
 
 def _check_packed_mask(packed_mask, device) -> None:
@@ -86,19 +86,19 @@ def check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_m
     _check_index(qo_indptr, "qo_indptr", dev)
     _check_index(kv_indptr, "kv_indptr", dev)
     expect(kv_indptr.shape[0] == qo_indptr.shape[0], "kv_indptr",
-           f"length {kv_indptr.shape[0]} does not match qo_indptr's {qo_indptr.shape[0]}")
+           "length {} does not match qo_indptr's {}", kv_indptr.shape[0], qo_indptr.shape[0])
     if kv_indices is not None:
         _check_index(kv_indices, "kv_indices", dev)
     if kv_lens is not None:
         _check_index(kv_lens, "kv_lens", dev)
         expect(kv_lens.shape[0] + 1 >= qo_indptr.shape[0], "kv_lens", "needs one length per request")
-    expect(block_m in TILE_M_VALUES, "block_m", f"must be one of {TILE_M_VALUES}, got {block_m}")
+    expect(block_m in TILE_M_VALUES, "block_m", "must be one of {}, got {}", TILE_M_VALUES, block_m)
     expect((packed_mask is None) == (mask_indptr is None), "mask_indptr", "packed_mask and mask_indptr go together")
     if packed_mask is not None:
         _check_packed_mask(packed_mask, dev)
         _check_index(mask_indptr, "mask_indptr", dev)
         expect(mask_indptr.shape[0] == qo_indptr.shape[0], "mask_indptr",
-               f"length {mask_indptr.shape[0]} does not match qo_indptr's {qo_indptr.shape[0]}")
+               "length {} does not match qo_indptr's {}", mask_indptr.shape[0], qo_indptr.shape[0])
     if o is not None:
         check_out(o, lse, q, V.shape[-1], o.dtype)
 
@@ -107,9 +107,9 @@ def check_out(o, lse, q, d_vo, o_dtype) -> None:
     """``o [R, H_qo, D_vo]`` of ``o_dtype``, ``lse [R, H_qo]`` fp32, on q's device."""
     R, h = q.shape[0], q.shape[1]
     check_tensor(o, "out", ndim=3, dtypes=(o_dtype,), device=q.device)
-    expect(tuple(o.shape) == (R, h, d_vo), "out", f"shape {tuple(o.shape)}, expected {(R, h, d_vo)}")
+    expect(tuple(o.shape) == (R, h, d_vo), "out", "shape {}, expected {}", tuple(o.shape), (R, h, d_vo))
     check_tensor(lse, "lse", ndim=2, dtypes=(torch.float32,), device=q.device)
-    expect(tuple(lse.shape) == (R, h), "lse", f"shape {tuple(lse.shape)}, expected {(R, h)}")
+    expect(tuple(lse.shape) == (R, h), "lse", "shape {}, expected {}", tuple(lse.shape), (R, h))
 
 
 def attention_outputs(q, d_vo, o_dtype=None):

@@ -30,6 +30,7 @@
 # set runs the unmasked loop.
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -547,8 +548,11 @@ def _functional(out_impl, d_vo):
     """The functional op ``(..., o_dtype) -> (o, lse)`` of an ``_out`` implementation: fresh
     contiguous outputs, then the same launch (or reference) writes them."""
 
-    def impl(*args):
-        *args, o_dtype = args
+    n = len(inspect.signature(out_impl).parameters) - 2  # the out impl's arguments before (o, lse)
+
+    def impl(*args, o_dtype=None):
+        if len(args) > n:
+            args, o_dtype = args[:n], args[n]
         o, lse = meta.attention_outputs(args[0], d_vo(*args), o_dtype)
         out_impl(*args, o, lse)
         return o, lse

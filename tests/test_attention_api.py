@@ -1,0 +1,489 @@
+"""attention family, API behaviour: opcheck and schema snapshots of every op, torch.compile
+(fullgraph, dynamic, append-then-attend, mutation visible), CUDA-graph mode (frozen lists; real
+capture/replay and reduce-overhead on the GPU), aliases, and bad input (ValueError naming the
+argument, KeyError, NotImplementedError, RuntimeError; nothing written).
+"""
+from __future__ import annotations
+
+import math
+import unittest
+
+import pytest
+import torch
+
+import torch_flashops as fi
+from torch_flashops.ops import attention as ops
+from torch_flashops.reference.attention import ref_attention
+
+from .helpers import CompileCounter, assert_close, poison
+from .test_attention import Batch, check_attention, plan_paged, workspace
+
+try:
+    import expecttest
+except ImportError:  # the GPU machine has no expecttest: the schema snapshots skip there
+    expecttest = None
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
+                                        "ignore::DeprecationWarning")
+OPS = torch.ops.flashops
+
+
+# --------------------------------------------------------------------------- opcheck, schemas
+
+
+def _op_samples(device):
+    b = Batch([2, 0, 3], [5, 2, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=2, device=device)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=True, fixed_split_size=1)
+    t = w._t
+    opts = (True, -1, 0.25, 0.0, "NONE", 1.0, 1e4, 1.0, False)
+    paged = (b.q, b.cache, None, "NHD", t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.kv_indices,
+             t.kv_lens, None, None, w._plan.block_m) + opts
+    N = b.q.shape[0]
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(11, 2, 16, generator=g).to(device) for _ in range(2))
+    r = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    r.plan(b.qo_indptr, torch.tensor([0, 4, 4, 11], dtype=torch.int32), 4, 2, 16, causal=False,
+           q_data_type="float32")
+    rt = r._t
+    ragged = (b.q, k, v, rt.work, rt.split_work, rt.merge, rt.qo_indptr, rt.kv_indptr, None, None,
+              r._plan.block_m) + opts[:1] + (3,) + opts[2:]
+    mask = torch.tensor([0b10110101, 0b1], dtype=torch.uint8, device=device)
+    single = (b.q[:3], k[:3].transpose(0, 1).contiguous(), v[:3].transpose(0, 1).contiguous(), mask, "HND") + opts
+    outs = lambda: (torch.zeros(N, 4, 16, device=device), torch.zeros(N, 4, device=device))  # noqa: E731
+    return {
+        "single_attention": (OPS.single_attention.default, single),
+        "paged_attention": (OPS.paged_attention.default, paged),
+        "paged_attention_tuple_hnd": (OPS.paged_attention.default,
+                                      (b.q, b.k_nhd.transpose(1, 2).contiguous().to(device),
+                                       b.v_nhd.transpose(1, 2).contiguous().to(device), "HND") + paged[4:]),
+        "paged_attention_out": (OPS.paged_attention_out.default, paged + outs()),
+        "ragged_attention": (OPS.ragged_attention.default, ragged),
+        "ragged_attention_out": (OPS.ragged_attention_out.default, ragged + outs()),
+    }
+
+
+SAMPLES = ["single_attention", "paged_attention", "paged_attention_tuple_hnd", "paged_attention_out",
+           "ragged_attention", "ragged_attention_out"]
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_opcheck(name, device):
+    op, args = _op_samples(device)[name]
+    torch.library.opcheck(op, args)
+
+
+_SchemaBase = expecttest.TestCase if expecttest is not None else unittest.TestCase
+
+
+@unittest.skipIf(expecttest is None, "expecttest is not installed")
+class TestSchemas(_SchemaBase):
+    def test_single_attention(self):
+        self.assertExpectedInline(str(OPS.single_attention.default._schema), """\
+flashops::single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, str kv_layout, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+
+    def test_paged_attention(self):
+        self.assertExpectedInline(str(OPS.paged_attention.default._schema), """\
+flashops::paged_attention(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+
+    def test_paged_attention_out(self):
+        self.assertExpectedInline(str(OPS.paged_attention_out.default._schema), """\
+flashops::paged_attention_out(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
+
+    def test_ragged_attention(self):
+        self.assertExpectedInline(str(OPS.ragged_attention.default._schema), """\
+flashops::ragged_attention(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+
+    def test_ragged_attention_out(self):
+        self.assertExpectedInline(str(OPS.ragged_attention_out.default._schema), """\
+flashops::ragged_attention_out(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _no_duck_sizing():
+    """Dynamo's duck sizing ties equal-valued sizes of unrelated inputs (a batch of 4 and 4 heads)
+    and then specialises both; the sizes these tests vary must not collide by accident."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
+
+
+def _steps():
+    # (kv lens after the append, append lens): one batch size and set of lengths per step
+    return [([7, 12, 3], [1, 1, 1]), ([8, 13, 4, 20, 2], [1, 1, 1, 1, 1]), ([9, 30, 6, 5, 11, 16], [1, 2, 1, 1, 3, 1])]
+
+
+def test_compile_append_then_attend_dynamic(device):
+    """One compiled function appends the new tokens' K/V and attends (decode and chunked
+    prefill): 1 frame (no graph break) across batch sizes and lengths under dynamic=True, the
+    cache write is visible to the caller, and outputs equal the oracle on the updated cache."""
+    page, Hq, Hkv, D, P = 5, 8, 2, 16, 48
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(P, 2, page, Hkv, D, generator=g).to(device)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+
+    def step(q, k_new, v_new, cache, append_indptr, kv_indices, kv_indptr, last):
+        seq = fi.get_seq_lens(kv_indptr, last, page)
+        bi, pos = fi.get_batch_indices_positions(append_indptr, seq, k_new.shape[0])
+        fi.append_paged_kv_cache(k_new, v_new, bi, pos, cache, kv_indices, kv_indptr, last)
+        return w.run(q, cache)
+
+    cc = CompileCounter(step, dynamic=True)
+    with _no_duck_sizing():
+        for i, (kv_lens, app) in enumerate(_steps()):
+            npg = [(n + page - 1) // page for n in kv_lens]
+            kv_indptr = torch.tensor([0] + torch.tensor(npg).cumsum(0).tolist(), dtype=torch.int32)
+            kv_indices = torch.randperm(P, generator=g)[: int(kv_indptr[-1])].int()
+            last = torch.tensor([(n - 1) % page + 1 for n in kv_lens], dtype=torch.int32)
+            app_indptr = torch.tensor([0] + torch.tensor(app).cumsum(0).tolist(), dtype=torch.int32)
+            n = int(app_indptr[-1])
+            q, k_new, v_new = (torch.randn(n, h, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
+            w.plan(app_indptr, kv_indptr, kv_indices, last, Hq, Hkv, D, page, causal=True, q_data_type="float32")
+            to = lambda t: t.to(device)  # noqa: E731
+            o = cc(q, k_new, v_new, cache, to(app_indptr), to(kv_indices), to(kv_indptr), to(last))
+            ro, _ = ref_attention(q.cpu(), cache[:, 0].cpu(), cache[:, 1].cpu(), app_indptr, kv_indptr, kv_indices,
+                                  last, causal=True)
+            assert_close(f"step {i}", o, ro.float())
+            # the appended rows are in the caller's cache
+            for b in range(len(kv_lens)):
+                j = kv_lens[b] - 1
+                pg = int(kv_indices[int(kv_indptr[b]) + j // page])
+                assert torch.equal(cache[pg, 0, j % page].cpu(), k_new[int(app_indptr[b + 1]) - 1].cpu())
+    assert cc.frames == 1, f"{cc.frames} frames (graph break or recompile)"
+    assert "flashops.paged_attention.default" in cc.graph_ops()
+
+
+def test_compile_decode_out_variant_and_single(device):
+    """Decode wrapper with out=/lse= under fullgraph (the in-place write reaches the caller's
+    buffers), and the plan-free single functions compiled."""
+    b = Batch([1, 1, 1], [9, 3, 20], page_size=4, Hq=4, Hkv=2, D=16, seed=8, device=device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
+
+    def f(q, cache, out, lse):
+        w.run(q, cache, out=out, lse=lse)
+        return out.sum()
+
+    out, lse = poison(3, 4, 16, device=device), poison(3, 4, device=device)
+    cc = CompileCounter(f)
+    cc(b.q, b.cache, out, lse)
+    ro, rl = b.oracle()
+    check_attention("compiled out=", out, lse, ro, rl, torch.float32)
+    assert cc.frames == 1 and cc.graph_ops() == ["flashops.paged_attention_out.default"]
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, h, 16, generator=g).to(device) for n, h in ((5, 4), (11, 2), (11, 2)))
+
+    def single(q, k, v):
+        return fi.single_prefill_with_kv_cache(q, k, v, causal=True) + fi.single_decode_with_kv_cache(q[-1], k, v)
+
+    cs = CompileCounter(single)
+    got = cs(q, k, v)
+    ro, _ = ref_attention(q.cpu(), k.cpu().unsqueeze(1), v.cpu().unsqueeze(1), [0, 5], [0, 11], torch.arange(11), [1],
+                          causal=True)
+    assert_close("single compiled", got, (ro + ro[-1:]).float())
+    assert cs.frames == 1
+
+
+# --------------------------------------------------------------------------- CUDA-graph mode
+
+
+def _graph_wrapper(device, B, n_indices, kind):
+    ws = workspace(device)
+    ind = torch.zeros(B + 1, dtype=torch.int32, device=device)
+    idx = torch.zeros(n_indices, dtype=torch.int32, device=device)
+    last = torch.zeros(B, dtype=torch.int32, device=device)
+    if kind == "decode":
+        return fi.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(ws, ind, idx, last)
+    qo = torch.zeros(B + 1, dtype=torch.int32, device=device)
+    return fi.BatchPrefillWithPagedKVCacheWrapper(ws, use_cuda_graph=True, qo_indptr_buf=qo, paged_kv_indptr_buf=ind,
+                                                  paged_kv_indices_buf=idx, paged_kv_last_page_len_buf=last)
+
+
+def _plan_kind(w, b, kind, **kw):
+    if kind == "decode":
+        w.plan(b.kv_indptr, b.kv_indices, b.last, b.Hq, b.Hkv, b.D, b.page_size, q_data_type="float32", **kw)
+    else:
+        plan_paged(w, b, causal=True, **kw)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_cuda_graph_mode_frozen_lists(kind, device):
+    """use_cuda_graph: plan copies into the frozen buffers (same tensors, same sizes across
+    plans), and a re-plan with other lengths/pages gives the eager wrapper's result."""
+    qo_a, qo_b = ([1] * 3, [1] * 3) if kind == "decode" else ([2, 1, 3], [1, 3, 1])
+    a = Batch(qo_a, [30, 2, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=1, device=device, spare_pages=20)
+    bb = Batch(qo_b, [3, 40, 17], page_size=4, Hq=4, Hkv=2, D=16, seed=2, device=device, spare_pages=10)
+    w = _graph_wrapper(device, 3, 32, kind)
+    _plan_kind(w, a, kind)
+    tensors = [w._t.work, w._t.split_work, w._t.merge, w._t.kv_indptr, w._t.kv_indices, w._t.kv_lens]
+    o_a = w.run(a.q, a.cache).clone()
+    _plan_kind(w, bb, kind)
+    assert all(x is y for x, y in zip(tensors, [w._t.work, w._t.split_work, w._t.merge, w._t.kv_indptr,
+                                                 w._t.kv_indices, w._t.kv_lens]))
+    o_b = w.run(bb.q, bb.cache)
+    check_attention("graph-mode plan A", o_a, None, *a.oracle(causal=kind != "decode"), torch.float32)
+    check_attention("graph-mode plan B", o_b, None, *bb.oracle(causal=kind != "decode"), torch.float32)
+    with pytest.raises(ValueError, match="batch size"):
+        c = Batch([1] * 4, [3, 4, 5, 6], page_size=4, Hq=4, Hkv=2, D=16, seed=3, device=device)
+        _plan_kind(w, c, kind)
+
+
+# --------------------------------------------------------------------------- aliases, options
+
+
+def test_aliases_forward_and_deprecated_positional_plan(device):
+    b = Batch([1, 1], [13, 6], page_size=4, Hq=4, Hkv=1, D=16, seed=4, device=device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    with pytest.warns(DeprecationWarning):
+        #      indptr, indices, last, Hq, Hkv, D, page, pos mode, window, soft cap, q dtype
+        w.begin_forward(b.kv_indptr, b.kv_indices, b.last, 4, 1, 16, 4, "NONE", 5, 3.0, "float32")
+    o, lse = w.run_return_lse(b.q, b.cache)
+    ro, rl = b.oracle(window_left=5, logits_soft_cap=3.0)
+    check_attention("positional plan", o, lse, ro, rl, torch.float32)
+    o2, lse2 = w.forward_return_lse(b.q, b.cache, window_left=5, logits_soft_cap=3.0)
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    assert torch.equal(w.forward(b.q, b.cache), o)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        w.forward(b.q, b.cache, logits_soft_cap=1.0)
+    with pytest.raises(ValueError, match="window_left"):
+        w.run(b.q, b.cache, window_left=3)
+    assert w.run(b.q, b.cache, window_left=5, lse_base="ln", return_lse=True)[1].sub(lse * math.log(2)).abs().max() < 1e-5
+    w.end_forward()
+    # data_type sets kv (and q when q_data_type=None); o_data_type
+    w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 1, 16, 4, q_data_type=None, data_type=torch.float32,
+           o_data_type="float16")
+    assert w.run(b.q, b.cache).dtype == torch.float16
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _paged_setup(device):
+    b = Batch([2, 1], [6, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=12, device=device)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    return b, w
+
+
+PLAN_ERRORS = [
+    # (name, kwargs replacing plan arguments, expected exception, match)
+    ("qo_indptr length", dict(qo_indptr=torch.tensor([0, 2], dtype=torch.int32)), ValueError, "qo_indptr"),
+    ("qo_indptr start", dict(qo_indptr=torch.tensor([1, 2, 3], dtype=torch.int32)), ValueError, "qo_indptr"),
+    ("kv_indptr decreasing", dict(paged_kv_indptr=torch.tensor([0, 3, 2], dtype=torch.int32)), ValueError,
+     "paged_kv_indptr"),
+    ("last_page_len range", dict(paged_kv_last_page_len=torch.tensor([5, 1], dtype=torch.int32)), ValueError,
+     "paged_kv_last_page_len"),
+    ("indices too short", dict(paged_kv_indices=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "paged_kv_indices"),
+    ("heads", dict(num_qo_heads=3), ValueError, "num_qo_heads"),
+    ("head dim", dict(head_dim_qk=20), ValueError, "head_dim_qk"),
+    ("window", dict(window_left=-2), ValueError, "window_left"),
+    ("soft cap", dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
+    ("mask size", dict(custom_mask=torch.ones(5, dtype=torch.bool)), ValueError, "custom_mask"),
+    ("pos mode", dict(pos_encoding_mode="ROPE"), KeyError, "pos_encoding_mode"),
+    ("reserved", dict(block_tables=torch.zeros(2, 3, dtype=torch.int32)), NotImplementedError, "block_tables"),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_ERRORS, ids=[c[0] for c in PLAN_ERRORS])
+def test_plan_errors(case, device):
+    _, repl, exc, match = case
+    b, w = _paged_setup(device)
+    args = dict(qo_indptr=b.qo_indptr, paged_kv_indptr=b.kv_indptr, paged_kv_indices=b.kv_indices,
+                paged_kv_last_page_len=b.last, num_qo_heads=4, num_kv_heads=2, head_dim_qk=16, page_size=4,
+                q_data_type="float32")
+    args.update(repl)
+    with pytest.raises(exc, match=match):
+        w.plan(**args)
+
+
+def test_run_errors_leave_outputs_untouched(device):
+    b, w = _paged_setup(device)
+    with pytest.raises(RuntimeError, match="before plan"):
+        w.run(b.q, b.cache)
+    plan_paged(w, b)
+    out, lse = poison(3, 4, 16, device=device), poison(3, 4, device=device)
+    bad = [
+        (lambda: w.run(b.q.half(), b.cache, out=out, lse=lse), ValueError, "q"),
+        (lambda: w.run(b.q, b.cache.half(), out=out, lse=lse), ValueError, "paged_kv_cache"),
+        (lambda: w.run(b.q, b.cache[:, :, :2], out=out, lse=lse), ValueError, "page_size"),
+        (lambda: w.run(b.q, b.cache, out=out[:2], lse=lse), ValueError, "out"),
+        (lambda: w.run(b.q, b.cache, out=out, lse=lse.double()), ValueError, "lse"),
+        (lambda: w.run(b.q, b.cache, out=out, lse=lse, lse_base="e"), ValueError, "lse_base"),
+        (lambda: w.run(b.q, b.cache, out=out, lse=lse, sinks=torch.zeros(4)), NotImplementedError, "sinks"),
+        (lambda: w.run(b.q, b.cache, 1.0, out=out, lse=lse), NotImplementedError, "args"),
+        (lambda: w.run(b.q, b.cache, out=out, lse=lse, window_left=2), ValueError, "window_left"),
+        (lambda: w.run(b.q[:2], b.cache, out=out, lse=lse), ValueError, "q"),
+    ]
+    for fn, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            fn()
+    assert out.isnan().all() and lse.isnan().all()
+    # checked mode: page ids are checked against the cache's page count at run()
+    b.kv_indices[1] = b.P + 3
+    plan_paged(w, b)
+    fi.set_checks(True)
+    try:
+        with pytest.raises(ValueError, match="paged_kv_indices"):
+            w.run(b.q, b.cache, out=out, lse=lse)
+    finally:
+        fi.set_checks(False)
+    assert out.isnan().all() and lse.isnan().all()
+    w.run(b.q, b.cache, out=out, lse=lse)  # unchecked: memory-safe (ids masked), values unspecified
+    assert not out.isnan().any()
+
+
+def test_constructor_and_single_errors(device):
+    ws = workspace(device)
+    with pytest.raises(KeyError):
+        fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NDH")
+    with pytest.raises(ValueError, match="float_workspace_buffer"):
+        fi.BatchDecodeWithPagedKVCacheWrapper(ws.float())
+    with pytest.raises(ValueError, match="float_workspace_buffer"):
+        fi.BatchDecodeWithPagedKVCacheWrapper(ws[1:])
+    with pytest.raises(ValueError, match="paged_kv_last_page_len_buffer"):
+        fi.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True)
+    with pytest.raises(ValueError, match="paged_kv_indptr_buffer"):
+        fi.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True, paged_kv_indptr_buffer=torch.zeros(2).int(),
+                                              paged_kv_indices_buffer=torch.zeros(4).int(),
+                                              paged_kv_last_page_len_buffer=torch.zeros(3).int())
+    with pytest.raises(NotImplementedError):
+        fi.BatchPrefillWithPagedKVCacheWrapper(ws, backend="cudnn")
+    with pytest.raises(NotImplementedError):
+        fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "HND")
+    with pytest.raises(NotImplementedError):
+        fi.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=[1])
+    q, k = torch.randn(4, 2, 16, device=device), torch.randn(3, 2, 16, device=device)
+    with pytest.raises(ValueError, match="causal"):
+        fi.single_prefill_with_kv_cache(q, k, k, causal=True)
+    with pytest.raises(NotImplementedError, match="scale_q"):
+        fi.single_prefill_with_kv_cache(q, k, k, scale_q=torch.ones(2))
+    with pytest.raises(NotImplementedError, match="k_scale"):
+        fi.single_decode_with_kv_cache(q[0], k, k, k_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="custom_mask"):
+        fi.single_prefill_with_kv_cache(q, k, k, custom_mask=torch.ones(4, 4, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="packed_custom_mask"):
+        fi.single_prefill_with_kv_cache(q, k, k, packed_custom_mask=torch.ones(5, dtype=torch.uint8, device=device))
+    with pytest.raises(ValueError, match="v"):
+        fi.single_decode_with_kv_cache(q[0], k, torch.randn(3, 2, 32, device=device))
+    with pytest.raises(KeyError):
+        fi.single_decode_with_kv_cache(q[0], k, k, pos_encoding_mode="XPOS")
+    with pytest.raises(ValueError, match="q"):
+        fi.single_prefill_with_kv_cache(q, torch.randn(3, 3, 16, device=device), torch.randn(3, 3, 16, device=device))
+
+
+def test_decode_plan_errors(device):
+    b = Batch([1, 1], [2, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=5, device=device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    with pytest.raises(ValueError, match="use_tensor_cores"):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_len_per_req=2)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), use_tensor_cores=True)
+    with pytest.raises(ValueError, match="q_len_per_req"):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_len_per_req=3)
+    with pytest.raises(NotImplementedError):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, window_right=4)
+    w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
+    with pytest.raises(ValueError, match="q_len_per_req"):
+        w.run(b.q, b.cache, q_len_per_req=2)
+
+
+# --------------------------------------------------------------------------- self-check
+
+
+def test_selfcheck(device):
+    from torch_flashops._selfcheck import _CHECKS
+
+    results = _CHECKS["attention"](device)
+    assert {r.op for r in results} == {"single_attention", "paged_attention", "paged_attention_out",
+                                       "ragged_attention", "ragged_attention_out"}
+    bad = [(r.op, r.note, r.max_err) for r in results if not r.ok]
+    assert not bad, bad
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_gpu_cuda_graph_capture_replan_replay(kind):
+    """Capture run() after plan A, re-plan B (same B, other lengths/pages), replay == eager B."""
+    a = Batch([1, 1, 1] if kind == "decode" else [3, 1, 5], [300, 2, 40], page_size=16, Hq=32, Hkv=8, D=128,
+              dtype=torch.bfloat16, seed=1, device="cuda", spare_pages=60)
+    bb = Batch([1, 1, 1] if kind == "decode" else [2, 4, 1], [17, 900, 64], page_size=16, Hq=32, Hkv=8, D=128,
+               dtype=torch.bfloat16, seed=2, device="cuda")
+    bb.cache = a.cache[: bb.P] if bb.P <= a.P else bb.cache
+    w = _graph_wrapper("cuda", 3, 128, kind)
+    kw = dict(q_data_type=torch.bfloat16)
+    (w.plan(a.kv_indptr, a.kv_indices, a.last, 32, 8, 128, 16, **kw) if kind == "decode"
+     else plan_paged(w, a, causal=True))
+    q_static = a.q.clone()
+    out = torch.empty(q_static.shape[0], 32, 128, dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w.run(q_static, a.cache, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q_static, a.cache, out=out)
+    graph.replay()
+    check_attention("replay A", out, None, *a.oracle(causal=kind != "decode"), torch.bfloat16)
+    (w.plan(bb.kv_indptr, bb.kv_indices, bb.last, 32, 8, 128, 16, **kw) if kind == "decode"
+     else plan_paged(w, bb, causal=True))
+    if bb.q.shape[0] <= q_static.shape[0]:
+        q_static[: bb.q.shape[0]].copy_(bb.q)
+    graph.replay()
+    eager = w.run(q_static, a.cache)
+    torch.cuda.synchronize()
+    n = int(bb.qo_indptr[-1])
+    assert torch.equal(out[:n], eager[:n])
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_cache_buffer_no_cudagraph_skips():
+    from torch._dynamo.utils import counters
+
+    page, Hq, Hkv, D = 16, 32, 8, 128
+    b = Batch([1] * 4, [40, 300, 7, 64], page_size=page, Hq=Hq, Hkv=Hkv, D=D, dtype=torch.bfloat16, seed=3,
+              device="cuda")
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace("cuda"))
+    w.plan(b.kv_indptr, b.kv_indices, b.last, Hq, Hkv, D, page, q_data_type=torch.bfloat16)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("kv_cache", b.cache.clone())
+
+        def forward(self, q, k_new, v_new, bi, pos, kv_indices, kv_indptr, last):
+            fi.append_paged_kv_cache(k_new, v_new, bi, pos, self.kv_cache, kv_indices, kv_indptr, last)
+            return w.run(q, self.kv_cache)
+
+    layer = Layer()
+    seq = fi.get_seq_lens(b.kv_indptr.cuda(), b.last.cuda(), page)
+    bi, pos = fi.get_batch_indices_positions(torch.arange(5, dtype=torch.int32, device="cuda"), seq, 4)
+    k_new = torch.randn(4, Hkv, D, device="cuda").bfloat16()
+    v_new = torch.randn(4, Hkv, D, device="cuda").bfloat16()
+    args = (b.q, k_new, v_new, bi, pos, b.kv_indices.cuda(), b.kv_indptr.cuda(), b.last.cuda())
+    counters.clear()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        o = compiled(*args).clone()
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    eager = w.run(b.q, layer.kv_cache)
+    assert_close("reduce-overhead", o, eager.float(), dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page,layout", [(16, "NHD"), (1, "NHD"), (16, "HND")])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_model_shapes(page, layout, dtype):
+    """Model-sized heads (32/8, D=128), long and empty requests, decode and causal prefill."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    for qo in ([1] * 5, [17, 1, 0, 64, 3]):
+        b = Batch(qo, [4099, 1, 0, 257, 16], page_size=page, Hq=32, Hkv=8, D=128, dtype=dt, layout=layout,
+                  seed=page, device="cuda", shared_pages=True)
+        w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace("cuda", 128 << 20), layout)
+        plan_paged(w, b, causal=True)
+        o, lse = w.run(b.q, b.cache, return_lse=True)
+        ro, rl = b.oracle(causal=True)
+        check_attention(f"gpu {qo}", o, lse, ro, rl, dt)
