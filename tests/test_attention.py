@@ -424,3 +424,51 @@ def test_paged_fuzz(c):
     o, lse = w.run(b.q, b.cache, return_lse=True)
     ro, rl = b.oracle(causal=c["causal"], masks=masks, **opts)
     check_attention("fuzz", o, lse, ro, rl, torch.float32)
+
+
+# --------------------------------------------------------------------------- multi-level cascade
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multilevel_cascade_equals_flat_prefill(causal, device):
+    """Three levels (prefix shared by all rows, a middle level shared by groups, unique
+    suffixes) over one cache == one paged prefill over the concatenated page lists."""
+    g = torch.Generator().manual_seed(7 + causal)
+    page, Hq, Hkv, D, P = 4, 4, 2, 16, 40
+    cache = torch.randn(P, 2, page, Hkv, D, generator=g).to(device)
+    pages = torch.randperm(P, generator=g).int()
+    qo_lens = [2, 1, 2]
+    qo_indptr = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
+    N = 5
+    prefix = pages[:3]  # 12 tokens, full pages
+    mid = [pages[3:5], pages[5:6]]  # requests 0-1 share two pages, request 2 one page
+    uniq_lens = [5, 2, 7]
+    uniq, at = [], 6
+    for n in uniq_lens:
+        k = (n + page - 1) // page
+        uniq.append(pages[at:at + k])
+        at += k
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    levels = dict(
+        qo=[i32([0, N]), i32([0, 3, 5]), qo_indptr],
+        indptr=[i32([0, 3]), i32([0, 2, 3]), i32([0] + torch.tensor([len(u) for u in uniq]).cumsum(0).tolist())],
+        indices=[prefix, torch.cat(mid), torch.cat(uniq)],
+        last=[i32([4]), i32([4, 4]), i32([(n - 1) % page + 1 for n in uniq_lens])],
+    )
+    w = fi.MultiLevelCascadeAttentionWrapper(3, workspace(device))
+    w.plan(levels["qo"], levels["indptr"], levels["indices"], levels["last"], Hq, Hkv, D, page, causal=causal,
+           q_data_type="float32")
+    q = torch.randn(N, Hq, D, generator=g).to(device)
+    o = w.run(q, cache)
+    flat_pages = [torch.cat([prefix, mid[0 if b < 2 else 1], uniq[b]]) for b in range(3)]
+    flat_indptr = i32([0] + torch.tensor([len(p) for p in flat_pages]).cumsum(0).tolist())
+    ro, _ = ref_attention(q.cpu(), cache[:, 0].cpu(), cache[:, 1].cpu(), qo_indptr, flat_indptr, torch.cat(flat_pages),
+                          levels["last"][2], causal=causal)
+    assert_close("cascade", o, ro.float())
+    flat = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    flat.plan(qo_indptr, flat_indptr, torch.cat(flat_pages), levels["last"][2], Hq, Hkv, D, page, causal=causal,
+              q_data_type="float32")
+    assert_close("cascade vs flat wrapper", o, flat.run(q, cache))
+    with pytest.raises(ValueError, match="qo_indptr_arr"):
+        w.plan([i32([0, 4])] + levels["qo"][1:], levels["indptr"], levels["indices"], levels["last"], Hq, Hkv, D,
+               page)

@@ -487,3 +487,18 @@ def test_gpu_model_shapes(page, layout, dtype):
         o, lse = w.run(b.q, b.cache, return_lse=True)
         ro, rl = b.oracle(causal=True)
         check_attention(f"gpu {qo}", o, lse, ro, rl, dt)
+
+
+def test_compile_multilevel_cascade(device):
+    """The cascade run (per-level ops + in-place merges) compiles to one graph."""
+    g = torch.Generator().manual_seed(2)
+    cache = torch.randn(12, 2, 4, 2, 16, generator=g).to(device)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    w = fi.MultiLevelCascadeAttentionWrapper(2, workspace(device))
+    w.plan([i32([0, 3]), i32([0, 1, 2, 3])], [i32([0, 2]), i32([0, 1, 3, 4])], [i32([5, 1]), i32([0, 7, 2, 9])],
+           [i32([4]), i32([3, 1, 2])], 4, 2, 16, 4, causal=True, q_data_type="float32")
+    q = torch.randn(3, 4, 16, generator=g).to(device)
+    cc = CompileCounter(lambda q, c: w.run(q, c))
+    assert_close("compiled cascade", cc(q, cache), w.run(q, cache))
+    assert cc.frames == 1
+    assert cc.graph_ops().count("flashops.merge_state_in_place.default") == 1

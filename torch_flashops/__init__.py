@@ -24,6 +24,7 @@ from .cascade import *  # noqa: E402,F401,F403
 from .quantization import *  # noqa: E402,F401,F403
 from .prefill import *  # noqa: E402,F401,F403
 from .decode import *  # noqa: E402,F401,F403
+from .cascade_wrapper import *  # noqa: E402,F401,F403
 from .moe_routing import *  # noqa: E402,F401,F403
 from .fused_moe import *  # noqa: E402,F401,F403
 
