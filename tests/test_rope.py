@@ -188,6 +188,23 @@ def test_rope_gpu_tiles_small_blocks(device, nan_empty):
             assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1]), f"config {cfg}"
 
 
+def test_rope_empty(device, nan_empty):
+    """nnz == 0 and B == 0: every entry point returns empty outputs / does nothing."""
+    _, q, k = packed_qk(0, 4, 2, 32, torch.bfloat16, device)
+    pos = torch.zeros(0, dtype=torch.int64, device=device)
+    for indptr, offs in ((torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int32, device=device)),
+                         (torch.zeros(3, dtype=torch.int64, device=device), torch.tensor([4, 5], device=device))):
+        for fn in (fo.apply_rope, fo.apply_llama31_rope):
+            qo, ko = fn(q, k, indptr, offs)
+            assert qo.shape == (0, 4, 32) and ko.shape == (0, 2, 32)
+        assert fo.apply_rope_inplace(q, k, indptr, offs) is None
+    qo, ko = fo.apply_rope_pos_ids(q, k, pos, 16, True)
+    assert qo.shape == q.shape and ko.shape == k.shape
+    fo.apply_llama31_rope_pos_ids_inplace(q, k, pos)
+    qo, ko = fo.apply_rope_with_cos_sin_cache(pos, q.reshape(0, 128), k.reshape(0, 64), 32, torch.rand(8, 32, device=device))
+    assert qo.shape == (0, 128) and ko.shape == (0, 64)
+
+
 # --------------------------------------------------------------------------- positions / indptr form
 
 
@@ -395,11 +412,13 @@ def _op_args(device, views=False):
     }
 
 
-@pytest.mark.parametrize("views", [False, True], ids=["contiguous", "qkv-views"])
-@pytest.mark.parametrize("name", ["rope", "rope_inplace", "rope_cos_sin_cache", "rope_cos_sin_cache_inplace", "rope_positions"])
+@pytest.mark.parametrize(
+    "name, views",
+    [(n, v) for n in ("rope", "rope_inplace", "rope_cos_sin_cache", "rope_cos_sin_cache_inplace") for v in (False, True)]
+    + [("rope_positions", False)],
+    ids=lambda x: {False: "contiguous", True: "qkv-views"}.get(x, x) if isinstance(x, bool) else x,
+)
 def test_opcheck(device, name, views):
-    if views and name == "rope_positions":
-        pytest.skip("rope_positions takes no q/k views")
     op = getattr(torch.ops.flashops, name).default
     torch.library.opcheck(op, _op_args(device, views)[name])
 
@@ -639,3 +658,30 @@ def test_cuda_graph_capture_fresh_params():
     q2, k2 = q.clone(), k.clone()
     fo.apply_llama31_rope_pos_ids_inplace(q2, k2, pos, rope_theta=theta)
     assert torch.equal(qs, q2) and torch.equal(ks, k2)
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_no_cudagraph_skips():
+    """In-place RoPE on views of an intermediate qkv inside mode="reduce-overhead": captured
+    (0 cudagraph skips) and equal to eager."""
+    from torch._dynamo.utils import counters
+
+    hq, hk, d = 8, 2, 64
+
+    def f(x, w, pos):
+        qkv = x @ w
+        n = qkv.shape[0]
+        q = qkv[:, : hq * d].view(n, hq, d)
+        k = qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
+        fo.apply_rope_pos_ids_inplace(q, k, pos)
+        return qkv
+
+    counters.clear()
+    cf = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16) / 16
+    pos = torch.randint(0, 4096, (16,), device="cuda")
+    for _ in range(3):
+        out = cf(x, w, pos).clone()
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert_close("qkv", out, f(x, w, pos))

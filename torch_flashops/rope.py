@@ -36,13 +36,6 @@ __all__ = [
 # --------------------------------------------------------------------------- validation
 
 
-def _expect(cond, name: str, msg) -> None:
-    """``expect`` with the message built only on failure (``msg`` a callable): formatting a
-    SymInt while torch.compile traces would specialise that size and recompile per value."""
-    if not cond:
-        expect(False, name, msg())
-
-
 # torch.compile(dynamic=True) may pass Python ints and floats as SymInt / SymFloat
 _INT = (int, torch.SymInt)
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
@@ -50,8 +43,8 @@ _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
 
 def _check_positive(value, name: str):
     ok = isinstance(value, _NUMBER) and not isinstance(value, bool) and 0 < value < math.inf  # NaN fails too
-    _expect(ok, name, lambda: f"must be a finite number > 0, got {value!r}")
-    return float(value)  # specialise here: the op takes a plain float (no SymFloat restart later)
+    expect(ok, name, "must be a finite number > 0, got {!r}", value)
+    return float(value)
 
 
 def _check_qk(q, k, qname: str = "q", kname: str = "k") -> None:
@@ -59,27 +52,27 @@ def _check_qk(q, k, qname: str = "q", kname: str = "k") -> None:
     check_tensor(q, qname, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor(k, kname, ndim=3, dtypes=FLOAT_DTYPES)
     check_same(q, k, qname, kname, shape=False)
-    _expect(k.shape[0] == q.shape[0], kname, lambda: f"nnz {k.shape[0]} does not match {qname}'s {q.shape[0]} (shape {tuple(k.shape)} vs {tuple(q.shape)})")
-    _expect(k.shape[2] == q.shape[2], kname, lambda: f"head dim {k.shape[2]} does not match {qname}'s {q.shape[2]}")
+    expect(k.shape[0] == q.shape[0], kname, "nnz {} does not match {}'s {} (shape {} vs {})", k.shape[0], qname, q.shape[0], tuple(k.shape), tuple(q.shape))
+    expect(k.shape[2] == q.shape[2], kname, "head dim {} does not match {}'s {}", k.shape[2], qname, q.shape[2])
 
 
 def _check_rotary_dim(rotary_dim, head_dim: int, name: str = "rotary_dim") -> int:
     rd = head_dim if rotary_dim is None else rotary_dim
-    _expect(isinstance(rd, _INT) and not isinstance(rd, bool), name, lambda: f"must be an int or None, got {rotary_dim!r}")
-    _expect(rd % 2 == 0 and 2 <= rd <= head_dim, name, lambda: f"must be even and in [2, {head_dim}] (the head dim), got {rd}")
+    expect(isinstance(rd, _INT) and not isinstance(rd, bool), name, "must be an int or None, got {!r}", rotary_dim)
+    expect(rd % 2 == 0 and 2 <= rd <= head_dim, name, "must be even and in [2, {}] (the head dim), got {}", head_dim, rd)
     return rd
 
 
 def _check_llama31(low_freq_factor, high_freq_factor, old_context_len) -> tuple:
     lf = _check_positive(low_freq_factor, "low_freq_factor")
     hf = _check_positive(high_freq_factor, "high_freq_factor")
-    _expect(lf < hf, "high_freq_factor", lambda: f"must be greater than low_freq_factor ({lf}), got {hf}")
+    expect(lf < hf, "high_freq_factor", "must be greater than low_freq_factor ({}), got {}", lf, hf)
     return lf, hf, _check_positive(old_context_len, "old_context_len")
 
 
 def _check_pos_ids(pos_ids, q, name: str = "pos_ids") -> None:
     check_tensor(pos_ids, name, ndim=1, dtypes=INDEX_DTYPES, device=q.device, last_contiguous=False)
-    _expect(pos_ids.shape[0] == q.shape[0], name, lambda: f"shape {tuple(pos_ids.shape)} must be ({q.shape[0]},) (one position per token of q)")
+    expect(pos_ids.shape[0] == q.shape[0], name, "shape {} must be ({},) (one position per token of q)", tuple(pos_ids.shape), q.shape[0])
 
 
 def _positions_from_indptr(q, indptr, offsets) -> torch.Tensor:
@@ -87,8 +80,8 @@ def _positions_from_indptr(q, indptr, offsets) -> torch.Tensor:
     check_tensor(indptr, "indptr", ndim=1, dtypes=INDEX_DTYPES, device=q.device, last_contiguous=False)
     check_tensor(offsets, "offsets", ndim=1, dtypes=INDEX_DTYPES, device=q.device, last_contiguous=False)
     expect(indptr.shape[0] >= 1, "indptr", "must have at least one element (B + 1 with B >= 0)")
-    expect(offsets.dtype == indptr.dtype, "offsets", f"dtype {offsets.dtype} must match indptr's {indptr.dtype}")
-    _expect(offsets.shape[0] == indptr.shape[0] - 1, "offsets", lambda: f"length {offsets.shape[0]} must be len(indptr) - 1 = {indptr.shape[0] - 1}")
+    expect(offsets.dtype == indptr.dtype, "offsets", "dtype {} must match indptr's {}", offsets.dtype, indptr.dtype)
+    expect(offsets.shape[0] == indptr.shape[0] - 1, "offsets", "length {} must be len(indptr) - 1 = {}", offsets.shape[0], indptr.shape[0] - 1)
     nnz = q.shape[0]
     if checks_enabled():
         check_indptr_values(indptr, "indptr", total=nnz)
@@ -257,20 +250,20 @@ _set_docs()
 
 def _cache_views(positions, query, key, head_size, cos_sin_cache):
     """Validate the vLLM-style arguments; return ``[nnz, H, head_size]`` views of query and key."""
-    _expect(isinstance(head_size, _INT) and not isinstance(head_size, bool) and head_size > 0, "head_size",
-            lambda: f"must be a positive int, got {head_size!r}")
+    expect(isinstance(head_size, _INT) and not isinstance(head_size, bool) and head_size > 0, "head_size",
+           "must be a positive int, got {!r}", head_size)
     views = []
     for x, name in ((query, "query"), (key, "key")):
         check_tensor(x, name, ndim=(2, 3), dtypes=FLOAT_DTYPES)
         if x.dim() == 3:
-            _expect(x.shape[2] == head_size, name, lambda: f"last dim {x.shape[2]} must equal head_size {head_size}")
+            expect(x.shape[2] == head_size, name, "last dim {} must equal head_size {}", x.shape[2], head_size)
         else:
-            _expect(x.shape[1] % head_size == 0, name, lambda: f"last dim {x.shape[1]} must be a multiple of head_size {head_size}")
+            expect(x.shape[1] % head_size == 0, name, "last dim {} must be a multiple of head_size {}", x.shape[1], head_size)
         views.append(x.view(x.shape[0], x.shape[-1] // head_size if x.dim() == 2 else x.shape[1], head_size))
     q3, k3 = views
     _check_qk(q3, k3, "query", "key")
     check_tensor(cos_sin_cache, "cos_sin_cache", ndim=2, device=query.device, last_contiguous=False)
-    expect(cos_sin_cache.dtype == torch.float32, "cos_sin_cache", f"must be float32, got {cos_sin_cache.dtype}")
+    expect(cos_sin_cache.dtype == torch.float32, "cos_sin_cache", "must be float32, got {}", cos_sin_cache.dtype)
     _check_rotary_dim(cos_sin_cache.shape[1], head_size, "cos_sin_cache")
     _check_pos_ids(positions, query, "positions")
     if checks_enabled():

@@ -72,8 +72,9 @@ def _rotate_head_block(x_ptr, o_ptr, xs_t, xs_h, os_t, os_h, t64, t_mask, h0, H,
     """Rotate heads [h0, h0 + BLOCK_H) of tokens t64 from x into o (o may be x: in place)."""
     h = h0 + tl.arange(0, BLOCK_H)
     th_mask = (t_mask[:, None] & (h < H)[None, :])[:, :, None]
-    x_row = x_ptr + (t64[:, None] * xs_t + h[None, :] * xs_h)[:, :, None]
-    o_row = o_ptr + (t64[:, None] * os_t + h[None, :] * os_h)[:, :, None]
+    h64 = h.to(tl.int64)  # head-major storage has head strides of nnz * D
+    x_row = x_ptr + (t64[:, None] * xs_t + h64[None, :] * xs_h)[:, :, None]
+    o_row = o_ptr + (t64[:, None] * os_t + h64[None, :] * os_h)[:, :, None]
     c = c[:, None, :]
     s = s[:, None, :]
     if INTERLEAVE:
