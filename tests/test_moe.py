@@ -179,6 +179,34 @@ def test_moe_grouped_gemm_strided_a_and_w(device, backend):
     assert_close("moe_grouped_gemm strided", c, exp, atol=1e-4, rtol=1e-4)
 
 
+# ------------------------------------------------------------------------ fused_moe's align
+@pytest.mark.parametrize("T,k,E,B,remote", [(17, 2, 4, 16, False), (40, 3, 6, 32, True), (300, 8, 20, 16, True),
+                                            (2, 1, 3, 64, False)], ids=lambda v: str(v))
+def test_fused_align_layout(device, T, k, E, B, remote):
+    """fused_moe's internal alignment against the align oracle: the same padded total and
+    expert per block, each bucket holding exactly its pairs (any order), pads = numel."""
+    g = torch.Generator().manual_seed(T)
+    Eg = 2 * E if remote else E
+    ids = torch.randint(-1, Eg, (T, k), generator=g, dtype=torch.int32)
+    emap = None
+    if remote:  # this rank holds the even global experts
+        emap = torch.full((Eg,), -1, dtype=torch.int32)
+        emap[::2] = torch.arange(E, dtype=torch.int32)
+    sid, eid, ntp = ops.fused_align(ids.to(device), B, E, emap.to(device) if remote else None)
+    rs, re_, rn = ref_moe_align_block_size(ids, B, Eg, emap)
+    n = int(ntp[0])
+    assert n == int(rn[0]) and sid.numel() == T * k + (E + 1) * (B - 1)
+    sid, eid = sid.cpu()[:n], eid.cpu()[: n // B]
+    assert torch.equal(eid, re_[: n // B])
+    # bucket by bucket (each expert's blocks are consecutive, the skip bucket last): the same
+    # pairs, everything else in the bucket's blocks the pad value
+    starts = [b for b in range(n // B) if b == 0 or eid[b] != eid[b - 1]]
+    for i, b0 in enumerate(starts):
+        b1 = starts[i + 1] if i + 1 < len(starts) else n // B
+        got, exp = sid[b0 * B:b1 * B], rs[b0 * B:b1 * B]
+        assert sorted(got.tolist()) == sorted(exp.tolist()), (b0, b1)
+
+
 # --------------------------------------------------------------------------------- fused_moe
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("T", [0, 1, 3, 17])

@@ -352,10 +352,11 @@ def _moe_selfcheck(device) -> list[CheckResult]:
     ids[3] = -1
     tw = torch.rand(T, k, generator=g)
     res = []
-    h = rnd(T, k, 2 * I)
-    res.append(CheckResult("silu_and_mul", max_abs_err(silu_and_mul(h), ref.ref_silu_and_mul(h.cpu()).float()), tol))
-    y = rnd(T, k, H)
-    res.append(CheckResult("moe_sum", max_abs_err(moe_sum(y, 2.5), ref.ref_moe_sum(y.cpu().float(), 2.5)), tol))
+    # (outputs of O(1): one bf16 rounding step stays under the tolerance)
+    h = rnd(T, k, 2 * I, scale=0.5)
+    res.append(CheckResult("silu_and_mul", max_abs_err(silu_and_mul(h), ref.ref_silu_and_mul(h.cpu())), tol))
+    y = rnd(T, k, H, scale=0.25)
+    res.append(CheckResult("moe_sum", max_abs_err(moe_sum(y, 2.5), ref.ref_moe_sum(y.cpu(), 2.5)), tol))
     # the grouped GEMM on a hand-made alignment: block b holds pair b, pair 3's block skipped
     B, numel = 16, T * k
     sid = torch.full((numel * B,), numel, dtype=torch.int32)

@@ -172,17 +172,15 @@ def _phases(ctx, ops, cfg, batches, w1, w2, bias, case, graph):
         ctx.record(f"{case}: align B={block_m}", "flashops",
                    ctx.time(lambda ids: ops._route(mc, ids, block_m, E, None), [(b[3],) for b in batches], graph=graph))
     numel = T * k
-    hs = [x.new_empty((numel, I)) for x, *_ in batches]
+    hs = [ops._intermediate(b[0], r, numel, I) for b, r in zip(batches, routes)]
     ys = [x.new_empty((numel, H)) for x, *_ in batches]
     outs = [x.new_empty((T, H)) for x, *_ in batches]
 
     def g1(x, h, tw, r):
-        ops._launch_gemm(x, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=mc["gemm1"], topk_w=ops._flat(tw),
-                         fuse_silu=True, write_skip=False, **r)
+        ops._gemm1(x, w1, h, mc["gemm1"], r, block_m, k, ops._flat(tw), False)
 
     def g2(h, y, tw, r):
-        ops._launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=mc["gemm2"], topk_w=ops._flat(tw),
-                         mul=True, **r)
+        ops._gemm2(h, w2, y, mc["gemm2"], r, block_m, numel, ops._flat(tw), False)
 
     sets = list(zip(batches, hs, ys, outs, routes))
     f1 = 4 * H * I * numel
@@ -279,15 +277,61 @@ def tune(out_dir, models=None, budget_s=200.0, workers=12, *, shapes=MODELS, tok
     return tables
 
 
+def diagnose(points=(("Qwen3-4GPU", 1024), ("Qwen3-4GPU", 4096), ("Mixtral-2GPU", 4096))):
+    """Host cost vs device time of fused_moe: eager (do_bench) vs CUDA-graph replay, host
+    microseconds per call, and the top host functions (cProfile)."""
+    import cProfile
+    import pstats
+
+    import triton
+
+    import torch_flashops as fo
+
+    for name, T in points:
+        cfg = MODELS[name]
+        w1, w2, bias = make_layer(cfg, "cuda", torch.bfloat16)
+        x, _, tw, ids = make_batches(cfg, T, 1, "cuda", torch.bfloat16, bias)[0]
+
+        def call():
+            return fo.fused_moe(x, w1, w2, tw, ids)
+
+        call()
+        eager = triton.testing.do_bench(call, warmup=10, rep=100, return_mode="median")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+        graph = triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            call()
+        host = (time.perf_counter() - t0) / 50 * 1e3
+        torch.cuda.synchronize()
+        print(f"[diag] {name} T={T}: eager {eager * 1e3:.1f} us, graph {graph * 1e3:.1f} us, "
+              f"host {host * 1e3:.1f} us/call", flush=True)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(20):
+            call()
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+        del w1, w2
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tune", action="store_true", help="time launch configs, write configs/moe tables")
     p.add_argument("--out", default="bench_out", help="folder for a copy of the tables")
     p.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
     p.add_argument("--budget", type=float, default=200.0, help="seconds of tuning before stopping")
+    p.add_argument("--diagnose", action="store_true", help="host cost vs device time of fused_moe")
     a = p.parse_args(argv)
     if a.tune:
         tune(a.out, a.models, a.budget)
+    if a.diagnose:
+        diagnose()
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_valid", "num_m_blocks", "num_slots"])
 def _moe_gemm_kernel(
-    a_ptr, w_ptr, w_desc, c_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, c_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntp_ptr,      # alignment (unused in pair mode)
     topk_ids_ptr, expert_map_ptr,                 # pair mode routing
     topk_w_ptr,
@@ -80,6 +80,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
+    A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -97,16 +98,24 @@ def _moe_gemm_kernel(
         slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
     valid = slot < num_valid
+    pos = (pid_m * BLOCK_M + r).to(tl.int64)  # slot position: row of a sorted intermediate
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
-    c_mask = valid[:, None] & (offs_n[None, :] < N)
+    if C_SORTED:  # every row of the block, pads too (never read back as results)
+        c_ptrs = c_ptr + pos[:, None] * stride_cm + offs_n[None, :]
+        c_mask = (pos < num_slots)[:, None] & (offs_n[None, :] < N)
+    else:
+        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
+        c_mask = valid[:, None] & (offs_n[None, :] < N)
     if expert < 0:
         if WRITE_SKIP:
             tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
         return
 
     offs_k = tl.arange(0, BLOCK_K)
-    a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
+    if A_SORTED:
+        a_row = pos
+    else:
+        a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
     w_cols = (offs_n % N) * stride_wn  # wrapped: loads stay in bounds without a mask
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] + offs_k[:, None]
@@ -116,7 +125,9 @@ def _moe_gemm_kernel(
     n0 = pid_n * BLOCK_N
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kk * BLOCK_K
-        if EVEN_K:
+        if A_TMA:
+            a = a_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
@@ -173,6 +184,60 @@ def _moe_sum_kernel(x_ptr, y_ptr, H, stride_xt, stride_xk, stride_yt, scale,
     for j in tl.static_range(TOP_K):  # fixed order: deterministic
         acc += tl.load(x_ptr + t * stride_xt + j * stride_xk + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * stride_yt + cols, (acc * scale).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bucket(ids_ptr, map_ptr, offs, mask, num_local, HAS_MAP: tl.constexpr):
+    """Bucket of each pair: its local expert, or ``num_local`` (the skip bucket) for id -1 and
+    experts not on this rank (expert_map -1)."""
+    e = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    if HAS_MAP:
+        e = tl.where(e >= 0, tl.load(map_ptr + tl.maximum(e, 0), mask=mask, other=-1).to(tl.int32), -1)
+    return tl.where(e >= 0, e, num_local)
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, numel, num_local, cap,
+                        HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr):
+    """Pass 1: fill slots [pid*CH, pid*CH + CH) with the pad value numel; add this chunk's
+    per-bucket pair counts to counts[NB]."""
+    offs = tl.program_id(0) * CH + tl.arange(0, CH)
+    tl.store(sorted_ptr + offs, tl.zeros([CH], tl.int32) + numel, mask=offs < cap)
+    m = offs < numel
+    if tl.program_id(0) * CH < numel:
+        h = tl.histogram(_bucket(ids_ptr, map_ptr, offs, m, num_local, HAS_MAP), NB, mask=m)
+        tl.atomic_add(counts_ptr + tl.arange(0, NB), h, mask=h > 0)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp_ptr, numel, num_local,
+                          block_size, n_blocks, HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
+                          EB: tl.constexpr):
+    """Pass 2: bucket b starts at slot start[b] (padded counts, exclusive prefix sum); each pair
+    takes the next free slot of its bucket (an integer atomic on cursor[b] = counts[NB + b]), so
+    the order inside a bucket is unspecified but every pair lands exactly once. Blocks
+    [pid*EB, ...) get their bucket's expert (-1 for the skip bucket); program 0 writes the padded
+    total. GEMM rows do not depend on their slot, so results stay deterministic."""
+    pid = tl.program_id(0)
+    bins = tl.arange(0, NB)
+    counts = tl.load(counts_ptr + bins)
+    padded = (counts + block_size - 1) // block_size * block_size
+    start = tl.cumsum(padded, 0) - padded
+    ntp = tl.sum(padded, 0)
+    if pid == 0:
+        tl.store(ntp_ptr, ntp)
+    offs = pid * CH + tl.arange(0, CH)
+    m = offs < numel
+    b = _bucket(ids_ptr, map_ptr, offs, m, num_local, HAS_MAP)
+    pos = tl.atomic_add(counts_ptr + NB + b, tl.full([CH], 1, tl.int32), mask=m)
+    tl.store(sorted_ptr + tl.gather(start, b, 0) + pos, offs, mask=m)
+    first_blk = start // block_size
+    used = padded > 0
+    for j in range(pid * EB, tl.minimum(ntp // block_size, n_blocks), tl.num_programs(0) * EB):
+        blk = j + tl.arange(0, EB)
+        hit = used[None, :] & (first_blk[None, :] <= blk[:, None])
+        e = tl.max(tl.where(hit, bins[None, :], -1), 1)
+        tl.store(eid_ptr + blk, tl.where(e < num_local, e, -1), mask=blk < ntp // block_size)
 
 
 # ------------------------------------------------------------------- launch heuristics
@@ -289,9 +354,11 @@ def _tma_ok(w) -> bool:
 
 
 def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=None, topk_w=None,
-                 mul=False, fuse_silu=False, write_skip=True, scale=1.0):
+                 mul=False, fuse_silu=False, write_skip=True, scale=1.0, a_sorted=False, c_sorted=False):
     """One grouped GEMM ``c = gather(a) @ w[e].T`` over aligned blocks (``align`` =
-    (sorted_ids, expert_ids, ntp)) or single pairs (``pairs`` = (flat topk_ids, expert_map))."""
+    (sorted_ids, expert_ids, ntp)) or single pairs (``pairs`` = (flat topk_ids, expert_map)).
+    ``c_sorted``: rows of c are slot positions (the sorted intermediate [num_slots, N]);
+    ``a_sorted``: rows of a are slot positions (read contiguously, by TMA when the config says)."""
     n_out = w.shape[1] // 2 if fuse_silu else w.shape[1]
     K = w.shape[2]
     if num_valid == 0 or n_out == 0:
@@ -306,24 +373,46 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         sorted_ids = expert_ids = ntp = ids
         num_slots = num_m_blocks = num_valid
         emap = emap if emap is not None else ids
+        a_sorted = c_sorted = False  # a pair's slot is its own row already
     interp = _config.interpreting()
     if not interp:
         cfg = _fit_smem(cfg, block_m, fuse_silu, a.element_size())
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     use_tma = bool(cfg.get("tma")) and _tma_ok(w)
-    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_K"]]) if use_tma else w
-    grid = (num_m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
+    a_tma = use_tma and a_sorted and _tma_ok(a.unsqueeze(0))
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, bk]) if a_tma else a
+    grid = (num_m_blocks * triton.cdiv(n_out, bn),)
     _moe_gemm_kernel[grid](
-        a, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
+        a, a_desc, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
         a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip,
         PAIRS=pairs is not None, HAS_MAP=pairs is not None and pairs[1] is not None,
-        EVEN_K=K % cfg["BLOCK_K"] == 0, W_TMA=use_tma,
+        EVEN_K=K % bk == 0, W_TMA=use_tma, A_SORTED=a_sorted, A_TMA=a_tma, C_SORTED=c_sorted,
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _intermediate(x, route, numel, I):
+    """GEMM1's output: [numel, I] (pair rows) or, aligned, [slots, I] in slot order."""
+    rows = route["align"][0].numel() if "align" in route else numel
+    return x.new_empty((rows, I))
+
+
+def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input):
+    """GEMM1 with silu_and_mul fused: h = silu(x @ gate.T) * (x @ up.T) (times w if on_input)."""
+    _launch_gemm(x, w1, h, num_valid=x.shape[0] * k, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
+                 mul=on_input, fuse_silu=True, write_skip=False, c_sorted=True, **route)
+
+
+def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0):
+    """GEMM2: y[pair] = (h @ w2[e].T) * (w unless on_input) * scale; zeros for skipped pairs."""
+    _launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=cfg, topk_w=flat_w,
+                 mul=not on_input, write_skip=True, scale=scale, a_sorted=True, **route)
 
 
 def _launch_moe_sum(x3, out, scale):
@@ -393,34 +482,56 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
     if T == 0 or k == 0:
         return out.zero_()
     numel = T * k
-    if global_num_experts <= 0:
-        global_num_experts = expert_map.numel() if expert_map is not None else E
     if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
-        cfg = autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map, global_num_experts)
+        cfg = autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map)
     else:
         cfg = moe_config(T, k, E, I, H, x.dtype, x.device)
     block_m = 16 if cfg["pairs"] else cfg["block_m"]
-    route = _route(cfg, topk_ids, block_m, global_num_experts, expert_map)
+    route = _route(cfg, topk_ids, block_m, E, expert_map)
     flat_w = _flat(topk_weights)
     on_input = apply_router_weight_on_input
-    h = x.new_empty((numel, I))
-    _launch_gemm(x, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg["gemm1"], topk_w=flat_w,
-                 mul=on_input, fuse_silu=True, write_skip=False, **route)
+    h = _intermediate(x, route, numel, I)
+    _gemm1(x, w1, h, cfg["gemm1"], route, block_m, k, flat_w, on_input)
     # k == 1: GEMM2 writes the layer output itself (scaled), no finalize pass
     y = out if k == 1 else x.new_empty((numel, H))
-    _launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=cfg["gemm2"], topk_w=flat_w,
-                 mul=not on_input, write_skip=True, scale=routed_scaling_factor if k == 1 else 1.0, **route)
+    _gemm2(h, w2, y, cfg["gemm2"], route, block_m, numel, flat_w, on_input,
+           scale=routed_scaling_factor if k == 1 else 1.0)
     if k > 1:
         _launch_moe_sum(y.view(T, k, H), out, routed_scaling_factor)
     return out
 
 
-def _route(cfg, topk_ids, block_m, num_experts, expert_map):
+def _route(cfg, topk_ids, block_m, num_local, expert_map):
+    """How the GEMMs find their rows: single pairs (decode) or an alignment into blocks."""
     if cfg["pairs"]:
         return {"pairs": (_flat(topk_ids), expert_map)}
-    from . import moe_routing  # noqa: F401  (registers flashops::moe_align_block_size)
+    return {"align": fused_align(topk_ids, block_m, num_local, expert_map)}
 
-    return {"align": torch.ops.flashops.moe_align_block_size(topk_ids, block_m, num_experts, expert_map, False)}
+
+def fused_align(topk_ids, block_size, num_local, expert_map=None):
+    """fused_moe's own ``moe_align_block_size``: the same buckets, padding and expert ids
+    (local experts in order, then the skip bucket for -1 and remote pairs), two launches and a
+    memset, but the order of pairs inside a bucket is unspecified and slots past
+    ``num_tokens_post_pad`` are not written (the GEMMs never read them). Static sizes:
+    ``sorted [numel + (num_local + 1) * (block_size - 1)]``, ``expert_ids [cdiv(that, block_size)]``."""
+    ids = _flat(topk_ids)
+    numel = ids.numel()
+    dev = ids.device
+    cap = numel + (num_local + 1) * (block_size - 1)
+    n_blocks = triton.cdiv(cap, block_size)
+    nb = max(16, triton.next_power_of_2(num_local + 1))
+    counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
+    sorted_ids = torch.empty((cap,), dtype=torch.int32, device=dev)
+    expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
+    ntp = torch.empty((1,), dtype=torch.int32, device=dev)
+    emap = expert_map if expert_map is not None else ids
+    ch = 1024 if nb <= 64 else 256
+    common = dict(HAS_MAP=expert_map is not None, CH=ch, NB=nb, num_warps=4)
+    _align_count_kernel[(triton.cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_local, cap, **common)
+    grid = max(1, triton.cdiv(numel, ch))
+    _align_scatter_kernel[(grid,)](ids, emap, counts, sorted_ids, expert_ids, ntp, numel, num_local, block_size,
+                                   n_blocks, EB=max(16, 8192 // nb), **common)
+    return sorted_ids, expert_ids, ntp
 
 
 # ----------------------------------------------------------------------------- autotune
@@ -438,14 +549,20 @@ def _c(bn, bk, gm, warps, stages, tma=False):
 # and registers; "tma" loads the weight tiles through tensor descriptors.
 _CANDIDATES = {
     "small": ([_c(16, 256, 1, 4, 4), _c(32, 256, 1, 4, 4), _c(64, 128, 1, 4, 4), _c(64, 256, 1, 4, 3),
-               _c(128, 128, 1, 4, 3), _c(64, 128, 8, 4, 4, True), _c(128, 64, 1, 4, 6, True)],
+               _c(128, 128, 1, 4, 3), _c(32, 128, 1, 4, 6, True), _c(64, 128, 8, 4, 4, True),
+               _c(128, 64, 1, 4, 6, True)],
               [_c(32, 256, 1, 4, 4), _c(64, 128, 1, 4, 4), _c(64, 256, 1, 4, 3), _c(128, 128, 1, 4, 3),
-               _c(64, 128, 8, 4, 4, True), _c(128, 64, 1, 4, 6, True)]),
-    64: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 4, 3), _c(64, 128, 8, 4, 3), _c(128, 64, 8, 8, 4, True)],
-         [_c(128, 64, 8, 4, 4), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 3), _c(128, 64, 8, 4, 4, True)]),
-    128: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 8, 3), _c(64, 128, 8, 8, 3), _c(128, 64, 8, 8, 4, True)],
-          [_c(128, 64, 8, 8, 4), _c(256, 64, 8, 8, 3), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 4, True)]),
-    256: ([_c(64, 64, 8, 8, 3), _c(128, 64, 8, 8, 2)], [_c(128, 64, 8, 8, 3), _c(256, 64, 8, 8, 2)]),
+               _c(64, 128, 8, 4, 4, True), _c(128, 64, 1, 4, 6, True), _c(128, 128, 1, 4, 4, True)]),
+    64: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 4, 3), _c(64, 128, 8, 4, 3), _c(128, 64, 8, 8, 4, True),
+          _c(64, 128, 8, 4, 4, True), _c(64, 64, 8, 4, 6, True)],
+         [_c(128, 64, 8, 4, 4), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 3), _c(128, 64, 8, 4, 4, True),
+          _c(128, 128, 8, 4, 3, True), _c(256, 64, 8, 8, 4, True)]),
+    128: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 8, 3), _c(64, 128, 8, 8, 3), _c(128, 64, 8, 8, 4, True),
+           _c(128, 64, 8, 8, 3, True), _c(128, 64, 16, 8, 4, True), _c(64, 64, 8, 4, 5, True)],
+          [_c(128, 64, 8, 8, 4), _c(256, 64, 8, 8, 3), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 4, True),
+           _c(256, 64, 8, 8, 3, True), _c(128, 128, 8, 8, 3, True), _c(256, 64, 16, 8, 4, True)]),
+    256: ([_c(64, 64, 8, 8, 4, True), _c(64, 64, 8, 8, 3)],
+          [_c(128, 64, 8, 8, 4, True), _c(128, 64, 8, 8, 3)]),
 }
 
 
@@ -456,10 +573,12 @@ def gemm_candidates(block_m: int, fused: bool) -> list[dict]:
 def block_m_choices(T: int, k: int, E: int) -> tuple:
     """BLOCK_M values worth timing for a mean of T*k/E pairs per expert."""
     m = T * k / max(E, 1)
-    return (16,) if m <= 8 else (16, 32) if m <= 24 else (16, 32, 64) if m <= 48 else (32, 64, 128) if m <= 160 else (64, 128)
+    if m <= 48:
+        return (16,) if m <= 8 else (16, 32) if m <= 24 else (16, 32, 64)
+    return (32, 64, 128) if m <= 160 else (64, 128) if m <= 400 else (64, 128, 256)
 
 
-def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, global_num_experts=-1, *,
+def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
                         options=None, candidates=None, timer=None, cache=True) -> dict:
     """Time GEMM1 (+act) and GEMM2 candidates on these inputs and return the fastest config.
 
@@ -472,8 +591,6 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, glob
     key = (E, I, H, k, x.dtype, triton.next_power_of_2(max(T, 1)))
     if cache and key in _TUNED:
         return _TUNED[key]
-    if global_num_experts <= 0:
-        global_num_experts = expert_map.numel() if expert_map is not None else E
     if options is None:
         options = [(16, True)] if _pairs_rule(T, k, E) else []
         options += [(b, False) for b in block_m_choices(T, k, E)]
@@ -482,20 +599,21 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, glob
     flat_w = _flat(topk_weights)
     best = None
     for block_m, pairs in options:
-        route = _route({"pairs": pairs}, topk_ids, block_m, global_num_experts, expert_map)
+        route = _route({"pairs": pairs}, topk_ids, block_m, E, expert_map)
         # the alignment pass is part of the price of a BLOCK_M (pair mode has none)
-        t_align = 0.0 if pairs else timer(lambda: _route({"pairs": False}, topk_ids, block_m, global_num_experts, expert_map))
-        h = x.new_empty((numel, I))
+        t_align = 0.0 if pairs else timer(lambda: _route({"pairs": False}, topk_ids, block_m, E, expert_map))
+        h = _intermediate(x, route, numel, I)
         y = x.new_empty((numel, H))
         picks = []
-        for fused, a, w, c, kw in (
-            (True, x, w1, h, dict(top_k=k, mul=False, fuse_silu=True, write_skip=False)),
-            (False, h, w2, y, dict(top_k=1, mul=True, write_skip=True)),
-        ):
+        for fused in (True, False):
             best_g = None
             for g in (candidates or gemm_candidates)(block_m, fused):
-                def run(g=g, a=a, w=w, c=c, kw=kw):
-                    _launch_gemm(a, w, c, num_valid=numel, block_m=block_m, cfg=g, topk_w=flat_w, **kw, **route)
+                if fused:
+                    def run(g=g):
+                        _gemm1(x, w1, h, g, route, block_m, k, flat_w, False)
+                else:
+                    def run(g=g):
+                        _gemm2(h, w2, y, g, route, block_m, numel, flat_w, False)
                 try:
                     run()
                     ms = timer(run)
