@@ -277,9 +277,11 @@ def tune(out_dir, models=None, budget_s=200.0, workers=12, *, shapes=MODELS, tok
     return tables
 
 
-def diagnose(points=(("Qwen3-4GPU", 1024), ("Qwen3-4GPU", 4096), ("Mixtral-2GPU", 4096))):
-    """Host cost vs device time of fused_moe: eager (do_bench) vs CUDA-graph replay, host
-    microseconds per call, and the top host functions (cProfile)."""
+def diagnose(points=(("Qwen3-4GPU", 4096), ("Qwen3-4GPU", 1024), ("Mixtral-2GPU", 4096), ("DeepSeek-4GPU", 4096),
+                      ("DeepSeek-4GPU", 16384)), profile=("Qwen3-4GPU", 4096)):
+    """Host cost vs device time of fused_moe at the headline shapes: eager (do_bench) and
+    CUDA-graph replay, TFLOP/s, torch._grouped_mm forward for the ratio, host microseconds per
+    call, and for one shape the top host functions (cProfile)."""
     import cProfile
     import pstats
 
@@ -291,6 +293,7 @@ def diagnose(points=(("Qwen3-4GPU", 1024), ("Qwen3-4GPU", 4096), ("Mixtral-2GPU"
         cfg = MODELS[name]
         w1, w2, bias = make_layer(cfg, "cuda", torch.bfloat16)
         x, _, tw, ids = make_batches(cfg, T, 1, "cuda", torch.bfloat16, bias)[0]
+        flops = 6 * cfg["H"] * cfg["I"] * ids.numel()
 
         def call():
             return fo.fused_moe(x, w1, w2, tw, ids)
@@ -301,22 +304,26 @@ def diagnose(points=(("Qwen3-4GPU", 1024), ("Qwen3-4GPU", 4096), ("Mixtral-2GPU"
         with torch.cuda.graph(g):
             call()
         graph = triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")
+        gmm = triton.testing.do_bench(lambda: grouped_mm_forward(x, w1, w2, tw, ids), warmup=10, rep=100,
+                                      return_mode="median")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(50):
             call()
         host = (time.perf_counter() - t0) / 50 * 1e3
         torch.cuda.synchronize()
-        print(f"[diag] {name} T={T}: eager {eager * 1e3:.1f} us, graph {graph * 1e3:.1f} us, "
-              f"host {host * 1e3:.1f} us/call", flush=True)
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(20):
-            call()
-        pr.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
-        del w1, w2
+        print(f"[diag] {name} T={T}: eager {eager * 1e3:.1f} us = {flops / eager / 1e9:.0f} TFLOP/s, graph "
+              f"{graph * 1e3:.1f} us = {flops / graph / 1e9:.0f} TFLOP/s, grouped_mm {gmm * 1e3:.1f} us "
+              f"(x{gmm / eager:.2f}), host {host * 1e3:.1f} us/call", flush=True)
+        if (name, T) == profile:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(20):
+                call()
+            pr.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+        del w1, w2, g
         torch.cuda.empty_cache()
 
 
