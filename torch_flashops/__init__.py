@@ -28,4 +28,11 @@ from .cascade_wrapper import *  # noqa: E402,F401,F403
 from .moe_routing import *  # noqa: E402,F401,F403
 from .fused_moe import *  # noqa: E402,F401,F403
 
+# FlashInfer has a *module* flashinfer.fused_moe (cutlass_fused_moe, ...): keep the name bound to
+# our module so `import torch_flashops as flashinfer` works; the vLLM-style layer function is
+# torch_flashops.fused_moe.fused_moe.
+import sys as _sys  # noqa: E402
+
+fused_moe = _sys.modules[__name__ + ".fused_moe"]
+
 __version__ = "0.1.0"

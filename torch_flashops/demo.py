@@ -89,6 +89,12 @@ def run(a) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()
+    # Sizes of plan/page-table tensors coincide now and then (e.g. the work list and the page
+    # list both 8 long); dynamo's duck sizing would then guard on that equality and recompile
+    # when it breaks. Independent symbols for independent sizes:
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
     mode = a.mode if a.mode is not None else ("reduce-overhead" if device == "cuda" else None)
     step = model if a.no_compile else torch.compile(model, fullgraph=True, dynamic=True, mode=mode)
     tol = a.tol if a.tol is not None else {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]

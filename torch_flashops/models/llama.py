@@ -111,7 +111,7 @@ class PagedLlama(nn.Module):
         if not cfg.num_experts:
             return fo.silu_and_mul(h @ blk.w1.T) @ blk.w2.T
         topk_w, topk_ids = fo.topk_softmax(h @ blk.router.T, cfg.top_k, renormalize=True)
-        return fo.fused_moe(h, blk.w1, blk.w2, topk_w, topk_ids)
+        return fo.fused_moe.fused_moe(h, blk.w1, blk.w2, topk_w, topk_ids)
 
     def forward(self, input_ids, pos_ids, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, attn):
         import torch_flashops as fo
