@@ -633,6 +633,8 @@ def test_cuda_graph_capture_fresh_params():
     _, q, k = packed_qk(33, 8, 2, 128, torch.bfloat16, "cuda")
     pos = torch.randint(0, 9000, (33,), device="cuda")
     theta = 12345.678  # a value no other test uses
+    fo.apply_llama31_rope_pos_ids_inplace(q.clone(), k.clone(), pos)  # compile the kernel before capture
+    torch.cuda.synchronize()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         g = torch.cuda.CUDAGraph()

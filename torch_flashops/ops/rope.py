@@ -192,7 +192,7 @@ def _launch_config(nnz: int, Hq: int, Hk: int, D: int, rd: int, *, interpreting:
     if _config_override:
         cfg.update(_config_override)
     if "G" not in (_config_override or {}):
-        n_tb = _cdiv(nnz, cfg["BLOCK_T"])
+        n_tb = max(1, _cdiv(nnz, cfg["BLOCK_T"]))
         n_blocks = _cdiv(Hq, cfg["BLOCK_H"]) + _cdiv(Hk, cfg["BLOCK_H"])
         if not interpreting and n_tb < _MIN_PROGRAMS:
             cfg["G"] = max(1, min(n_blocks, _cdiv(_MIN_PROGRAMS, n_tb)))
