@@ -10,9 +10,13 @@
                             writes a partial state to scratch
   merge      int32 [Ms, 4]  (b, m_start, first split item, count): partials to combine
 
-On the device each list is flattened to 1-D int32 ``[4 * rows]``. Lists are padded with idle items (b = -1) to at least 2 rows, so a compiled ``run()`` never
-specialises on a list being empty or of length 1, and in CUDA-graph mode to the sizes frozen
-at the first plan, so a captured launch grid stays valid for every later plan. Everything a
+On the device each list is flattened to 1-D int32 ``[4 * rows]``. Lists are padded with idle
+items (b = -1) to at least 2 rows, so a compiled ``run()`` never specialises on a list being
+empty or of length 1. A plan without split-KV has split/merge lists of exactly 2 idle rows, one
+with splits at least 3: the launcher skips the merge launch on that shape. In CUDA-graph mode
+lists are padded to the sizes frozen at the first plan (split/merge >= 3 rows, so the captured
+merge launch is always there), and a captured launch grid stays valid for every later plan.
+Everything a
 run needs that changes from plan to plan lives in device tensors (``PlanTensors``); Python
 ints kept on the wrapper are only the frozen options and tile sizes.
 """
@@ -244,17 +248,16 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     max_split_items = max(0, workspace_bytes // attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo))
     if bounds is not None:
         max_split_items = min(max_split_items, bounds.split_work)
-    chunk = 0
+    chunk = 0  # fixed keys per chunk, or the target size of balanced chunks
+    balanced = fixed_split_keys is None
     if not disable_split_kv and tb.size and length.max(initial=0) > 0:
-        min_chunk = attn_ops.split_min_chunk(block_n)
         if fixed_split_keys is not None:
             chunk = max(1, int(fixed_split_keys))
         else:
-            target = attn_ops.num_sms(device) * attn_ops._SPLIT_PROGRAMS_PER_SM
-            if tb.size * num_kv_heads < target:
-                per_head = -(-target // num_kv_heads)
-                chunk = max(min_chunk, -(-int(length.sum()) // per_head))
-                chunk = -(-chunk // block_n) * block_n
+            sms = attn_ops.num_sms(device)
+            if tb.size * num_kv_heads < sms * attn_ops._SPLIT_BELOW_PROGRAMS_PER_SM:
+                per_head = -(-sms * attn_ops._SPLIT_PROGRAMS_PER_SM // num_kv_heads)
+                chunk = max(attn_ops.split_min_chunk(block_n), -(-int(length.sum()) // per_head))
     n_s = np.ones_like(length)
     while chunk:
         n_s = np.maximum(1, -(-length // chunk))
@@ -263,6 +266,10 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
         chunk *= 2  # too many partials for the workspace (or the frozen list): coarser chunks
     if not chunk:
         n_s = np.ones_like(length)
+    # balanced: each split tile's range cut into n_s equal chunks (multiples of block_n)
+    step = np.full_like(length, max(chunk, 1))
+    if balanced:
+        step = np.maximum(1, -(-(-(-length // n_s)) // block_n) * block_n)
     split = n_s > 1
 
     direct = np.flatnonzero(~split)
@@ -275,8 +282,8 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     merge = np.stack([tb[st], m_start[st], first, cnt], axis=1)
     owner = np.repeat(st, cnt)
     s_idx = np.arange(owner.size, dtype=np.int64) - np.repeat(first, cnt)
-    s_lo = lo[owner] + s_idx * chunk
-    s_hi = np.minimum(s_lo + chunk, hi[owner])
+    s_lo = np.minimum(lo[owner] + s_idx * step[owner], hi[owner])
+    s_hi = np.minimum(s_lo + step[owner], hi[owner])
     split_work = np.stack([tb[owner], m_start[owner], s_lo, s_hi], axis=1)
     return Schedule(_as_list(work), _as_list(split_work), _as_list(merge), int(chunk))
 
@@ -313,7 +320,10 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
     """Device tensors of the three lists: fresh (padded to >= 2 rows) or, in CUDA-graph mode,
     copied into the frozen buffers of ``into`` (padded to ``bounds``)."""
     if bounds is None:
-        rows = [max(MIN_LIST_ROWS, a.shape[0]) for a in (sched.work, sched.split_work, sched.merge)]
+        has_split = sched.split_work.shape[0] > 0
+        none = attn_ops.NO_SPLIT_ROWS  # the launcher reads this list size as "no split-KV"
+        rows = [max(MIN_LIST_ROWS, sched.work.shape[0])] + [
+            max(none + 1, a.shape[0]) if has_split else none for a in (sched.split_work, sched.merge)]
     else:
         rows = [bounds.work, bounds.split_work, bounds.merge]
         for a, n, name in ((sched.work, rows[0], "work"), (sched.split_work, rows[1], "split_work"),

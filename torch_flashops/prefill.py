@@ -245,7 +245,8 @@ class _BatchAttention:
             tiles = P.tile_bound(int(qo_h[-1]), qo_lens.size, group, block_m)
             per_head = -(-attn_ops.num_sms(self.device) * attn_ops._SPLIT_PROGRAMS_PER_SM // num_kv_heads)
             cap = ws // attn_ops.partial_item_bytes(num_kv_heads, block_m, head_dim_vo)
-            self._bounds = P.Bounds(tiles, max(P.MIN_LIST_ROWS, min(cap, tiles + 2 * per_head)), tiles)
+            lo = attn_ops.NO_SPLIT_ROWS + 1  # frozen split/merge lists always launch the merge kernel
+            self._bounds = P.Bounds(tiles, max(lo, min(cap, tiles + 2 * per_head)), max(lo, tiles))
             self._frozen_block_m = block_m
             self._frozen_rows = int(qo_h[-1])
         if self._use_cuda_graph:

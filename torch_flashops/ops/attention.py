@@ -43,13 +43,14 @@ from .._registry import register_op
 from ..meta import attention as meta
 from ..meta.page import paged_kv_views
 from ..reference import attention as ref
-from .cascade import online_merge_finish, online_merge_step
+from .cascade import online_merge_finish
 
 __all__ = [
     "POS_ENCODING_MODES",
     "tile_m",
     "attn_config",
     "num_sms",
+    "NO_SPLIT_ROWS",
     "single_attention_op",
     "paged_attention_op",
     "paged_attention_out_op",
@@ -61,6 +62,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
+NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -316,12 +318,12 @@ def _merge_kernel(
     O, LSE, PO, PLSE, MERGE, QO_INDPTR,
     stride_ot, stride_oh, stride_lt, stride_lh,
     num_kv_heads, num_q_rows, single_qo_len, single_n_split, v_scale, lse_scale,
-    GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr,
-    WORKLIST: tl.constexpr,
+    GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, WORKLIST: tl.constexpr,
 ):
-    # Program (merge row e, KV head hk): combine the `count` partial tiles of one (request,
-    # m tile) in item order (spec §0.5 merge, folded online with the cascade family's device
-    # functions; empty partials contribute 0).
+    # Program (merge row e, KV head hk, dims [d0, d0 + BLOCK_D)): combine the `count` partial
+    # tiles of one (request, m tile) in item order, SPLIT_BLOCK partials per step so their loads
+    # are in flight together (spec §0.5 merge, folded online; empty partials contribute 0).
     e = tl.program_id(0)
     hk = tl.program_id(1)
     if WORKLIST:
@@ -341,28 +343,39 @@ def _merge_kernel(
         qo_len = single_qo_len
     offs_m = m_start + tl.arange(0, BLOCK_M)
     valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
-    offs_dv = tl.arange(0, BLOCK_DVO)
-    dv_mask = offs_dv < D_VO
-    acc = tl.zeros([BLOCK_M, BLOCK_DVO], dtype=tl.float32)
-    m_run = tl.full([BLOCK_M, 1], float("-inf"), dtype=tl.float32)
-    d_run = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
-    for i in range(0, count):
-        prow = ((first + i).to(tl.int64) * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)
-        s = tl.load(PLSE + prow, mask=valid_m, other=float("-inf"))[:, None]
-        o = tl.load(PO + prow[:, None] * D_VO + offs_dv[None, :], mask=valid_m[:, None] & dv_mask[None, :], other=0.0)
-        acc, m_run, d_run = online_merge_step(acc, m_run, d_run, o, s)
-    o, lse2 = online_merge_finish(acc, m_run, d_run)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D_VO
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    d_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s0 in range(0, count, SPLIT_BLOCK):
+        sidx = s0 + tl.arange(0, SPLIT_BLOCK)
+        prow = ((first + sidx).to(tl.int64)[:, None] * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        lmask = (sidx < count)[:, None] & valid_m[None, :]
+        s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, BLOCK_M]
+        o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
+                    mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(s, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - shift)
+        w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        d_run = d_run * alpha + tl.sum(w, 0)
+        m_run = m_new
+    o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
     lse2 = tl.reshape(lse2, [BLOCK_M])
     r = offs_m // GROUP
     h = hk * GROUP + offs_m % GROUP
     orow = (qo_start + r).to(tl.int64)
-    o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_dv[None, :]
-    tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & dv_mask[None, :])
-    tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
+    o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
 
 
 # ------------------------------------------------------------------------- launch heuristics
-_SPLIT_PROGRAMS_PER_SM = 4  # split KV until about this many programs per SM are in flight
+_SPLIT_BELOW_PROGRAMS_PER_SM = 2  # split KV only when the tiles give fewer programs than this
+_SPLIT_PROGRAMS_PER_SM = 4  # ... and then until about this many programs per SM are in flight
 _CPU_SMS = 4  # the interpreter's pretend SM count (keeps CPU schedules small but split-capable)
 
 
@@ -394,9 +407,18 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device) 
     return (32 if wide else 64), 4, (2 if wide else 3)
 
 
+def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
+    """(SPLIT_BLOCK, BLOCK_D, num_warps) of the merge kernel: up to 8192 fp32 partial elements
+    per step, so even one long request's many splits keep several loads in flight, and narrow
+    D chunks to spread a few merge rows over more programs."""
+    block_d = min(32 if block_m <= 32 else 64, triton.next_power_of_2(d_vo))
+    split_block = max(1, min(16, 8192 // (block_m * block_d)))
+    return split_block, block_d, 8 if split_block * block_m * block_d > 4096 else 4
+
+
 def split_min_chunk(block_n: int) -> int:
     """Fewest keys a split-KV chunk may hold (smaller chunks cost more merging than they save)."""
-    return max(2 * block_n, 128)
+    return max(4 * block_n, 256)
 
 
 def partial_item_bytes(num_kv_heads: int, block_m: int, d_vo: int) -> int:
@@ -442,7 +464,8 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if grid0 == 0:
         return
     dev = q.device
-    scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4
+    has_split = n_split_items > 0 and not (worklist and n_split_items == NO_SPLIT_ROWS)
+    scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
     n_po = n_split_items * h_kv * block_m * d_vo
     plse = po[n_po:]
@@ -472,15 +495,16 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if n_split_items == 0:
-        return
+    if not has_split:
+        return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     n_merge = merge.shape[0] // WORK_FIELDS if worklist else n_tiles
-    _merge_kernel[(n_merge, h_kv)](
+    split_block, block_d, merge_warps = merge_config(block_m, d_vo)
+    _merge_kernel[(n_merge, h_kv, triton.cdiv(d_vo, block_d))](
         o, lse, po, plse, merge if worklist else dummy, qo_indptr if worklist else dummy,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
         h_kv, R, s_qo, s_nsplit, float(v_scale), LN2 if lse_ln else 1.0,
-        GROUP=group, D_VO=d_vo, BLOCK_DVO=triton.next_power_of_2(d_vo), BLOCK_M=block_m, WORKLIST=worklist,
-        num_warps=4 if block_m * d_vo <= 8192 else 8,
+        GROUP=group, D_VO=d_vo, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BLOCK=split_block, WORKLIST=worklist,
+        num_warps=merge_warps,
     )
 
 
@@ -489,7 +513,7 @@ def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_n: in
     the machine (decode of one long sequence)."""
     target = num_sms(device) * _SPLIT_PROGRAMS_PER_SM
     min_chunk = split_min_chunk(block_n)
-    if n_tiles * h_kv >= target or kv_len <= min_chunk:
+    if n_tiles * h_kv >= num_sms(device) * _SPLIT_BELOW_PROGRAMS_PER_SM or kv_len <= min_chunk:
         return max(kv_len, 1), 1
     want = max(1, target // max(n_tiles * h_kv, 1))
     chunk = max(min_chunk, triton.cdiv(triton.cdiv(kv_len, want), block_n) * block_n)
