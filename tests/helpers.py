@@ -57,7 +57,10 @@ class CompileCounter:
 
     @property
     def frames(self) -> int:
-        return self.counter.frame_count
+        """Graphs compiled. A dynamo *restart* of one frame (e.g. when a Python float becomes a
+        symbolic input under dynamic=True) hands the backend an empty graph first; it is neither
+        a graph break nor a recompile, so empty graphs are not counted."""
+        return sum(1 for gm in self.counter.graphs if len(gm.graph.nodes) > 0)
 
     def graph_ops(self, namespace="flashops"):
         """Names of ``torch.ops.<namespace>`` calls in the captured graphs, in order."""
