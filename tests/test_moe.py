@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import torch_flashops as fo
 from torch_flashops import _config
+from torch_flashops.fused_moe import fused_moe  # (top-level torch_flashops.fused_moe is the module)
 from torch_flashops.ops import moe as ops
 from torch_flashops.reference import moe as ref
 from torch_flashops.reference.moe_routing import ref_moe_align_block_size
@@ -215,7 +216,7 @@ def test_fused_moe(device, backend, dtype, T):
     the others go through the alignment."""
     x, w1, w2, tw, ids = make_moe(T, 32, 16, 8, 2, dtype, device, seed=T)
     with poisoned_allocations():
-        out = fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=1.5)
+        out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=1.5)
     assert out.shape == (T, 32) and (T == 0 or out.data_ptr() != x.data_ptr())
     check_layer("fused_moe", out, x, w1, w2, tw, ids, rsf=1.5)
 
@@ -266,7 +267,7 @@ def test_fused_moe_scenarios(device, backend, scenario):
     elif scenario == "int64-ids":
         ids = ids.long()
     with poisoned_allocations():
-        out = fo.fused_moe(x, w1, w2, tw, ids, **call)
+        out = fused_moe(x, w1, w2, tw, ids, **call)
     check_layer(scenario, out, x, w1, w2, tw, ids, **kw)
     if scenario == "map-half-remote":  # remote pairs contribute exactly 0
         local = torch.where(ids >= 0, kw["expert_map"][ids.clamp(min=0).long()], -1)
@@ -275,28 +276,30 @@ def test_fused_moe_scenarios(device, backend, scenario):
             assert (out[none_local] == 0).all()
 
 
-@pytest.mark.parametrize("T", [1, 17], ids=["decode-pairs", "aligned"])
-def test_fused_moe_weight_descriptor_path(device, monkeypatch, T):
-    """Configs with "tma": weight tiles through tensor descriptors (zero fill past N and K
-    instead of wrapped pointers); H and I not multiples of the tiles."""
+@pytest.mark.parametrize("T,sort_x", [(1, False), (17, False), (17, True)], ids=["decode-pairs", "aligned", "sort-x"])
+def test_fused_moe_weight_descriptor_path(device, monkeypatch, T, sort_x):
+    """Configs with "tma": weight tiles (and sorted A tiles) through tensor descriptors (zero
+    fill past N and K instead of wrapped pointers); "sort_x": x copied into slot order before
+    GEMM1. H and I not multiples of the tiles."""
     real = ops.moe_config
 
     def with_tma(*a):
         cfg = real(*a)
-        return {**cfg, "gemm1": {**cfg["gemm1"], "tma": True}, "gemm2": {**cfg["gemm2"], "tma": True}}
+        g1 = {**cfg["gemm1"], "tma": True, **({"sort_x": True} if sort_x else {})}
+        return {**cfg, "gemm1": g1, "gemm2": {**cfg["gemm2"], "tma": True}}
 
     monkeypatch.setattr(ops, "moe_config", with_tma)
     x, w1, w2, tw, ids = make_moe(T, 40, 24, 8, 2, torch.bfloat16, device, seed=21)
     with poisoned_allocations():
-        out = fo.fused_moe(x, w1, w2, tw, ids)
+        out = fused_moe(x, w1, w2, tw, ids)
     check_layer("fused_moe tma", out, x, w1, w2, tw, ids, pipeline=False)
 
 
 def test_fused_moe_rsf_in_routing_or_output(device, backend):
     """routed_scaling_factor in the routing weights or on the output: the same layer output."""
     x, w1, w2, tw, ids = make_moe(9, 32, 16, 4, 2, torch.float32, device, seed=11)
-    a = fo.fused_moe(x, w1, w2, tw * 2.5, ids)
-    b = fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=2.5)
+    a = fused_moe(x, w1, w2, tw * 2.5, ids)
+    b = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=2.5)
     assert_close("rsf placement", a, b, atol=1e-4, rtol=1e-4)
     check_layer("rsf output", b, x, w1, w2, tw, ids, pipeline=False, rsf=2.5)
 
@@ -304,8 +307,8 @@ def test_fused_moe_rsf_in_routing_or_output(device, backend):
 def test_fused_moe_deterministic_and_no_alias(device):
     x, w1, w2, tw, ids = make_moe(17, 32, 16, 4, 2, torch.bfloat16, device, seed=12)
     x0 = x.clone()
-    a = fo.fused_moe(x, w1, w2, tw, ids)
-    b = fo.fused_moe(x, w1, w2, tw, ids)
+    a = fused_moe(x, w1, w2, tw, ids)
+    b = fused_moe(x, w1, w2, tw, ids)
     assert torch.equal(a, b) and torch.equal(x, x0)
     assert a.data_ptr() != x.data_ptr()
 
@@ -327,7 +330,7 @@ def test_fused_moe_hypothesis(data):
         ids = torch.where(drop.to(device), -1, ids).int()
     rsf = data.draw(st.sampled_from([1.0, 2.5]), label="rsf")
     with poisoned_allocations():
-        out = fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
+        out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
     check_layer("fused_moe (hypothesis)", out, x, w1, w2, tw, ids, pipeline=False, rsf=rsf)
 
 
@@ -384,7 +387,7 @@ def test_compile_fused_moe_dynamic_no_recompile(device):
     recompile as T changes; the fused_moe op stays opaque in the graph."""
 
     def layer(x, w1, w2, tw, ids):
-        return fo.fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=2.0) + 1.0
+        return fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=2.0) + 1.0
 
     cc = CompileCounter(layer, dynamic=True)
     for T in (3, 6, 10):
@@ -417,27 +420,27 @@ def _bad(match, fn, *a, **kw):
 
 def test_fused_moe_bad_input(device):
     x, w1, w2, tw, ids = make_moe(4, 16, 8, 4, 2, torch.float32, device)
-    _bad("^w1:", fo.fused_moe, x, w1[:, :, :8], w2, tw, ids)
-    _bad("^w1:", fo.fused_moe, x, w1[:, :15], w2, tw, ids)
-    _bad("^w2:", fo.fused_moe, x, w1, w2[:, :, :4], tw, ids)
-    _bad("^w2:", fo.fused_moe, x, w1, w2.half(), tw, ids)
-    _bad("^topk_weights:", fo.fused_moe, x, w1, w2, tw[:, :1], ids)
-    _bad("^topk_ids:", fo.fused_moe, x, w1, w2, tw[:3], ids[:3])
-    _bad("^topk_ids:", fo.fused_moe, x, w1, w2, tw, ids.float())
-    _bad("^hidden_states:", fo.fused_moe, x.int(), w1, w2, tw, ids)
-    _bad("^hidden_states:", fo.fused_moe, x.t(), w1, w2, tw, ids)
-    _bad("^apply_router_weight_on_input:", fo.fused_moe, x, w1, w2, tw, ids, apply_router_weight_on_input=True)
-    _bad("^expert_map:", fo.fused_moe, x, w1, w2, tw, ids, expert_map=torch.arange(4, dtype=torch.int32, device=device),
+    _bad("^w1:", fused_moe, x, w1[:, :, :8], w2, tw, ids)
+    _bad("^w1:", fused_moe, x, w1[:, :15], w2, tw, ids)
+    _bad("^w2:", fused_moe, x, w1, w2[:, :, :4], tw, ids)
+    _bad("^w2:", fused_moe, x, w1, w2.half(), tw, ids)
+    _bad("^topk_weights:", fused_moe, x, w1, w2, tw[:, :1], ids)
+    _bad("^topk_ids:", fused_moe, x, w1, w2, tw[:3], ids[:3])
+    _bad("^topk_ids:", fused_moe, x, w1, w2, tw, ids.float())
+    _bad("^hidden_states:", fused_moe, x.int(), w1, w2, tw, ids)
+    _bad("^hidden_states:", fused_moe, x.t(), w1, w2, tw, ids)
+    _bad("^apply_router_weight_on_input:", fused_moe, x, w1, w2, tw, ids, apply_router_weight_on_input=True)
+    _bad("^expert_map:", fused_moe, x, w1, w2, tw, ids, expert_map=torch.arange(4, dtype=torch.int32, device=device),
          global_num_experts=6)
-    _bad("^global_num_experts:", fo.fused_moe, x, w1, w2, tw, ids, global_num_experts=6)
+    _bad("^global_num_experts:", fused_moe, x, w1, w2, tw, ids, global_num_experts=6)
     with pytest.raises(NotImplementedError, match="gelu"):
-        fo.fused_moe(x, w1, w2, tw, ids, activation="gelu")
+        fused_moe(x, w1, w2, tw, ids, activation="gelu")
     old = _config._checks
     _config.set_checks(True)
     try:
-        _bad("^topk_ids: values must lie in \\[-1, 4\\)", fo.fused_moe, x, w1, w2, tw, torch.full_like(ids, 4))
-        _bad("^topk_ids:", fo.fused_moe, x, w1, w2, tw, torch.full_like(ids, -2))
-        _bad("^expert_map:", fo.fused_moe, x, w1, w2, tw, ids, expert_map=torch.full((4,), 7, dtype=torch.int32, device=device))
+        _bad("^topk_ids: values must lie in \\[-1, 4\\)", fused_moe, x, w1, w2, tw, torch.full_like(ids, 4))
+        _bad("^topk_ids:", fused_moe, x, w1, w2, tw, torch.full_like(ids, -2))
+        _bad("^expert_map:", fused_moe, x, w1, w2, tw, ids, expert_map=torch.full((4,), 7, dtype=torch.int32, device=device))
     finally:
         _config.set_checks(old)
 
@@ -514,11 +517,11 @@ def test_gpu_cuda_graph_replay_new_ids():
     dev = "cuda"
     for T, E in ((64, 8), (2, 64)):  # aligned path and decode pair path
         x, w1, w2, tw, ids = make_moe(T, 128, 64, E, 2, torch.bfloat16, dev, seed=17)
-        fo.fused_moe(x, w1, w2, tw, ids)  # warm-up: compile outside the capture
+        fused_moe(x, w1, w2, tw, ids)  # warm-up: compile outside the capture
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = fo.fused_moe(x, w1, w2, tw, ids)
+            out = fused_moe(x, w1, w2, tw, ids)
         for seed in (18, 19):
             _, _, _, tw2, ids2 = make_moe(T, 128, 64, E, 2, torch.bfloat16, dev, seed=seed)
             ids2[0] = -1
@@ -562,7 +565,7 @@ def test_gpu_fused_moe_every_shipped_config():
         for c in seen:
             ops.moe_config = lambda *a, c=c: {**c, "pairs": False}
             with poisoned_allocations():
-                out = fo.fused_moe(x, w1, w2, tw, ids)
+                out = fused_moe(x, w1, w2, tw, ids)
             assert_close(f"config {c}", out, exp, **MOE_TOL[torch.bfloat16])
     finally:
         ops.moe_config = real

@@ -5,8 +5,8 @@ The contract is vLLM/SGLang's: ``w1 [E, 2I, H]`` is ``[gate; up]``, ``w2 [E, H, 
 are skipped pairs. Routing (``topk_softmax``, ``grouped_topk``...) and ``moe_align_block_size``
 are in ``torch_flashops.moe_routing``.
 
-Note: ``torch_flashops.fused_moe`` is the *function* once the package is imported (as in vLLM);
-this module is reached as ``from torch_flashops.fused_moe import cutlass_fused_moe``.
+``torch_flashops.fused_moe`` is this module (FlashInfer's ``flashinfer.fused_moe`` is a module);
+the vLLM-style layer function is ``torch_flashops.fused_moe.fused_moe``.
 """
 from __future__ import annotations
 
@@ -37,9 +37,18 @@ def _static_float(v: float) -> float:
     return 1.0 if v == 1.0 else v
 
 
+def _check(t, name: str, ndim: int, dtypes, device=None, last_contiguous: bool = True) -> None:
+    """``check_tensor``'s passing path in a few attribute reads (fused_moe's host time bounds
+    mid-size layers); on any failure the full ``check_tensor`` runs and raises its message."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == ndim and t.dtype in dtypes
+            and (device is None or t.device == device)
+            and (not last_contiguous or t.numel() <= 1 or t.stride(-1) == 1)):
+        check_tensor(t, name, ndim=ndim, dtypes=dtypes, device=device, last_contiguous=last_contiguous)
+
+
 def _check_routing(topk_weights, topk_ids, T, device):
-    check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, device=device, last_contiguous=False)
-    check_tensor(topk_weights, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES, device=device, last_contiguous=False)
+    _check(topk_ids, "topk_ids", 2, INDEX_DTYPES, device, last_contiguous=False)
+    _check(topk_weights, "topk_weights", 2, FLOAT_DTYPES, device, last_contiguous=False)
     _require(topk_weights.shape == topk_ids.shape, "topk_weights",
         lambda: f"shape {tuple(topk_weights.shape)} does not match topk_ids {tuple(topk_ids.shape)}")
     _require(topk_ids.shape[0] == T, "topk_ids", lambda: f"has {topk_ids.shape[0]} rows, expected one per token ({T})")
@@ -96,11 +105,11 @@ def fused_moe(
     x = hidden_states
     if activation != "silu":
         raise NotImplementedError(f"activation {activation!r} is not implemented (only 'silu')")
-    check_tensor(x, "hidden_states", ndim=2, dtypes=_MOE_DTYPES)
+    _check(x, "hidden_states", 2, _MOE_DTYPES)
     dev = x.device
     T, H = x.shape
-    check_tensor(w1, "w1", ndim=3, dtypes=(x.dtype,), device=dev)
-    check_tensor(w2, "w2", ndim=3, dtypes=(x.dtype,), device=dev)
+    _check(w1, "w1", 3, (x.dtype,), dev)
+    _check(w2, "w2", 3, (x.dtype,), dev)
     E = w1.shape[0]
     _require(w1.shape[2] == H and w1.shape[1] % 2 == 0 and w1.shape[1] > 0, "w1",
              lambda: f"shape {tuple(w1.shape)} must be [E, 2I, H] with H = {H}")
@@ -111,7 +120,7 @@ def fused_moe(
     _require(k >= 1, "topk_ids", lambda: "needs at least one column (k >= 1)")
     _require(not apply_router_weight_on_input or k == 1, "apply_router_weight_on_input", lambda: f"needs k == 1, got k = {k}")
     if expert_map is not None:
-        check_tensor(expert_map, "expert_map", ndim=1, dtypes=INDEX_DTYPES, device=dev)
+        _check(expert_map, "expert_map", 1, INDEX_DTYPES, dev)
         if global_num_experts == -1:
             global_num_experts = expert_map.numel()
         _require(expert_map.numel() == global_num_experts, "expert_map",

@@ -126,12 +126,22 @@ def _work(cfg, batches, itemsize):
 
 # -------------------------------------------------------------------------------------- run
 def run(ctx):
-    import torch_flashops as fo
     from torch_flashops import _config
+    from torch_flashops.fused_moe import fused_moe as layer_fn
     from torch_flashops.ops import moe as ops
 
     dev = ctx.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    record = ctx.record
+
+    def loud_record(*a, **kw):  # rows also go to stdout as they come (a cut-off run keeps them)
+        row = record(*a, **kw)
+        print(f"[moe] {row.case} | {row.impl} | {row.ms * 1e3:.1f} us"
+              + (f" | {row.tflops:.1f} TFLOP/s" if row.tflops else "") + (f" | {row.gbps:.0f} GB/s" if row.bytes else ""),
+              flush=True)
+        return row
+
+    ctx.record = loud_record
     models, tokens = (QUICK_MODELS, QUICK_TOKENS) if ctx.quick else (MODELS, TOKENS)
     has_gmm = dev == "cuda" and hasattr(torch, "_grouped_mm")
     for name, cfg in models.items():
@@ -150,7 +160,7 @@ def run(ctx):
             if has_gmm:
                 ctx.record(case, "torch-grouped_mm", ctx.time(grouped_mm_forward, layer_args, graph=graph),
                            bytes=nbytes, flops=flops)
-            ctx.record(case, "flashops", ctx.time(fo.fused_moe, layer_args, graph=graph), bytes=nbytes, flops=flops)
+            ctx.record(case, "flashops", ctx.time(layer_fn, layer_args, graph=graph), bytes=nbytes, flops=flops)
             if dev == "cuda" or _config.interpreting():  # the phases launch kernels directly
                 _phases(ctx, ops, cfg, batches, w1, w2, bias, case, graph)
             del batches, layer_args
@@ -267,7 +277,9 @@ def tune(out_dir, models=None, budget_s=200.0, workers=12, *, shapes=MODELS, tok
             torch.cuda.empty_cache()
         if tables[name]:
             fname = ops.config_file_name(cfg["E"], cfg["I"], cfg["H"], dev_name, torch.bfloat16)
-            data = {str(t): tables[name][t] for t in sorted(tables[name])}
+            old = ops._load_table(fname) if write_package else None  # keep entries not re-tuned now
+            merged = {**(old or {}), **tables[name]}
+            data = {str(t): merged[t] for t in sorted(merged)}
             for d in (ops.CONFIG_DIR, out_dir) if write_package else (out_dir,):
                 os.makedirs(d, exist_ok=True)
                 with open(os.path.join(d, fname), "w") as f:
@@ -287,7 +299,7 @@ def diagnose(points=(("Qwen3-4GPU", 4096), ("Qwen3-4GPU", 1024), ("Mixtral-2GPU"
 
     import triton
 
-    import torch_flashops as fo
+    from torch_flashops.fused_moe import fused_moe as layer_fn
 
     for name, T in points:
         cfg = MODELS[name]
@@ -296,7 +308,7 @@ def diagnose(points=(("Qwen3-4GPU", 4096), ("Qwen3-4GPU", 1024), ("Mixtral-2GPU"
         flops = 6 * cfg["H"] * cfg["I"] * ids.numel()
 
         def call():
-            return fo.fused_moe(x, w1, w2, tw, ids)
+            return layer_fn(x, w1, w2, tw, ids)
 
         call()
         eager = triton.testing.do_bench(call, warmup=10, rep=100, return_mode="median")
@@ -333,10 +345,12 @@ def main(argv=None):
     p.add_argument("--out", default="bench_out", help="folder for a copy of the tables")
     p.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
     p.add_argument("--budget", type=float, default=200.0, help="seconds of tuning before stopping")
+    p.add_argument("--min-tokens", type=int, default=0, help="tune only token counts at or above this")
     p.add_argument("--diagnose", action="store_true", help="host cost vs device time of fused_moe")
     a = p.parse_args(argv)
     if a.tune:
-        tune(a.out, a.models, a.budget)
+        tokens = {m: [t for t in ts if t >= a.min_tokens] for m, ts in TOKENS.items()}
+        tune(a.out, a.models, a.budget, tokens=tokens)
     if a.diagnose:
         diagnose()
 

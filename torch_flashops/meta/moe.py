@@ -5,8 +5,6 @@ only the ``[T, H]`` result, never the alignment buffers or the intermediates ins
 """
 from __future__ import annotations
 
-import torch
-
 
 def moe_grouped_gemm_fake(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, block_size, top_k,
                           topk_weights=None, mul_routed_weight=False):

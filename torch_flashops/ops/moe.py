@@ -187,6 +187,27 @@ def _moe_sum_kernel(x_ptr, y_ptr, H, stride_xt, stride_xk, stride_yt, scale,
 
 
 @triton.jit
+def _gather_rows_kernel(x_ptr, out_ptr, sorted_ids_ptr, ntp_ptr, num_valid, top_k, H, stride_x, stride_o,
+                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[p] = x[sorted_ids[p] // top_k] for slots p < num_tokens_post_pad (pads: zeros), so
+    GEMM1 can read its A tiles contiguously (by TMA) instead of gathering rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ntp = tl.load(ntp_ptr)
+    if tl.program_id(0) * BLOCK_R >= ntp:
+        return
+    live = rows < ntp
+    src = tl.load(sorted_ids_ptr + rows, mask=live, other=num_valid)
+    ok = src < num_valid
+    src_row = tl.where(ok, src // top_k, 0).to(tl.int64)
+    dst_row = rows.to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        cm = (cols < H)[None, :]
+        v = tl.load(x_ptr + src_row[:, None] * stride_x + cols[None, :], mask=ok[:, None] & cm, other=0.0)
+        tl.store(out_ptr + dst_row[:, None] * stride_o + cols[None, :], v, mask=live[:, None] & cm)
+
+
+@triton.jit
 def _bucket(ids_ptr, map_ptr, offs, mask, num_local, HAS_MAP: tl.constexpr):
     """Bucket of each pair: its local expert, or ``num_local`` (the skip bucket) for id -1 and
     experts not on this rank (expert_map -1)."""
@@ -241,6 +262,18 @@ def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp
 
 
 # ------------------------------------------------------------------- launch heuristics
+# Host arithmetic in plain Python: triton.cdiv / next_power_of_2 are JIT functions, several
+# microseconds per host call, and fused_moe's host time is what bounds mid-size layers.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 # The one place where tile sizes, warps and stages are chosen. A config is
 # {"block_m": B, "pairs": bool, "gemm1": G, "gemm2": G} with
 # G = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}.
@@ -266,7 +299,7 @@ _DEFAULTS = {
 
 def _interp_gemm(N, K):
     # Small tiles under the interpreter: the tests use H, I of a few dozen.
-    return _g(max(16, min(32, triton.next_power_of_2(N))), max(16, min(32, triton.next_power_of_2(K))), 4, 4, 1)
+    return _g(max(16, min(32, _pow2(N))), max(16, min(32, _pow2(K))), 4, 4, 1)
 
 
 def gemm_config(block_m: int, N: int, K: int, fused: bool) -> dict:
@@ -290,11 +323,6 @@ def _load_table(name: str) -> Optional[dict]:
         return {int(t): cfg for t, cfg in json.load(f).items()}
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
 def _pairs_rule(T: int, k: int, E: int) -> bool:
     return T * k * 4 <= E  # decode: few pairs, each its own block, no alignment pass
 
@@ -312,17 +340,22 @@ def default_moe_config(T: int, k: int, E: int, I: int, H: int) -> dict:
 _TUNED: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _table_for(E: int, I: int, H: int, device_index: int, dtype: torch.dtype) -> Optional[dict]:
+    return _load_table(config_file_name(E, I, H, torch.cuda.get_device_name(device_index), dtype))
+
+
 def moe_config(T: int, k: int, E: int, I: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The whole-layer launch config for ``fused_moe`` (block size, both GEMMs' tiles)."""
     if device.type == "cuda" and not _config.interpreting():
-        key = (E, I, H, k, dtype, triton.next_power_of_2(max(T, 1)))
-        if key in _TUNED:
-            return _TUNED[key]
-        table = _load_table(config_file_name(E, I, H, _device_name(device.index or 0), dtype))
+        if _TUNED:
+            hit = _TUNED.get((E, I, H, k, dtype, _pow2(max(T, 1))))
+            if hit is not None:
+                return hit
+        table = _table_for(E, I, H, device.index or 0, dtype)
         if table:
-            cfg = dict(table[min(table, key=lambda t: abs(t - T))])
-            cfg.setdefault("pairs", _pairs_rule(T, k, E))
-            return cfg
+            cfg = table[min(table, key=lambda t: abs(t - T))]
+            return cfg if "pairs" in cfg else {**cfg, "pairs": _pairs_rule(T, k, E)}
     return default_moe_config(T, k, E, I, H)
 
 
@@ -366,7 +399,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     if align is not None:
         sorted_ids, expert_ids, ntp = align
         num_slots = sorted_ids.numel()
-        num_m_blocks = triton.cdiv(num_slots, block_m)
+        num_m_blocks = _cdiv(num_slots, block_m)
         ids, emap = sorted_ids, sorted_ids
     else:
         ids, emap = pairs
@@ -382,7 +415,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
     a_tma = use_tma and a_sorted and _tma_ok(a.unsqueeze(0))
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, bk]) if a_tma else a
-    grid = (num_m_blocks * triton.cdiv(n_out, bn),)
+    grid = (num_m_blocks * _cdiv(n_out, bn),)
     _moe_gemm_kernel[grid](
         a, a_desc, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
@@ -404,9 +437,18 @@ def _intermediate(x, route, numel, I):
 
 
 def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input):
-    """GEMM1 with silu_and_mul fused: h = silu(x @ gate.T) * (x @ up.T) (times w if on_input)."""
-    _launch_gemm(x, w1, h, num_valid=x.shape[0] * k, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
-                 mul=on_input, fuse_silu=True, write_skip=False, c_sorted=True, **route)
+    """GEMM1 with silu_and_mul fused: h = silu(x @ gate.T) * (x @ up.T) (times w if on_input).
+    Config "sort_x": copy x's rows into slot order first, so the GEMM reads A contiguously."""
+    numel = x.shape[0] * k
+    a, a_sorted = x, False
+    if cfg.get("sort_x") and "align" in route:
+        sorted_ids, _, ntp = route["align"]
+        slots, H = sorted_ids.numel(), x.shape[1]
+        a, a_sorted = x.new_empty((slots, H)), True
+        _gather_rows_kernel[(_cdiv(slots, 16),)](x, a, sorted_ids, ntp, numel, k, H, x.stride(0), a.stride(0),
+                                                BLOCK_R=16, BLOCK_H=min(_pow2(H), 512), num_warps=4)
+    _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
+                 mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True, **route)
 
 
 def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0):
@@ -419,8 +461,8 @@ def _launch_moe_sum(x3, out, scale):
     T, k, H = x3.shape
     if T == 0 or H == 0:
         return
-    block = min(triton.next_power_of_2(H), 1024)
-    _moe_sum_kernel[(T, triton.cdiv(H, block))](
+    block = min(_pow2(H), 1024)
+    _moe_sum_kernel[(T, _cdiv(H, block))](
         x3, out, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_H=block, num_warps=4)
 
 
@@ -443,8 +485,8 @@ def _silu_and_mul_into(x2, y2):
     rows, d = y2.shape
     if rows == 0 or d == 0:
         return
-    block = min(triton.next_power_of_2(d), 1024)
-    _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), BLOCK=block, num_warps=4)
+    block = min(_pow2(d), 1024)
+    _silu_and_mul_kernel[(rows, _cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), BLOCK=block, num_warps=4)
 
 
 def silu_and_mul_cuda(input):
@@ -518,8 +560,8 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None):
     numel = ids.numel()
     dev = ids.device
     cap = numel + (num_local + 1) * (block_size - 1)
-    n_blocks = triton.cdiv(cap, block_size)
-    nb = max(16, triton.next_power_of_2(num_local + 1))
+    n_blocks = _cdiv(cap, block_size)
+    nb = max(16, _pow2(num_local + 1))
     counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
     sorted_ids = torch.empty((cap,), dtype=torch.int32, device=dev)
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
@@ -527,8 +569,8 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None):
     emap = expert_map if expert_map is not None else ids
     ch = 1024 if nb <= 64 else 256
     common = dict(HAS_MAP=expert_map is not None, CH=ch, NB=nb, num_warps=4)
-    _align_count_kernel[(triton.cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_local, cap, **common)
-    grid = max(1, triton.cdiv(numel, ch))
+    _align_count_kernel[(_cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_local, cap, **common)
+    grid = max(1, _cdiv(numel, ch))
     _align_scatter_kernel[(grid,)](ids, emap, counts, sorted_ids, expert_ids, ntp, numel, num_local, block_size,
                                    n_blocks, EB=max(16, 8192 // nb), **common)
     return sorted_ids, expert_ids, ntp
@@ -588,7 +630,7 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
     """
     T, H = x.shape
     E, I, k = w1.shape[0], w2.shape[2], topk_ids.shape[1]
-    key = (E, I, H, k, x.dtype, triton.next_power_of_2(max(T, 1)))
+    key = (E, I, H, k, x.dtype, _pow2(max(T, 1)))
     if cache and key in _TUNED:
         return _TUNED[key]
     if options is None:
@@ -621,6 +663,18 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
                     continue
                 if best_g is None or ms < best_g[0]:
                     best_g = (ms, g)
+            if fused and best_g is not None and not pairs:  # the best GEMM1 tiles, x copied into slot order first
+                g = {**best_g[1], "sort_x": True}
+
+                def run(g=g):
+                    _gemm1(x, w1, h, g, route, block_m, k, flat_w, False)
+                try:
+                    run()
+                    ms = timer(run)
+                    if ms < best_g[0]:
+                        best_g = (ms, g)
+                except Exception:
+                    pass
             picks.append(best_g)
         if None in picks:
             continue
