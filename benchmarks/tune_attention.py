@@ -5,7 +5,7 @@
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) is checked against
 torch SDPA and timed (CUDA-graph replays for decode, ``do_bench`` for prefill); the table shows
 GB/s (decode) or TFLOP/s (prefill). ``ops.attention.attn_config`` / ``tile_m`` /
-``_SPLIT_PROGRAMS_PER_SM`` are patched per candidate, so the heuristics in ``ops/attention.py``
+``resident_programs`` are patched per candidate, so the heuristics in ``ops/attention.py``
 are what the winners get written back into.
 """
 from __future__ import annotations
@@ -27,16 +27,16 @@ DT = torch.bfloat16
 def _patched(block_m=None, cfg=None, split=None):
     class P:
         def __enter__(self):
-            self.saved = (A.attn_config, A.tile_m, A._SPLIT_PROGRAMS_PER_SM)
+            self.saved = (A.attn_config, A.tile_m, A.resident_programs)
             if cfg is not None:
                 A.attn_config = lambda *a, **k: cfg
             if block_m is not None:
                 A.tile_m = lambda *a, **k: block_m
             if split is not None:
-                A._SPLIT_PROGRAMS_PER_SM = split
+                A.resident_programs = lambda *a, **k: split
 
         def __exit__(self, *exc):
-            A.attn_config, A.tile_m, A._SPLIT_PROGRAMS_PER_SM = self.saved
+            A.attn_config, A.tile_m, A.resident_programs = self.saved
 
     return P()
 
@@ -64,7 +64,7 @@ def decode(g):
 
 
 def split(g):
-    """Split-KV target (programs per SM) at small batch / long context."""
+    """Split-KV target (resident programs per SM the planner assumes) at small batch / long context."""
     for B, L in ((1, 32768), (4, 16384), (16, 8192)):
         d = _Paged(B, L, 32, 8, 128, 16, DT, "cuda", g, 4)
         kv_bytes = 2 * B * L * 8 * 128 * 2

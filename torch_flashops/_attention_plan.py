@@ -202,7 +202,6 @@ class Schedule:
     work: np.ndarray  # [Wd, 4] int32
     split_work: np.ndarray  # [Ws, 4]
     merge: np.ndarray  # [Ms, 4]
-    chunk: int  # keys per split chunk (0: no split)
 
 
 @dataclasses.dataclass
@@ -245,31 +244,31 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     lo = np.minimum(lo, hi)
     length = hi - lo
 
-    max_split_items = max(0, workspace_bytes // attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo))
+    item_elems = attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo) // 4
+    max_split_items = max(0, min(workspace_bytes // (4 * item_elems), (2 ** 31 - 1) // item_elems))
     if bounds is not None:
         max_split_items = min(max_split_items, bounds.split_work)
-    chunk = 0  # fixed keys per chunk, or the target size of balanced chunks
-    balanced = fixed_split_keys is None
-    if not disable_split_kv and tb.size and length.max(initial=0) > 0:
-        if fixed_split_keys is not None:
-            chunk = max(1, int(fixed_split_keys))
-        else:
-            sms = attn_ops.num_sms(device)
-            if tb.size * num_kv_heads < sms * attn_ops._SPLIT_BELOW_PROGRAMS_PER_SM:
-                per_head = -(-sms * attn_ops._SPLIT_PROGRAMS_PER_SM // num_kv_heads)
-                chunk = max(attn_ops.split_min_chunk(block_n), -(-int(length.sum()) // per_head))
     n_s = np.ones_like(length)
-    while chunk:
-        n_s = np.maximum(1, -(-length // chunk))
-        if int(n_s[n_s > 1].sum()) <= max_split_items:
-            break
-        chunk *= 2  # too many partials for the workspace (or the frozen list): coarser chunks
-    if not chunk:
-        n_s = np.ones_like(length)
-    # balanced: each split tile's range cut into n_s equal chunks (multiples of block_n)
-    step = np.full_like(length, max(chunk, 1))
-    if balanced:
-        step = np.maximum(1, -(-(-(-length // n_s)) // block_n) * block_n)
+    if not disable_split_kv and tb.size and length.max(initial=0) > 0:
+        if fixed_split_keys is not None:  # fixed keys per chunk: a request's chunks ignore the batch
+            step = np.full_like(length, max(1, int(fixed_split_keys)))
+            n_s = np.maximum(1, -(-length // step))
+        else:
+            target = attn_ops.split_target(tb.size * num_kv_heads, block_m, device)
+            if target:  # one full wave: chunks per tile in proportion to its keys, rounded down
+                per_head = target // num_kv_heads
+                n_s = np.maximum(1, length * per_head // max(int(length.sum()), 1))
+                n_s = np.minimum(n_s, np.maximum(1, length // attn_ops.split_min_chunk(block_n, device)))
+        while int(n_s[n_s > 1].sum()) > max_split_items:  # workspace (or frozen list) too small
+            n_s = np.where(n_s > 1, np.maximum(1, n_s // 2), 1)
+            if fixed_split_keys is not None:
+                step = step * 2
+                n_s = np.maximum(1, -(-length // step))
+        if fixed_split_keys is None:  # balanced chunks, multiples of block_n
+            step = np.maximum(1, -(-(-(-length // n_s)) // block_n) * block_n)
+            n_s = np.maximum(1, -(-length // step))
+    if not (n_s > 1).any():
+        step = np.maximum(length, 1)
     split = n_s > 1
 
     direct = np.flatnonzero(~split)
@@ -285,7 +284,7 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     s_lo = np.minimum(lo[owner] + s_idx * step[owner], hi[owner])
     s_hi = np.minimum(s_lo + step[owner], hi[owner])
     split_work = np.stack([tb[owner], m_start[owner], s_lo, s_hi], axis=1)
-    return Schedule(_as_list(work), _as_list(split_work), _as_list(merge), int(chunk))
+    return Schedule(_as_list(work), _as_list(split_work), _as_list(merge))
 
 
 def _as_list(a: np.ndarray) -> np.ndarray:

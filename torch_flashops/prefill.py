@@ -243,7 +243,7 @@ class _BatchAttention:
         ws = self._float_workspace_buffer.numel()
         if self._use_cuda_graph and self._bounds is None:
             tiles = P.tile_bound(int(qo_h[-1]), qo_lens.size, group, block_m)
-            per_head = -(-attn_ops.num_sms(self.device) * attn_ops._SPLIT_PROGRAMS_PER_SM // num_kv_heads)
+            per_head = -(-attn_ops.num_sms(self.device) * attn_ops.resident_programs(block_m) // num_kv_heads)
             cap = ws // attn_ops.partial_item_bytes(num_kv_heads, block_m, head_dim_vo)
             lo = attn_ops.NO_SPLIT_ROWS + 1  # frozen split/merge lists always launch the merge kernel
             self._bounds = P.Bounds(tiles, max(lo, min(cap, tiles + 2 * per_head)), max(lo, tiles))

@@ -350,7 +350,8 @@ def _merge_kernel(
     d_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     for s0 in range(0, count, SPLIT_BLOCK):
         sidx = s0 + tl.arange(0, SPLIT_BLOCK)
-        prow = ((first + sidx).to(tl.int64)[:, None] * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
+        prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         lmask = (sidx < count)[:, None] & valid_m[None, :]
         s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, BLOCK_M]
         o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
@@ -374,8 +375,6 @@ def _merge_kernel(
 
 
 # ------------------------------------------------------------------------- launch heuristics
-_SPLIT_BELOW_PROGRAMS_PER_SM = 2  # split KV only when the tiles give fewer programs than this
-_SPLIT_PROGRAMS_PER_SM = 4  # ... and then until about this many programs per SM are in flight
 _CPU_SMS = 4  # the interpreter's pretend SM count (keeps CPU schedules small but split-capable)
 
 
@@ -416,9 +415,24 @@ def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
     return split_block, block_d, 8 if split_block * block_m * block_d > 4096 else 4
 
 
-def split_min_chunk(block_n: int) -> int:
-    """Fewest keys a split-KV chunk may hold (smaller chunks cost more merging than they save)."""
-    return max(4 * block_n, 256)
+def split_min_chunk(block_n: int, device) -> int:
+    """Fewest keys a split-KV chunk may hold (shorter chunks cost more than they overlap; the
+    interpreter's schedules keep short chunks so small CPU tests still split)."""
+    return max(8 * block_n, 512) if torch.device(device).type == "cuda" else 2 * block_n
+
+
+def resident_programs(block_m: int) -> int:
+    """Programs of the attention kernel one SM runs at once (H100: the 16/32-row decode tiles
+    use ~40 KB of shared memory, the 64/128-row tiles ~100 KB)."""
+    return 4 if block_m <= 32 else 2
+
+
+def split_target(n_programs: int, block_m: int, device) -> int:
+    """How many programs split-KV should aim for (0: do not split): one full wave of the
+    machine, and only when the unsplit tiles fill at most half of it (a second, partial wave
+    would cost more than the split saves)."""
+    wave = num_sms(device) * resident_programs(block_m)
+    return wave if 2 * n_programs <= wave else 0
 
 
 def partial_item_bytes(num_kv_heads: int, block_m: int, d_vo: int) -> int:
@@ -508,15 +522,15 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     )
 
 
-def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_n: int, device) -> tuple[int, int]:
-    """(chunk, n_split) for a single request: split the keys when the tiles alone cannot fill
-    the machine (decode of one long sequence)."""
-    target = num_sms(device) * _SPLIT_PROGRAMS_PER_SM
-    min_chunk = split_min_chunk(block_n)
-    if n_tiles * h_kv >= num_sms(device) * _SPLIT_BELOW_PROGRAMS_PER_SM or kv_len <= min_chunk:
+def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_m: int, block_n: int,
+                  device) -> tuple[int, int]:
+    """(chunk, n_split) for a single request: split the keys when the tiles alone leave the
+    machine idle (decode of one long sequence), as the batch planner does."""
+    target = split_target(n_tiles * h_kv, block_m, device)
+    n_split = min(target // max(n_tiles * h_kv, 1), kv_len // split_min_chunk(block_n, device)) if target else 1
+    if n_split <= 1:
         return max(kv_len, 1), 1
-    want = max(1, target // max(n_tiles * h_kv, 1))
-    chunk = max(min_chunk, triton.cdiv(triton.cdiv(kv_len, want), block_n) * block_n)
+    chunk = triton.cdiv(triton.cdiv(kv_len, n_split), block_n) * block_n
     return chunk, triton.cdiv(kv_len, chunk)
 
 
@@ -531,7 +545,7 @@ def single_attention_cuda(q, k, v, packed_mask, kv_layout, causal, window_left, 
     block_m = tile_m(group, qo_len)
     block_n = attn_config(block_m, d_qk, v.shape[-1], q.dtype, q.device)[0]
     n_tiles = triton.cdiv(qo_len * group, block_m)
-    chunk, n_split = _single_split(qo_len, kv_len, n_tiles, h_kv, block_n, q.device)
+    chunk, n_split = _single_split(qo_len, kv_len, n_tiles, h_kv, block_m, block_n, q.device)
     _launch(q, K.unsqueeze(1), V.unsqueeze(1), o, lse, paged=False, worklist=False, group=group, page_size=1,
             num_pages=kv_len, block_m=block_m, single=(qo_len, kv_len, chunk, n_split), packed_mask=packed_mask,
             causal=causal, window_left=window_left, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
