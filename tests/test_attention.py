@@ -472,3 +472,14 @@ def test_multilevel_cascade_equals_flat_prefill(causal, device):
     with pytest.raises(ValueError, match="qo_indptr_arr"):
         w.plan([i32([0, 4])] + levels["qo"][1:], levels["indptr"], levels["indices"], levels["last"], Hq, Hkv, D,
                page)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_model_head_dims(D, device):
+    """fp16 decode and causal prefill at the model head dims (a few rows: the interpreter is slow)."""
+    b = Batch([1, 3], [37, 20], page_size=16, Hq=4, Hkv=1, D=D, dtype=torch.float16, seed=D, device=device)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=True)
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(causal=True)
+    check_attention(f"D={D}", o, lse, ro, rl, torch.float16)
