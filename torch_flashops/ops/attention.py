@@ -28,6 +28,10 @@
 #   * single: no list; program id -> (m tile, KV split) arithmetically from the shapes.
 # Masking is only computed on tiles that need it: a tile fully inside the causal/window keep
 # set runs the unmasked loop.
+# Split-KV scratch (fp32 partial o and lse per split item, KV head and tile row) is allocated per
+# call by the launcher (the caching allocator; a captured graph keeps it in its pool); plan()
+# bounds its size by the wrapper's float_workspace_buffer. Splits aim for one full wave of the
+# GPU (`split_target`), and a plan without splits launches no merge kernel.
 from __future__ import annotations
 
 import inspect
