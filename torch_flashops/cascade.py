@@ -228,7 +228,7 @@ def _selfcheck_cascade(device) -> list:
     v, s = va.clone(), sa.clone()
     mask = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool, device=device)
     merge_state_in_place(v, s, vb, sb, mask)
-    o, lse = ref.ref_merge_state(va, sa, vb, sb)
+    o, lse = (t.cpu() for t in ref.ref_merge_state(va, sa, vb, sb))  # the oracle runs on va's device
     keep = mask.cpu()
     o = torch.where(keep[:, None, None], o, va.cpu().double())
     lse = torch.where(keep[:, None], lse, sa.cpu().double())

@@ -209,13 +209,24 @@ def _freq_table(device: torch.device, rd: int, rope_scale: float, rope_theta: fl
 
     The table is built once on the host and copied; while a CUDA graph is being captured (no host
     copies allowed) an uncached table is computed on the device with the same fp64 formula.
+    The cached copy is made on a side stream: torch.compile's CUDA-graph trees run their warm-up
+    with the *current* stream's allocations routed to the graphs' private pool, and a cached
+    tensor living there is an unaccounted live allocation (cudagraph trees then fail).
     """
     key = (device, rd, float(rope_scale), float(rope_theta), llama31)
     f = _FREQS.get(key)
     if f is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        host = ref.rope_freqs(rd, rope_theta, rope_scale, llama31)
+        if device.type != "cuda":
+            f = host.to(device)
+        elif torch.cuda.is_current_stream_capturing():
             return ref.rope_freqs(rd, rope_theta, rope_scale, llama31, device=device)
-        f = _FREQS[key] = ref.rope_freqs(rd, rope_theta, rope_scale, llama31).to(device)
+        else:
+            side = torch.cuda.Stream(device)
+            with torch.cuda.stream(side):
+                f = host.to(device)
+            side.synchronize()  # once per (device, parameters): the table is ready before any use
+        _FREQS[key] = f
     return f
 
 
