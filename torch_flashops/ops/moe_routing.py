@@ -59,7 +59,10 @@ def _align_config(numel: int) -> dict:
     return dict(CH=ch, fused=False, num_warps=4)
 
 
-_FUSED_MAX = 1024  # pairs (T * k) up to which one program does the whole alignment
+# Pairs (T * k) up to which one program does the whole alignment. H100, 2026-11-25: the fused
+# program took 8-12 us at 256 pairs but 17-24 us at 512 and 28-31 us at 1024, while the
+# two-launch path took 10-14 us from 1024 to 4096 pairs (benchmarks/RESULTS.md, moe_routing).
+_FUSED_MAX = 256
 _FILL = 4096  # slots written per fill step / per fill program
 _HIST_ROWS = 8  # per-chunk histograms summed per step in the scatter launch
 _SUB = 128  # pairs ranked per step (a SUB x SUB equality mask)
