@@ -23,7 +23,7 @@ from .meta import cascade as _meta
 from .ops import cascade as _ops
 
 __all__ = ["merge_state", "merge_state_in_place", "merge_states", "variable_length_merge_states"]
-# (MultiLevelCascadeAttentionWrapper joins this module with the batch attention wrappers.)
+# (MultiLevelCascadeAttentionWrapper is added at the end of this module.)
 
 _LSE_BASES = {"log2": False, "ln": True}
 
@@ -247,3 +247,9 @@ def _selfcheck_cascade(device) -> list:
 # flashinfer.triton.cascade.* lives at torch_flashops.triton.cascade (imported last: it
 # re-exports the functions above).
 importlib.import_module(".triton", __package__)
+
+# FlashInfer keeps the cascade wrapper in flashinfer.cascade too. It is built on the batch
+# prefill wrapper (which itself uses the merge functions above), hence the late import.
+from .cascade_wrapper import MultiLevelCascadeAttentionWrapper  # noqa: E402
+
+__all__.append("MultiLevelCascadeAttentionWrapper")
