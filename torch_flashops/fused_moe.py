@@ -18,8 +18,11 @@ from . import _config
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .ops import moe as ops
+# FlashInfer keeps these routing entry points in flashinfer.fused_moe as well.
+from .moe_routing import RoutingMethodType, fused_topk_deepseek  # noqa: F401
 
-__all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "moe_sum", "cutlass_fused_moe"]
+__all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "moe_sum", "cutlass_fused_moe",
+           "RoutingMethodType", "fused_topk_deepseek"]
 
 _MOE_DTYPES = FLOAT_DTYPES  # bf16, fp16; fp32 for CPU tests
 
