@@ -338,7 +338,7 @@ def test_decode_q_len_per_req(device):
 
 def test_decode_split_kv_long_context(device):
     """Small batch, long context: the planner splits KV on its own; equals the unsplit plan."""
-    b = Batch([1, 1], [700, 90], page_size=16, Hq=4, Hkv=1, D=16, seed=41)
+    b = Batch([1, 1], [1600, 90], page_size=16, Hq=4, Hkv=1, D=16, seed=41)
     w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
     w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 1, 16, 16, q_data_type=torch.float32)
     assert int((w._t.split_work[::4] >= 0).sum()) >= 3

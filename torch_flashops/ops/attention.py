@@ -419,10 +419,14 @@ def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
     return split_block, block_d, 8 if split_block * block_m * block_d > 4096 else 4
 
 
-def split_min_chunk(block_n: int, device) -> int:
-    """Fewest keys a split-KV chunk may hold (shorter chunks cost more than they overlap; the
-    interpreter's schedules keep short chunks so small CPU tests still split)."""
-    return max(8 * block_n, 512) if torch.device(device).type == "cuda" else 2 * block_n
+def split_min_chunk(block_n: int, device, n_programs: int) -> int:
+    """Fewest keys a split-KV chunk may hold. Measured on an H100 (decode, D=128): with the GPU
+    nearly idle (one request) 256-key chunks still pay; with a third of a wave or more, chunks
+    under 512 keys cost more than they overlap. The interpreter keeps short chunks so small CPU
+    tests still split."""
+    if torch.device(device).type != "cuda":
+        return 2 * block_n
+    return max(4 * block_n, 256) if 2 * n_programs < num_sms(device) else max(8 * block_n, 512)
 
 
 def resident_programs(block_m: int) -> int:
@@ -531,7 +535,7 @@ def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_m: in
     """(chunk, n_split) for a single request: split the keys when the tiles alone leave the
     machine idle (decode of one long sequence), as the batch planner does."""
     target = split_target(n_tiles * h_kv, block_m, device)
-    n_split = min(target // max(n_tiles * h_kv, 1), kv_len // split_min_chunk(block_n, device)) if target else 1
+    n_split = min(target // max(n_tiles * h_kv, 1), kv_len // split_min_chunk(block_n, device, n_tiles * h_kv)) if target else 1
     if n_split <= 1:
         return max(kv_len, 1), 1
     chunk = triton.cdiv(triton.cdiv(kv_len, n_split), block_n) * block_n
