@@ -22,6 +22,7 @@ storing it once; the row segments it touches are contiguous, so loads and stores
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -209,9 +210,10 @@ def _freq_table(device: torch.device, rd: int, rope_scale: float, rope_theta: fl
 
     The table is built once on the host and copied; while a CUDA graph is being captured (no host
     copies allowed) an uncached table is computed on the device with the same fp64 formula.
-    The cached copy is made on a side stream: torch.compile's CUDA-graph trees run their warm-up
-    with the *current* stream's allocations routed to the graphs' private pool, and a cached
-    tensor living there is an unaccounted live allocation (cudagraph trees then fail).
+    The cached copy is made on another *thread*: during their warm-up, torch.compile's CUDA-graph
+    trees route every allocation of the current thread into the graphs' private pool
+    (``_cuda_beginAllocateCurrentThreadToPool``), and a cached tensor living there is an
+    untracked live allocation that makes the trees fail.
     """
     key = (device, rd, float(rope_scale), float(rope_theta), llama31)
     f = _FREQS.get(key)
@@ -222,12 +224,31 @@ def _freq_table(device: torch.device, rd: int, rope_scale: float, rope_theta: fl
         elif torch.cuda.is_current_stream_capturing():
             return ref.rope_freqs(rd, rope_theta, rope_scale, llama31, device=device)
         else:
-            side = torch.cuda.Stream(device)
-            with torch.cuda.stream(side):
-                f = host.to(device)
-            side.synchronize()  # once per (device, parameters): the table is ready before any use
+            f = _copy_outside_graph_pools(host, device)
         _FREQS[key] = f
     return f
+
+
+def _copy_outside_graph_pools(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host.to(device)`` from a fresh thread (allocation not routed to any CUDA-graph pool),
+    complete before returning."""
+    out, err = [], []
+
+    def work():
+        try:
+            with torch.cuda.device(device):
+                t = host.to(device)
+                torch.cuda.current_stream(device).synchronize()
+                out.append(t)
+        except BaseException as e:  # re-raised on the calling thread
+            err.append(e)
+
+    th = threading.Thread(target=work, name="flashops-rope-freqs")
+    th.start()
+    th.join()
+    if err:
+        raise err[0]
+    return out[0]
 
 
 # --------------------------------------------------------------------------- launchers
