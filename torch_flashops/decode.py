@@ -157,21 +157,28 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
 
     @torch.compiler.disable
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
-             num_kv_heads: int, head_dim: int, page_size: int, *args, **kwargs) -> None:
+             num_kv_heads: int, head_dim: int, page_size: int, *args, pos_encoding_mode="NONE", window_left=-1,
+             window_right=0, logits_soft_cap=None, q_data_type="float16", kv_data_type=None, o_data_type=None,
+             data_type=None, sm_scale=None, rope_scale=None, rope_theta=None, non_blocking=True, block_tables=None,
+             seq_lens=None, fixed_split_size=None, disable_split_kv=False, q_len_per_req=1) -> None:
         """Plan decode for the page table ``indptr [B+1]``, ``indices``, ``last_page_len [B]``
-        (int32, host or device), heads, head dim and page size. Keywords (spec §4):
-        ``pos_encoding_mode="NONE", window_left=-1, window_right=0, logits_soft_cap=None,
-        q_data_type="float16", kv_data_type=None, o_data_type=None, data_type=None,
-        sm_scale=None, rope_scale=None, rope_theta=None, non_blocking=True, block_tables=None,
-        seq_lens=None, fixed_split_size=None (pages), disable_split_kv=False, q_len_per_req=1``.
-        Arguments after ``page_size`` given positionally are deprecated (warning).
-        Host code; not for compiled regions."""
+        (int32, host or device), heads, head dim and page size; keyword options as FlashInfer's
+        (spec §4; ``fixed_split_size`` in pages). Arguments after ``page_size`` given
+        positionally (in FlashInfer's old order, without ``window_right``) are deprecated
+        (warning). Host code; not for compiled regions."""
+        kwargs = dict(pos_encoding_mode=pos_encoding_mode, window_left=window_left, window_right=window_right,
+                      logits_soft_cap=logits_soft_cap, q_data_type=q_data_type, kv_data_type=kv_data_type,
+                      o_data_type=o_data_type, data_type=data_type, sm_scale=sm_scale, rope_scale=rope_scale,
+                      rope_theta=rope_theta, non_blocking=non_blocking, block_tables=block_tables,
+                      seq_lens=seq_lens, fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv,
+                      q_len_per_req=q_len_per_req)
         if args:
             expect(len(args) <= len(_PLAN_POSITIONAL), "plan", "takes at most {} positional arguments", 7 + len(_PLAN_POSITIONAL))
             warnings.warn("BatchDecodeWithPagedKVCacheWrapper.plan: passing options after page_size positionally is "
                           "deprecated; pass them by keyword", DeprecationWarning, stacklevel=2)
+            defaults = BatchDecodeWithPagedKVCacheWrapper.plan.__kwdefaults__
             for name, value in zip(_PLAN_POSITIONAL, args):
-                if name in kwargs:
+                if kwargs[name] is not defaults[name]:
                     raise TypeError(f"plan() got multiple values for argument {name!r}")
                 kwargs[name] = value
         self._plan_decode(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kwargs)
