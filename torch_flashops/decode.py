@@ -10,6 +10,7 @@ the batch alone cannot fill the GPU, then merged deterministically.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Any, Optional, Tuple, Union
 
@@ -176,9 +177,9 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
             expect(len(args) <= len(_PLAN_POSITIONAL), "plan", "takes at most {} positional arguments", 7 + len(_PLAN_POSITIONAL))
             warnings.warn("BatchDecodeWithPagedKVCacheWrapper.plan: passing options after page_size positionally is "
                           "deprecated; pass them by keyword", DeprecationWarning, stacklevel=2)
-            defaults = BatchDecodeWithPagedKVCacheWrapper.plan.__kwdefaults__
+            params = inspect.signature(BatchDecodeWithPagedKVCacheWrapper.plan).parameters
             for name, value in zip(_PLAN_POSITIONAL, args):
-                if kwargs[name] is not defaults[name]:
+                if kwargs[name] is not params[name].default:
                     raise TypeError(f"plan() got multiple values for argument {name!r}")
                 kwargs[name] = value
         self._plan_decode(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kwargs)
