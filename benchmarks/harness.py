@@ -212,11 +212,19 @@ def write_png(path: str, suite: str, env: dict, ceilings: dict, rows: list[Row])
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    # One unit per plot: GB/s where rows carry bytes (memory-bound suites), else TFLOP/s, else
+    # calls per ms; rows without the chosen quantity are left out rather than mixed in.
+    if any(r.bytes for r in rows) and not all(r.flops for r in rows):
+        unit, metric, ceil_key = "GB/s", (lambda r: r.gbps), "copy_GBps"
+    elif any(r.flops for r in rows):
+        unit, metric, ceil_key = "TFLOP/s", (lambda r: r.tflops), "gemm_bf16_TFLOPs"
+    else:
+        unit, metric, ceil_key = "calls/ms", (lambda r: 1e3 / r.ms), None
+    rows = [r for r in rows if metric(r) is not None]
+    if not rows:
+        return False
     cases = list(dict.fromkeys(r.case for r in rows))
     impls = list(dict.fromkeys(r.impl for r in rows))
-    use_flops = all(r.flops for r in rows) and not all(r.bytes for r in rows)
-    metric = (lambda r: r.tflops) if use_flops else (lambda r: r.gbps if r.gbps else 1e3 / r.ms)
-    unit = "TFLOP/s" if use_flops else ("GB/s" if all(r.bytes for r in rows) else "calls/ms")
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases) * max(1, len(impls)) / 2), 4.5))
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
@@ -227,8 +235,8 @@ def write_png(path: str, suite: str, env: dict, ceilings: dict, rows: list[Row])
                     xs.append(i + k * width)
                     ys.append(metric(r) or 0)
         ax.bar(xs, ys, width, label=impl)
-    ceil = ceilings.get("gemm_bf16_TFLOPs" if use_flops else "copy_GBps")
-    if unit != "calls/ms" and ceil and ceil == ceil:
+    ceil = ceilings.get(ceil_key) if ceil_key else None
+    if ceil and ceil == ceil:
         ax.axhline(ceil, color="k", ls="--", lw=1, label=f"measured ceiling {ceil:.0f}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
