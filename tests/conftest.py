@@ -46,3 +46,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def backend(request, device):
+    """Run an op through the Triton kernels (GPU, or the CPU interpreter) and, on CPU, also
+    through the plain-PyTorch CPU backend (``_config.set_cpu_backend``)."""
+    from torch_flashops import _config
+
+    if request.param == "reference":
+        if device != "cpu":
+            pytest.skip("the reference backend serves CPU tensors only")
+        old = _config._cpu_backend
+        _config.set_cpu_backend("reference")
+        try:
+            yield "reference"
+        finally:
+            _config.set_cpu_backend(old)
+    else:
+        if device == "cpu" and not _config.interpreting():
+            pytest.skip("CPU kernels need TRITON_INTERPRET=1")
+        yield "kernel"
+
+
+@pytest.fixture
+def nan_empty():
+    """Poison every fresh allocation (``torch.empty`` returns NaN / integer max under
+    deterministic mode) so outputs an op forgets to write show up."""
+    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+@pytest.fixture
+def checked():
+    """Checked mode on (data-reading argument checks) for the test's duration."""
+    from torch_flashops import _config
+
+    old = _config._checks
+    _config.set_checks(True)
+    yield
+    _config.set_checks(old)

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torch_flashops as fi
-from torch_flashops import _config
 from torch_flashops.reference.attention import ref_attention
 
 from .helpers import assert_close, poison
@@ -26,22 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LSE_TOL = dict(atol=1e-3, rtol=1e-3)
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(params=["kernel", "reference"])
-def backend(request, device):
-    """The Triton kernels (GPU, or the CPU interpreter) and, on CPU, the plain-PyTorch backend."""
-    if request.param == "reference":
-        if device != "cpu":
-            pytest.skip("the reference backend serves CPU tensors only")
-        old = _config._cpu_backend
-        _config.set_cpu_backend("reference")
-        try:
-            yield "reference"
-        finally:
-            _config.set_cpu_backend(old)
-    else:
-        yield "kernel"
 
 
 def workspace(device, nbytes=1 << 22):

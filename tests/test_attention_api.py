@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import torch_flashops as fi
-from torch_flashops.ops import attention as ops
 from torch_flashops.reference.attention import ref_attention
 
 from .helpers import CompileCounter, assert_close, poison

@@ -15,7 +15,7 @@ from torch_flashops import _config
 from torch_flashops.ops import cascade as ops
 from torch_flashops.reference import cascade as ref
 
-from .helpers import TOL, CompileCounter, assert_close, poison
+from .helpers import CompileCounter, assert_close, poison
 
 try:
     import expecttest
@@ -29,25 +29,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LSE_TOL = dict(atol=1e-3, rtol=1e-3)
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-@pytest.fixture(params=["kernel", "reference"])
-def backend(request, device):
-    """Run each op through the Triton kernels (GPU, or the CPU interpreter) and, on CPU, also
-    through the plain-PyTorch CPU backend."""
-    if request.param == "reference":
-        if device != "cpu":
-            pytest.skip("the reference backend serves CPU tensors only")
-        old = _config._cpu_backend
-        _config.set_cpu_backend("reference")
-        try:
-            yield "reference"
-        finally:
-            _config.set_cpu_backend(old)
-    else:
-        if device == "cpu" and not _config.interpreting():
-            pytest.skip("CPU kernels need TRITON_INTERPRET=1")
-        yield "kernel"
 
 
 def _gen(seed):

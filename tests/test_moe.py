@@ -37,24 +37,6 @@ MOE_TOL = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=
            torch.float32: dict(atol=1e-4, rtol=1e-4)}
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def backend(request, device):
-    """Triton kernels (GPU, or the CPU interpreter) and, on CPU, the plain-PyTorch backend."""
-    if request.param == "reference":
-        if device != "cpu":
-            pytest.skip("the reference backend serves CPU tensors only")
-        old = _config._cpu_backend
-        _config.set_cpu_backend("reference")
-        try:
-            yield "reference"
-        finally:
-            _config.set_cpu_backend(old)
-    else:
-        if device == "cpu" and not _config.interpreting():
-            pytest.skip("CPU kernels need TRITON_INTERPRET=1")
-        yield "kernel"
-
-
 @contextlib.contextmanager
 def poisoned_allocations():
     """Every ``torch.empty`` inside returns NaN-filled memory, so unwritten output rows show."""

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import torch_flashops as fo
 from tests.helpers import CompileCounter, assert_close
-from torch_flashops import _config, _selfcheck
+from torch_flashops import _selfcheck
 from torch_flashops.ops import moe_routing as ops
 from torch_flashops.reference import moe_routing as ref
 
@@ -31,23 +31,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def nan_empty():
-    """Poison every fresh allocation so unwritten outputs show (NaN / integer max)."""
-    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(old, warn_only=old_warn)
-
-
-@pytest.fixture
-def checked():
-    old = _config._checks
-    fo.set_checks(True)
-    yield
-    fo.set_checks(old)
 
 
 @pytest.fixture(params=["fused", "two-launch"])

@@ -33,23 +33,6 @@ LLAMA31_DEFAULTS = dict(rope_scale=8.0, rope_theta=5e5, llama31=(1.0, 4.0, 8192.
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def nan_empty():
-    """Poison every fresh allocation (``torch.empty`` returns NaN) so unwritten outputs show."""
-    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(old, warn_only=old_warn)
-
-
-@pytest.fixture
-def checked():
-    old = _config._checks
-    fo.set_checks(True)
-    yield
-    fo.set_checks(old)
-
-
 def packed_qk(nnz, hq, hk, d, dtype, device, seed=0):
     """``(qkv, q, k)``: q ``[nnz, hq, d]`` and k ``[nnz, hk, d]`` are views of one random packed
     ``qkv [nnz, (hq + 2 hk) d]`` buffer (the v part is the untouched neighbour)."""

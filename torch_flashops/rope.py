@@ -10,7 +10,7 @@ position values run in checked mode (``torch_flashops.set_checks(True)``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
