@@ -36,18 +36,21 @@ def check_tensor(
     device: Optional[torch.device] = None,
     last_contiguous: bool = True,
 ) -> None:
-    """Type, rank, dtype, device and ``stride(-1) == 1`` checks for one tensor argument."""
-    expect(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
+    """Type, rank, dtype, device and ``stride(-1) == 1`` checks for one tensor argument.
+
+    On the hot path of every eager call: conditions first, messages only on failure."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
-        dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        expect(t.dim() in dims, name, "expected {}-D, got shape {}", " or ".join(map(str, dims)), tuple(t.shape))
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        expect(t.dtype in dtypes, name, "dtype {} not supported (expected one of {})", t.dtype, ", ".join(map(str, dtypes)))
-    if device is not None:
-        expect(t.device == torch.device(device), name, "on {}, expected {} (all tensors of a call share one device)", t.device, device)
-    if last_contiguous and t.dim() > 0 and t.numel() > 1:
-        expect(t.stride(-1) == 1, name, "last dimension must be contiguous (stride(-1) == 1), got strides {}", t.stride())
+        if t.dim() != ndim if isinstance(ndim, int) else t.dim() not in ndim:
+            dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+            raise ValueError(f"{name}: expected {' or '.join(map(str, dims))}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: dtype {t.dtype} not supported (expected one of {', '.join(map(str, dtypes))})")
+    if device is not None and t.device != (device if isinstance(device, torch.device) else torch.device(device)):
+        raise ValueError(f"{name}: on {t.device}, expected {device} (all tensors of a call share one device)")
+    if last_contiguous and t.dim() > 0 and t.stride(-1) != 1 and t.numel() > 1:
+        raise ValueError(f"{name}: last dimension must be contiguous (stride(-1) == 1), got strides {t.stride()}")
 
 
 def check_same(a, b, name_a: str, name_b: str, *, shape: bool = True, dtype: bool = True, device: bool = True) -> None:
