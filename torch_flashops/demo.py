@@ -121,6 +121,8 @@ def run(a) -> dict:
         rids = [table.add_request() for _ in lens]
         t = table.csr(rids, lens)
         plan_step(prefill_w, t, cfg, a.page_size, dtype, decode=False)
+        if not a.no_compile:
+            print("compiling the prefill step (the decode step compiles on its first call) ...", flush=True)
         t0 = time.perf_counter()
         logits = step(torch.cat(prompts), *step_args(t), prefill_w)
         if device == "cuda":
