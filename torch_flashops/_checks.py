@@ -18,13 +18,18 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def expect(cond: bool, name: str, msg: str, *fmt_args, **fmt_kwargs) -> None:
     """Raise ``ValueError(f"{name}: {msg}")`` unless ``cond``.
 
-    With ``fmt_args``/``fmt_kwargs`` the message is ``msg.format(...)``, built only on failure.
-    Prefer that form for messages that show sizes or scalar options: under
+    With ``fmt_args``/``fmt_kwargs`` the message is ``msg.format(...)``, and a callable ``msg``
+    is called; either way it is built only on failure.
+    Prefer those forms for messages that show sizes or scalar options: under
     ``torch.compile(dynamic=True)`` those may be symbolic, and an eagerly built f-string of a
     SymInt/SymFloat is a graph break (dynamo cannot trace BUILD_STRING on them).
     """
     if not cond:
-        raise ValueError(f"{name}: " + (msg.format(*fmt_args, **fmt_kwargs) if fmt_args or fmt_kwargs else msg))
+        if callable(msg):
+            msg = msg()
+        elif fmt_args or fmt_kwargs:
+            msg = msg.format(*fmt_args, **fmt_kwargs)
+        raise ValueError(f"{name}: {msg}")
 
 
 def check_tensor(

@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, expect
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .ops import moe as ops
 # FlashInfer keeps these routing entry points in flashinfer.fused_moe as well.
@@ -27,34 +27,18 @@ __all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "moe_sum", "cutlass_
 _MOE_DTYPES = FLOAT_DTYPES  # bf16, fp16; fp32 for CPU tests
 
 
-def _require(cond, name: str, msg) -> None:
-    """``_checks.expect`` with a message built only on failure: formatting a SymInt while
-    torch.compile traces would specialize that size (a recompile per token count)."""
-    if not cond:
-        raise ValueError(f"{name}: {msg()}")
-
-
 def _static_float(v: float) -> float:
     """The default 1.0 as a literal: torch.compile turns a float *default argument* into a
     symbolic float, which makes Inductor restart the whole trace (seen on torch 2.13)."""
     return 1.0 if v == 1.0 else v
 
 
-def _check(t, name: str, ndim: int, dtypes, device=None, last_contiguous: bool = True) -> None:
-    """``check_tensor``'s passing path in a few attribute reads (fused_moe's host time bounds
-    mid-size layers); on any failure the full ``check_tensor`` runs and raises its message."""
-    if not (isinstance(t, torch.Tensor) and t.dim() == ndim and t.dtype in dtypes
-            and (device is None or t.device == device)
-            and (not last_contiguous or t.numel() <= 1 or t.stride(-1) == 1)):
-        check_tensor(t, name, ndim=ndim, dtypes=dtypes, device=device, last_contiguous=last_contiguous)
-
-
 def _check_routing(topk_weights, topk_ids, T, device):
-    _check(topk_ids, "topk_ids", 2, INDEX_DTYPES, device, last_contiguous=False)
-    _check(topk_weights, "topk_weights", 2, FLOAT_DTYPES, device, last_contiguous=False)
-    _require(topk_weights.shape == topk_ids.shape, "topk_weights",
+    check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, device=device, last_contiguous=False)
+    check_tensor(topk_weights, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES, device=device, last_contiguous=False)
+    expect(topk_weights.shape == topk_ids.shape, "topk_weights",
         lambda: f"shape {tuple(topk_weights.shape)} does not match topk_ids {tuple(topk_ids.shape)}")
-    _require(topk_ids.shape[0] == T, "topk_ids", lambda: f"has {topk_ids.shape[0]} rows, expected one per token ({T})")
+    expect(topk_ids.shape[0] == T, "topk_ids", lambda: f"has {topk_ids.shape[0]} rows, expected one per token ({T})")
 
 
 def fused_moe(
@@ -108,30 +92,30 @@ def fused_moe(
     x = hidden_states
     if activation != "silu":
         raise NotImplementedError(f"activation {activation!r} is not implemented (only 'silu')")
-    _check(x, "hidden_states", 2, _MOE_DTYPES)
+    check_tensor(x, "hidden_states", ndim=2, dtypes=_MOE_DTYPES)
     dev = x.device
     T, H = x.shape
-    _check(w1, "w1", 3, (x.dtype,), dev)
-    _check(w2, "w2", 3, (x.dtype,), dev)
+    check_tensor(w1, "w1", ndim=3, dtypes=(x.dtype,), device=dev)
+    check_tensor(w2, "w2", ndim=3, dtypes=(x.dtype,), device=dev)
     E = w1.shape[0]
-    _require(w1.shape[2] == H and w1.shape[1] % 2 == 0 and w1.shape[1] > 0, "w1",
+    expect(w1.shape[2] == H and w1.shape[1] % 2 == 0 and w1.shape[1] > 0, "w1",
              lambda: f"shape {tuple(w1.shape)} must be [E, 2I, H] with H = {H}")
     I = w1.shape[1] // 2
-    _require(tuple(w2.shape) == (E, H, I), "w2", lambda: f"shape {tuple(w2.shape)} must be [E, H, I] = {(E, H, I)}")
+    expect(tuple(w2.shape) == (E, H, I), "w2", lambda: f"shape {tuple(w2.shape)} must be [E, H, I] = {(E, H, I)}")
     _check_routing(topk_weights, topk_ids, T, dev)
     k = topk_ids.shape[1]
-    _require(k >= 1, "topk_ids", lambda: "needs at least one column (k >= 1)")
-    _require(not apply_router_weight_on_input or k == 1, "apply_router_weight_on_input", lambda: f"needs k == 1, got k = {k}")
+    expect(k >= 1, "topk_ids", lambda: "needs at least one column (k >= 1)")
+    expect(not apply_router_weight_on_input or k == 1, "apply_router_weight_on_input", lambda: f"needs k == 1, got k = {k}")
     if expert_map is not None:
-        _check(expert_map, "expert_map", 1, INDEX_DTYPES, dev)
+        check_tensor(expert_map, "expert_map", ndim=1, dtypes=INDEX_DTYPES, device=dev)
         if global_num_experts == -1:
             global_num_experts = expert_map.numel()
-        _require(expert_map.numel() == global_num_experts, "expert_map",
+        expect(expert_map.numel() == global_num_experts, "expert_map",
             lambda: f"has {expert_map.numel()} entries, expected global_num_experts = {global_num_experts}")
     else:
         if global_num_experts == -1:
             global_num_experts = E
-        _require(global_num_experts == E, "global_num_experts",
+        expect(global_num_experts == E, "global_num_experts",
             lambda: f"{global_num_experts} must equal w1.shape[0] = {E} without an expert_map")
     if _config.checks_enabled():
         check_range_values(topk_ids, "topk_ids", -1, global_num_experts)
@@ -181,25 +165,25 @@ def moe_grouped_gemm(
     check_tensor(a, "a", ndim=2, dtypes=_MOE_DTYPES)
     dev = a.device
     check_tensor(w, "w", ndim=3, dtypes=(a.dtype,), device=dev)
-    _require(w.shape[2] == a.shape[1], "w", lambda: f"shape {tuple(w.shape)}: last dim must equal a's K = {a.shape[1]}")
-    _require(block_size in ops.GEMM_BLOCK_SIZES, "block_size", lambda: f"must be one of {ops.GEMM_BLOCK_SIZES}, got {block_size}")
-    _require(isinstance(top_k, int) and top_k >= 1, "top_k", lambda: f"must be a positive int, got {top_k!r}")
+    expect(w.shape[2] == a.shape[1], "w", lambda: f"shape {tuple(w.shape)}: last dim must equal a's K = {a.shape[1]}")
+    expect(block_size in ops.GEMM_BLOCK_SIZES, "block_size", lambda: f"must be one of {ops.GEMM_BLOCK_SIZES}, got {block_size}")
+    expect(isinstance(top_k, int) and top_k >= 1, "top_k", lambda: f"must be a positive int, got {top_k!r}")
     for t, name in ((sorted_token_ids, "sorted_token_ids"), (expert_ids, "expert_ids"), (num_tokens_post_pad, "num_tokens_post_pad")):
         check_tensor(t, name, ndim=1, dtypes=(torch.int32,), device=dev)
-    _require(num_tokens_post_pad.numel() == 1, "num_tokens_post_pad", lambda: f"must have one element, got {num_tokens_post_pad.numel()}")
+    expect(num_tokens_post_pad.numel() == 1, "num_tokens_post_pad", lambda: f"must have one element, got {num_tokens_post_pad.numel()}")
     nblk = -(-sorted_token_ids.numel() // block_size)
-    _require(expert_ids.numel() >= nblk, "expert_ids", lambda: f"has {expert_ids.numel()} blocks, sorted_token_ids needs {nblk}")
+    expect(expert_ids.numel() >= nblk, "expert_ids", lambda: f"has {expert_ids.numel()} blocks, sorted_token_ids needs {nblk}")
     numel = a.shape[0] * top_k
     if mul_routed_weight:
-        _require(topk_weights is not None, "topk_weights", lambda: "is required with mul_routed_weight=True")
+        expect(topk_weights is not None, "topk_weights", lambda: "is required with mul_routed_weight=True")
     if topk_weights is not None:
         check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, device=dev, last_contiguous=False)
-        _require(topk_weights.numel() == numel, "topk_weights", lambda: f"has {topk_weights.numel()} elements, expected {numel}")
+        expect(topk_weights.numel() == numel, "topk_weights", lambda: f"has {topk_weights.numel()} elements, expected {numel}")
     if _config.checks_enabled():
         check_range_values(sorted_token_ids, "sorted_token_ids", 0, numel + 1)
         check_range_values(expert_ids, "expert_ids", -1, w.shape[0])
         ntp = int(num_tokens_post_pad[0])
-        _require(0 <= ntp <= sorted_token_ids.numel() and ntp % block_size == 0, "num_tokens_post_pad",
+        expect(0 <= ntp <= sorted_token_ids.numel() and ntp % block_size == 0, "num_tokens_post_pad",
             lambda: f"{ntp} must be a multiple of block_size {block_size} in [0, {sorted_token_ids.numel()}]")
     return ops.moe_grouped_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, block_size, top_k,
                                 topk_weights, mul_routed_weight)
@@ -223,12 +207,12 @@ def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable
         ``[..., d]`` (``out`` when given).
     """
     check_tensor(input, "input", dtypes=FLOAT_DTYPES)
-    _require(input.dim() >= 1 and input.shape[-1] % 2 == 0, "input", lambda: f"last dim must be even, got shape {tuple(input.shape)}")
+    expect(input.dim() >= 1 and input.shape[-1] % 2 == 0, "input", lambda: f"last dim must be even, got shape {tuple(input.shape)}")
     if out is None:
         return ops.silu_and_mul(input)
     check_tensor(out, "out", dtypes=(input.dtype,), device=input.device)
     want = (*input.shape[:-1], input.shape[-1] // 2)
-    _require(tuple(out.shape) == want, "out", lambda: f"shape {tuple(out.shape)} must be {want}")
+    expect(tuple(out.shape) == want, "out", lambda: f"shape {tuple(out.shape)} must be {want}")
     ops.silu_and_mul_out(input, out)
     return out
 
@@ -328,8 +312,8 @@ def cutlass_fused_moe(
     if bad:
         raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU, tp_size 1 only)")
     check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, dtypes=_MOE_DTYPES)
-    _require(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
-    _require(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
+    expect(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
+    expect(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
     E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
     w1 = torch.cat([fc1_expert_weights[:, I:], fc1_expert_weights[:, :I]], dim=1)
     expert_map = None
@@ -340,7 +324,7 @@ def cutlass_fused_moe(
                     expert_map=expert_map).to(output_dtype)
     if output is not None:
         check_tensor(output, "output", ndim=2, dtypes=(output_dtype,), device=input.device)
-        _require(output.shape == out.shape, "output", lambda: f"shape {tuple(output.shape)} must be {tuple(out.shape)}")
+        expect(output.shape == out.shape, "output", lambda: f"shape {tuple(output.shape)} must be {tuple(out.shape)}")
         output.copy_(out)
         out = output
     return [out]

@@ -12,8 +12,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values
-from ._checks import check_tensor as _check_tensor_message
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_tensor, expect
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .meta.page import check_kv_layout, paged_kv_views
 from .ops import page as ops
@@ -26,27 +25,6 @@ PagedKVCacheArg = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 _FP8_DTYPES = tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
 )
-
-
-def _expect(cond, name: str, message) -> None:
-    """``_checks.expect`` with a lazily built message (``message()`` runs only on failure).
-
-    Formatting a SymInt into an f-string while torch.compile traces specialises that size
-    (dynamo evaluates it to a constant), so messages that mention sizes must not be built on
-    the passing path.
-    """
-    if not cond:
-        raise ValueError(f"{name}: {message()}")
-
-
-def check_tensor(t, name: str, *, ndim, dtypes=None, device=None) -> None:
-    """``_checks.check_tensor`` (rank, dtype, device, ``stride(-1) == 1``) with a cheap passing
-    path: the shared helper formats its messages on every call (~5 us a call, and formatting
-    a SymInt specialises it under torch.compile), so it only runs here to raise on failure."""
-    dims = (ndim,) if isinstance(ndim, int) else ndim
-    if not (isinstance(t, torch.Tensor) and t.dim() in dims and (dtypes is None or t.dtype in dtypes)
-            and (device is None or t.device == device) and (t.stride(-1) == 1 or t.numel() <= 1)):
-        _check_tensor_message(t, name, ndim=ndim, dtypes=dtypes, device=device)
 
 
 class PagedKV(NamedTuple):
@@ -105,29 +83,29 @@ def _unpack_paged_kv_cache(paged_kv_cache: PagedKVCacheArg, kv_layout: str = "NH
     """
     check_kv_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
-        _expect(len(paged_kv_cache) == 2, name, lambda: f"a tuple cache must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
+        expect(len(paged_kv_cache) == 2, name, lambda: f"a tuple cache must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
         kc, vc = paged_kv_cache
         nk, nv = f"{name}[0]", f"{name}[1]"
         check_tensor(kc, nk, ndim=(3, 4))
         check_tensor(vc, nv, ndim=(3, 4))
-        _expect(kc.dim() == vc.dim(), nv, lambda: f"rank {vc.dim()} does not match k_cache rank {kc.dim()}")
-        _expect(vc.dtype == kc.dtype, nv, lambda: f"dtype {vc.dtype} does not match k_cache dtype {kc.dtype}")
-        _expect(vc.device == kc.device, nv, lambda: f"device {vc.device} does not match k_cache device {kc.device}")
-        _expect(kc.shape[:-1] == vc.shape[:-1], nv,
+        expect(kc.dim() == vc.dim(), nv, lambda: f"rank {vc.dim()} does not match k_cache rank {kc.dim()}")
+        expect(vc.dtype == kc.dtype, nv, lambda: f"dtype {vc.dtype} does not match k_cache dtype {kc.dtype}")
+        expect(vc.device == kc.device, nv, lambda: f"device {vc.device} does not match k_cache device {kc.device}")
+        expect(kc.shape[:-1] == vc.shape[:-1], nv,
                lambda: f"shape {tuple(vc.shape)} must agree with k_cache {tuple(kc.shape)} in all but the last dim (pages, page_size, heads)")
         op_args = (kc, vc)
     else:
         check_tensor(paged_kv_cache, name, ndim=(4, 5))
-        _expect(paged_kv_cache.shape[1] == 2, name, lambda: f"dim 1 must be 2 (K and V), got shape {tuple(paged_kv_cache.shape)}")
+        expect(paged_kv_cache.shape[1] == 2, name, lambda: f"dim 1 must be 2 (K and V), got shape {tuple(paged_kv_cache.shape)}")
         op_args = (paged_kv_cache, None)
         nk = name
     dtype = op_args[0].dtype
     if dtype in _FP8_DTYPES:
         raise NotImplementedError(f"{name}: fp8 KV caches are not supported yet (dtype {dtype})")
-    _expect(dtype in FLOAT_DTYPES, nk, lambda: f"dtype {dtype} not supported (expected float16, bfloat16 or float32)")
+    expect(dtype in FLOAT_DTYPES, nk, lambda: f"dtype {dtype} not supported (expected float16, bfloat16 or float32)")
     k, v = paged_kv_views(op_args[0], op_args[1], kv_layout)
     num_pages, page_size, num_kv_heads, head_dim = k.shape
-    _expect(page_size >= 1 and num_kv_heads >= 1 and head_dim >= 1 and v.shape[-1] >= 1, nk,
+    expect(page_size >= 1 and num_kv_heads >= 1 and head_dim >= 1 and v.shape[-1] >= 1, nk,
            lambda: f"page_size, num_kv_heads and head dims must be >= 1, got shape {tuple(op_args[0].shape)} ({kv_layout})")
     return PagedKV(k, v, num_pages, page_size, num_kv_heads, head_dim, v.shape[-1], op_args)
 
@@ -154,7 +132,7 @@ def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_s
     """
     check_tensor(kv_indptr, "kv_indptr", ndim=1)
     check_tensor(kv_last_page_len, "kv_last_page_len", ndim=1)
-    _expect(kv_last_page_len.shape[0] + 1 == kv_indptr.shape[0], "kv_last_page_len",
+    expect(kv_last_page_len.shape[0] + 1 == kv_indptr.shape[0], "kv_last_page_len",
            lambda: f"shape {tuple(kv_last_page_len.shape)} must be [len(kv_indptr) - 1] = [{kv_indptr.shape[0] - 1}]")
     return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
 
@@ -163,7 +141,7 @@ def _check_index_tensor(t, name: str, device, *, length=None) -> None:
     """1-D int32/int64 index tensor on ``device``, optionally of a given length."""
     check_tensor(t, name, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if length is not None:
-        _expect(t.shape[0] == length, name, lambda: f"shape {tuple(t.shape)} must be [{length}]")
+        expect(t.shape[0] == length, name, lambda: f"shape {tuple(t.shape)} must be [{length}]")
 
 
 def get_batch_indices_positions(
@@ -205,21 +183,21 @@ def get_batch_indices_positions(
     ``append_indptr[-1] <= nnz`` and ``append_len_b <= seq_lens[b]``.
     """
     check_tensor(append_indptr, "append_indptr", ndim=1, dtypes=INDEX_DTYPES)
-    _expect(append_indptr.shape[0] >= 1, "append_indptr", lambda: "must have at least one element")
+    expect(append_indptr.shape[0] >= 1, "append_indptr", lambda: "must have at least one element")
     device = append_indptr.device
     _check_index_tensor(seq_lens, "seq_lens", device, length=append_indptr.shape[0] - 1)
-    _expect(isinstance(nnz, (int, torch.SymInt)) and not isinstance(nnz, bool), "nnz", lambda: f"expected an int, got {type(nnz).__name__}")
-    _expect(nnz >= 0, "nnz", lambda: f"must be >= 0, got {nnz}")
+    expect(isinstance(nnz, (int, torch.SymInt)) and not isinstance(nnz, bool), "nnz", lambda: f"expected an int, got {type(nnz).__name__}")
+    expect(nnz >= 0, "nnz", lambda: f"must be >= 0, got {nnz}")
     for buf, name in ((batch_indices, "batch_indices"), (positions, "positions")):
         if buf is not None:
             check_tensor(buf, name, ndim=1, dtypes=(torch.int32,), device=device)
-            _expect(buf.shape[0] == nnz, name, lambda: f"shape {tuple(buf.shape)} must be [nnz] = [{nnz}]")
+            expect(buf.shape[0] == nnz, name, lambda: f"shape {tuple(buf.shape)} must be [nnz] = [{nnz}]")
     if _config.checks_enabled():
         check_indptr_values(append_indptr, "append_indptr")
         ind = append_indptr.detach().to("cpu", torch.int64)
-        _expect(int(ind[-1]) <= nnz, "nnz", lambda: f"{nnz} is smaller than append_indptr[-1] = {int(ind[-1])}")
+        expect(int(ind[-1]) <= nnz, "nnz", lambda: f"{nnz} is smaller than append_indptr[-1] = {int(ind[-1])}")
         over = ((ind[1:] - ind[:-1]) > seq_lens.detach().to("cpu", torch.int64)).nonzero()
-        _expect(over.numel() == 0, "seq_lens",
+        expect(over.numel() == 0, "seq_lens",
                lambda: f"must be >= each request's append length (seq_lens counts the appended tokens); first violation at request {int(over[0]) if over.numel() else -1}")
     if batch_indices is None and positions is None:
         return ops.batch_indices_positions(append_indptr, seq_lens, nnz)
@@ -289,14 +267,14 @@ def append_paged_kv_cache(
     check_tensor(append_key, "append_key", ndim=3, dtypes=(cache.k.dtype,), device=device)
     check_tensor(append_value, "append_value", ndim=3, dtypes=(cache.k.dtype,), device=device)
     nnz = append_key.shape[0]
-    _expect(tuple(append_key.shape[1:]) == (cache.num_kv_heads, cache.head_dim), "append_key",
+    expect(tuple(append_key.shape[1:]) == (cache.num_kv_heads, cache.head_dim), "append_key",
            lambda: f"shape {tuple(append_key.shape)} must be [nnz, {cache.num_kv_heads}, {cache.head_dim}] (the cache's H_kv, D)")
-    _expect(tuple(append_value.shape) == (nnz, cache.num_kv_heads, cache.head_dim_vo), "append_value",
+    expect(tuple(append_value.shape) == (nnz, cache.num_kv_heads, cache.head_dim_vo), "append_value",
            lambda: f"shape {tuple(append_value.shape)} must be [{nnz}, {cache.num_kv_heads}, {cache.head_dim_vo}]")
     _check_index_tensor(batch_indices, "batch_indices", device, length=nnz)
     _check_index_tensor(positions, "positions", device, length=nnz)
     _check_index_tensor(kv_indptr, "kv_indptr", device)
-    _expect(kv_indptr.shape[0] >= 1, "kv_indptr", lambda: "must have at least one element")
+    expect(kv_indptr.shape[0] >= 1, "kv_indptr", lambda: "must have at least one element")
     _check_index_tensor(kv_indices, "kv_indices", device)
     _check_index_tensor(kv_last_page_len, "kv_last_page_len", device, length=kv_indptr.shape[0] - 1)
     if _config.checks_enabled():
@@ -310,10 +288,10 @@ def _check_append_values(batch_indices, positions, kv_indices, kv_indptr, cache:
     check_indptr_values(kv_indptr, "kv_indptr")
     ind = kv_indptr.detach().to("cpu", torch.int64)
     B, total = ind.shape[0] - 1, int(ind[-1])
-    _expect(kv_indices.shape[0] >= total, "kv_indices", lambda: f"has {kv_indices.shape[0]} entries, kv_indptr[-1] needs {total}")
+    expect(kv_indices.shape[0] >= total, "kv_indices", lambda: f"has {kv_indices.shape[0]} entries, kv_indptr[-1] needs {total}")
     check_range_values(kv_indices[:total], "kv_indices", 0, cache.num_pages)
     b = batch_indices.detach().to("cpu", torch.int64)
-    _expect(b.numel() == 0 or int(b.max()) < B, "batch_indices", lambda: f"values must be < B = {B} (or negative to skip a row)")
+    expect(b.numel() == 0 or int(b.max()) < B, "batch_indices", lambda: f"values must be < B = {B} (or negative to skip a row)")
     rows = (b >= 0).nonzero().squeeze(1)
     if rows.numel():
         capacity = (ind[1:] - ind[:-1])[b[rows]] * cache.page_size

@@ -16,19 +16,6 @@ from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same, check_tensor, expe
 MASK_DTYPES = (torch.bool, torch.uint8)
 
 
-def _tensor(t, name: str, ndim: int, dtypes, device=None) -> None:
-    """``check_tensor`` with a fast path: nothing is formatted unless the check fails."""
-    if (
-        isinstance(t, torch.Tensor)
-        and t.dim() == ndim
-        and t.dtype in dtypes
-        and (device is None or t.device == device)
-        and (t.stride(-1) == 1 or t.numel() <= 1)
-    ):
-        return
-    check_tensor(t, name, ndim=ndim, dtypes=dtypes, device=device)
-
-
 def _lse_shape(s, v, s_name: str, v_name: str, k: int) -> None:
     """``s.shape == v.shape[:k]`` (the LSE has one value per (row, [state,] head))."""
     if s.shape != v.shape[:k]:
@@ -47,11 +34,11 @@ def _writable(t, name: str) -> None:
 # --------------------------------------------------------------------------- validation
 def check_merge_state(v_a, s_a, v_b, s_b) -> None:
     """``v_a, v_b [N, H, D]`` one float dtype; ``s_a, s_b [N, H]`` any float dtype; one device."""
-    _tensor(v_a, "v_a", 3, FLOAT_DTYPES)
+    check_tensor(v_a, "v_a", ndim=3, dtypes=FLOAT_DTYPES)
     dev = v_a.device
-    _tensor(s_a, "s_a", 2, FLOAT_DTYPES, dev)
-    _tensor(v_b, "v_b", 3, FLOAT_DTYPES, dev)
-    _tensor(s_b, "s_b", 2, FLOAT_DTYPES, dev)
+    check_tensor(s_a, "s_a", ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor(v_b, "v_b", ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor(s_b, "s_b", ndim=2, dtypes=FLOAT_DTYPES, device=dev)
     if v_b.shape != v_a.shape or v_b.dtype != v_a.dtype:
         check_same(v_a, v_b, "v_a", "v_b", device=False)
     _lse_shape(s_a, v_a, "s_a", "v_a", 2)
@@ -64,11 +51,11 @@ def check_merge_state_in_place(v, s, v_other, s_other, mask=None, *, storage: bo
     ``storage``: also reject write targets with internally overlapping memory (real tensors
     only; the fake impl skips it).
     """
-    _tensor(v, "v", 3, FLOAT_DTYPES)
+    check_tensor(v, "v", ndim=3, dtypes=FLOAT_DTYPES)
     dev = v.device
-    _tensor(s, "s", 2, FLOAT_DTYPES, dev)
-    _tensor(v_other, "v_other", 3, FLOAT_DTYPES, dev)
-    _tensor(s_other, "s_other", 2, FLOAT_DTYPES, dev)
+    check_tensor(s, "s", ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor(v_other, "v_other", ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor(s_other, "s_other", ndim=2, dtypes=FLOAT_DTYPES, device=dev)
     expect(s.dtype == torch.float32, "s",
            f"must be float32 to be updated in place (got {s.dtype}; a cast copy would drop the update)")
     expect(s_other.dtype == torch.float32, "s_other", f"must be float32 (got {s_other.dtype})")
@@ -77,7 +64,7 @@ def check_merge_state_in_place(v, s, v_other, s_other, mask=None, *, storage: bo
     _lse_shape(s, v, "s", "v", 2)
     _lse_shape(s_other, v_other, "s_other", "v_other", 2)
     if mask is not None:
-        _tensor(mask, "mask", 1, MASK_DTYPES, dev)
+        check_tensor(mask, "mask", ndim=1, dtypes=MASK_DTYPES, device=dev)
         if mask.shape[0] != v.shape[0]:
             raise ValueError(f"mask: shape {tuple(mask.shape)} must be [N] = [{v.shape[0]}] (one flag per row of v)")
     if storage:
@@ -87,17 +74,17 @@ def check_merge_state_in_place(v, s, v_other, s_other, mask=None, *, storage: bo
 
 def check_merge_states(v, s) -> None:
     """``v [N, S, H, D]`` float; ``s [N, S, H]`` any float dtype; one device."""
-    _tensor(v, "v", 4, FLOAT_DTYPES)
-    _tensor(s, "s", 3, FLOAT_DTYPES, v.device)
+    check_tensor(v, "v", ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(s, "s", ndim=3, dtypes=FLOAT_DTYPES, device=v.device)
     _lse_shape(s, v, "s", "v", 3)
 
 
 def check_variable_length_merge_states(v, s, indptr) -> None:
     """``v [M, H, D]`` float; ``s [M, H]`` any float dtype; ``indptr [N+1]`` int32/int64."""
-    _tensor(v, "v", 3, FLOAT_DTYPES)
-    _tensor(s, "s", 2, FLOAT_DTYPES, v.device)
+    check_tensor(v, "v", ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(s, "s", ndim=2, dtypes=FLOAT_DTYPES, device=v.device)
     _lse_shape(s, v, "s", "v", 2)
-    _tensor(indptr, "indptr", 1, INDEX_DTYPES, v.device)
+    check_tensor(indptr, "indptr", ndim=1, dtypes=INDEX_DTYPES, device=v.device)
     expect(indptr.shape[0] >= 1, "indptr", "must have at least one element ([N+1] for N segments)")
 
 

@@ -16,9 +16,6 @@ append_paged_kv_cache (a scatter copy):
 """
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
@@ -133,13 +130,6 @@ def _positions_config(nnz: int) -> dict:
     return dict(BLOCK=min(1024, max(16, triton.next_power_of_2(nnz))), num_warps=4)
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on ``t``'s GPU (custom ops get no device guard from the dispatcher)."""
-    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------- launchers
 
 
@@ -149,9 +139,8 @@ def _batch_indices_positions_out_launch(append_indptr, seq_lens, batch_indices, 
         return
     B = append_indptr.shape[0] - 1
     cfg = _positions_config(nnz)
-    with _device_guard(batch_indices):
-        _batch_indices_positions_kernel[(triton.cdiv(nnz, cfg["BLOCK"]),)](
-            append_indptr, seq_lens, batch_indices, positions, nnz, B, max(B, 0).bit_length(), **cfg)
+    _batch_indices_positions_kernel[(triton.cdiv(nnz, cfg["BLOCK"]),)](
+        append_indptr, seq_lens, batch_indices, positions, nnz, B, max(B, 0).bit_length(), **cfg)
 
 
 def _batch_indices_positions_launch(append_indptr, seq_lens, nnz):
@@ -169,13 +158,12 @@ def _append_paged_kv_cache_launch(append_key, append_value, batch_indices, posit
         return
     cfg = _append_config(nnz, H, DK, DV)
     grid = (triton.cdiv(nnz, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
-    with _device_guard(append_key):
-        _append_paged_kv_kernel[grid](
-            append_key, append_value, batch_indices, positions, k, v, kv_indices, kv_indptr,
-            nnz, kv_indptr.shape[0] - 1, kv_indices.shape[0], k.shape[0], k.shape[1], H, DK, DV,
-            append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            **cfg)
+    _append_paged_kv_kernel[grid](
+        append_key, append_value, batch_indices, positions, k, v, kv_indices, kv_indptr,
+        nnz, kv_indptr.shape[0] - 1, kv_indices.shape[0], k.shape[0], k.shape[1], H, DK, DV,
+        append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        **cfg)
 
 
 # --------------------------------------------------------------------------- registration
