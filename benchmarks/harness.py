@@ -155,6 +155,16 @@ class Context:
     def time(self, fn: Callable, arg_sets: Sequence[tuple] = ((),), *, graph: bool = False) -> float:
         return time_fn(fn, arg_sets, device=self.device, graph=graph and self.device == "cuda")
 
+    def peers(self, peer: Callable, ours: Callable, *, dynamic: bool = False) -> list[tuple[str, Callable]]:
+        """``[("torch-eager", peer), ("torch-compile", compiled peer), ("flashops", ours)]`` in the
+        order the table expects (peer first). The compiled peer is left out of CPU smoke runs:
+        Inductor on CPU costs ~10 s per shape."""
+        out = [("torch-eager", peer)]
+        if self.device == "cuda" or not self.quick:
+            out.append(("torch-compile", torch.compile(peer, dynamic=dynamic)))
+        out.append(("flashops", ours))
+        return out
+
     def record(self, case: str, impl: str, ms: float, *, bytes: Optional[float] = None,
                flops: Optional[float] = None, **extra: Any) -> Row:
         row = Row(self.suite, case, impl, float(ms), bytes, flops, extra)

@@ -97,14 +97,6 @@ def _time_all(ctx, case, impls, arg_sets, nbytes, **extra):
         ctx.record(case, name, ms, bytes=nbytes, **extra)
 
 
-def _impls(ctx, peer, ours):
-    out = [("torch-eager", peer)]
-    if ctx.device == "cuda" or not ctx.quick:  # Inductor on CPU costs ~10 s per shape
-        out.append(("torch-compile", torch.compile(peer, dynamic=False)))
-    out.append(("flashops", ours))
-    return out
-
-
 # -------------------------------------------------------------------------------- cases
 def run(ctx):
     import torch_flashops as fo
@@ -121,13 +113,13 @@ def run(ctx):
         sets = [(*_states((N,), H, D, dt, dev, g), *_states((N,), H, D, dt, dev, g))
                 for _ in range(_n_sets(nbytes, quick))]
         case = f"merge_state N={N} H={H} D={D} {_dt_name(dt)}"
-        impls = _impls(ctx, torch_merge_state, fo.merge_state)
+        impls = ctx.peers(torch_merge_state, fo.merge_state)
         for label, fn in impls[:-1]:
             _check(label, fn(*sets[0]), fo.merge_state(*sets[0]), dt)
         _time_all(ctx, case, impls, sets, nbytes)
 
         case = f"merge_state_in_place N={N} H={H} D={D} {_dt_name(dt)}"
-        impls = _impls(ctx, torch_merge_state_in_place, fo.merge_state_in_place)
+        impls = ctx.peers(torch_merge_state_in_place, fo.merge_state_in_place)
         _time_all(ctx, case, impls, sets, nbytes)  # values drift across calls; bytes do not
         del sets
 
@@ -137,7 +129,7 @@ def run(ctx):
     for S in ctx.progress([2, 3] if quick else [2, 4, 8], desc="merge_states"):
         nbytes = (S + 1) * N * H * (D * es + 4)
         sets = [_states((N, S), H, D, dt, dev, g) for _ in range(_n_sets(nbytes, quick))]
-        impls = _impls(ctx, torch_merge_states, fo.merge_states)
+        impls = ctx.peers(torch_merge_states, fo.merge_states)
         for label, fn in impls[:-1]:
             _check(label, fn(*sets[0]), fo.merge_states(*sets[0]), dt)
         _time_all(ctx, f"merge_states N={N} S={S} H={H} D={D} {_dt_name(dt)}", impls, sets, nbytes)

@@ -99,14 +99,6 @@ def _check_align(name, got, want):
             raise AssertionError(f"moe_routing suite: {name} align disagrees with flashops")
 
 
-def _impls(ctx, peer, ours):
-    out = [("torch-eager", peer)]
-    if ctx.device == "cuda" or not ctx.quick:  # Inductor on CPU costs ~10 s per shape
-        out.append(("torch-compile", torch.compile(peer, dynamic=True)))
-    out.append(("flashops", ours))
-    return out
-
-
 def _time_all(ctx, case, impls, arg_sets, nbytes, **extra):
     for name, fn in impls:
         ms = ctx.time(fn, arg_sets, graph=ctx.device == "cuda")
@@ -127,8 +119,8 @@ def run(ctx):
         E, k, kind, kw = MODELS[name]
         bias = torch.randn(E, generator=g, device=dev) * 0.1 if kw.get("bias") else None
         peer, ours = _routing_fns(fo, kind, k, kw, bias)
-        route_impls = _impls(ctx, peer, ours)
-        align_peer = _impls(ctx, torch_moe_align_block_size, fo.moe_align_block_size)
+        route_impls = ctx.peers(peer, ours, dynamic=True)
+        align_peer = ctx.peers(torch_moe_align_block_size, fo.moe_align_block_size, dynamic=True)
         for T in tokens:
             sets = [(torch.randn(T, E, generator=g, device=dev).to(dt),) for _ in range(_N_SETS)]
             for label, fn in route_impls[:-1]:
