@@ -1,6 +1,6 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
-    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [prefill] [split]
+    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [little] [split] [paged_prefill] [prefill] [cascade]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) is checked against
 torch SDPA and timed (CUDA-graph replays for decode, ``do_bench`` for prefill); the table shows
@@ -24,10 +24,11 @@ from torch_flashops.ops import attention as A
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None):
+def _patched(block_m=None, cfg=None, split=None, prefetch=True):
     class P:
         def __enter__(self):
-            self.saved = (A.attn_config, A.tile_m, A.resident_programs)
+            self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS)
+            A.PREFETCH_PAGE_IDS = prefetch
             if cfg is not None:
                 A.attn_config = lambda *a, **k: cfg
             if block_m is not None:
@@ -36,86 +37,157 @@ def _patched(block_m=None, cfg=None, split=None):
                 A.resident_programs = lambda *a, **k: split
 
         def __exit__(self, *exc):
-            A.attn_config, A.tile_m, A.resident_programs = self.saved
+            A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS = self.saved
 
     return P()
 
 
-def decode(g):
-    cases = [(64, 4096, 32, 8), (16, 16384, 32, 8), (1, 32768, 32, 8), (256, 2048, 32, 4)]
-    cfgs = [None, (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 3), (128, 4, 2)]
+# (name, (BLOCK_N, num_warps, num_stages) or None for the default, page-id prefetch on?)
+_DECODE_CFGS = [("pf0 (64,4,3)", (64, 4, 3), False), ("pf1 (64,4,2)", (64, 4, 2), True),
+                ("pf1 (64,4,3)", (64, 4, 3), True), ("pf0 (64,4,5)", (64, 4, 5), False),
+                ("pf0 (32,4,5)", (32, 4, 5), False), ("pf0 (128,4,5)", (128, 4, 5), False),
+                ("pf0 (64,8,5)", (64, 8, 5), False), ("default", None, True)]
+
+
+def _decode_rows(g, cases, cfgs, splits=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
-        d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(8, math.ceil((256 << 20) / kv_bytes))))
+        d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
         ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
         ref = _sdpa_decode(d.sets[0][0], d.sets[0][2], d.sets[0][3]).transpose(1, 2).reshape(B, Hq, 128)
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
-        row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s"]
-        for cfg in cfgs:
-            with _patched(cfg=cfg):
-                w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
-                w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
-                o = w.run(d.sets[0][0], d.sets[0][1])
-                err = (o.float() - ref.float()).abs().max().item()
-                ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
-            row.append(f"{cfg or 'default'}: {kv_bytes / ms / 1e6:.0f} GB/s ({sd / ms:.2f}x sdpa, err {err:.1e})")
+        row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
+        for name, cfg, pf in cfgs:
+            for sp in splits:
+                with _patched(cfg=cfg, prefetch=pf, split=sp):
+                    w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
+                    w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
+                    o = w.run(d.sets[0][0], d.sets[0][1])
+                    err = (o.float() - ref.float()).abs().max().item()
+                    ns = int((w._t.split_work[::4] >= 0).sum())
+                    ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
+                row.append(f"{name}{'' if sp is None else f' sp={sp}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                           f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
+
+
+def decode(g):
+    """Large and small batches: page-id prefetch off ("old") / on, then launch configs."""
+    _decode_rows(g, [(1, 32768, 32, 8), (16, 8192, 32, 8), (16, 512, 32, 8),
+                     (64, 4096, 32, 8), (256, 2048, 32, 4)], _DECODE_CFGS)
+
+
+def little(g):
+    _decode_rows(g, [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8)], _DECODE_CFGS)
 
 
 def split(g):
     """Split-KV target (resident programs per SM the planner assumes) at small batch / long context."""
-    for B, L in ((1, 32768), (4, 16384), (16, 8192)):
-        d = _Paged(B, L, 32, 8, 128, 16, DT, "cuda", g, 4)
-        kv_bytes = 2 * B * L * 8 * 128 * 2
-        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        row = [f"split B={B} L={L}"]
-        for sp in (1, 2, 4, 8):
-            with _patched(split=sp):
-                w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
-                w.plan(d.indptr, d.indices, d.last, 32, 8, 128, 16, q_data_type=DT)
-                n_split = int((w._t.split_work[::4] >= 0).sum())
-                ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
-            row.append(f"{sp}/SM ({n_split} split items): {kv_bytes / ms / 1e6:.0f} GB/s")
-        print("\n  ".join(row), flush=True)
-        del d
+    _decode_rows(g, [(1, 32768, 32, 8), (4, 16384, 32, 8), (16, 8192, 32, 8)],
+                 [("pf0 (64,4,5)", (64, 4, 5), False), ("pf1 (64,4,2)", (64, 4, 2), True)], splits=(2, 3, 4, 6))
 
 
-def prefill(g):
+def _prefill_row(g, B, L, paged, variants):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    B, L, Hq, Hkv, D = 4, 4096, 32, 8, 128
-    q = torch.randn(B * L, Hq, D, device="cuda", dtype=DT)
-    k = torch.randn(B * L, Hkv, D, device="cuda", dtype=DT)
-    v = torch.randn(B * L, Hkv, D, device="cuda", dtype=DT)
-    indptr = torch.arange(B + 1, device="cuda", dtype=torch.int32) * L
+    Hq, Hkv, D = 32, 8, 128
     flops = 4 * D * Hq * _visible_pairs([L] * B, [L] * B, True)
-    qd = q.view(B, L, Hq, D).transpose(1, 2).contiguous()
-    kd = k.view(B, L, Hkv, D).transpose(1, 2).repeat_interleave(Hq // Hkv, 1).contiguous()
-    vd = v.view(B, L, Hkv, D).transpose(1, 2).repeat_interleave(Hq // Hkv, 1).contiguous()
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    d = _Paged(B, L, Hq, Hkv, D, 16 if paged else 1, DT, "cuda", g, 1, qo_len=L)
+    q, cache, kd, vd = d.sets[0]
+    qd = q.view(B, L, Hq, D).transpose(1, 2)
+    kd, vd = kd.repeat_interleave(Hq // Hkv, 1), vd.repeat_interleave(Hq // Hkv, 1)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         sd = time_fn(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), [()], device="cuda")
     ref = ref.transpose(1, 2).reshape(B * L, Hq, D)
-    row = [f"prefill causal B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
-    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    for bm, cfg in [(128, None), (128, (128, 8, 3)), (128, (64, 8, 2)), (128, (128, 8, 2)), (64, (64, 4, 3)),
-                    (64, (128, 4, 3)), (128, (64, 4, 3))]:
-        with _patched(block_m=bm, cfg=cfg):
-            w = fo.BatchPrefillWithRaggedKVCacheWrapper(ws)
-            w.plan(indptr, indptr, Hq, Hkv, D, causal=True, q_data_type=DT)
-            o = w.run(q, k, v)
+    row = [f"prefill causal {'paged' if paged else 'ragged'} B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
+    for name, bm, cfg, pf in variants:
+        with _patched(block_m=bm, cfg=cfg, prefetch=pf):
+            if paged:
+                w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
+                w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=True, q_data_type=DT)
+                run = lambda: w.run(q, cache)  # noqa: E731
+            else:
+                k, v = cache[:, 0, 0], cache[:, 1, 0]  # page size 1: rows in order of the shuffled ids
+                rows = d.indices.long()
+                k, v = k[rows].contiguous(), v[rows].contiguous()
+                w = fo.BatchPrefillWithRaggedKVCacheWrapper(ws)
+                w.plan(d.qo_indptr, d.qo_indptr, Hq, Hkv, D, causal=True, q_data_type=DT)
+                run = lambda: w.run(q, k, v)  # noqa: E731
+            o = run()
             err = (o.float() - ref.float()).abs().max().item()
-            ms = time_fn(lambda: w.run(q, k, v), [()], device="cuda")
-        row.append(f"BM={bm} {cfg or 'default'}: {flops / ms / 1e9:.0f} TFLOP/s ({sd / ms:.2f}x sdpa, err {err:.1e})")
+            ms = time_fn(run, [()], device="cuda")
+        row.append(f"{name}: {flops / ms / 1e9:.0f} TFLOP/s ({sd / ms:.2f}x sdpa, err {err:.1e})")
+    print("\n  ".join(row), flush=True)
+    del d
+
+
+_PREFILL = [("pf0 BM=128 (64,8,3)", 128, (64, 8, 3), False), ("pf1 BM=128 (64,8,3)", 128, (64, 8, 3), True),
+            ("pf0 BM=128 (64,8,5)", 128, (64, 8, 5), False), ("pf0 BM=128 (64,8,4)", 128, (64, 8, 4), False),
+            ("pf0 BM=64 (64,4,5)", 64, (64, 4, 5), False), ("pf0 BM=128 (32,8,5)", 128, (32, 8, 5), False),
+            ("default", 128, None, True)]
+
+
+def prefill(g):
+    _prefill_row(g, 4, 4096, False, _PREFILL[:1] + [("BM=128 (64,8,5)", 128, (64, 8, 5), False)])
+
+
+def paged_prefill(g):
+    _prefill_row(g, 4, 4096, True, _PREFILL)
+
+
+def cascade(g):
+    """32k shared prefix x B=128 + 256 unique: the levels timed apart, prefix-level configs."""
+    B, prefix, uniq, Hq, Hkv, D, page = 128, 32768, 256, 32, 8, 128, 16
+    np_, nu = prefix // page, uniq // page
+    P = np_ + B * nu
+    cache = torch.randn(P, 2, page, Hkv, D, dtype=DT, device="cuda")
+    perm = torch.randperm(P, device="cuda").int()
+    pre, uq = perm[:np_], perm[np_:].view(B, nu)
+    q = torch.randn(B, Hq, D, dtype=DT, device="cuda")
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
+    ar = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    dec = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
+    dec.plan(ar * (np_ + nu), torch.cat([pre.expand(B, np_), uq], 1).reshape(-1).contiguous(),
+             torch.full((B,), page, dtype=torch.int32, device="cuda"), Hq, Hkv, D, page, q_data_type=DT)
+    want = dec.run(q, cache)
+    tdec = time_fn(lambda: dec.run(q, cache), [()], device="cuda", graph=True)
+    row = [f"cascade: plain decode {tdec * 1e3:.0f} us"]
+    flops = 4 * B * Hq * D * prefix
+    for name, bm, cfg, sp, pf in [("pf1 (64,8,3) sp=1", None, (64, 8, 3), 1, True),
+                                  ("pf0 (64,8,5) sp=1", None, (64, 8, 5), 1, False),
+                                  ("pf0 (64,8,5) sp=2", None, (64, 8, 5), 2, False),
+                                  ("pf0 (64,8,4) sp=1", None, (64, 8, 4), 1, False),
+                                  ("pf0 BM=64 (64,4,5) sp=1", 64, (64, 4, 5), 1, False),
+                                  ("default", None, None, None, True)]:
+        with _patched(block_m=bm, cfg=cfg, split=sp, prefetch=pf):
+            casc = fo.MultiLevelCascadeAttentionWrapper(2, ws)
+            casc.plan([i32([0, B]), ar], [i32([0, np_]), ar * nu], [pre, uq.reshape(-1)],
+                      [i32([page]), torch.full((B,), page, dtype=torch.int32, device="cuda")], Hq, Hkv, D, page,
+                      q_data_type=DT)
+            err = (casc.run(q, cache).float() - want.float()).abs().max().item()
+            w0, w1 = casc._batch_prefill_wrappers
+            t = time_fn(lambda: casc.run(q, cache), [()], device="cuda", graph=True)
+            t0 = time_fn(lambda: w0.run(q, cache, return_lse=True), [()], device="cuda", graph=True)
+            t1 = time_fn(lambda: w1.run(q, cache, return_lse=True), [()], device="cuda", graph=True)
+            ns = int((w0._t.split_work[::4] >= 0).sum())
+        row.append(f"{name}: total {t * 1e3:.0f} us = {tdec / t:.2f}x; prefix level {t0 * 1e3:.0f} us "
+                   f"({flops / t0 / 1e9:.0f} TFLOP/s, {ns} split items, BM={w0._plan.block_m}), unique level "
+                   f"{t1 * 1e3:.0f} us, err {err:.1e}")
     print("\n  ".join(row), flush=True)
 
 
 def main(argv):
     g = torch.Generator(device="cuda").manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    for name in argv or ["decode", "split", "prefill"]:
-        globals()[name](g)
+    for name in argv or ["decode", "little", "split", "paged_prefill", "prefill", "cascade"]:
+        try:
+            globals()[name](g)
+        except Exception as e:  # noqa: BLE001 - one failing section must not cost the others
+            print(f"{name} FAILED: {type(e).__name__}: {e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
 NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
+# Paged: load the next tile's page ids one tile ahead (see _attend_tile). A switch only so the
+# tuner (benchmarks/tune_attention.py) can time both in one run.
+PREFETCH_PAGE_IDS = True
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -124,7 +127,7 @@ def _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED: tl.constexp
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, start,
+    acc, m_i, l_i, q, start, page, slot,
     K, V, KV_INDICES, MASK, FREQS,
     kv_base, kv_hi, kv_len, num_pages, mask_base,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -133,11 +136,21 @@ def _attend_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows."""
+    """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
+    Paged: ``(page, slot)`` of this tile's keys were loaded one tile ahead; the next tile's are
+    loaded here and returned. (Loaded in the same iteration as the K/V gather, the page ids put
+    all three loads into one async group, and the software pipeliner then waits for every copy
+    in flight before each tile: no load/compute overlap.)"""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_hi
-    page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE)
+    if PAGED and PREFETCH:
+        nxt_n = offs_n + BLOCK_N
+        nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
+    else:
+        page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE)
+        nxt_page, nxt_slot = page, slot
     k_row = K + page * stride_kp + slot * stride_ks + hk * stride_kh
     v_row = V + page * stride_vp + slot * stride_vs + hk * stride_vh
     k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D)
@@ -172,7 +185,7 @@ def _attend_tile(
     v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
     l_i = l_i * alpha + tl.sum(p, 1)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, nxt_page, nxt_slot
 
 
 # ------------------------------------------------------------------------------ the kernels
@@ -190,7 +203,7 @@ def _attn_fwd_kernel(
     BLOCK_DQK: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -291,15 +304,17 @@ def _attn_fwd_kernel(
             lo, hi = a, c
         else:
             lo, hi = c, kv_hi
+        offs_lo = lo + tl.arange(0, BLOCK_N)
+        kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE)
         for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, start, K, V, KV_INDICES, MASK, FREQS,
+            acc, m_i, l_i, kpage, kslot = _attend_tile(
+                acc, m_i, l_i, q, start, kpage, kslot, K, V, KV_INDICES, MASK, FREQS,
                 kv_base, kv_hi, kv_len, num_pages, mask_base,
                 stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PREFETCH)
 
     # ---- finish: empty rows give o = 0, lse = -inf
     empty = l_i == 0.0
@@ -397,8 +412,14 @@ def tile_m(group: int, max_qo_len: int) -> int:
     return int(min(128, max(16, triton.next_power_of_2(need))))
 
 
-def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned."""
+def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
+                n_programs: Optional[int] = None) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned.
+    Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
+    (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
+    stages when the grid fills the machine (occupancy hides the latency: 5 programs per SM fit
+    in shared memory) but 3 stages when fewer programs than SMs run (e.g. B=16, 512 keys:
+    27.2 -> 23.6 us), since then only the pipeline can hide it."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -407,7 +428,8 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device) 
         return (32 if wide else 64), 8, (2 if wide else 3)
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
-    return (32 if wide else 64), 4, (2 if wide else 3)
+    few = n_programs is not None and n_programs < num_sms(device)
+    return (32 if wide else 64), 4, (3 if few and not wide else 2)
 
 
 def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
@@ -430,9 +452,11 @@ def split_min_chunk(block_n: int, device, n_programs: int) -> int:
 
 
 def resident_programs(block_m: int) -> int:
-    """Programs of the attention kernel one SM runs at once (H100: the 16/32-row decode tiles
-    use ~40 KB of shared memory, the 64/128-row tiles ~100 KB)."""
-    return 4 if block_m <= 32 else 2
+    """Programs of the attention kernel one SM runs at once (H100, bf16, D=128: the 16/32-row
+    decode tiles use 40-72 KB of shared memory, the 64-row tiles ~112 KB, the 128-row tiles
+    ~128 KB). Split-KV aims for one wave of these; for the 128-row tiles of a shared prefix
+    (cascade) one program per SM measured best (300 us vs 310 us with two)."""
+    return 4 if block_m <= 32 else (2 if block_m <= 64 else 1)
 
 
 def split_target(n_programs: int, block_m: int, device) -> int:
@@ -473,7 +497,6 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if R == 0 or Hq == 0:
         return
     pos = _pos_code(pos_encoding_mode)
-    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device)
     if worklist:
         n_split_items, n_items = split_work.shape[0] // WORK_FIELDS, work.shape[0] // WORK_FIELDS
         grid0 = n_split_items + n_items
@@ -485,6 +508,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         grid0 = n_tiles * s_nsplit
     if grid0 == 0:
         return
+    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, grid0 * h_kv)
     dev = q.device
     has_split = n_split_items > 0 and not (worklist and n_split_items == NO_SPLIT_ROWS)
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
@@ -515,7 +539,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         BLOCK_M=block_m, BLOCK_N=block_n,
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
-        num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=PREFETCH_PAGE_IDS, num_warps=num_warps, num_stages=num_stages,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
