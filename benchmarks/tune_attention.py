@@ -24,11 +24,13 @@ from torch_flashops.ops import attention as A
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None, prefetch=True):
+def _patched(block_m=None, cfg=None, split=None, prefetch=True, min_chunk=None):
     class P:
         def __enter__(self):
-            self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS)
+            self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS, A.split_min_chunk)
             A.PREFETCH_PAGE_IDS = prefetch
+            if min_chunk is not None:
+                A.split_min_chunk = lambda *a, **k: min_chunk
             if cfg is not None:
                 A.attn_config = lambda *a, **k: cfg
             if block_m is not None:
@@ -37,7 +39,7 @@ def _patched(block_m=None, cfg=None, split=None, prefetch=True):
                 A.resident_programs = lambda *a, **k: split
 
         def __exit__(self, *exc):
-            A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS = self.saved
+            A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS, A.split_min_chunk = self.saved
 
     return P()
 
@@ -49,7 +51,7 @@ _DECODE_CFGS = [("pf0 (64,4,3)", (64, 4, 3), False), ("pf1 (64,4,2)", (64, 4, 2)
                 ("pf0 (64,8,5)", (64, 8, 5), False), ("default", None, True)]
 
 
-def _decode_rows(g, cases, cfgs, splits=(None,)):
+def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -58,15 +60,15 @@ def _decode_rows(g, cases, cfgs, splits=(None,)):
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg, pf in cfgs:
-            for sp in splits:
-                with _patched(cfg=cfg, prefetch=pf, split=sp):
+            for sp, mc in [(a, b) for a in splits for b in min_chunks]:
+                with _patched(cfg=cfg, prefetch=pf, split=sp, min_chunk=mc):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
                     err = (o.float() - ref.float()).abs().max().item()
                     ns = int((w._t.split_work[::4] >= 0).sum())
                     ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
-                row.append(f"{name}{'' if sp is None else f' sp={sp}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
@@ -80,6 +82,23 @@ def decode(g):
 
 def little(g):
     _decode_rows(g, [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8)], _DECODE_CFGS)
+
+
+def decode_mid(g):
+    """The cases between 'few programs' and 'a full machine' (1-3 programs per SM), where neither
+    the pipeline (2 stages) nor occupancy hides the latency."""
+    _decode_rows(g, [(16, 1024, 32, 8), (1, 4096, 32, 8), (16, 1024, 32, 4), (64, 4096, 32, 4), (1, 32768, 32, 4),
+                     (32, 4096, 32, 8), (64, 512, 32, 4)],
+                 [("default", None, True), ("(64,4,2)", (64, 4, 2), True), ("(64,4,3)", (64, 4, 3), True),
+                  ("(32,4,3)", (32, 4, 3), True), ("(32,4,4)", (32, 4, 4), True), ("(128,4,2)", (128, 4, 2), True)],
+                 min_chunks=(None, 256, 1024))
+
+
+def decode_256(g):
+    """~2 programs per SM unsplit: split in two (the default) or not (sp=1), and with which config."""
+    _decode_rows(g, [(32, 4096, 32, 8), (64, 4096, 32, 4), (16, 1024, 32, 8), (1, 32768, 32, 4)],
+                 [("default", None, True), ("(64,4,2)", (64, 4, 2), True), ("(64,4,3)", (64, 4, 3), True),
+                  ("(32,4,3)", (32, 4, 3), True), ("(128,4,2)", (128, 4, 2), True)], splits=(None, 1))
 
 
 def split(g):

@@ -442,13 +442,14 @@ def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
 
 
 def split_min_chunk(block_n: int, device, n_programs: int) -> int:
-    """Fewest keys a split-KV chunk may hold. Measured on an H100 (decode, D=128): with the GPU
-    nearly idle (one request) 256-key chunks still pay; with a third of a wave or more, chunks
-    under 512 keys cost more than they overlap. The interpreter keeps short chunks so small CPU
+    """Fewest keys a split-KV chunk may hold. Measured on an H100 (decode, D=128, 2026-11-25):
+    with the GPU nearly idle (under half a program per SM) 256-key chunks still pay; from there
+    on, chunks under 1024 keys cost more than they overlap (B=16, 32/8 heads, 1024 keys: two
+    512-key chunks 50.5 us, unsplit 41.4 us). The interpreter keeps short chunks so small CPU
     tests still split."""
     if torch.device(device).type != "cuda":
         return 2 * block_n
-    return max(4 * block_n, 256) if 2 * n_programs < num_sms(device) else max(8 * block_n, 512)
+    return max(4 * block_n, 256) if 2 * n_programs < num_sms(device) else max(16 * block_n, 1024)
 
 
 def resident_programs(block_m: int) -> int:
@@ -508,9 +509,10 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         grid0 = n_tiles * s_nsplit
     if grid0 == 0:
         return
-    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, grid0 * h_kv)
-    dev = q.device
     has_split = n_split_items > 0 and not (worklist and n_split_items == NO_SPLIT_ROWS)
+    live = grid0 - (n_split_items if not has_split else 0)  # the idle no-split rows exit at once
+    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv)
+    dev = q.device
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
     n_po = n_split_items * h_kv * block_m * d_vo
