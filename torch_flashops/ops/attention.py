@@ -418,8 +418,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
     (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
     stages when the grid fills the machine (occupancy hides the latency: 5 programs per SM fit
-    in shared memory) but 3 stages when fewer programs than SMs run (e.g. B=16, 512 keys:
-    27.2 -> 23.6 us), since then only the pipeline can hide it."""
+    in shared memory; B=64 x 8 KV heads, 512 programs: 374 vs 431 us) but 3 stages below three
+    programs per SM (B=16, 512 keys: 27.2 -> 23.6 us; 256 programs of 4096 keys: 210 -> 199 us),
+    since then only the pipeline can hide it."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -428,7 +429,7 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
         return (32 if wide else 64), 8, (2 if wide else 3)
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
-    few = n_programs is not None and n_programs < num_sms(device)
+    few = n_programs is not None and n_programs < 3 * num_sms(device)
     return (32 if wide else 64), 4, (3 if few and not wide else 2)
 
 
@@ -462,10 +463,12 @@ def resident_programs(block_m: int) -> int:
 
 def split_target(n_programs: int, block_m: int, device) -> int:
     """How many programs split-KV should aim for (0: do not split): one full wave of the
-    machine, and only when the unsplit tiles fill at most half of it (a second, partial wave
-    would cost more than the split saves)."""
+    machine, and only when the unsplit tiles fill at most half of it and fewer than one program
+    per SM (a second, partial wave would cost more than the split saves; at about two programs
+    per SM, e.g. B=64 x 4 KV heads x 4096 keys on an H100, the unsplit grid with a pipelined
+    loop ran 199 us, split in two 224 us)."""
     wave = num_sms(device) * resident_programs(block_m)
-    return wave if 2 * n_programs <= wave else 0
+    return wave if 2 * n_programs <= wave and n_programs < num_sms(device) else 0
 
 
 def partial_item_bytes(num_kv_heads: int, block_m: int, d_vo: int) -> int:
