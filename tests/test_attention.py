@@ -8,6 +8,7 @@ On CPU-only machines the Triton kernels run in the interpreter (conftest): shape
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -15,9 +16,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torch_flashops as fi
+from torch_flashops import prefill as prefill_mod
 from torch_flashops.reference.attention import ref_attention
 
-from .helpers import assert_close, poison
+from .helpers import CompileCounter, assert_close, poison
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
                                         "ignore::DeprecationWarning")
@@ -107,6 +109,19 @@ def check_attention(name, o, lse, ref_o, ref_lse, dtype, rows=None):
     if lse is not None:
         assert lse.dtype == torch.float32
         assert_close(f"{name}.lse", lse[rows], ref_lse[rows], **LSE_TOL)
+
+
+@contextlib.contextmanager
+def gather_threshold(rows_per_key):
+    """Temporarily set the rows-per-key threshold of the paged prefill's gathered-K/V path
+    (None: leave the default)."""
+    old = prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
+    if rows_per_key is not None:
+        prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = rows_per_key
+    try:
+        yield
+    finally:
+        prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = old
 
 
 def plan_paged(w, b: Batch, **kw):
@@ -389,7 +404,7 @@ def batches(draw):
         window=draw(st.sampled_from([-1, -1, 0, 1, 5])), cap=draw(st.sampled_from([0.0, 0.0, 6.0])),
         pos=draw(st.sampled_from(["NONE", "NONE", "ROPE_LLAMA", "ALIBI"])), mask=draw(st.booleans()),
         split=draw(st.sampled_from([None, 1, 2])), seed=draw(st.integers(0, 2 ** 16)),
-        strided=draw(st.booleans()), shared=draw(st.booleans()),
+        strided=draw(st.booleans()), shared=draw(st.booleans()), gather=draw(st.booleans()),
     )
 
 
@@ -403,10 +418,43 @@ def test_paged_fuzz(c):
     opts = dict(window_left=c["window"], logits_soft_cap=c["cap"], pos_encoding_mode=c["pos"])
     w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(DEVICE), c["layout"])
     flat = torch.cat([m.reshape(-1) for m in masks]).to(DEVICE) if masks else None
-    plan_paged(w, b, causal=c["causal"], custom_mask=flat, fixed_split_size=c["split"], **opts)
+    with gather_threshold(0 if c["gather"] else None):  # the gathered-K/V path on small batches too
+        plan_paged(w, b, causal=c["causal"], custom_mask=flat, fixed_split_size=c["split"], **opts)
+    assert (w._gather is not None) == (c["gather"] and sum(c["kv"]) > 0)
     o, lse = w.run(b.q, b.cache, return_lse=True)
     ro, rl = b.oracle(causal=c["causal"], masks=masks, **opts)
     check_attention("fuzz", o, lse, ro, rl, torch.float32)
+
+
+@pytest.mark.parametrize("layout,form", [("NHD", "5d"), ("HND", "tuple")])
+def test_paged_prefill_gather_path(layout, form, device):
+    """Many query rows per key (threshold lowered to this batch's size): plan() takes the
+    gathered-K/V path; it equals the in-place paged path and the oracle, compiles to one graph,
+    and (unchecked) maps page ids outside the cache to page 0 as the paged kernel does."""
+    qo, kv = [40, 0, 33], [44, 5, 33]
+    b = Batch(qo, kv, page_size=4, Hq=4, Hkv=2, D=16, layout=layout, form=form, seed=12)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), layout)
+    with gather_threshold(16):  # 40*44 - 40*39/2 + ... pairs over 82 keys: ~20 rows per key
+        plan_paged(w, b, causal=True)
+    assert w._gather is not None
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(causal=True)
+    check_attention("gathered", o, lse, ro, rl, torch.float32)
+    ref = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), layout)
+    with gather_threshold(10 ** 9):
+        plan_paged(ref, b, causal=True)
+    assert ref._gather is None
+    o2, lse2 = ref.run(b.q, b.cache, return_lse=True)
+    assert_close("gathered vs paged", o, o2, atol=1e-5, rtol=1e-5)
+    cc = CompileCounter(lambda q, c: w.run(q, c))
+    assert_close("compiled gathered", cc(b.q, b.cache), o, atol=1e-5, rtol=1e-5)
+    assert cc.frames == 1 and "flashops.ragged_attention.default" in cc.graph_ops()
+    b.kv_indices[2] = b.P + 7  # outside the cache
+    with gather_threshold(16):
+        plan_paged(w, b, causal=True)
+    with gather_threshold(10 ** 9):
+        plan_paged(ref, b, causal=True)
+    assert_close("bad page id: gathered vs paged", w.run(b.q, b.cache), ref.run(b.q, b.cache), atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- multi-level cascade
