@@ -455,7 +455,8 @@ class _BatchAttention:
         if self._gather is not None:  # contiguous copies of the planned K/V rows, ragged kernel
             page, slot, kv_indptr = self._gather
             page = torch.where((page >= 0) & (page < kv.num_pages), page, 0)  # as the kernels mask ids
-            args = (q, kv.k[page, slot], kv.v[page, slot], t.work, t.split_work, t.merge, t.qo_indptr, kv_indptr,
+            args = (q, _gather_kv(kv.k, page, slot), _gather_kv(kv.v, page, slot), t.work, t.split_work, t.merge,
+                    t.qo_indptr, kv_indptr,
                     t.packed_mask, t.mask_indptr, pl.block_m, *opts)
             functional, out_op = attn_ops.ragged_attention_op, attn_ops.ragged_attention_out_op
         else:
@@ -488,6 +489,20 @@ def _gather_pays(qo_h: np.ndarray, kv_lens_h: np.ndarray, causal: bool, plan: "_
     elem = torch.empty((), dtype=plan.kv_dtype).element_size()
     scratch = n_keys * plan.num_kv_heads * (plan.head_dim_qk + plan.head_dim_vo) * elem
     return float(pairs.clip(min=0).sum()) / n_keys >= PAGED_GATHER_MIN_ROWS_PER_KEY and scratch <= PAGED_GATHER_MAX_BYTES
+
+
+def _gather_kv(x: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``[N, H, D]`` copy of keys ``(page[i], slot[i])`` of a ``[P, page, H, D]`` view.
+    Where each token's heads are one contiguous row and the page stride is a whole number of
+    token strides (NHD caches, either form), tokens are rows of one strided 2-D view and
+    ``index_select`` copies whole rows; otherwise (HND, padded head strides) advanced indexing."""
+    n_pages, page_size, heads, dim = x.shape
+    sp, ss, sh, sd = x.stride()
+    if sd == 1 and sh == dim and ss > 0 and sp % ss == 0 and n_pages > 0:
+        per = sp // ss
+        rows = x.as_strided(((n_pages - 1) * per + page_size, heads * dim), (ss, 1))
+        return rows.index_select(0, page * per + slot).view(-1, heads, dim)
+    return x[page, slot]
 
 
 def _gather_rows(kv_indptr_h: np.ndarray, kv_lens_h: np.ndarray, page_size: int, kv_indices: torch.Tensor, device):
