@@ -426,7 +426,7 @@ def test_paged_fuzz(c):
     check_attention("fuzz", o, lse, ro, rl, torch.float32)
 
 
-@pytest.mark.parametrize("layout,form", [("NHD", "5d"), ("HND", "tuple")])
+@pytest.mark.parametrize("layout,form", [("NHD", "5d"), ("NHD", "tuple"), ("HND", "tuple")])
 def test_paged_prefill_gather_path(layout, form, device):
     """Many query rows per key (threshold lowered to this batch's size): plan() takes the
     gathered-K/V path; it equals the in-place paged path and the oracle, compiles to one graph,

@@ -455,8 +455,8 @@ class _BatchAttention:
         if self._gather is not None:  # contiguous copies of the planned K/V rows, ragged kernel
             page, slot, kv_indptr = self._gather
             page = torch.where((page >= 0) & (page < kv.num_pages), page, 0)  # as the kernels mask ids
-            args = (q, _gather_kv(kv.k, page, slot), _gather_kv(kv.v, page, slot), t.work, t.split_work, t.merge,
-                    t.qo_indptr, kv_indptr,
+            k, v = _gather_kv(kv, self._kv_layout, page, slot)
+            args = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, kv_indptr,
                     t.packed_mask, t.mask_indptr, pl.block_m, *opts)
             functional, out_op = attn_ops.ragged_attention_op, attn_ops.ragged_attention_out_op
         else:
@@ -491,18 +491,23 @@ def _gather_pays(qo_h: np.ndarray, kv_lens_h: np.ndarray, causal: bool, plan: "_
     return float(pairs.clip(min=0).sum()) / n_keys >= PAGED_GATHER_MIN_ROWS_PER_KEY and scratch <= PAGED_GATHER_MAX_BYTES
 
 
-def _gather_kv(x: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Contiguous ``[N, H, D]`` copy of keys ``(page[i], slot[i])`` of a ``[P, page, H, D]`` view.
-    Where each token's heads are one contiguous row and the page stride is a whole number of
-    token strides (NHD caches, either form), tokens are rows of one strided 2-D view and
-    ``index_select`` copies whole rows; otherwise (HND, padded head strides) advanced indexing."""
-    n_pages, page_size, heads, dim = x.shape
-    sp, ss, sh, sd = x.stride()
-    if sd == 1 and sh == dim and ss > 0 and sp % ss == 0 and n_pages > 0:
-        per = sp // ss
-        rows = x.as_strided(((n_pages - 1) * per + page_size, heads * dim), (ss, 1))
-        return rows.index_select(0, page * per + slot).view(-1, heads, dim)
-    return x[page, slot]
+def _gather_kv(kv, kv_layout: str, page: torch.Tensor, slot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``[N, H, D]`` copies of K and V at ``(page[i], slot[i])``. A contiguous NHD
+    cache (either form) is a stack of token rows: ``index_select`` copies whole rows of its 2-D
+    view; other caches (HND, strided) go through advanced indexing of the 4-D views."""
+    k_raw, v_raw = kv.op_args
+    if kv_layout == "NHD" and k_raw.is_contiguous() and (v_raw is None or v_raw.is_contiguous()):
+        ps, h = kv.page_size, kv.num_kv_heads
+        if v_raw is None:  # [P, 2, page, H, D]: K rows p*2*ps + s, V rows p*2*ps + ps + s
+            flat = k_raw.reshape(-1, h * kv.head_dim)
+            rows = page * (2 * ps) + slot
+            k, v = flat.index_select(0, rows), flat.index_select(0, rows + ps)
+        else:
+            rows = page * ps + slot
+            k = k_raw.reshape(-1, h * kv.head_dim).index_select(0, rows)
+            v = v_raw.reshape(-1, h * kv.head_dim_vo).index_select(0, rows)
+        return k.view(-1, h, kv.head_dim), v.view(-1, h, kv.head_dim_vo)
+    return kv.k[page, slot], kv.v[page, slot]
 
 
 def _gather_rows(kv_indptr_h: np.ndarray, kv_lens_h: np.ndarray, page_size: int, kv_indices: torch.Tensor, device):
