@@ -543,6 +543,15 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"`` (all our Triton kernel).
     jit_args, jit_kwargs : None
         Reserved (``NotImplementedError``).
+
+    Notes
+    -----
+    Long prefills (at least ``PAGED_GATHER_MIN_ROWS_PER_KEY`` = 1024 visible query rows per
+    key, e.g. a causal 4k-token chunk) outside CUDA-graph mode copy the planned K/V rows into
+    contiguous scratch at ``run()`` (at most ``PAGED_GATHER_MAX_BYTES`` = 1 GiB, allocated per
+    run) and attend with the ragged kernel: the copy costs a few percent of such a run and
+    the paged kernel's page-table lookups cost about a fifth (H100: 313 -> 381 TFLOP/s at
+    B=4 x 4096). Results equal the in-place paged path's.
     """
 
     _name = "BatchPrefillWithPagedKVCacheWrapper"
