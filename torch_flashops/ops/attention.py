@@ -413,14 +413,16 @@ def tile_m(group: int, max_qo_len: int) -> int:
 
 
 def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
-                n_programs: Optional[int] = None) -> tuple[int, int, int]:
+                n_programs: Optional[int] = None, keys_per_program: Optional[int] = None) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned.
     Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
     (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
     stages when the grid fills the machine (occupancy hides the latency: 5 programs per SM fit
     in shared memory; B=64 x 8 KV heads, 512 programs: 374 vs 431 us) but 3 stages below three
     programs per SM (B=16, 512 keys: 27.2 -> 23.6 us; 256 programs of 4096 keys: 210 -> 199 us),
-    since then only the pipeline can hide it."""
+    since then only the pipeline can hide it -- unless a program has under two key tiles, with
+    nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). ``n_programs`` and
+    ``keys_per_program`` (an average) come from the launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -429,8 +431,10 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
         return (32 if wide else 64), 8, (2 if wide else 3)
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
+    block_n = 32 if wide else 64
     few = n_programs is not None and n_programs < 3 * num_sms(device)
-    return (32 if wide else 64), 4, (3 if few and not wide else 2)
+    few = few and (keys_per_program is None or keys_per_program >= 2 * block_n)
+    return block_n, 4, (3 if few and not wide else 2)
 
 
 def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
@@ -514,7 +518,9 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         return
     has_split = n_split_items > 0 and not (worklist and n_split_items == NO_SPLIT_ROWS)
     live = grid0 - (n_split_items if not has_split else 0)  # the idle no-split rows exit at once
-    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv)
+    keys = single[1] if not worklist else (kv_indices.shape[0] * page_size if paged else k.shape[0])
+    block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
+                                                 keys // max(live, 1))
     dev = q.device
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
