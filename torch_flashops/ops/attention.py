@@ -420,7 +420,7 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     stages when the grid fills the machine (occupancy hides the latency: 5 programs per SM fit
     in shared memory; B=64 x 8 KV heads, 512 programs: 374 vs 431 us) but 3 stages below three
     programs per SM (B=16, 512 keys: 27.2 -> 23.6 us; 256 programs of 4096 keys: 210 -> 199 us),
-    since then only the pipeline can hide it -- unless a program has under two key tiles, with
+    since then only the pipeline can hide it -- unless a program has one key tile or less, with
     nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). ``n_programs`` and
     ``keys_per_program`` (an average) come from the launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
@@ -433,7 +433,7 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
     few = n_programs is not None and n_programs < 3 * num_sms(device)
-    few = few and (keys_per_program is None or keys_per_program >= 2 * block_n)
+    few = few and (keys_per_program is None or keys_per_program > block_n)
     return block_n, 4, (3 if few and not wide else 2)
 
 
