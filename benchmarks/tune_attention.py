@@ -1,12 +1,15 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
-    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [little] [split] [paged_prefill] [prefill] [cascade]
+    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
+                                                     [paged_prefill] [prefill] [cascade]
 
-For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) is checked against
-torch SDPA and timed (CUDA-graph replays for decode, ``do_bench`` for prefill); the table shows
-GB/s (decode) or TFLOP/s (prefill). ``ops.attention.attn_config`` / ``tile_m`` /
-``resident_programs`` are patched per candidate, so the heuristics in ``ops/attention.py``
-are what the winners get written back into.
+For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, page-id prefetch,
+split target, minimum split chunk) is checked against torch SDPA and timed (CUDA-graph replays
+for decode, ``do_bench`` for prefill); each line shows GB/s (decode) or TFLOP/s (prefill) and
+the ratio to SDPA in the same run. ``ops.attention.attn_config`` / ``tile_m`` /
+``resident_programs`` / ``split_min_chunk`` / ``PREFETCH_PAGE_IDS`` are patched per
+candidate, so the heuristics in ``ops/attention.py`` are what the winners get written back
+into ("default" rows run those heuristics unpatched).
 """
 from __future__ import annotations
 
