@@ -501,3 +501,25 @@ def test_compile_multilevel_cascade(device):
     assert_close("compiled cascade", cc(q, cache), w.run(q, cache))
     assert cc.frames == 1
     assert cc.graph_ops().count("flashops.merge_state_in_place.default") == 1
+
+
+def test_launch_heuristics_h100(monkeypatch):
+    """The launch decisions measured on an H100 (132 SMs; ops/attention.py docstrings), pinned
+    so a change to them shows up in review. Pure host arithmetic: no GPU needed."""
+    from torch_flashops.ops import attention as A
+
+    monkeypatch.setattr(A, "num_sms", lambda device: 132)
+    cfg = lambda bm, n=None, keys=None: A.attn_config(bm, 128, 128, torch.bfloat16, "cuda", n, keys)  # noqa: E731
+    assert cfg(128) == (64, 8, 3) and cfg(64) == (64, 4, 3)  # prefill tiles
+    assert cfg(16, 512, 4096) == (64, 4, 2)  # a full machine: occupancy hides latency
+    assert cfg(16, 256, 4096) == (64, 4, 3)  # ~2 programs per SM: pipeline
+    assert cfg(16, 256, 64) == (64, 4, 2)  # one key tile per program: nothing to pipeline
+    assert cfg(16, 256) == (64, 4, 3)  # keys unknown: pipeline
+    assert A.attn_config(16, 256, 256, torch.bfloat16, "cuda", 8, 4096) == (32, 4, 2)  # wide head dims
+    # split-KV: only below one program per SM, aiming at one wave of resident programs
+    assert A.split_target(8, 16, "cuda") == 132 * 4
+    assert A.split_target(128, 16, "cuda") == 132 * 4
+    assert A.split_target(256, 16, "cuda") == 0
+    assert A.split_target(32, 128, "cuda") == 132 and A.split_target(100, 128, "cuda") == 0
+    assert A.split_min_chunk(64, "cuda", 8) == 256 and A.split_min_chunk(64, "cuda", 128) == 1024
+    assert A.split_min_chunk(64, "cpu", 128) == 128  # the interpreter keeps short chunks
