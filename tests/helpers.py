@@ -1,7 +1,18 @@
 """Shared test utilities: named closeness checks, poisoning, compile counters, tolerances."""
 from __future__ import annotations
 
+import unittest
+
 import torch
+
+try:
+    import expecttest
+except ImportError:  # the GPU machine's image has no expecttest: schema snapshots skip there
+    expecttest = None
+
+# Base class and skip decorator of the schema-snapshot tests (``assertExpectedInline``).
+SchemaTestCase = expecttest.TestCase if expecttest is not None else unittest.TestCase
+needs_expecttest = unittest.skipIf(expecttest is None, "expecttest is not installed")
 
 # Tolerances per output dtype (DESIGN.md / spec): fp16 ~1e-3, bf16 ~1e-2, fp32 1e-5.
 TOL = {

@@ -6,7 +6,6 @@ argument, KeyError, NotImplementedError, RuntimeError; nothing written).
 from __future__ import annotations
 
 import math
-import unittest
 
 import pytest
 import torch
@@ -14,13 +13,8 @@ import torch
 import torch_flashops as fi
 from torch_flashops.reference.attention import ref_attention
 
-from .helpers import CompileCounter, assert_close, poison
+from .helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest, poison
 from .test_attention import Batch, check_attention, plan_paged, workspace
-
-try:
-    import expecttest
-except ImportError:  # the GPU machine has no expecttest: the schema snapshots skip there
-    expecttest = None
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
                                         "ignore::DeprecationWarning")
@@ -72,11 +66,8 @@ def test_opcheck(name, device):
     torch.library.opcheck(op, args)
 
 
-_SchemaBase = expecttest.TestCase if expecttest is not None else unittest.TestCase
-
-
-@unittest.skipIf(expecttest is None, "expecttest is not installed")
-class TestSchemas(_SchemaBase):
+@needs_expecttest
+class TestSchemas(SchemaTestCase):
     def test_single_attention(self):
         self.assertExpectedInline(str(OPS.single_attention.default._schema), """\
 flashops::single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, str kv_layout, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")

@@ -4,7 +4,6 @@ On CPU-only machines the Triton kernels run in the interpreter (conftest), so sh
 the reference CPU backend is tested beside them (``backend`` fixture).
 """
 import math
-import unittest
 
 import pytest
 import torch
@@ -15,12 +14,7 @@ from torch_flashops import _config
 from torch_flashops.ops import cascade as ops
 from torch_flashops.reference import cascade as ref
 
-from .helpers import CompileCounter, assert_close, poison
-
-try:
-    import expecttest
-except ImportError:  # the GPU machine has no expecttest: the schema snapshots skip there
-    expecttest = None
+from .helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest, poison
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
@@ -529,11 +523,8 @@ def test_kernels_compile_for_sm90_without_gpu():
 
 
 # --------------------------------------------------------------------- schema snapshots
-_Base = expecttest.TestCase if expecttest is not None else unittest.TestCase
-
-
-@unittest.skipIf(expecttest is None, "expecttest not installed (GPU machine)")
-class TestSchemas(_Base):
+@needs_expecttest
+class TestSchemas(SchemaTestCase):
     def _schema(self, name):
         return str(getattr(torch.ops.flashops, name).default._schema)
 

@@ -8,7 +8,6 @@ of ``reference.moe_routing``. Fresh outputs are poisoned through the allocator
 from __future__ import annotations
 
 import contextlib
-import unittest
 
 import pytest
 import torch
@@ -23,12 +22,7 @@ from torch_flashops.reference import moe as ref
 from torch_flashops.reference.moe_routing import ref_moe_align_block_size
 
 from .conftest import DEVICE
-from .helpers import CompileCounter, assert_close, poison
-
-try:
-    import expecttest
-except ImportError:  # the GPU machine has no expecttest: the schema snapshots skip there
-    expecttest = None
+from .helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest, poison
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -569,11 +563,8 @@ def test_gpu_int64_row_offsets():
 
 
 # ----------------------------------------------------------------------- schema snapshots
-_Base = expecttest.TestCase if expecttest is not None else unittest.TestCase
-
-
-@unittest.skipIf(expecttest is None, "expecttest not installed (GPU machine)")
-class TestSchemas(_Base):
+@needs_expecttest
+class TestSchemas(SchemaTestCase):
     def _schema(self, name):
         return str(getattr(torch.ops.flashops, name).default._schema)
 

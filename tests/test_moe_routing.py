@@ -9,7 +9,6 @@ the dtype's max, so unwritten elements show.
 """
 from __future__ import annotations
 
-import unittest
 
 import pytest
 import torch
@@ -17,15 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_flashops as fo
-from tests.helpers import CompileCounter, assert_close
+from tests.helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest
 from torch_flashops import _selfcheck
 from torch_flashops.ops import moe_routing as ops
 from torch_flashops.reference import moe_routing as ref
-
-try:
-    import expecttest
-except ImportError:  # the GPU machine has no expecttest: the snapshot class skips itself
-    expecttest = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -571,8 +565,8 @@ def test_fused_topk_deepseek_bad_input_writes_nothing(device):
 # --------------------------------------------------------------------------- schema snapshots
 
 
-@unittest.skipIf(expecttest is None, "expecttest not installed")
-class TestSchemas(expecttest.TestCase if expecttest is not None else unittest.TestCase):
+@needs_expecttest
+class TestSchemas(SchemaTestCase):
     def test_schemas(self):
         s = {n: str(getattr(torch.ops.flashops, n).default._schema)
              for n in ("topk_softmax", "grouped_topk", "topk_sigmoid", "moe_align_block_size")}

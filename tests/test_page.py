@@ -7,7 +7,6 @@ those by this file's own ``_to_form``/``_from_form`` (not by the library's view 
 from __future__ import annotations
 
 import contextlib
-import unittest
 
 import numpy as np
 import pytest
@@ -21,12 +20,7 @@ from torch_flashops import _config
 from torch_flashops.page import _unpack_paged_kv_cache
 from torch_flashops.reference import page as ref
 
-from tests.helpers import CompileCounter
-
-try:
-    import expecttest
-except ImportError:  # the GPU machine has no expecttest
-    expecttest = None
+from tests.helpers import CompileCounter, SchemaTestCase, needs_expecttest
 
 OPS = torch.ops.flashops
 LAYOUTS = ["NHD", "HND"]
@@ -590,11 +584,8 @@ def test_opcheck(sample, device):
     torch.library.opcheck(op, args)
 
 
-_SchemaBase = expecttest.TestCase if expecttest is not None else unittest.TestCase
-
-
-@unittest.skipIf(expecttest is None, "expecttest is not installed")
-class TestSchemas(_SchemaBase):
+@needs_expecttest
+class TestSchemas(SchemaTestCase):
     def test_append_paged_kv_cache(self):
         self.assertExpectedInline(str(OPS.append_paged_kv_cache.default._schema), """\
 flashops::append_paged_kv_cache(Tensor append_key, Tensor append_value, Tensor batch_indices, Tensor positions, Tensor(a!) paged_kv_cache, Tensor(b!)? paged_v_cache, Tensor kv_indices, Tensor kv_indptr, str kv_layout) -> ()""")

@@ -8,7 +8,6 @@ deterministic algorithms on, which makes ``torch.empty`` fill float memory with 
 from __future__ import annotations
 
 import math
-import unittest
 
 import pytest
 import torch
@@ -16,15 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torch_flashops as fo
-from tests.helpers import CompileCounter, assert_close
+from tests.helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest
 from torch_flashops import _config, _selfcheck
 from torch_flashops.ops import rope as rope_ops
 from torch_flashops.reference import rope as ref
-
-try:
-    import expecttest
-except ImportError:  # the GPU machine has no expecttest: the snapshot class skips itself
-    expecttest = None
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LLAMA31_DEFAULTS = dict(rope_scale=8.0, rope_theta=5e5, llama31=(1.0, 4.0, 8192.0))
@@ -406,12 +400,9 @@ def test_opcheck(device, name, views):
     torch.library.opcheck(op, _op_args(device, views)[name])
 
 
-class TestRopeSchemas(expecttest.TestCase if expecttest else unittest.TestCase):
+@needs_expecttest
+class TestRopeSchemas(SchemaTestCase):
     """The ops' schema strings (a contract change shows in review)."""
-
-    def setUp(self):
-        if expecttest is None:
-            self.skipTest("expecttest not installed")
 
     def test_schemas(self):
         s = {n: str(getattr(torch.ops.flashops, n).default._schema) for n in
