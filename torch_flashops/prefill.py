@@ -22,7 +22,7 @@ from ._config import checks_enabled
 from .meta.attention import check_head_dim, check_heads, check_out, check_pos_encoding_mode
 from .meta.page import check_kv_layout
 from .ops import attention as attn_ops
-from .page import _unpack_paged_kv_cache
+from .page import _unpack_paged_kv_cache, get_batch_indices_positions
 
 __all__ = [
     "single_prefill_with_kv_cache",
@@ -439,7 +439,7 @@ class _BatchAttention:
         self._plan_common(qo_h, kv_lens_h, index_tensors, page_size=page_size, fixed_split_keys=fixed_keys,
                           nnz_pages=int(kv_indptr_h[-1]), **options)
         if not self._use_cuda_graph and _gather_pays(qo_h, kv_lens_h, bool(options.get("causal")), self._plan):
-            self._gather = _gather_rows(kv_indptr_h, kv_lens_h, page_size, self._t.kv_indices, self.device)
+            self._gather = _gather_rows(kv_lens_h, page_size, self._t, self.device)
 
     def _run_paged(self, q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out, lse,
                    return_lse, check_q=None):
@@ -510,18 +510,16 @@ def _gather_kv(kv, kv_layout: str, page: torch.Tensor, slot: torch.Tensor) -> Tu
     return kv.k[page, slot], kv.v[page, slot]
 
 
-def _gather_rows(kv_indptr_h: np.ndarray, kv_lens_h: np.ndarray, page_size: int, kv_indices: torch.Tensor, device):
+def _gather_rows(kv_lens_h: np.ndarray, page_size: int, t: "P.PlanTensors", device):
     """Device ``(page, slot)`` int64 of every planned key in request order, and the token CSR
-    ``kv_indptr`` (int32) of the gathered rows. Page ids are read from the device page table
+    ``kv_indptr`` (int32) of the gathered rows: ``get_batch_indices_positions`` over the whole
+    sequences gives each key's request and position; page ids come from the device page table
     (no host sync)."""
-    lens = kv_lens_h.astype(np.int64)
-    tok_indptr = np.concatenate([[0], np.cumsum(lens)])
-    b = np.repeat(np.arange(lens.size), lens)
-    j = np.arange(int(tok_indptr[-1]), dtype=np.int64) - tok_indptr[b]
-    where = torch.from_numpy(kv_indptr_h.astype(np.int64)[b] + j // page_size).to(device)
-    page = kv_indices.index_select(0, where).long()
-    slot = torch.from_numpy(j % page_size).to(device)
-    return page, slot, P.device_int32(tok_indptr, device)
+    B = kv_lens_h.size
+    tok_indptr = P.device_int32(np.concatenate([[0], np.cumsum(kv_lens_h.astype(np.int64))]), device)
+    req, pos = get_batch_indices_positions(tok_indptr, t.kv_lens[:B], int(kv_lens_h.sum()))
+    page = t.kv_indices.index_select(0, t.kv_indptr.index_select(0, req) + pos // page_size).long()
+    return page, (pos % page_size).long(), tok_indptr
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
