@@ -3,12 +3,11 @@
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
                                                      [paged_prefill] [prefill] [cascade]
 
-For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, page-id prefetch,
-split target, minimum split chunk) is checked against torch SDPA and timed (CUDA-graph replays
+For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
+split chunk) is checked against torch SDPA and timed (CUDA-graph replays
 for decode, ``do_bench`` for prefill); each line shows GB/s (decode) or TFLOP/s (prefill) and
 the ratio to SDPA in the same run. ``ops.attention.attn_config`` / ``tile_m`` /
-``resident_programs`` / ``split_min_chunk`` / ``PREFETCH_PAGE_IDS`` are patched per
-candidate, so the heuristics in ``ops/attention.py`` are what the winners get written back
+``resident_programs`` / ``split_min_chunk`` are patched per candidate, so the heuristics in ``ops/attention.py`` are what the winners get written back
 into ("default" rows run those heuristics unpatched).
 """
 from __future__ import annotations
@@ -22,16 +21,19 @@ import torch.nn.functional as F
 import torch_flashops as fo
 from benchmarks.harness import time_fn
 from benchmarks.suites.attention import _Paged, _sdpa_decode, _visible_pairs
+from torch_flashops import prefill as prefill_mod
 from torch_flashops.ops import attention as A
 
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None, prefetch=True, min_chunk=None):
+def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True):
     class P:
         def __enter__(self):
-            self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS, A.split_min_chunk)
-            A.PREFETCH_PAGE_IDS = prefetch
+            self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
+                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY)
+            if not gather:  # paged prefill in place (no gathered-K/V path)
+                prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
             if min_chunk is not None:
                 A.split_min_chunk = lambda *a, **k: min_chunk
             if cfg is not None:
@@ -42,16 +44,15 @@ def _patched(block_m=None, cfg=None, split=None, prefetch=True, min_chunk=None):
                 A.resident_programs = lambda *a, **k: split
 
         def __exit__(self, *exc):
-            A.attn_config, A.tile_m, A.resident_programs, A.PREFETCH_PAGE_IDS, A.split_min_chunk = self.saved
+            (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
+             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY) = self.saved
 
     return P()
 
 
-# (name, (BLOCK_N, num_warps, num_stages) or None for the default, page-id prefetch on?)
-_DECODE_CFGS = [("pf0 (64,4,3)", (64, 4, 3), False), ("pf1 (64,4,2)", (64, 4, 2), True),
-                ("pf1 (64,4,3)", (64, 4, 3), True), ("pf0 (64,4,5)", (64, 4, 5), False),
-                ("pf0 (32,4,5)", (32, 4, 5), False), ("pf0 (128,4,5)", (128, 4, 5), False),
-                ("pf0 (64,8,5)", (64, 8, 5), False), ("default", None, True)]
+# (name, (BLOCK_N, num_warps, num_stages) or None for the heuristics' choice)
+_DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4, 3)), ("(32,4,3)", (32, 4, 3)),
+                ("(32,4,4)", (32, 4, 4)), ("(128,4,2)", (128, 4, 2)), ("(64,8,3)", (64, 8, 3))]
 
 
 def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,)):
@@ -62,9 +63,9 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,)):
         ref = _sdpa_decode(d.sets[0][0], d.sets[0][2], d.sets[0][3]).transpose(1, 2).reshape(B, Hq, 128)
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
-        for name, cfg, pf in cfgs:
+        for name, cfg in cfgs:
             for sp, mc in [(a, b) for a in splits for b in min_chunks]:
-                with _patched(cfg=cfg, prefetch=pf, split=sp, min_chunk=mc):
+                with _patched(cfg=cfg, split=sp, min_chunk=mc):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -78,7 +79,7 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,)):
 
 
 def decode(g):
-    """Large and small batches: page-id prefetch off ("old") / on, then launch configs."""
+    """Large and small batches: the heuristics' choice, then fixed launch configs."""
     _decode_rows(g, [(1, 32768, 32, 8), (16, 8192, 32, 8), (16, 512, 32, 8),
                      (64, 4096, 32, 8), (256, 2048, 32, 4)], _DECODE_CFGS)
 
@@ -92,22 +93,19 @@ def decode_mid(g):
     the pipeline (2 stages) nor occupancy hides the latency."""
     _decode_rows(g, [(16, 1024, 32, 8), (1, 4096, 32, 8), (16, 1024, 32, 4), (64, 4096, 32, 4), (1, 32768, 32, 4),
                      (32, 4096, 32, 8), (64, 512, 32, 4)],
-                 [("default", None, True), ("(64,4,2)", (64, 4, 2), True), ("(64,4,3)", (64, 4, 3), True),
-                  ("(32,4,3)", (32, 4, 3), True), ("(32,4,4)", (32, 4, 4), True), ("(128,4,2)", (128, 4, 2), True)],
-                 min_chunks=(None, 256, 1024))
+                 _DECODE_CFGS[:6], min_chunks=(None, 256, 1024))
 
 
 def decode_256(g):
     """~2 programs per SM unsplit: split in two (the default) or not (sp=1), and with which config."""
     _decode_rows(g, [(32, 4096, 32, 8), (64, 4096, 32, 4), (16, 1024, 32, 8), (1, 32768, 32, 4)],
-                 [("default", None, True), ("(64,4,2)", (64, 4, 2), True), ("(64,4,3)", (64, 4, 3), True),
-                  ("(32,4,3)", (32, 4, 3), True), ("(128,4,2)", (128, 4, 2), True)], splits=(None, 1))
+                 _DECODE_CFGS[:6], splits=(None, 1))
 
 
 def split(g):
     """Split-KV target (resident programs per SM the planner assumes) at small batch / long context."""
     _decode_rows(g, [(1, 32768, 32, 8), (4, 16384, 32, 8), (16, 8192, 32, 8)],
-                 [("pf0 (64,4,5)", (64, 4, 5), False), ("pf1 (64,4,2)", (64, 4, 2), True)], splits=(2, 3, 4, 6))
+                 _DECODE_CFGS[:3], splits=(2, 3, 4, 6))
 
 
 def _prefill_row(g, B, L, paged, variants):
@@ -125,8 +123,8 @@ def _prefill_row(g, B, L, paged, variants):
         sd = time_fn(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), [()], device="cuda")
     ref = ref.transpose(1, 2).reshape(B * L, Hq, D)
     row = [f"prefill causal {'paged' if paged else 'ragged'} B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
-    for name, bm, cfg, pf in variants:
-        with _patched(block_m=bm, cfg=cfg, prefetch=pf):
+    for name, bm, cfg, gather in variants:
+        with _patched(block_m=bm, cfg=cfg, gather=gather):
             if paged:
                 w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
                 w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=True, q_data_type=DT)
@@ -146,17 +144,18 @@ def _prefill_row(g, B, L, paged, variants):
     del d
 
 
-_PREFILL = [("pf0 BM=128 (64,8,3)", 128, (64, 8, 3), False), ("pf1 BM=128 (64,8,3)", 128, (64, 8, 3), True),
-            ("pf0 BM=128 (64,8,5)", 128, (64, 8, 5), False), ("pf0 BM=128 (64,8,4)", 128, (64, 8, 4), False),
-            ("pf0 BM=64 (64,4,5)", 64, (64, 4, 5), False), ("pf0 BM=128 (32,8,5)", 128, (32, 8, 5), False),
-            ("default", 128, None, True)]
+# (name, BLOCK_M, (BLOCK_N, num_warps, num_stages) or None, gathered-K/V path allowed?)
+_PREFILL = [("BM=128 (64,8,3)", 128, (64, 8, 3), False), ("BM=128 (128,8,3)", 128, (128, 8, 3), False),
+            ("BM=128 (64,8,4)", 128, (64, 8, 4), False), ("BM=64 (64,4,3)", 64, (64, 4, 3), False),
+            ("default", None, None, True)]
 
 
 def prefill(g):
-    _prefill_row(g, 4, 4096, False, _PREFILL[:1] + [("BM=128 (64,8,5)", 128, (64, 8, 5), False)])
+    _prefill_row(g, 4, 4096, False, _PREFILL)
 
 
 def paged_prefill(g):
+    """The paged kernel in place at several configs, then the default (gathered K/V when it pays)."""
     _prefill_row(g, 4, 4096, True, _PREFILL)
 
 
@@ -179,13 +178,9 @@ def cascade(g):
     tdec = time_fn(lambda: dec.run(q, cache), [()], device="cuda", graph=True)
     row = [f"cascade: plain decode {tdec * 1e3:.0f} us"]
     flops = 4 * B * Hq * D * prefix
-    for name, bm, cfg, sp, pf in [("pf1 (64,8,3) sp=1", None, (64, 8, 3), 1, True),
-                                  ("pf0 (64,8,5) sp=1", None, (64, 8, 5), 1, False),
-                                  ("pf0 (64,8,5) sp=2", None, (64, 8, 5), 2, False),
-                                  ("pf0 (64,8,4) sp=1", None, (64, 8, 4), 1, False),
-                                  ("pf0 BM=64 (64,4,5) sp=1", 64, (64, 4, 5), 1, False),
-                                  ("default", None, None, None, True)]:
-        with _patched(block_m=bm, cfg=cfg, split=sp, prefetch=pf):
+    for name, bm, cfg, sp in [("default", None, None, None), ("(64,8,3) sp=2", None, (64, 8, 3), 2),
+                              ("(128,8,3) sp=1", None, (128, 8, 3), 1), ("BM=64 (64,4,3) sp=1", 64, (64, 4, 3), 1)]:
+        with _patched(block_m=bm, cfg=cfg, split=sp):
             casc = fo.MultiLevelCascadeAttentionWrapper(2, ws)
             casc.plan([i32([0, B]), ar], [i32([0, np_]), ar * nu], [pre, uq.reshape(-1)],
                       [i32([page]), torch.full((B,), page, dtype=torch.int32, device="cuda")], Hq, Hkv, D, page,

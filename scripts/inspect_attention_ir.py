@@ -4,7 +4,7 @@ in program order (each loop has an in-loop wait, where ``num = 0`` means no load
 and a ``num = 0`` drain after it), K/V buffers in shared memory, and ptxas's register and spill
 counts.
 
-    python scripts/inspect_attention_ir.py paged 128 64 8 3 [--no-prefetch] [--dump FILE]
+    python scripts/inspect_attention_ir.py paged 128 64 8 3 [--dump FILE]
 
 Arguments: ``paged`` or ``ragged``, then BLOCK_M BLOCK_N num_warps num_stages (decode tiles are
 BLOCK_M 16, prefill tiles 64/128). The kernel is specialised like a bf16 D=128 GQA-4 causal
@@ -28,10 +28,10 @@ _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
 _FLOATS = {"sm_scale", "soft_cap", "v_scale", "lse_scale"}
 
 
-def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int, prefetch: bool = True):
+def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int):
     fn = A._attn_fwd_kernel
     names = fn.arg_names
-    const = dict(PREFETCH=prefetch, GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
+    const = dict(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
                  BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32")
     sig, attrs = {}, {}
@@ -73,10 +73,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=["paged", "ragged"])
     p.add_argument("config", nargs=4, type=int, metavar="N", help="BLOCK_M BLOCK_N num_warps num_stages")
-    p.add_argument("--no-prefetch", action="store_true", help="page ids loaded with their tile (the old loop)")
     p.add_argument("--dump", help="write the TTGIR here")
     a = p.parse_args(argv)
-    k = compile_kernel(a.kind == "paged", *a.config, prefetch=not a.no_prefetch)
+    k = compile_kernel(a.kind == "paged", *a.config)
     if a.dump:
         with open(a.dump, "w") as f:
             f.write(k.asm["ttgir"])

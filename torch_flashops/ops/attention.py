@@ -67,9 +67,6 @@ LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
 NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
-# Paged: load the next tile's page ids one tile ahead (see _attend_tile). A switch only so the
-# tuner (benchmarks/tune_attention.py) can time both in one run.
-PREFETCH_PAGE_IDS = True
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -136,7 +133,6 @@ def _attend_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded one tile ahead; the next tile's are
@@ -145,7 +141,7 @@ def _attend_tile(
     in flight before each tile: no load/compute overlap.)"""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_hi
-    if PAGED and PREFETCH:
+    if PAGED:
         nxt_n = offs_n + BLOCK_N
         nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
     else:
@@ -203,7 +199,7 @@ def _attn_fwd_kernel(
     BLOCK_DQK: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -314,7 +310,7 @@ def _attn_fwd_kernel(
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PREFETCH)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO)
 
     # ---- finish: empty rows give o = 0, lse = -inf
     empty = l_i == 0.0
@@ -550,7 +546,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         BLOCK_M=block_m, BLOCK_N=block_n,
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
-        PREFETCH=PREFETCH_PAGE_IDS, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
