@@ -486,7 +486,7 @@ def _gather_pays(qo_h: np.ndarray, kv_lens_h: np.ndarray, causal: bool, plan: "_
     if n_keys == 0:
         return False
     pairs = qo * kv - (qo * (qo - 1) / 2 if causal else 0.0)  # causal: bottom-right triangle
-    elem = torch.empty((), dtype=plan.kv_dtype).element_size()
+    elem = plan.kv_dtype.itemsize
     scratch = n_keys * plan.num_kv_heads * (plan.head_dim_qk + plan.head_dim_vo) * elem
     return float(pairs.clip(min=0).sum()) / n_keys >= PAGED_GATHER_MIN_ROWS_PER_KEY and scratch <= PAGED_GATHER_MAX_BYTES
 
