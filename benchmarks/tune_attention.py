@@ -27,11 +27,15 @@ from torch_flashops.ops import attention as A
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True):
+def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None):
     class P:
         def __enter__(self):
             self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY)
+                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.PAGE_AHEAD, A.MERGE_CONFIG)
+            if page_ahead is not None:
+                A.PAGE_AHEAD = page_ahead
+            if merge is not None:
+                A.MERGE_CONFIG = merge
             if not gather:  # paged prefill in place (no gathered-K/V path)
                 prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
             if min_chunk is not None:
@@ -45,7 +49,7 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True):
 
         def __exit__(self, *exc):
             (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY) = self.saved
+             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.PAGE_AHEAD, A.MERGE_CONFIG) = self.saved
 
     return P()
 
@@ -55,7 +59,7 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
                 ("(32,4,4)", (32, 4, 4)), ("(128,4,2)", (128, 4, 2)), ("(64,8,3)", (64, 8, 3))]
 
 
-def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,)):
+def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -64,15 +68,16 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,)):
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc in [(a, b) for a in splits for b in min_chunks]:
-                with _patched(cfg=cfg, split=sp, min_chunk=mc):
+            for sp, mc, hi, mg in [(a, b, c, e) for a in splits for b in min_chunks for c in aheads for e in merges]:
+                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=hi, merge=mg):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
                     err = (o.float() - ref.float()).abs().max().item()
                     ns = int((w._t.split_work[::4] >= 0).sum())
                     ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
-                row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}"
+                           f"{'' if hi is None else f' page_ahead={hi}'}{'' if mg is None else f' merge={mg}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
@@ -123,8 +128,8 @@ def _prefill_row(g, B, L, paged, variants):
         sd = time_fn(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), [()], device="cuda")
     ref = ref.transpose(1, 2).reshape(B * L, Hq, D)
     row = [f"prefill causal {'paged' if paged else 'ragged'} B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
-    for name, bm, cfg, gather in variants:
-        with _patched(block_m=bm, cfg=cfg, gather=gather):
+    for name, bm, cfg, gather, *hi in variants:
+        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=hi[0] if hi else None):
             if paged:
                 w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
                 w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=True, q_data_type=DT)
@@ -178,9 +183,11 @@ def cascade(g):
     tdec = time_fn(lambda: dec.run(q, cache), [()], device="cuda", graph=True)
     row = [f"cascade: plain decode {tdec * 1e3:.0f} us"]
     flops = 4 * B * Hq * D * prefix
-    for name, bm, cfg, sp in [("default", None, None, None), ("(64,8,3) sp=2", None, (64, 8, 3), 2),
-                              ("(128,8,3) sp=1", None, (128, 8, 3), 1), ("BM=64 (64,4,3) sp=1", 64, (64, 4, 3), 1)]:
-        with _patched(block_m=bm, cfg=cfg, split=sp):
+    variants = [("default", None, None, None), ("(64,8,3) sp=2", None, (64, 8, 3), 2),
+                ("(128,8,3) sp=1", None, (128, 8, 3), 1), ("BM=64 (64,4,3) sp=1", 64, (64, 4, 3), 1)]
+    variants += [(f"{n} page_ahead={pa}", bm, cfg, sp, pa) for n, bm, cfg, sp in variants[:1] for pa in (1, 2)]
+    for name, bm, cfg, sp, *pa in variants:
+        with _patched(block_m=bm, cfg=cfg, split=sp, page_ahead=pa[0] if pa else None):
             casc = fo.MultiLevelCascadeAttentionWrapper(2, ws)
             casc.plan([i32([0, B]), ar], [i32([0, np_]), ar * nu], [pre, uq.reshape(-1)],
                       [i32([page]), torch.full((B,), page, dtype=torch.int32, device="cuda")], Hq, Hkv, D, page,
@@ -195,6 +202,60 @@ def cascade(g):
                    f"({flops / t0 / 1e9:.0f} TFLOP/s, {ns} split items, BM={w0._plan.block_m}), unique level "
                    f"{t1 * 1e3:.0f} us, err {err:.1e}")
     print("\n  ".join(row), flush=True)
+
+
+def ahead(g):
+    """Paged loops: page ids one key tile ahead (in the chain that issues the next tile's K/V
+    copies) or two (off it), at the heuristics' configs."""
+    _decode_rows(g, [(64, 4096, 32, 8), (16, 8192, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 4),
+                     (256, 2048, 32, 4), (8, 256, 32, 8), (16, 1024, 32, 8), (1, 4096, 32, 8), (1, 128, 32, 8)],
+                 _DECODE_CFGS[:1] + [("(64,4,3)", (64, 4, 3))], aheads=(1, 2))
+    _prefill_row(g, 4, 4096, True, [("BM=128 (64,8,3) ahead=1", 128, (64, 8, 3), False, 1),
+                                    ("BM=128 (64,8,3) ahead=2", 128, (64, 8, 3), False, 2)])
+
+
+def merge(g):
+    """Merge-kernel configs (ROWS, SPLIT_BLOCK, BLOCK_D, warps) and split chunk floors, for the
+    split decode cases."""
+    _decode_rows(g, [(1, 32768, 32, 4), (1, 32768, 32, 8), (16, 8192, 32, 8), (1, 4096, 32, 8)], _DECODE_CFGS[:1],
+                 min_chunks=(None, 512), merges=(None, (4, 64, 16, 4), (4, 32, 32, 4), (4, 128, 8, 8), (4, 16, 32, 4)))
+
+
+def _kernel_table(fn, reps=30):
+    """Mean device microseconds per kernel name over ``reps`` eager calls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    acc = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n = e.name if len(e.name) < 60 else e.name[:57] + "..."
+            acc[n] = acc.get(n, 0.0) + e.time_range.elapsed_us()
+    return sorted(((t / reps, n) for n, t in acc.items()), reverse=True)
+
+
+def profile(g):
+    """Where a decode call's device time goes: kernels per call, ours and SDPA's."""
+    for B, L, Hq, Hkv in [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8), (1, 4096, 32, 8),
+                          (1, 32768, 32, 8), (1, 32768, 32, 4), (16, 1024, 32, 8), (16, 8192, 32, 8)]:
+        d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, 1)
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
+        w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
+        q, c, k, v = d.sets[0]
+        rows = [f"profile decode B={B} L={L} {Hq}/{Hkv}"]
+        for name, fn in (("flashops", lambda w=w: w.run(q, c)), ("sdpa", lambda: _sdpa_decode(q, k, v))):
+            tab = _kernel_table(fn)
+            rows.append(f"{name}: {sum(t for t, _ in tab):.1f} us in kernels: "
+                        + "; ".join(f"{n} {t:.1f}" for t, n in tab))
+        print("\n  ".join(rows), flush=True)
+        del d, w
 
 
 def main(argv):

@@ -33,7 +33,7 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
     names = fn.arg_names
     const = dict(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
                  BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
-                 WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32")
+                 WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32", PAGE_AHEAD=int(__import__("os").environ.get("PAGE_AHEAD", "2")))
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in const:

@@ -514,3 +514,10 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.split_target(32, 128, "cuda") == 132 and A.split_target(100, 128, "cuda") == 0
     assert A.split_min_chunk(64, "cuda", 8) == 256 and A.split_min_chunk(64, "cuda", 128) == 1024
     assert A.split_min_chunk(64, "cpu", 128) == 128  # the interpreter keeps short chunks
+    # page ids two tiles ahead only for unpipelined decode tiles of about one wave
+    assert A.page_ahead(16, 2, 512, "cuda") == 2 and A.page_ahead(16, 2, 1024, "cuda") == 1
+    assert A.page_ahead(16, 3, 128, "cuda") == 1 and A.page_ahead(128, 2, 128, "cuda") == 1
+    # merge: one GQA group (>= 4 rows) per program, 16 columns, up to 8192 partial elements a step
+    assert A.merge_config(16, 128, 4, 128) == (4, 128, 16, 8)
+    assert A.merge_config(16, 128, 8, 4) == (8, 4, 16, 4)
+    assert A.merge_config(128, 128, 1, 512) == (4, 128, 16, 8)

@@ -339,6 +339,39 @@ def diagnose(points=(("Qwen3-4GPU", 4096), ("Qwen3-4GPU", 1024), ("Mixtral-2GPU"
         torch.cuda.empty_cache()
 
 
+def sum_sweep(shapes=((4096, 8, 2048), (4096, 8, 7168), (4096, 2, 4096), (16384, 8, 7168)),
+              configs=((1, 1024, 4), (1, 2048, 8), (2, 1024, 8), (2, 512, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4),
+                       (1, 512, 4), (1, 256, 2))):
+    """moe_sum tile configs (BLOCK_T, BLOCK_H, warps) on [T, k, H] bf16: GB/s of read + write
+    against the device copy rate of the same bytes."""
+    import triton
+
+    from torch_flashops.ops import moe as ops
+
+    for T, k, H in shapes:
+        x = torch.randn(T, k, H, device="cuda", dtype=torch.bfloat16)
+        want = x.float().sum(1).to(torch.bfloat16)
+        nbytes = x.numel() * 2 + T * H * 2
+        src, dst = torch.empty(nbytes // 4, device="cuda", dtype=torch.bfloat16), None
+        dst = torch.empty_like(src)
+        cp = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+        row = [f"[sum] T={T} k={k} H={H}: copy of the same bytes {cp * 1e3:.1f} us"]
+        for cfg in configs:
+            ops.MOE_SUM_CONFIG = cfg
+            out = torch.full((T, H), float("nan"), device="cuda", dtype=torch.bfloat16)
+            try:
+                ops._launch_moe_sum(x, out, 1.0)
+                err = (out.float() - want.float()).abs().max().item()
+                ms = triton.testing.do_bench(lambda: ops._launch_moe_sum(x, out, 1.0), warmup=10, rep=50,
+                                             return_mode="median")
+                row.append(f"{cfg}: {ms * 1e3:.1f} us {nbytes / ms / 1e6:.0f} GB/s err {err:.1e}")
+            except Exception as e:  # noqa: BLE001
+                row.append(f"{cfg}: failed {type(e).__name__}")
+        ops.MOE_SUM_CONFIG = None
+        print("\n  ".join(row), flush=True)
+        del x, want, src, dst
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tune", action="store_true", help="time launch configs, write configs/moe tables")
@@ -347,10 +380,13 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=200.0, help="seconds of tuning before stopping")
     p.add_argument("--min-tokens", type=int, default=0, help="tune only token counts at or above this")
     p.add_argument("--diagnose", action="store_true", help="host cost vs device time of fused_moe")
+    p.add_argument("--sum", action="store_true", help="moe_sum tile configs")
     a = p.parse_args(argv)
     if a.tune:
         tokens = {m: [t for t in ts if t >= a.min_tokens] for m, ts in TOKENS.items()}
         tune(a.out, a.models, a.budget, tokens=tokens)
+    if a.sum:
+        sum_sweep()
     if a.diagnose:
         diagnose()
 

@@ -67,6 +67,8 @@ LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
 NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
+PAGE_AHEAD = None  # override of `page_ahead()` (1 or 2), for the tuning script
+MERGE_CONFIG = None  # override of `merge_config()`, for the tuning script
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -124,7 +126,7 @@ def _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED: tl.constexp
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, start, page, slot,
+    acc, m_i, l_i, q, start, page, slot, page1, slot1,
     K, V, KV_INDICES, MASK, FREQS,
     kv_base, kv_hi, kv_len, num_pages, mask_base,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -133,6 +135,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    PAGE_AHEAD: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded one tile ahead; the next tile's are
@@ -142,11 +145,18 @@ def _attend_tile(
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_hi
     if PAGED:
-        nxt_n = offs_n + BLOCK_N
-        nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
+        if PAGE_AHEAD == 2:  # ids of tile + 2: off the chain that issues tile + 1's K/V copies
+            far_n = offs_n + 2 * BLOCK_N
+            far_page, far_slot = _kv_rows(KV_INDICES, kv_base, far_n, far_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
+            nxt_page, nxt_slot = page1, slot1
+        else:
+            nxt_n = offs_n + BLOCK_N
+            nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
+            far_page, far_slot = nxt_page, nxt_slot
     else:
         page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE)
         nxt_page, nxt_slot = page, slot
+        far_page, far_slot = page, slot
     k_row = K + page * stride_kp + slot * stride_ks + hk * stride_kh
     v_row = V + page * stride_vp + slot * stride_vs + hk * stride_vh
     k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D)
@@ -181,7 +191,7 @@ def _attend_tile(
     v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
     l_i = l_i * alpha + tl.sum(p, 1)
-    return acc, m_new, l_i, nxt_page, nxt_slot
+    return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
 
 
 # ------------------------------------------------------------------------------ the kernels
@@ -199,7 +209,7 @@ def _attn_fwd_kernel(
     BLOCK_DQK: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -302,15 +312,19 @@ def _attn_fwd_kernel(
             lo, hi = c, kv_hi
         offs_lo = lo + tl.arange(0, BLOCK_N)
         kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE)
+        kpage1, kslot1 = kpage, kslot
+        if PAGED and PAGE_AHEAD == 2:
+            offs_lo1 = offs_lo + BLOCK_N
+            kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE)
         for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i, kpage, kslot = _attend_tile(
-                acc, m_i, l_i, q, start, kpage, kslot, K, V, KV_INDICES, MASK, FREQS,
+            acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
+                acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, KV_INDICES, MASK, FREQS,
                 kv_base, kv_hi, kv_len, num_pages, mask_base,
                 stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD)
 
     # ---- finish: empty rows give o = 0, lse = -inf
     empty = l_i == 0.0
@@ -333,14 +347,18 @@ def _merge_kernel(
     O, LSE, PO, PLSE, MERGE, QO_INDPTR,
     stride_ot, stride_oh, stride_lt, stride_lh,
     num_kv_heads, num_q_rows, single_qo_len, single_n_split, v_scale, lse_scale,
-    GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, WORKLIST: tl.constexpr,
 ):
-    # Program (merge row e, KV head hk, dims [d0, d0 + BLOCK_D)): combine the `count` partial
-    # tiles of one (request, m tile) in item order, SPLIT_BLOCK partials per step so their loads
-    # are in flight together (spec §0.5 merge, folded online; empty partials contribute 0).
+    # Program (merge row e, KV head hk, ROWS rows of the tile, dims [d0, d0 + BLOCK_D)): combine
+    # the `count` partial tiles of one (request, m tile) in item order, SPLIT_BLOCK partials per
+    # step so their loads are in flight together (spec §0.5 merge, folded online; empty partials
+    # contribute 0). Row chunks past the request's rows exit at once (decode: a 16-row tile
+    # holds one group), so the live programs each get a short, wide step.
     e = tl.program_id(0)
-    hk = tl.program_id(1)
+    N_CHUNKS: tl.constexpr = BLOCK_M // ROWS
+    hk = tl.program_id(1) // N_CHUNKS
+    row0 = (tl.program_id(1) % N_CHUNKS) * ROWS
     if WORKLIST:
         b = tl.load(MERGE + e * 4)
         if b < 0:
@@ -356,19 +374,22 @@ def _merge_kernel(
         count = single_n_split
         qo_start = 0
         qo_len = single_qo_len
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    if m_start + row0 >= qo_len * GROUP:
+        return
+    offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
+    offs_m = m_start + offs_t
     valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D_VO
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    d_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    d_run = tl.zeros([ROWS], dtype=tl.float32)
     for s0 in range(0, count, SPLIT_BLOCK):
         sidx = s0 + tl.arange(0, SPLIT_BLOCK)
         # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
-        prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
         lmask = (sidx < count)[:, None] & valid_m[None, :]
-        s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, BLOCK_M]
+        s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, ROWS]
         o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
                     mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
         m_new = tl.maximum(m_run, tl.max(s, 0))
@@ -379,7 +400,7 @@ def _merge_kernel(
         d_run = d_run * alpha + tl.sum(w, 0)
         m_run = m_new
     o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
-    lse2 = tl.reshape(lse2, [BLOCK_M])
+    lse2 = tl.reshape(lse2, [ROWS])
     r = offs_m // GROUP
     h = hk * GROUP + offs_m % GROUP
     orow = (qo_start + r).to(tl.int64)
@@ -433,13 +454,32 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     return block_n, 4, (3 if few and not wide else 2)
 
 
-def merge_config(block_m: int, d_vo: int) -> tuple[int, int, int]:
-    """(SPLIT_BLOCK, BLOCK_D, num_warps) of the merge kernel: up to 8192 fp32 partial elements
-    per step, so even one long request's many splits keep several loads in flight, and narrow
-    D chunks to spread a few merge rows over more programs."""
-    block_d = min(32 if block_m <= 32 else 64, triton.next_power_of_2(d_vo))
-    split_block = max(1, min(16, 8192 // (block_m * block_d)))
-    return split_block, block_d, 8 if split_block * block_m * block_d > 4096 else 4
+def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
+    """How many key tiles ahead the paged loop loads page ids. 1: the next tile's ids, inside
+    the chain that issues its K/V copies; the software pipeliner overlaps that chain with
+    compute (3 stages). 2: off that chain; Triton then does not pipeline the loop (plain loads,
+    no async copies), which pays only for decode tiles at 2 stages with about a wave of programs
+    (H100, 2026-11-25: B=1 x 32k keys 64.5 -> 61.9 us, 4 KV heads 45.3 -> 43.0 us; B=64 x 4096
+    keys 375.9 -> 373.2 us) and loses elsewhere (3-stage decode B=16 x 1024 keys 41.1 -> 52.8
+    us, paged prefill 322 -> 223 TFLOP/s, 1024 programs of a 33k-key flat cascade 2891 -> 3350 us)."""
+    if PAGE_AHEAD is not None:
+        return PAGE_AHEAD
+    if torch.device(device).type != "cuda":
+        return 2 if block_m <= 32 else 1  # both paths stay covered by the interpreter tests
+    return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
+
+
+def merge_config(block_m: int, d_vo: int, group: int, max_splits: int) -> tuple[int, int, int, int]:
+    """(ROWS, SPLIT_BLOCK, BLOCK_D, num_warps) of the merge kernel: row chunks of one GQA group
+    (at least 4 rows), 16-column D chunks, and up to 8192 fp32 partial elements per step, so a
+    long request's many splits are folded in one or two steps by many small programs (H100,
+    B=1 x 32k keys, 128 splits of 4 KV heads: the older 16-row, 16-split steps took 19.8 us)."""
+    if MERGE_CONFIG is not None:
+        return MERGE_CONFIG
+    rows = min(block_m, max(4, triton.next_power_of_2(group)))
+    block_d = min(16, triton.next_power_of_2(d_vo))
+    split_block = max(1, min(triton.next_power_of_2(max(max_splits, 1)), 8192 // (rows * block_d)))
+    return rows, split_block, block_d, 8 if split_block * rows * block_d > 4096 else 4
 
 
 def split_min_chunk(block_n: int, device, n_programs: int) -> int:
@@ -546,17 +586,20 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         BLOCK_M=block_m, BLOCK_N=block_n,
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
+        PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, dev) if paged else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     n_merge = merge.shape[0] // WORK_FIELDS if worklist else n_tiles
-    split_block, block_d, merge_warps = merge_config(block_m, d_vo)
-    _merge_kernel[(n_merge, h_kv, triton.cdiv(d_vo, block_d))](
+    rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group,
+                                                           n_split_items if worklist else s_nsplit)
+    _merge_kernel[(n_merge, h_kv * (block_m // rows), triton.cdiv(d_vo, block_d))](
         o, lse, po, plse, merge if worklist else dummy, qo_indptr if worklist else dummy,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
         h_kv, R, s_qo, s_nsplit, float(v_scale), LN2 if lse_ln else 1.0,
-        GROUP=group, D_VO=d_vo, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BLOCK=split_block, WORKLIST=worklist,
+        GROUP=group, D_VO=d_vo, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, SPLIT_BLOCK=split_block,
+        WORKLIST=worklist,
         num_warps=merge_warps,
     )
 

@@ -174,16 +174,18 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexp
     tl.store(y_ptr + row * stride_y + cols, (_silu(g) * u).to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _moe_sum_kernel(x_ptr, y_ptr, H, stride_xt, stride_xk, stride_yt, scale,
-                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["T"])
+def _moe_sum_kernel(x_ptr, y_ptr, T, H, stride_xt, stride_xk, stride_yt, scale,
+                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m = cols < H
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    m = (t < T)[:, None] & (cols < H)[None, :]
+    src = x_ptr + t.to(tl.int64)[:, None] * stride_xt + cols[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # fixed order: deterministic
-        acc += tl.load(x_ptr + t * stride_xt + j * stride_xk + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * stride_yt + cols, (acc * scale).to(y_ptr.dtype.element_ty), mask=m)
+        acc += tl.load(src + j * stride_xk, mask=m, other=0.0).to(tl.float32)
+    dst = y_ptr + t.to(tl.int64)[:, None] * stride_yt + cols[None, :]
+    tl.store(dst, (acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -458,13 +460,25 @@ def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0):
                  mul=not on_input, write_skip=True, scale=scale, a_sorted=True, **route)
 
 
+MOE_SUM_CONFIG = None  # (BLOCK_T, BLOCK_H, num_warps) override, for the tuning script
+
+
+def moe_sum_config(T: int, k: int, H: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, num_warps) of the finalize sum: one token row per program, up to 1024
+    columns, 4 warps (each thread loads 16-byte vectors of all k rows at once)."""
+    if MOE_SUM_CONFIG is not None:
+        return MOE_SUM_CONFIG
+    return 1, min(_pow2(H), 1024), 4
+
+
 def _launch_moe_sum(x3, out, scale):
     T, k, H = x3.shape
     if T == 0 or H == 0:
         return
-    block = min(_pow2(H), 1024)
-    _moe_sum_kernel[(T, _cdiv(H, block))](
-        x3, out, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_H=block, num_warps=4)
+    bt, bh, warps = moe_sum_config(T, k, H)
+    _moe_sum_kernel[(_cdiv(T, bt), _cdiv(H, bh))](
+        x3, out, T, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_T=bt, BLOCK_H=bh,
+        num_warps=warps)
 
 
 def _flat(t):
@@ -601,9 +615,11 @@ _CANDIDATES = {
          [_c(128, 64, 8, 4, 4), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 3), _c(128, 64, 8, 4, 4, True),
           _c(128, 128, 8, 4, 3, True), _c(256, 64, 8, 8, 4, True)]),
     128: ([_c(64, 64, 8, 4, 4), _c(128, 64, 8, 8, 3), _c(64, 128, 8, 8, 3), _c(128, 64, 8, 8, 4, True),
-           _c(128, 64, 8, 8, 3, True), _c(128, 64, 16, 8, 4, True), _c(64, 64, 8, 4, 5, True)],
+           _c(128, 64, 8, 8, 3, True), _c(128, 64, 16, 8, 4, True), _c(64, 64, 8, 4, 5, True),
+           _c(64, 64, 8, 4, 3, True), _c(64, 128, 8, 4, 3, True)],
           [_c(128, 64, 8, 8, 4), _c(256, 64, 8, 8, 3), _c(128, 128, 8, 8, 3), _c(256, 64, 8, 8, 4, True),
-           _c(256, 64, 8, 8, 3, True), _c(128, 128, 8, 8, 3, True), _c(256, 64, 16, 8, 4, True)]),
+           _c(256, 64, 8, 8, 3, True), _c(128, 128, 8, 8, 3, True), _c(256, 64, 16, 8, 4, True),
+           _c(128, 64, 8, 8, 3, True), _c(128, 64, 8, 4, 3, True), _c(64, 64, 8, 4, 3, True)]),
     256: ([_c(64, 64, 8, 8, 4, True), _c(64, 64, 8, 8, 3)],
           [_c(128, 64, 8, 8, 4, True), _c(128, 64, 8, 8, 3)]),
 }
