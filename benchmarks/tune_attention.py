@@ -221,6 +221,12 @@ def merge(g):
                  min_chunks=(None, 512), merges=(None, (4, 64, 16, 4), (4, 32, 32, 4), (4, 128, 8, 8), (4, 16, 32, 4)))
 
 
+def chunks(g):
+    """Split chunk floors for the few-program decode cases (with the group-chunked merge)."""
+    _decode_rows(g, [(16, 1024, 32, 8), (16, 1024, 32, 4), (8, 256, 32, 8), (1, 4096, 32, 8), (1, 512, 32, 8),
+                     (4, 4096, 32, 8), (32, 1024, 32, 8)], _DECODE_CFGS[:1], min_chunks=(None, 128, 256, 512))
+
+
 def _kernel_table(fn, reps=30):
     """Mean device microseconds per kernel name over ``reps`` eager calls (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile

@@ -512,12 +512,12 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.split_target(128, 16, "cuda") == 132 * 4
     assert A.split_target(256, 16, "cuda") == 0
     assert A.split_target(32, 128, "cuda") == 132 and A.split_target(100, 128, "cuda") == 0
-    assert A.split_min_chunk(64, "cuda", 8) == 256 and A.split_min_chunk(64, "cuda", 128) == 1024
+    assert A.split_min_chunk(64, "cuda", 8) == 128 and A.split_min_chunk(64, "cuda", 64) == 256
+    assert A.split_min_chunk(64, "cuda", 128) == 256
     assert A.split_min_chunk(64, "cpu", 128) == 128  # the interpreter keeps short chunks
     # page ids two tiles ahead only for unpipelined decode tiles of about one wave
     assert A.page_ahead(16, 2, 512, "cuda") == 2 and A.page_ahead(16, 2, 1024, "cuda") == 1
     assert A.page_ahead(16, 3, 128, "cuda") == 1 and A.page_ahead(128, 2, 128, "cuda") == 1
-    # merge: one GQA group (>= 4 rows) per program, 16 columns, up to 8192 partial elements a step
-    assert A.merge_config(16, 128, 4, 128) == (4, 128, 16, 8)
-    assert A.merge_config(16, 128, 8, 4) == (8, 4, 16, 4)
-    assert A.merge_config(128, 128, 1, 512) == (4, 128, 16, 8)
+    # merge: one GQA group (>= 4 rows) per program, 16 columns, 64 partials a step (batch-free)
+    assert A.merge_config(16, 128, 4) == (4, 64, 16, 4) and A.merge_config(128, 128, 1) == (4, 64, 16, 4)
+    assert A.merge_config(16, 128, 8) == (8, 32, 16, 4) and A.merge_config(16, 64, 16) == (16, 16, 16, 4)

@@ -469,28 +469,30 @@ def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
     return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
 
 
-def merge_config(block_m: int, d_vo: int, group: int, max_splits: int) -> tuple[int, int, int, int]:
+def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, int]:
     """(ROWS, SPLIT_BLOCK, BLOCK_D, num_warps) of the merge kernel: row chunks of one GQA group
-    (at least 4 rows), 16-column D chunks, and up to 8192 fp32 partial elements per step, so a
-    long request's many splits are folded in one or two steps by many small programs (H100,
-    B=1 x 32k keys, 128 splits of 4 KV heads: the older 16-row, 16-split steps took 19.8 us)."""
+    (at least 4 rows), 16-column D chunks and 64 partials per step for 4-row chunks, so a long
+    request's many splits fold in a step or two over many small programs. Measured on an H100
+    (B=1 x 32k keys, 4 KV heads, 128 splits: merge 19.8 us with the older 16-row x 16-split
+    steps; whole decode 43.3 us with 128-split steps, 37.8 us with these). The fold order
+    depends only on these constants, never on the batch: a request's result is bitwise the
+    same alone or batched (under a fixed split size)."""
     if MERGE_CONFIG is not None:
         return MERGE_CONFIG
     rows = min(block_m, max(4, triton.next_power_of_2(group)))
     block_d = min(16, triton.next_power_of_2(d_vo))
-    split_block = max(1, min(triton.next_power_of_2(max(max_splits, 1)), 8192 // (rows * block_d)))
-    return rows, split_block, block_d, 8 if split_block * rows * block_d > 4096 else 4
+    return rows, max(1, min(64, 4096 // (rows * block_d))), block_d, 4
 
 
 def split_min_chunk(block_n: int, device, n_programs: int) -> int:
-    """Fewest keys a split-KV chunk may hold. Measured on an H100 (decode, D=128, 2026-11-25):
-    with the GPU nearly idle (under half a program per SM) 256-key chunks still pay; from there
-    on, chunks under 1024 keys cost more than they overlap (B=16, 32/8 heads, 1024 keys: two
-    512-key chunks 50.5 us, unsplit 41.4 us). The interpreter keeps short chunks so small CPU
-    tests still split."""
+    """Fewest keys a split-KV chunk may hold. Measured on an H100 (decode, D=128, 2026-11-25,
+    with the group-chunked merge): 128-key chunks pay only while the GPU is almost empty (B=1
+    x 512 keys, 8 programs: 15.3 -> 12.3 us; B=8 x 256 keys, 64 programs: 12.1 -> 16.3 us), 256
+    from there (B=16 x 1024 keys, 128 programs: unsplit 41.6 us, 256-key chunks 39.6, 512-key
+    44.2). The interpreter keeps short chunks so small CPU tests still split."""
     if torch.device(device).type != "cuda":
         return 2 * block_n
-    return max(4 * block_n, 256) if 2 * n_programs < num_sms(device) else max(16 * block_n, 1024)
+    return max(2 * block_n, 128) if n_programs <= 16 else max(4 * block_n, 256)
 
 
 def resident_programs(block_m: int) -> int:
@@ -592,8 +594,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     n_merge = merge.shape[0] // WORK_FIELDS if worklist else n_tiles
-    rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group,
-                                                           n_split_items if worklist else s_nsplit)
+    rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group)
     _merge_kernel[(n_merge, h_kv * (block_m // rows), triton.cdiv(d_vo, block_d))](
         o, lse, po, plse, merge if worklist else dummy, qo_indptr if worklist else dummy,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
