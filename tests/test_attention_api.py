@@ -519,5 +519,6 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.page_ahead(16, 2, 512, "cuda") == 2 and A.page_ahead(16, 2, 1024, "cuda") == 1
     assert A.page_ahead(16, 3, 128, "cuda") == 1 and A.page_ahead(128, 2, 128, "cuda") == 1
     # merge: one GQA group (>= 4 rows) per program, 16 columns, 64 partials a step (batch-free)
-    assert A.merge_config(16, 128, 4) == (4, 64, 16, 4) and A.merge_config(128, 128, 1) == (4, 64, 16, 4)
+    assert A.merge_config(16, 128, 4) == (4, 64, 16, 4) and A.merge_config(32, 128, 1) == (4, 64, 16, 4)
+    assert A.merge_config(128, 128, 4) == (128, 1, 64, 8) and A.merge_config(64, 64, 1) == (64, 2, 64, 8)
     assert A.merge_config(16, 128, 8) == (8, 32, 16, 4) and A.merge_config(16, 64, 16) == (16, 16, 16, 4)
