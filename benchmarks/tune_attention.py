@@ -152,7 +152,8 @@ def _prefill_row(g, B, L, paged, variants):
 # (name, BLOCK_M, (BLOCK_N, num_warps, num_stages) or None, gathered-K/V path allowed?)
 _PREFILL = [("BM=128 (64,8,3)", 128, (64, 8, 3), False), ("BM=128 (128,8,3)", 128, (128, 8, 3), False),
             ("BM=128 (64,8,4)", 128, (64, 8, 4), False), ("BM=64 (64,4,3)", 64, (64, 4, 3), False),
-            ("default", None, None, True)]
+            ("BM=128 (64,8,2)", 128, (64, 8, 2), False), ("BM=128 (32,8,3)", 128, (32, 8, 3), False),
+            ("BM=128 (64,4,3)", 128, (64, 4, 3), False), ("default", None, None, True)]
 
 
 def prefill(g):

@@ -372,6 +372,61 @@ def sum_sweep(shapes=((4096, 8, 2048), (4096, 8, 7168), (4096, 2, 4096), (16384,
         del x, want, src, dst
 
 
+def sweep(points=(("Qwen3-4GPU", 4096), ("Mixtral-2GPU", 4096))):
+    """Whole-layer sweep: the shipped config with one GEMM's tiles swapped for each candidate,
+    timed as CUDA-graph replays of ``fused_moe`` (what a captured model runs), then the best
+    GEMM1 and GEMM2 together. Prints JSON of the winner; tables are not written."""
+    import triton
+
+    from torch_flashops.fused_moe import fused_moe as layer_fn
+    from torch_flashops.ops import moe as ops
+
+    for name, T in points:
+        cfg = MODELS[name]
+        H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
+        w1, w2, bias = make_layer(cfg, "cuda", torch.bfloat16)
+        x, _, tw, ids = make_batches(cfg, T, 1, "cuda", torch.bfloat16, bias)[0]
+        flops = 6 * H * I * ids.numel()
+        base = ops.moe_config(T, k, E, I, H, torch.bfloat16, x.device)
+        key = (E, I, H, k, torch.bfloat16, ops._pow2(T))
+        want = layer_fn(x, w1, w2, tw, ids)
+
+        def timed(c):
+            ops._TUNED[key] = c
+            try:
+                out = layer_fn(x, w1, w2, tw, ids)
+                err = (out.float() - want.float()).abs().max().item()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    layer_fn(x, w1, w2, tw, ids)
+                ms = triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")
+                return ms, err
+            except Exception as e:  # noqa: BLE001 - a tile that does not fit: skip it
+                return float("inf"), type(e).__name__
+            finally:
+                ops._TUNED.pop(key, None)
+
+        t0, _ = timed(base)
+        print(f"[sweep] {name} T={T} shipped: {t0 * 1e3:.1f} us = {flops / t0 / 1e9:.0f} TFLOP/s", flush=True)
+        best = {}
+        for which in ("gemm1", "gemm2"):
+            cands = ops.gemm_candidates(base["block_m"], which == "gemm1")
+            if which == "gemm1":
+                cands += [{**c, "sort_x": True} for c in cands]
+            res = []
+            for c in cands:
+                ms, err = timed({**base, which: c})
+                res.append((ms, c))
+                print(f"[sweep]   {which} {json.dumps(c)}: {ms * 1e3:.1f} us err {err}", flush=True)
+            best[which] = min(res, key=lambda r: r[0])
+        both = {**base, "gemm1": best["gemm1"][1], "gemm2": best["gemm2"][1]}
+        t1, err = timed(both)
+        print(f"[sweep] {name} T={T} best pair: {t1 * 1e3:.1f} us = {flops / t1 / 1e9:.0f} TFLOP/s (shipped "
+              f"{t0 * 1e3:.1f}), err {err}: {json.dumps(both)}", flush=True)
+        del w1, w2
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tune", action="store_true", help="time launch configs, write configs/moe tables")
@@ -381,12 +436,15 @@ def main(argv=None):
     p.add_argument("--min-tokens", type=int, default=0, help="tune only token counts at or above this")
     p.add_argument("--diagnose", action="store_true", help="host cost vs device time of fused_moe")
     p.add_argument("--sum", action="store_true", help="moe_sum tile configs")
+    p.add_argument("--sweep", action="store_true", help="whole-layer GEMM tile sweep (CUDA-graph replays)")
     a = p.parse_args(argv)
     if a.tune:
         tokens = {m: [t for t in ts if t >= a.min_tokens] for m, ts in TOKENS.items()}
         tune(a.out, a.models, a.budget, tokens=tokens)
     if a.sum:
         sum_sweep()
+    if a.sweep:
+        sweep()
     if a.diagnose:
         diagnose()
 
