@@ -1,14 +1,16 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-                                                     [paged_prefill] [prefill] [cascade]
+        [chunks] [ahead] [merge] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
-split chunk) is checked against torch SDPA and timed (CUDA-graph replays
-for decode, ``do_bench`` for prefill); each line shows GB/s (decode) or TFLOP/s (prefill) and
-the ratio to SDPA in the same run. ``ops.attention.attn_config`` / ``tile_m`` /
-``resident_programs`` / ``split_min_chunk`` are patched per candidate, so the heuristics in ``ops/attention.py`` are what the winners get written back
-into ("default" rows run those heuristics unpatched).
+split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
+replays for decode, ``do_bench`` for prefill); each line shows GB/s (decode) or TFLOP/s
+(prefill) and the ratio to SDPA in the same run. ``ops.attention.attn_config`` / ``tile_m`` /
+``resident_programs`` / ``split_min_chunk`` (and the ``PAGE_AHEAD`` / ``MERGE_CONFIG``
+overrides) are patched per candidate, so the heuristics in ``ops/attention.py`` are what the
+winners get written back into ("default" rows run those heuristics unpatched). ``profile``
+prints the device time per kernel of one decode call, ours and SDPA's (torch.profiler).
 """
 from __future__ import annotations
 
