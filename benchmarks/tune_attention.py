@@ -230,6 +230,15 @@ def chunks(g):
                      (4, 4096, 32, 8), (32, 1024, 32, 8)], _DECODE_CFGS[:1], min_chunks=(None, 128, 256, 512))
 
 
+def warps(g):
+    """Few-program decode launches are bound by per-warp instruction latency (ncu): more warps
+    per tile, narrower key tiles, at the heuristics' splits."""
+    _decode_rows(g, [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8), (1, 4096, 32, 8),
+                     (16, 1024, 32, 8), (1, 32768, 32, 8)],
+                 [("default", None), ("(64,8,3)", (64, 8, 3)), ("(64,8,2)", (64, 8, 2)), ("(32,8,3)", (32, 8, 3)),
+                  ("(32,4,4)", (32, 4, 4)), ("(16,4,4)", (16, 4, 4)), ("(64,2,3)", (64, 2, 3))])
+
+
 def _kernel_table(fn, reps=30):
     """Mean device microseconds per kernel name over ``reps`` eager calls (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
