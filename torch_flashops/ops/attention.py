@@ -438,13 +438,8 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     in shared memory; B=64 x 8 KV heads, 512 programs: 374 vs 431 us) but 3 stages below three
     programs per SM (B=16, 512 keys: 27.2 -> 23.6 us; 256 programs of 4096 keys: 210 -> 199 us),
     since then only the pipeline can hide it -- unless a program has one key tile or less, with
-    nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). Below three
-    programs per SM a decode tile also takes 8 warps: such launches are bound by one warp's
-    instruction latency, not by bandwidth (Nsight Compute: 6% achieved occupancy, fixed-latency
-    stalls), and 8 warps share a tile's address and softmax work (H100, 2026-11-25: B=8 x 256
-    keys 12.4 -> 10.6 us, B=1 x 128 keys 8.0 -> 7.2, B=1 x 512 keys 12.7 -> 11.6, B=32 x 64 keys
-    8.6 -> 8.1; at 4 programs per SM they lose: B=16 x 1024 keys 39.5 -> 44.0 us).
-    ``n_programs`` and ``keys_per_program`` (an average) come from the launch."""
+    nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). ``n_programs`` and
+    ``keys_per_program`` (an average) come from the launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -454,9 +449,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
-    small_grid = n_programs is not None and n_programs < 3 * num_sms(device)
-    few = small_grid and (keys_per_program is None or keys_per_program > block_n)
-    return block_n, (8 if small_grid and not wide else 4), (3 if few and not wide else 2)
+    few = n_programs is not None and n_programs < 3 * num_sms(device)
+    few = few and (keys_per_program is None or keys_per_program > block_n)
+    return block_n, 4, (3 if few and not wide else 2)
 
 
 def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
