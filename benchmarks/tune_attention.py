@@ -239,6 +239,13 @@ def warps(g):
                   ("(32,4,4)", (32, 4, 4)), ("(16,4,4)", (16, 4, 4)), ("(64,2,3)", (64, 2, 3))])
 
 
+def small(g):
+    """The few-program decode cases at the heuristics' choice (8 and 4 KV heads)."""
+    _decode_rows(g, [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8), (1, 4096, 32, 8),
+                     (16, 1024, 32, 8), (1, 512, 32, 4), (1, 4096, 32, 4), (16, 1024, 32, 4), (4, 4096, 32, 8)],
+                 _DECODE_CFGS[:2])
+
+
 def _kernel_table(fn, reps=30):
     """Mean device microseconds per kernel name over ``reps`` eager calls (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
