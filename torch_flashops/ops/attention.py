@@ -138,10 +138,13 @@ def _attend_tile(
     PAGE_AHEAD: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
-    Paged: ``(page, slot)`` of this tile's keys were loaded one tile ahead; the next tile's are
-    loaded here and returned. (Loaded in the same iteration as the K/V gather, the page ids put
-    all three loads into one async group, and the software pipeliner then waits for every copy
-    in flight before each tile: no load/compute overlap.)"""
+    Paged: ``(page, slot)`` of this tile's keys were loaded ahead. PAGE_AHEAD 1: the next
+    tile's ids are loaded here and returned (``page1``/``slot1`` unused). PAGE_AHEAD 2:
+    ``page1``/``slot1`` hold the next tile's ids and the ids of the tile after it are loaded
+    here (see ``page_ahead()`` for when each pays). (Loaded in the same iteration as the K/V
+    gather, the page ids put all three loads into one async group, and the software pipeliner
+    then waits for every copy in flight before each tile: no load/compute overlap.)
+    Returns the running state and the ids of the next two tiles."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_hi
     if PAGED:
