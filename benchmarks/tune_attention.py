@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -70,8 +70,8 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, hi, mg in [(a, b, c, e) for a in splits for b in min_chunks for c in aheads for e in merges]:
-                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=hi, merge=mg):
+            for sp, mc, pa, mg in [(a, b, c, e) for a in splits for b in min_chunks for c in aheads for e in merges]:
+                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -79,7 +79,7 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                     ns = int((w._t.split_work[::4] >= 0).sum())
                     ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
                 row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}"
-                           f"{'' if hi is None else f' page_ahead={hi}'}{'' if mg is None else f' merge={mg}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                           f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
@@ -130,8 +130,8 @@ def _prefill_row(g, B, L, paged, variants):
         sd = time_fn(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), [()], device="cuda")
     ref = ref.transpose(1, 2).reshape(B * L, Hq, D)
     row = [f"prefill causal {'paged' if paged else 'ragged'} B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
-    for name, bm, cfg, gather, *hi in variants:
-        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=hi[0] if hi else None):
+    for name, bm, cfg, gather, *pa in variants:
+        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=pa[0] if pa else None):
             if paged:
                 w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
                 w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=True, q_data_type=DT)
@@ -151,7 +151,7 @@ def _prefill_row(g, B, L, paged, variants):
     del d
 
 
-# (name, BLOCK_M, (BLOCK_N, num_warps, num_stages) or None, gathered-K/V path allowed?)
+# (name, BLOCK_M, (BLOCK_N, num_warps, num_stages) or None, gathered-K/V path allowed?[, page ids ahead])
 _PREFILL = [("BM=128 (64,8,3)", 128, (64, 8, 3), False), ("BM=128 (128,8,3)", 128, (128, 8, 3), False),
             ("BM=128 (64,8,4)", 128, (64, 8, 4), False), ("BM=64 (64,4,3)", 64, (64, 4, 3), False),
             ("BM=128 (64,8,2)", 128, (64, 8, 2), False), ("BM=128 (32,8,3)", 128, (32, 8, 3), False),
