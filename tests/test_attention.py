@@ -349,6 +349,25 @@ def test_decode_split_kv_long_context(device):
     check_attention("decode unsplit", o2, lse2, o, lse, torch.float32)
 
 
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_decode_page_ids_ahead(ahead, device, monkeypatch):
+    """Both paged loops (page ids one or two key tiles ahead, ``ops.attention.page_ahead``) on
+    multi-tile requests, page sizes that do and do not divide the key tile, windows (masked
+    first and last segments) and a split plan: each equals the oracle."""
+    from torch_flashops.ops import attention as A
+
+    monkeypatch.setattr(A, "PAGE_AHEAD", ahead)
+    for page, kv, window in ((16, [150, 300, 37, 1], -1), (3, [200, 65, 130], 70)):
+        b = Batch([1] * len(kv), kv, page_size=page, Hq=8, Hkv=2, D=16, seed=50 + page)
+        for split in (False, True):
+            w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+            w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 8, 2, 16, page, q_data_type=torch.float32,
+                   window_left=window, disable_split_kv=not split, fixed_split_size=(5 if split else None))
+            o, lse = w.run(b.q, b.cache, return_lse=True)
+            ro, rl = b.oracle(window_left=window)
+            check_attention(f"ahead={ahead} page={page} split={split}", o, lse, ro, rl, torch.float32)
+
+
 # --------------------------------------------------------------------------- batch: ragged
 
 
