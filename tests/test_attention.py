@@ -368,6 +368,19 @@ def test_decode_page_ids_ahead(ahead, device, monkeypatch):
             check_attention(f"ahead={ahead} page={page} split={split}", o, lse, ro, rl, torch.float32)
 
 
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1), (16, 1)])
+def test_split_merge_row_chunks(hq, hkv, device):
+    """The merge folds row chunks of one GQA group (>= 4 rows): group sizes 1, 7 and 16 with
+    multi-row requests, so chunks are partly live, fully live or past the request's rows."""
+    b = Batch([1, 3, 2], [90, 40, 17], page_size=4, Hq=hq, Hkv=hkv, D=16, seed=60 + hq)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=True, fixed_split_size=2)
+    assert int((w._t.split_work[::4] >= 0).sum()) >= 10
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(causal=True)
+    check_attention(f"split merge group {hq // hkv}", o, lse, ro, rl, torch.float32)
+
+
 # --------------------------------------------------------------------------- batch: ragged
 
 
