@@ -7,8 +7,8 @@ For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split t
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
 replays for decode, ``do_bench`` for prefill); each line shows GB/s (decode) or TFLOP/s
 (prefill) and the ratio to SDPA in the same run. ``ops.attention.attn_config`` / ``tile_m`` /
-``resident_programs`` / ``split_min_chunk`` (and the ``PAGE_AHEAD`` / ``MERGE_CONFIG``
-overrides) are patched per candidate, so the heuristics in ``ops/attention.py`` are what the
+``resident_programs`` / ``split_min_chunk`` / ``page_ahead`` / ``merge_config`` are patched per
+candidate, so the heuristics in ``ops/attention.py`` are what the
 winners get written back into ("default" rows run those heuristics unpatched). ``profile``
 prints the device time per kernel of one decode call, ours and SDPA's (torch.profiler).
 """
@@ -33,11 +33,11 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, pa
     class P:
         def __enter__(self):
             self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.PAGE_AHEAD, A.MERGE_CONFIG)
+                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config)
             if page_ahead is not None:
-                A.PAGE_AHEAD = page_ahead
+                A.page_ahead = lambda *a, **k: page_ahead
             if merge is not None:
-                A.MERGE_CONFIG = merge
+                A.merge_config = lambda *a, **k: merge
             if not gather:  # paged prefill in place (no gathered-K/V path)
                 prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
             if min_chunk is not None:
@@ -51,7 +51,7 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, pa
 
         def __exit__(self, *exc):
             (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.PAGE_AHEAD, A.MERGE_CONFIG) = self.saved
+             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config) = self.saved
 
     return P()
 

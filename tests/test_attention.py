@@ -356,7 +356,7 @@ def test_decode_page_ids_ahead(ahead, device, monkeypatch):
     first and last segments) and a split plan: each equals the oracle."""
     from torch_flashops.ops import attention as A
 
-    monkeypatch.setattr(A, "PAGE_AHEAD", ahead)
+    monkeypatch.setattr(A, "page_ahead", lambda *args: ahead)
     for page, kv, window in ((16, [150, 300, 37, 1], -1), (3, [200, 65, 130], 70)):
         b = Batch([1] * len(kv), kv, page_size=page, Hq=8, Hkv=2, D=16, seed=50 + page)
         for split in (False, True):

@@ -352,12 +352,13 @@ def sum_sweep(shapes=((4096, 8, 2048), (4096, 8, 7168), (4096, 2, 4096), (16384,
         x = torch.randn(T, k, H, device="cuda", dtype=torch.bfloat16)
         want = x.float().sum(1).to(torch.bfloat16)
         nbytes = x.numel() * 2 + T * H * 2
-        src, dst = torch.empty(nbytes // 4, device="cuda", dtype=torch.bfloat16), None
+        src = torch.empty(nbytes // 4, device="cuda", dtype=torch.bfloat16)
         dst = torch.empty_like(src)
         cp = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
         row = [f"[sum] T={T} k={k} H={H}: copy of the same bytes {cp * 1e3:.1f} us"]
+        default = ops.moe_sum_config
         for cfg in configs:
-            ops.MOE_SUM_CONFIG = cfg
+            ops.moe_sum_config = lambda *a, cfg=cfg: cfg
             out = torch.full((T, H), float("nan"), device="cuda", dtype=torch.bfloat16)
             try:
                 ops._launch_moe_sum(x, out, 1.0)
@@ -367,7 +368,7 @@ def sum_sweep(shapes=((4096, 8, 2048), (4096, 8, 7168), (4096, 2, 4096), (16384,
                 row.append(f"{cfg}: {ms * 1e3:.1f} us {nbytes / ms / 1e6:.0f} GB/s err {err:.1e}")
             except Exception as e:  # noqa: BLE001
                 row.append(f"{cfg}: failed {type(e).__name__}")
-        ops.MOE_SUM_CONFIG = None
+        ops.moe_sum_config = default
         print("\n  ".join(row), flush=True)
         del x, want, src, dst
 

@@ -67,8 +67,6 @@ LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
 NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
-PAGE_AHEAD = None  # override of `page_ahead()` (1 or 2), for the tuning script
-MERGE_CONFIG = None  # override of `merge_config()`, for the tuning script
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -465,8 +463,6 @@ def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
     (H100, 2026-11-25: B=1 x 32k keys 64.5 -> 61.9 us, 4 KV heads 45.3 -> 43.0 us; B=64 x 4096
     keys 375.9 -> 373.2 us) and loses elsewhere (3-stage decode B=16 x 1024 keys 41.1 -> 52.8
     us, paged prefill 322 -> 223 TFLOP/s, 1024 programs of a 33k-key flat cascade 2891 -> 3350 us)."""
-    if PAGE_AHEAD is not None:
-        return PAGE_AHEAD
     if torch.device(device).type != "cuda":
         return 2 if block_m <= 32 else 1  # both paths stay covered by the interpreter tests
     return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
@@ -482,8 +478,6 @@ def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, in
     same alone or batched (under a fixed split size). Prefill tiles (64/128 rows, all live) keep
     whole-tile programs: 4-row chunks of a 128-row shared-prefix tile made 8192 tiny programs
     and the cascade 291 -> 319 us."""
-    if MERGE_CONFIG is not None:
-        return MERGE_CONFIG
     if block_m >= 64:  # prefill tiles (a shared prefix): whole tiles, 64 columns, 8192 elements a step
         block_d = min(64, triton.next_power_of_2(d_vo))
         split_block = max(1, min(64, 8192 // (block_m * block_d)))

@@ -460,14 +460,9 @@ def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0):
                  mul=not on_input, write_skip=True, scale=scale, a_sorted=True, **route)
 
 
-MOE_SUM_CONFIG = None  # (BLOCK_T, BLOCK_H, num_warps) override, for the tuning script
-
-
 def moe_sum_config(T: int, k: int, H: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, num_warps) of the finalize sum: one token row per program, up to 1024
     columns, 4 warps (each thread loads 16-byte vectors of all k rows at once)."""
-    if MOE_SUM_CONFIG is not None:
-        return MOE_SUM_CONFIG
     return 1, min(_pow2(H), 1024), 4
 
 
