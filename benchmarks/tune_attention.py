@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [fold] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -29,11 +29,13 @@ from torch_flashops.ops import attention as A
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None):
+def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None, fold=None):
     class P:
         def __enter__(self):
             self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config)
+                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale)
+            if fold is not None:
+                A.fold_scale = lambda *a, **k: fold
             if page_ahead is not None:
                 A.page_ahead = lambda *a, **k: page_ahead
             if merge is not None:
@@ -51,7 +53,7 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, pa
 
         def __exit__(self, *exc):
             (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config) = self.saved
+             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale) = self.saved
 
     return P()
 
@@ -130,8 +132,9 @@ def _prefill_row(g, B, L, paged, variants):
         sd = time_fn(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), [()], device="cuda")
     ref = ref.transpose(1, 2).reshape(B * L, Hq, D)
     row = [f"prefill causal {'paged' if paged else 'ragged'} B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
-    for name, bm, cfg, gather, *pa in variants:
-        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=pa[0] if pa else None):
+    for name, bm, cfg, gather, *extra in variants:
+        pa, fold = (list(extra) + [None, None])[:2]
+        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=pa, fold=fold):
             if paged:
                 w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
                 w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=True, q_data_type=DT)
@@ -160,6 +163,14 @@ _PREFILL = [("BM=128 (64,8,3)", 128, (64, 8, 3), False), ("BM=128 (128,8,3)", 12
 
 def prefill(g):
     _prefill_row(g, 4, 4096, False, _PREFILL)
+
+
+def fold(g):
+    """Scale folded into the row max and exp2's FMA (default) or applied to every logit first."""
+    v = [("default", None, None, True), ("no fold", None, None, True, None, False)] * 2
+    _prefill_row(g, 4, 4096, False, v)
+    _prefill_row(g, 1, 16384, False, v)
+    _prefill_row(g, 4, 4096, True, v)
 
 
 def paged_prefill(g):

@@ -141,6 +141,8 @@ SINGLE_CASES = [
     (4, 20, 4, 4, 32, True, "NHD", dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0, rope_scale=2.0)),
     (6, 19, 8, 2, 16, False, "HND", dict(pos_encoding_mode="ALIBI")),
     (3, 300, 8, 1, 16, True, "NHD", dict(sm_scale=0.3, lse_base="ln")),  # long kv: split-KV path
+    # a negative scale: the kernel scales every logit before the row max (no folded FMA)
+    (5, 90, 4, 2, 16, True, "NHD", dict(sm_scale=-0.25, window_left=50)),
 ]
 
 

@@ -503,9 +503,10 @@ def test_launch_heuristics_h100(monkeypatch):
     cfg = lambda bm, n=None, keys=None: A.attn_config(bm, 128, 128, torch.bfloat16, "cuda", n, keys)  # noqa: E731
     assert cfg(128) == (64, 8, 3) and cfg(64) == (64, 4, 3)  # prefill tiles
     assert cfg(16, 512, 4096) == (64, 4, 2)  # a full machine: occupancy hides latency
-    assert cfg(16, 256, 4096) == (64, 4, 3)  # ~2 programs per SM: pipeline
-    assert cfg(16, 256, 64) == (64, 4, 2)  # one key tile per program: nothing to pipeline
-    assert cfg(16, 256) == (64, 4, 3)  # keys unknown: pipeline
+    assert cfg(16, 256, 4096) == (64, 8, 3)  # ~2 programs per SM: pipeline, 8 warps per tile
+    assert cfg(16, 256, 64) == (64, 8, 2)  # one key tile per program: nothing to pipeline
+    assert cfg(16, 256) == (64, 8, 3)  # keys unknown: pipeline
+    assert cfg(16) == (64, 4, 2)  # launch unknown
     assert A.attn_config(16, 256, 256, torch.bfloat16, "cuda", 8, 4096) == (32, 4, 2)  # wide head dims
     # split-KV: only below one program per SM, aiming at one wave of resident programs
     assert A.split_target(8, 16, "cuda") == 132 * 4

@@ -133,7 +133,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    PAGE_AHEAD: tl.constexpr,
+    PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded ahead. PAGE_AHEAD 1: the next
@@ -172,6 +172,8 @@ def _attend_tile(
         if SOFTCAP:
             s = soft_cap * _tanh(s / soft_cap)
         s = s * LOG2E
+    elif FOLD_SCALE:  # raw logits: the scale rides on the row max and on exp2's FMA
+        s = qk
     else:
         s = qk * qk_scale
     if MASKED:
@@ -185,9 +187,15 @@ def _attend_tile(
             byte = tl.load(MASK + mask_base + bit // 8, mask=valid_m[:, None] & n_valid[None, :], other=0)
             keep = keep & (((byte.to(tl.int32) >> (bit % 8).to(tl.int32)) & 1) != 0)
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if FOLD_SCALE:  # qk_scale > 0, so max(s) * qk_scale is the max of the scaled logits
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
-    p = tl.exp2(s - m_use[:, None])
+    if FOLD_SCALE:
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+    else:
+        p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
@@ -210,7 +218,7 @@ def _attn_fwd_kernel(
     BLOCK_DQK: tl.constexpr, BLOCK_DVO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -325,7 +333,7 @@ def _attn_fwd_kernel(
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE)
 
     # ---- finish: empty rows give o = 0, lse = -inf
     empty = l_i == 0.0
@@ -439,8 +447,13 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     in shared memory; B=64 x 8 KV heads, 512 programs: 374 vs 431 us) but 3 stages below three
     programs per SM (B=16, 512 keys: 27.2 -> 23.6 us; 256 programs of 4096 keys: 210 -> 199 us),
     since then only the pipeline can hide it -- unless a program has one key tile or less, with
-    nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). ``n_programs`` and
-    ``keys_per_program`` (an average) come from the launch."""
+    nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). Below three
+    programs per SM a decode tile also takes 8 warps: such launches are bound by one warp's
+    instruction latency, not by bandwidth (Nsight Compute: 6% achieved occupancy, fixed-latency
+    stalls), and 8 warps share a tile's address and softmax work (H100, 2026-11-25: B=8 x 256
+    keys 12.4 -> 10.6 us, B=1 x 128 keys 8.0 -> 7.2, B=1 x 512 keys 12.7 -> 11.6, B=32 x 64 keys
+    8.6 -> 8.1; at 4 programs per SM they lose: B=16 x 1024 keys 39.5 -> 44.0 us).
+    ``n_programs`` and ``keys_per_program`` (an average) come from the launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -450,9 +463,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
-    few = n_programs is not None and n_programs < 3 * num_sms(device)
-    few = few and (keys_per_program is None or keys_per_program > block_n)
-    return block_n, 4, (3 if few and not wide else 2)
+    small_grid = n_programs is not None and n_programs < 3 * num_sms(device)
+    few = small_grid and (keys_per_program is None or keys_per_program > block_n)
+    return block_n, (8 if small_grid and not wide else 4), (3 if few and not wide else 2)
 
 
 def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
@@ -466,6 +479,14 @@ def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
     if torch.device(device).type != "cuda":
         return 2 if block_m <= 32 else 1  # both paths stay covered by the interpreter tests
     return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
+
+
+def fold_scale(sm_scale: float, soft_cap: bool, pos: int) -> bool:
+    """Whether the kernel keeps raw logits and applies ``sm_scale * log2(e)`` inside the row
+    max and exp2's argument (one FMA per logit instead of a multiply, then a subtract). Needs a
+    positive scale (max commutes with it; -inf * scale stays -inf) and no soft cap or ALiBi
+    (those transform the scaled logit first)."""
+    return sm_scale > 0 and not soft_cap and pos != 2
 
 
 def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, int]:
@@ -592,6 +613,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, dev) if paged else 1,
+        FOLD_SCALE=fold_scale(float(sm_scale), soft, pos),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not has_split:
