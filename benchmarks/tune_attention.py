@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [fold] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [b16] [fold] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -15,6 +15,7 @@ prints the device time per kernel of one decode call, ours and SDPA's (torch.pro
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -109,6 +110,14 @@ def decode_256(g):
     """~2 programs per SM unsplit: split in two (the default) or not (sp=1), and with which config."""
     _decode_rows(g, [(32, 4096, 32, 8), (64, 4096, 32, 4), (16, 1024, 32, 8), (1, 32768, 32, 4)],
                  _DECODE_CFGS[:6], splits=(None, 1))
+
+
+def b16(g):
+    """The issue's little-KV batch cases (B=16 x 512 / 4096 keys) and B=1 x 4096: configs x
+    split floors (unsplit: sp=1)."""
+    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (16, 4096, 32, 8), (1, 4096, 32, 8)],
+                 _DECODE_CFGS[:4] + [("(64,8,2)", (64, 8, 2)), ("(32,8,3)", (32, 8, 3))], min_chunks=(None, 128, 512))
+    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4)], _DECODE_CFGS[:4] + [("(64,8,2)", (64, 8, 2))], splits=(1,))
 
 
 def split(g):
@@ -276,10 +285,16 @@ def _kernel_table(fn, reps=30):
     return sorted(((t / reps, n) for n, t in acc.items()), reverse=True)
 
 
+_PROFILE_CASES = [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8), (1, 4096, 32, 8),
+                  (1, 32768, 32, 8), (1, 32768, 32, 4), (16, 1024, 32, 8), (16, 8192, 32, 8)]
+
+
 def profile(g):
-    """Where a decode call's device time goes: kernels per call, ours and SDPA's."""
-    for B, L, Hq, Hkv in [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8), (1, 4096, 32, 8),
-                          (1, 32768, 32, 8), (1, 32768, 32, 4), (16, 1024, 32, 8), (16, 8192, 32, 8)]:
+    """Where a decode call's device time goes: kernels per call, ours and SDPA's. Cases from
+    ``PROFILE_CASES="B,L,HQ,HKV;..."`` if set."""
+    env = os.environ.get("PROFILE_CASES")
+    cases = [tuple(int(x) for x in c.split(",")) for c in env.split(";")] if env else _PROFILE_CASES
+    for B, L, Hq, Hkv in cases:
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, 1)
         ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
         w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)

@@ -383,6 +383,27 @@ def test_split_merge_row_chunks(hq, hkv, device):
     check_attention(f"split merge group {hq // hkv}", o, lse, ro, rl, torch.float32)
 
 
+def test_merge_column_chunks_per_program(device, monkeypatch):
+    """The merge's column chunks spread over 1, 3 or 8 programs per (row, KV head) (D=128: 8
+    chunks, so 3 leaves a ragged last program): bitwise the same result, equal to the oracle."""
+    from torch_flashops.ops import attention as A
+
+    b = Batch([1, 2, 1], [70, 33, 120], page_size=4, Hq=8, Hkv=2, D=128, seed=71)
+    outs = []
+    for d_split in (1, 3, 8):
+        monkeypatch.setattr(A, "merge_d_split", lambda *args, d=d_split: d)
+        w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+        plan_paged(w, b, causal=True, fixed_split_size=8)
+        assert int((w._t.split_work[::4] >= 0).sum()) >= 6
+        o, lse = poison(b.q.shape[0], 8, 128, device=device), poison(b.q.shape[0], 8, device=device)
+        w.run(b.q, b.cache, out=o, lse=lse)
+        outs.append((o, lse))
+    ro, rl = b.oracle(causal=True)
+    check_attention("merge d_split", outs[0][0], outs[0][1], ro, rl, torch.float32)
+    for o, lse in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
 # --------------------------------------------------------------------------- batch: ragged
 
 

@@ -351,23 +351,23 @@ def _attn_fwd_kernel(
         tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
 
 
-@triton.jit(do_not_specialize=["num_q_rows", "single_qo_len", "single_n_split"])
+@triton.jit(do_not_specialize=["num_q_rows", "single_qo_len", "single_n_split", "d_split"])
 def _merge_kernel(
     O, LSE, PO, PLSE, MERGE, QO_INDPTR,
     stride_ot, stride_oh, stride_lt, stride_lh,
-    num_kv_heads, num_q_rows, single_qo_len, single_n_split, v_scale, lse_scale,
+    num_kv_heads, num_q_rows, single_qo_len, single_n_split, d_split, v_scale, lse_scale,
     GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, WORKLIST: tl.constexpr,
 ):
-    # Program (merge row e, KV head hk, ROWS rows of the tile, dims [d0, d0 + BLOCK_D)): combine
-    # the `count` partial tiles of one (request, m tile) in item order, SPLIT_BLOCK partials per
-    # step so their loads are in flight together (spec §0.5 merge, folded online; empty partials
-    # contribute 0). Row chunks past the request's rows exit at once (decode: a 16-row tile
-    # holds one group), so the live programs each get a short, wide step.
+    # Program (merge row e, KV head hk, D-chunk lane j): combine the `count` partial tiles of one
+    # (request, m tile) in item order, for every live chunk of ROWS rows and the D chunks
+    # [j, j + d_split, ...] of BLOCK_D columns, SPLIT_BLOCK partials per step so their loads are
+    # in flight together (spec §0.5 merge, folded online; empty partials contribute 0). Each
+    # (row chunk, D chunk) is folded by the same code whatever d_split is (a runtime argument),
+    # so results do not depend on how the launch spreads chunks over programs; row chunks past
+    # the request's rows are never visited (decode: a 16-row tile holds one 4-row group).
     e = tl.program_id(0)
-    N_CHUNKS: tl.constexpr = BLOCK_M // ROWS
-    hk = tl.program_id(1) // N_CHUNKS
-    row0 = (tl.program_id(1) % N_CHUNKS) * ROWS
+    hk = tl.program_id(1)
     if WORKLIST:
         b = tl.load(MERGE + e * 4)
         if b < 0:
@@ -383,40 +383,42 @@ def _merge_kernel(
         count = single_n_split
         qo_start = 0
         qo_len = single_qo_len
-    if m_start + row0 >= qo_len * GROUP:
-        return
-    offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
-    offs_m = m_start + offs_t
-    valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D_VO
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    d_run = tl.zeros([ROWS], dtype=tl.float32)
-    for s0 in range(0, count, SPLIT_BLOCK):
-        sidx = s0 + tl.arange(0, SPLIT_BLOCK)
-        # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
-        prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
-        lmask = (sidx < count)[:, None] & valid_m[None, :]
-        s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, ROWS]
-        o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
-                    mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(s, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - shift)
-        w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-        d_run = d_run * alpha + tl.sum(w, 0)
-        m_run = m_new
-    o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
-    lse2 = tl.reshape(lse2, [ROWS])
-    r = offs_m // GROUP
-    h = hk * GROUP + offs_m % GROUP
-    orow = (qo_start + r).to(tl.int64)
-    o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
-    if tl.program_id(2) == 0:
-        tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
+    live_rows = tl.minimum(qo_len * GROUP - m_start, BLOCK_M)
+    D_CHUNKS: tl.constexpr = (D_VO + BLOCK_D - 1) // BLOCK_D
+    for row0 in range(0, live_rows, ROWS):
+        offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
+        offs_m = m_start + offs_t
+        valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
+        r = offs_m // GROUP
+        h = hk * GROUP + offs_m % GROUP
+        orow = (qo_start + r).to(tl.int64)
+        for dc in range(tl.program_id(2), D_CHUNKS, d_split):
+            offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D_VO
+            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+            d_run = tl.zeros([ROWS], dtype=tl.float32)
+            for s0 in range(0, count, SPLIT_BLOCK):
+                sidx = s0 + tl.arange(0, SPLIT_BLOCK)
+                # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
+                prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
+                lmask = (sidx < count)[:, None] & valid_m[None, :]
+                s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, ROWS]
+                o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
+                            mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
+                m_new = tl.maximum(m_run, tl.max(s, 0))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_run - shift)
+                w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
+                acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+                d_run = d_run * alpha + tl.sum(w, 0)
+                m_run = m_new
+            o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
+            o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
+            if dc == 0:
+                lse2 = tl.reshape(lse2, [ROWS])
+                tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
 
 
 # ------------------------------------------------------------------------- launch heuristics
@@ -506,6 +508,16 @@ def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, in
     rows = min(block_m, max(4, triton.next_power_of_2(group)))
     block_d = min(16, triton.next_power_of_2(d_vo))
     return rows, max(1, min(64, 4096 // (rows * block_d))), block_d, 4
+
+
+def merge_d_split(n_programs: int, d_chunks: int, device) -> int:
+    """Programs per (merge row, KV head) of the merge kernel, each taking every d_split-th
+    BLOCK_D column chunk: enough for ~4 programs per SM, at most one per chunk. Results do not
+    depend on it. (H100, 2026-11-25, B=16 x 512 keys, 8 KV heads: one program per (row chunk,
+    column chunk) meant 4096 programs, 3 of 4 exiting at once, and an 8.5 us merge after a 14.1
+    us attention kernel.)"""
+    target = 4 * num_sms(device)
+    return max(1, min(d_chunks, triton.next_power_of_2(max(1, target // max(n_programs, 1)))))
 
 
 def split_min_chunk(block_n: int, device, n_programs: int) -> int:
@@ -620,10 +632,11 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     n_merge = merge.shape[0] // WORK_FIELDS if worklist else n_tiles
     rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group)
-    _merge_kernel[(n_merge, h_kv * (block_m // rows), triton.cdiv(d_vo, block_d))](
+    d_split = merge_d_split(n_merge * h_kv, triton.cdiv(d_vo, block_d), dev)
+    _merge_kernel[(n_merge, h_kv, d_split)](
         o, lse, po, plse, merge if worklist else dummy, qo_indptr if worklist else dummy,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
-        h_kv, R, s_qo, s_nsplit, float(v_scale), LN2 if lse_ln else 1.0,
+        h_kv, R, s_qo, s_nsplit, d_split, float(v_scale), LN2 if lse_ln else 1.0,
         GROUP=group, D_VO=d_vo, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, SPLIT_BLOCK=split_block,
         WORKLIST=worklist,
         num_warps=merge_warps,
