@@ -5,6 +5,7 @@ and a ``num = 0`` drain after it), K/V buffers in shared memory, and ptxas's reg
 counts.
 
     python scripts/inspect_attention_ir.py paged 128 64 8 3 [--dump FILE]
+    python scripts/inspect_attention_ir.py merge 16
 
 Arguments: ``paged`` or ``ragged``, then BLOCK_M BLOCK_N num_warps num_stages (decode tiles are
 BLOCK_M 16, prefill tiles 64/128). The kernel is specialised like a bf16 D=128 GQA-4 causal
@@ -13,6 +14,7 @@ launch with 16-byte aligned pointers and strides, as the JIT would see it.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import tempfile
@@ -28,12 +30,11 @@ _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
 _FLOATS = {"sm_scale", "soft_cap", "v_scale", "lse_scale"}
 
 
-def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int):
-    fn = A._attn_fwd_kernel
+def compile_sm90(fn, const: dict, warps: int, stages: int = 1):
+    """Compile Triton kernel ``fn`` for sm_90 on any machine: ``const`` holds its constexprs;
+    pointer arguments are typed by name (``_PTRS``, other upper-case names are int32 tables),
+    scale-like floats by ``_FLOATS``, everything else int32, pointers and strides 16-aligned."""
     names = fn.arg_names
-    const = dict(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
-                 BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
-                 WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32", PAGE_AHEAD=int(__import__("os").environ.get("PAGE_AHEAD", "2")))
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in const:
@@ -50,6 +51,22 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int):
+    const = dict(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
+                 BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
+                 WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
+                 PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True)
+    return compile_sm90(A._attn_fwd_kernel, const, warps, stages)
+
+
+def compile_merge(block_m: int, group: int = 4, d_vo: int = 128):
+    """The merge kernel as the launcher configures it for ``block_m``-row tiles."""
+    rows, split_block, block_d, warps = A.merge_config(block_m, d_vo, group)
+    const = dict(GROUP=group, D_VO=d_vo, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, SPLIT_BLOCK=split_block,
+                 WORKLIST=True)
+    return compile_sm90(A._merge_kernel, const, warps)
 
 
 def report(k) -> str:
@@ -71,11 +88,17 @@ def report(k) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["paged", "ragged"])
-    p.add_argument("config", nargs=4, type=int, metavar="N", help="BLOCK_M BLOCK_N num_warps num_stages")
+    p.add_argument("kind", choices=["paged", "ragged", "merge"])
+    p.add_argument("config", nargs="+", type=int, metavar="N",
+                   help="BLOCK_M BLOCK_N num_warps num_stages (merge: BLOCK_M of the tiles it combines)")
     p.add_argument("--dump", help="write the TTGIR here")
     a = p.parse_args(argv)
-    k = compile_kernel(a.kind == "paged", *a.config)
+    if a.kind == "merge":
+        k = compile_merge(a.config[0])
+    else:
+        if len(a.config) != 4:
+            p.error("paged/ragged take BLOCK_M BLOCK_N num_warps num_stages")
+        k = compile_kernel(a.kind == "paged", *a.config)
     if a.dump:
         with open(a.dump, "w") as f:
             f.write(k.asm["ttgir"])

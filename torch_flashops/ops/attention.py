@@ -416,9 +416,9 @@ def _merge_kernel(
             o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
             o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
             tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
+            lse_rows = tl.reshape(lse2, [ROWS])
             if dc == 0:
-                lse2 = tl.reshape(lse2, [ROWS])
-                tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
+                tl.store(LSE + orow * stride_lt + h * stride_lh, lse_rows * lse_scale, mask=valid_m)
 
 
 # ------------------------------------------------------------------------- launch heuristics
