@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [b16] [fold] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [b16] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -30,11 +30,17 @@ from torch_flashops.ops import attention as A
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None, fold=None):
+def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None, fold=None,
+             min_keys=None, d_split=None):
     class P:
         def __enter__(self):
             self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale)
+                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
+                          A.split_min_keys, A.merge_d_split)
+            if min_keys is not None:
+                A.split_min_keys = lambda *a, **k: min_keys
+            if d_split is not None:
+                A.merge_d_split = lambda *a, **k: d_split
             if fold is not None:
                 A.fold_scale = lambda *a, **k: fold
             if page_ahead is not None:
@@ -54,7 +60,8 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, pa
 
         def __exit__(self, *exc):
             (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale) = self.saved
+             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
+             A.split_min_keys, A.merge_d_split) = self.saved
 
     return P()
 
@@ -64,7 +71,8 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
                 ("(32,4,4)", (32, 4, 4)), ("(128,4,2)", (128, 4, 2)), ("(64,8,3)", (64, 8, 3))]
 
 
-def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,)):
+def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,),
+                 min_keys=(None,), d_splits=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -73,8 +81,9 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, pa, mg in [(a, b, c, e) for a in splits for b in min_chunks for c in aheads for e in merges]:
-                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg):
+            for sp, mc, pa, mg, mk, ds in [(a, b, c, e, f, h) for a in splits for b in min_chunks for c in aheads
+                                           for e in merges for f in min_keys for h in d_splits]:
+                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -82,7 +91,8 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                     ns = int((w._t.split_work[::4] >= 0).sum())
                     ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
                 row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}"
-                           f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                           f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}"
+                           f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
@@ -115,9 +125,18 @@ def decode_256(g):
 def b16(g):
     """The issue's little-KV batch cases (B=16 x 512 / 4096 keys) and B=1 x 4096: configs x
     split floors (unsplit: sp=1)."""
-    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (16, 4096, 32, 8), (1, 4096, 32, 8)],
-                 _DECODE_CFGS[:4] + [("(64,8,2)", (64, 8, 2)), ("(32,8,3)", (32, 8, 3))], min_chunks=(None, 128, 512))
-    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4)], _DECODE_CFGS[:4] + [("(64,8,2)", (64, 8, 2))], splits=(1,))
+    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (16, 1024, 32, 8), (16, 4096, 32, 8), (1, 4096, 32, 8),
+                     (1, 512, 32, 8)], _DECODE_CFGS[:2] + [("(64,8,2)", (64, 8, 2)), ("(64,8,3)", (64, 8, 3))],
+                 min_keys=(None, 0))
+
+
+def merge_programs(g):
+    """Merge programs per (merge row, KV head): the heuristic's, 1 (every column chunk in one
+    program) and 8 (one per chunk); merge configs at 4 KV heads x 128 splits."""
+    _decode_rows(g, [(16, 512, 32, 8), (1, 4096, 32, 8), (16, 1024, 32, 8), (1, 32768, 32, 4), (1, 32768, 32, 8)],
+                 _DECODE_CFGS[:1], min_keys=(0,), d_splits=(None, 1, 2, 8))
+    _decode_rows(g, [(1, 32768, 32, 4)], _DECODE_CFGS[:1],
+                 merges=((4, 64, 16, 4), (4, 32, 32, 4), (4, 16, 32, 4), (4, 32, 16, 4), (4, 16, 64, 4), (4, 64, 16, 8)))
 
 
 def split(g):

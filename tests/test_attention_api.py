@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 
 import torch_flashops as fi
@@ -507,6 +508,20 @@ def test_launch_heuristics_h100(monkeypatch):
     assert cfg(16, 256, 64) == (64, 8, 2)  # one key tile per program: nothing to pipeline
     assert cfg(16, 256) == (64, 8, 3)  # keys unknown: pipeline
     assert cfg(16) == (64, 4, 2)  # launch unknown
+    assert cfg(16, 256, 128) == (64, 8, 2)  # two key tiles per program: little to overlap
+    # split floors: past 16 programs, 512-key ranges stay whole
+    assert A.split_min_keys(64, "cuda", 128) == 512 and A.split_min_keys(64, "cuda", 16) == 0
+    from torch_flashops._attention_plan import build_schedule
+
+    def n_split(B, L):  # decode, 8 KV heads, GQA 4 (16-row tiles)
+        ones = np.ones(B, dtype=np.int64)
+        s = build_schedule(ones, ones * L, group=4, block_m=16, block_n=64, num_kv_heads=8, d_vo=128, causal=False,
+                           window_left=-1, has_mask=False, device="cuda", workspace_bytes=256 << 20)
+        return int((s.split_work[:, 0] >= 0).sum())
+    assert n_split(16, 512) == 0 and n_split(16, 1024) == 64 and n_split(1, 4096) == 32
+    # merge programs: ~4 per SM, at most one per 16-column chunk
+    assert A.merge_d_split(128, 8, "cuda") == 4 and A.merge_d_split(8, 8, "cuda") == 8
+    assert A.merge_d_split(4096, 8, "cuda") == 1
     assert A.attn_config(16, 256, 256, torch.bfloat16, "cuda", 8, 4096) == (32, 4, 2)  # wide head dims
     # split-KV: only below one program per SM, aiming at one wave of resident programs
     assert A.split_target(8, 16, "cuda") == 132 * 4

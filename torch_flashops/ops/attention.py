@@ -448,8 +448,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     stages when the grid fills the machine (occupancy hides the latency: 5 programs per SM fit
     in shared memory; B=64 x 8 KV heads, 512 programs: 374 vs 431 us) but 3 stages below three
     programs per SM (B=16, 512 keys: 27.2 -> 23.6 us; 256 programs of 4096 keys: 210 -> 199 us),
-    since then only the pipeline can hide it -- unless a program has one key tile or less, with
-    nothing to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3). Below three
+    since then only the pipeline can hide it -- unless a program has two key tiles or fewer, with
+    little to overlap (B=32 x 64 keys: 10.0 us with 2 stages, 11.0 with 3; B=1 x 4096 keys in
+    128-key splits, 8 warps: 15.0 us with 2 stages, 16.8 with 3). Below three
     programs per SM a decode tile also takes 8 warps: such launches are bound by one warp's
     instruction latency, not by bandwidth (Nsight Compute: 6% achieved occupancy, fixed-latency
     stalls), and 8 warps share a tile's address and softmax work (H100, 2026-11-25: B=8 x 256
@@ -466,7 +467,7 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
     small_grid = n_programs is not None and n_programs < 3 * num_sms(device)
-    few = small_grid and (keys_per_program is None or keys_per_program > block_n)
+    few = small_grid and (keys_per_program is None or keys_per_program > 2 * block_n)
     return block_n, (8 if small_grid and not wide else 4), (3 if few and not wide else 2)
 
 
@@ -518,6 +519,16 @@ def merge_d_split(n_programs: int, d_chunks: int, device) -> int:
     us attention kernel.)"""
     target = 4 * num_sms(device)
     return max(1, min(d_chunks, triton.next_power_of_2(max(1, target // max(n_programs, 1)))))
+
+
+def split_min_keys(block_n: int, device, n_programs: int) -> int:
+    """A tile's key range is split only when it holds more keys than this. Measured on an H100
+    (2026-11-25, with the column-lane merge of ``merge_d_split``): past 16 programs a 512-key request
+    runs faster whole than in two chunks plus a merge (B=16 x 512 keys, 8 KV heads: 23.2 us
+    unsplit, 26.7 split; 4 KV heads: 15.9 vs 20.5 us). The interpreter splits everything."""
+    if torch.device(device).type != "cuda" or n_programs <= 16:
+        return 0
+    return 8 * block_n
 
 
 def split_min_chunk(block_n: int, device, n_programs: int) -> int:
@@ -648,6 +659,8 @@ def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_m: in
     """(chunk, n_split) for a single request: split the keys when the tiles alone leave the
     machine idle (decode of one long sequence), as the batch planner does."""
     target = split_target(n_tiles * h_kv, block_m, device)
+    if kv_len <= split_min_keys(block_n, device, n_tiles * h_kv):
+        target = 0
     n_split = min(target // max(n_tiles * h_kv, 1), kv_len // split_min_chunk(block_n, device, n_tiles * h_kv)) if target else 1
     if n_split <= 1:
         return max(kv_len, 1), 1
