@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [b16] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -128,6 +128,16 @@ def b16(g):
     _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (16, 1024, 32, 8), (16, 4096, 32, 8), (1, 4096, 32, 8),
                      (1, 512, 32, 8)], _DECODE_CFGS[:2] + [("(64,8,2)", (64, 8, 2)), ("(64,8,3)", (64, 8, 3))],
                  min_keys=(None, 0))
+
+
+def b16_more(g):
+    """Deeper pipelines for the whole 512-key requests; split targets for B=16 x 4096 keys."""
+    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4)],
+                 [("default", None), ("(64,8,4)", (64, 8, 4)), ("(32,8,5)", (32, 8, 5)), ("(32,4,5)", (32, 4, 5)),
+                  ("(64,4,4)", (64, 4, 4)), ("(128,8,3)", (128, 8, 3)), ("(32,8,3)", (32, 8, 3))])
+    _decode_rows(g, [(16, 4096, 32, 8), (16, 4096, 32, 4)],
+                 [("default", None), ("(64,4,3)", (64, 4, 3)), ("(64,8,3)", (64, 8, 3)), ("(32,4,3)", (32, 4, 3))],
+                 splits=(None, 2, 3, 6))
 
 
 def merge_programs(g):
