@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -138,6 +138,13 @@ def b16_more(g):
     _decode_rows(g, [(16, 4096, 32, 8), (16, 4096, 32, 4)],
                  [("default", None), ("(64,4,3)", (64, 4, 3)), ("(64,8,3)", (64, 8, 3)), ("(32,4,3)", (32, 4, 3))],
                  splits=(None, 2, 3, 6))
+
+
+def warps16(g):
+    """16 warps per decode tile for launches of about one program per SM (whole requests)."""
+    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (8, 256, 32, 8), (1, 128, 32, 8), (1, 4096, 32, 8)],
+                 [("default", None), ("(64,16,3)", (64, 16, 3)), ("(128,16,3)", (128, 16, 3)),
+                  ("(64,16,2)", (64, 16, 2)), ("(128,8,2)", (128, 8, 2))])
 
 
 def merge_programs(g):
