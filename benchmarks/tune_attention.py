@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [evict] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -31,12 +31,14 @@ DT = torch.bfloat16
 
 
 def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None, fold=None,
-             min_keys=None, d_split=None):
+             min_keys=None, d_split=None, evict=None):
     class P:
         def __enter__(self):
             self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
                           prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
-                          A.split_min_keys, A.merge_d_split)
+                          A.split_min_keys, A.merge_d_split, A.kv_eviction)
+            if evict is not None:
+                A.kv_eviction = lambda *a, **k: evict
             if min_keys is not None:
                 A.split_min_keys = lambda *a, **k: min_keys
             if d_split is not None:
@@ -61,7 +63,7 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, pa
         def __exit__(self, *exc):
             (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
              prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
-             A.split_min_keys, A.merge_d_split) = self.saved
+             A.split_min_keys, A.merge_d_split, A.kv_eviction) = self.saved
 
     return P()
 
@@ -72,7 +74,7 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
 
 
 def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,),
-                 min_keys=(None,), d_splits=(None,)):
+                 min_keys=(None,), d_splits=(None,), evicts=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -81,9 +83,11 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, pa, mg, mk, ds in [(a, b, c, e, f, h) for a in splits for b in min_chunks for c in aheads
-                                           for e in merges for f in min_keys for h in d_splits]:
-                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds):
+            for sp, mc, pa, mg, mk, ds, ev in [(a, b, c, e, f, h, i) for a in splits for b in min_chunks
+                                               for c in aheads for e in merges for f in min_keys for h in d_splits
+                                               for i in evicts]:
+                with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds,
+                              evict=ev):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -92,7 +96,8 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                     ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
                 row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}"
                            f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}"
-                           f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                           f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}"
+                           f"{'' if ev is None else f' evict={ev or None}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
@@ -145,6 +150,15 @@ def warps16(g):
     _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (8, 256, 32, 8), (1, 128, 32, 8), (1, 4096, 32, 8)],
                  [("default", None), ("(64,16,3)", (64, 16, 3)), ("(128,16,3)", (128, 16, 3)),
                   ("(64,16,2)", (64, 16, 2)), ("(128,8,2)", (128, 8, 2))])
+
+
+def evict(g):
+    """K/V loads marked evict_first (the default for split launches) or not, at the split decode
+    cases; then the little cases at the heuristics' choice and at (64,8,2)."""
+    _decode_rows(g, [(1, 32768, 32, 4), (1, 32768, 32, 8), (16, 4096, 32, 8), (16, 4096, 32, 4), (1, 4096, 32, 8),
+                     (16, 1024, 32, 8), (4, 4096, 32, 8)], _DECODE_CFGS[:1], evicts=("evict_first", ""))
+    _decode_rows(g, [(1, 128, 32, 8), (4, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8)],
+                 _DECODE_CFGS[:1] + [("(64,8,2)", (64, 8, 2))])
 
 
 def merge_programs(g):

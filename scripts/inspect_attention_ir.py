@@ -57,7 +57,8 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
     const = dict(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
                  BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
-                 PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True)
+                 PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
+                 KV_EVICT=os.environ.get("KV_EVICT", ""))
     return compile_sm90(A._attn_fwd_kernel, const, warps, stages)
 
 

@@ -509,6 +509,9 @@ def test_launch_heuristics_h100(monkeypatch):
     assert cfg(16, 256) == (64, 8, 3)  # keys unknown: pipeline
     assert cfg(16) == (64, 4, 2)  # launch unknown
     assert cfg(16, 256, 128) == (64, 8, 2)  # two key tiles per program: little to overlap
+    assert cfg(16, 8, 128) == (128, 8, 2)  # unsplit, 65..128 keys a program: one 128-key tile
+    assert A.attn_config(16, 128, 128, torch.bfloat16, "cuda", 256, 128, split=True) == (64, 8, 2)
+    assert A.kv_eviction(True, "cuda") == "evict_first" and A.kv_eviction(False, "cuda") == ""
     # split floors: past 16 programs, 512-key ranges stay whole
     assert A.split_min_keys(64, "cuda", 128) == 512 and A.split_min_keys(64, "cuda", 16) == 0
     from torch_flashops._attention_plan import build_schedule

@@ -94,17 +94,18 @@ def _rope(x, x_partner, pos, freq, sign):
 
 
 @triton.jit
-def _load_rows(row_ptr, offs, n_valid, d_mask, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
-    """Rows ``row_ptr[i] + offs`` as a [n, BLOCK_D] tile; masks only where they can bite."""
+def _load_rows(row_ptr, offs, n_valid, d_mask, MASK_N: tl.constexpr, MASK_D: tl.constexpr, EVICT: tl.constexpr = ""):
+    """Rows ``row_ptr[i] + offs`` as a [n, BLOCK_D] tile; masks only where they can bite.
+    ``EVICT``: the loads' L2 eviction policy ("" default, "evict_first")."""
     ptrs = row_ptr[:, None] + offs[None, :]
     if MASK_N and MASK_D:
-        return tl.load(ptrs, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
+        return tl.load(ptrs, mask=n_valid[:, None] & d_mask[None, :], other=0.0, eviction_policy=EVICT)
     elif MASK_N:
-        return tl.load(ptrs, mask=n_valid[:, None], other=0.0)
+        return tl.load(ptrs, mask=n_valid[:, None], other=0.0, eviction_policy=EVICT)
     elif MASK_D:
-        return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+        return tl.load(ptrs, mask=d_mask[None, :], other=0.0, eviction_policy=EVICT)
     else:
-        return tl.load(ptrs)
+        return tl.load(ptrs, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_EVICT: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded ahead. PAGE_AHEAD 1: the next
@@ -160,9 +161,9 @@ def _attend_tile(
         far_page, far_slot = page, slot
     k_row = K + page * stride_kp + slot * stride_ks + hk * stride_kh
     v_row = V + page * stride_vp + slot * stride_vs + hk * stride_vh
-    k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D)
+    k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D, KV_EVICT)
     if POS == 1:
-        kp = _load_rows(k_row, partner_d, n_valid, d_mask, MASKED, PAD_D)
+        kp = _load_rows(k_row, partner_d, n_valid, d_mask, MASKED, PAD_D, KV_EVICT)
         k = _rope(k, kp, offs_n, freq_d, sign_d).to(q.dtype)
     qk = _dot(q, tl.trans(k), UPCAST, PREC)
     if (POS == 2) or SOFTCAP:
@@ -197,7 +198,7 @@ def _attend_tile(
     else:
         p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
-    v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV)
+    v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV, KV_EVICT)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
     l_i = l_i * alpha + tl.sum(p, 1)
     return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
@@ -219,6 +220,7 @@ def _attn_fwd_kernel(
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    KV_EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -333,7 +335,7 @@ def _attn_fwd_kernel(
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT)
 
     # ---- finish: empty rows give o = 0, lse = -inf
     empty = l_i == 0.0
@@ -441,7 +443,8 @@ def tile_m(group: int, max_qo_len: int) -> int:
 
 
 def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
-                n_programs: Optional[int] = None, keys_per_program: Optional[int] = None) -> tuple[int, int, int]:
+                n_programs: Optional[int] = None, keys_per_program: Optional[int] = None,
+                split: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned.
     Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
     (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
@@ -456,7 +459,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     stalls), and 8 warps share a tile's address and softmax work (H100, 2026-11-25: B=8 x 256
     keys 12.4 -> 10.6 us, B=1 x 128 keys 8.0 -> 7.2, B=1 x 512 keys 12.7 -> 11.6, B=32 x 64 keys
     8.6 -> 8.1; at 4 programs per SM they lose: B=16 x 1024 keys 39.5 -> 44.0 us).
-    ``n_programs`` and ``keys_per_program`` (an average) come from the launch."""
+    An unsplit launch of under one program per SM whose programs hold one to two 64-key tiles
+    takes them as one 128-key tile (B=1 x 128 keys: 7.8 -> 6.1 us). ``n_programs``, ``keys_per_program`` (an
+    average) and ``split`` (the plan has split-KV items) come from the launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -467,6 +472,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
     small_grid = n_programs is not None and n_programs < 3 * num_sms(device)
+    if n_programs is not None and n_programs < num_sms(device) and not wide and not split and \
+            keys_per_program is not None and block_n < keys_per_program <= 2 * block_n:
+        return 2 * block_n, 8, 2
     few = small_grid and (keys_per_program is None or keys_per_program > 2 * block_n)
     return block_n, (8 if small_grid and not wide else 4), (3 if few and not wide else 2)
 
@@ -482,6 +490,16 @@ def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
     if torch.device(device).type != "cuda":
         return 2 if block_m <= 32 else 1  # both paths stay covered by the interpreter tests
     return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
+
+
+def kv_eviction(has_split: bool, device) -> str:
+    """L2 eviction policy of the K/V loads: "evict_first" when the launch has split-KV items, so
+    the streamed keys do not push the partial tiles the merge kernel reads next out of L2 (B=1
+    x 32k keys, 4 KV heads: the merge hit L2 for 35% of its reads). Triton 3.6 applies it to
+    plain loads only (the 2-stage, page-ids-two-ahead decode loop), not to async copies."""
+    if torch.device(device).type != "cuda":
+        return ""
+    return "evict_first" if has_split else ""
 
 
 def fold_scale(sm_scale: float, soft_cap: bool, pos: int) -> bool:
@@ -605,7 +623,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     live = grid0 - (n_split_items if not has_split else 0)  # the idle no-split rows exit at once
     keys = single[1] if not worklist else (kv_indices.shape[0] * page_size if paged else k.shape[0])
     block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
-                                                 keys // max(live, 1))
+                                                 keys // max(live, 1), split=has_split)
     dev = q.device
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
@@ -636,7 +654,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, dev) if paged else 1,
-        FOLD_SCALE=fold_scale(float(sm_scale), soft, pos),
+        FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not has_split:
