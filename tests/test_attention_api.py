@@ -512,6 +512,9 @@ def test_launch_heuristics_h100(monkeypatch):
     assert cfg(16, 8, 128) == (128, 8, 2)  # unsplit, 65..128 keys a program: one 128-key tile
     assert A.attn_config(16, 128, 128, torch.bfloat16, "cuda", 256, 128, split=True) == (64, 8, 2)
     assert A.kv_eviction(True, "cuda") == "evict_first" and A.kv_eviction(False, "cuda") == ""
+    # live programs: B=1 decode has one item in its 2-row list (plus 2 idle split rows)
+    assert A.live_items(4, 2, False, 1, 1) == 1 and A.live_items(10, 2, False, 8, 1) == 8
+    assert A.live_items(36, 32, True, 1, 1) == 36 and A.live_items(4, 2, False, 1, 2) == 2
     # split floors: past 16 programs, 512-key ranges stay whole
     assert A.split_min_keys(64, "cuda", 128) == 512 and A.split_min_keys(64, "cuda", 16) == 0
     from torch_flashops._attention_plan import build_schedule

@@ -442,6 +442,17 @@ def tile_m(group: int, max_qo_len: int) -> int:
     return int(min(128, max(16, triton.next_power_of_2(need))))
 
 
+def live_items(grid0: int, n_split_items: int, has_split: bool, n_requests: Optional[int], q_tiles: int) -> int:
+    """Programs along grid axis 0 expected to do work, from shapes only (the lists stay on the
+    device): the idle no-split rows exit at once, and an unsplit work list padded past its real
+    items (at least 2 rows; frozen CUDA-graph sizes) is estimated at max(requests, query-row
+    tiles) -- a single decode request has one item, not the list's two rows."""
+    live = grid0 - (n_split_items if not has_split else 0)
+    if n_requests is not None and not has_split:
+        live = min(live, max(n_requests, q_tiles))
+    return max(live, 1)
+
+
 def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
                 n_programs: Optional[int] = None, keys_per_program: Optional[int] = None,
                 split: bool = False) -> tuple[int, int, int]:
@@ -620,7 +631,8 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if grid0 == 0:
         return
     has_split = n_split_items > 0 and not (worklist and n_split_items == NO_SPLIT_ROWS)
-    live = grid0 - (n_split_items if not has_split else 0)  # the idle no-split rows exit at once
+    live = live_items(grid0, n_split_items, has_split, qo_indptr.shape[0] - 1 if worklist else None,
+                      triton.cdiv(R * group, block_m))
     keys = single[1] if not worklist else (kv_indices.shape[0] * page_size if paged else k.shape[0])
     block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
                                                  keys // max(live, 1), split=has_split)
