@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 import torch_flashops as fi

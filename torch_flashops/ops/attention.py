@@ -471,8 +471,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     keys 12.4 -> 10.6 us, B=1 x 128 keys 8.0 -> 7.2, B=1 x 512 keys 12.7 -> 11.6, B=32 x 64 keys
     8.6 -> 8.1; at 4 programs per SM they lose: B=16 x 1024 keys 39.5 -> 44.0 us).
     An unsplit launch of under one program per SM whose programs hold one to two 64-key tiles
-    takes them as one 128-key tile (B=1 x 128 keys: 7.8 -> 6.1 us). ``n_programs``, ``keys_per_program`` (an
-    average) and ``split`` (the plan has split-KV items) come from the launch."""
+    takes them as one 128-key tile (B=1 x 128 keys: 7.8 -> 6.1 us). ``n_programs``,
+    ``keys_per_program`` (an average) and ``split`` (the plan has split-KV items) come from the
+    launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -552,8 +553,8 @@ def merge_d_split(n_programs: int, d_chunks: int, device) -> int:
 
 def split_min_keys(block_n: int, device, n_programs: int) -> int:
     """A tile's key range is split only when it holds more keys than this. Measured on an H100
-    (2026-11-25, with the column-lane merge of ``merge_d_split``): past 16 programs a 512-key request
-    runs faster whole than in two chunks plus a merge (B=16 x 512 keys, 8 KV heads: 23.2 us
+    (2026-11-25, with the column-lane merge of ``merge_d_split``): past 16 programs a 512-key
+    request runs faster whole than in two chunks plus a merge (B=16 x 512 keys, 8 KV heads: 23.2 us
     unsplit, 26.7 split; 4 KV heads: 15.9 vs 20.5 us). The interpreter splits everything."""
     if torch.device(device).type != "cuda" or n_programs <= 16:
         return 0
