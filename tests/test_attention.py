@@ -370,6 +370,25 @@ def test_decode_page_ids_ahead(ahead, device, monkeypatch):
             check_attention(f"ahead={ahead} page={page} split={split}", o, lse, ro, rl, torch.float32)
 
 
+def test_decode_128_key_tiles(device, monkeypatch):
+    """Decode with 128-key tiles (what an H100 launch of under one program per SM with 65-128
+    keys a program picks; the interpreter's own default is 64): requests shorter than, equal to
+    and longer than one tile, page sizes 16 and 3, unsplit and split, equal to the oracle."""
+    from torch_flashops.ops import attention as A
+
+    real = A.attn_config
+    monkeypatch.setattr(A, "attn_config", lambda bm, *a, **k: (128, 4, 1) if bm <= 32 else real(bm, *a, **k))
+    for page, kv in ((16, [100, 128, 37, 300]), (3, [129, 64, 250])):
+        b = Batch([1] * len(kv), kv, page_size=page, Hq=8, Hkv=2, D=16, seed=80 + page)
+        for split in (False, True):
+            w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+            w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 8, 2, 16, page, q_data_type=torch.float32,
+                   disable_split_kv=not split, fixed_split_size=(64 if split else None))
+            o, lse = w.run(b.q, b.cache, return_lse=True)
+            ro, rl = b.oracle()
+            check_attention(f"128-key tiles page={page} split={split}", o, lse, ro, rl, torch.float32)
+
+
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1), (16, 1)])
 def test_split_merge_row_chunks(hq, hkv, device):
     """The merge folds row chunks of one GQA group (>= 4 rows): group sizes 1, 7 and 16 with
