@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [evict] [merge_programs] [fold] [paged_prefill] [prefill] [cascade] [profile]
+        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [evict] [merge_programs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -31,12 +31,14 @@ DT = torch.bfloat16
 
 
 def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None, fold=None,
-             min_keys=None, d_split=None, evict=None):
+             min_keys=None, d_split=None, evict=None, tma=None):
     class P:
         def __enter__(self):
             self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
                           prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
-                          A.split_min_keys, A.merge_d_split, A.kv_eviction)
+                          A.split_min_keys, A.merge_d_split, A.kv_eviction, A.use_tma)
+            if tma is not None:  # True: wherever eligible (CUDA included), False: never
+                A.use_tma = (lambda *a: tma and A.tma_eligible(*a))
             if evict is not None:
                 A.kv_eviction = lambda *a, **k: evict
             if min_keys is not None:
@@ -63,7 +65,7 @@ def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, pa
         def __exit__(self, *exc):
             (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
              prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
-             A.split_min_keys, A.merge_d_split, A.kv_eviction) = self.saved
+             A.split_min_keys, A.merge_d_split, A.kv_eviction, A.use_tma) = self.saved
 
     return P()
 
@@ -192,8 +194,8 @@ def _prefill_row(g, B, L, paged, variants):
     ref = ref.transpose(1, 2).reshape(B * L, Hq, D)
     row = [f"prefill causal {'paged' if paged else 'ragged'} B={B} L={L}: sdpa-flash {flops / sd / 1e9:.0f} TFLOP/s"]
     for name, bm, cfg, gather, *extra in variants:
-        pa, fold = (list(extra) + [None, None])[:2]
-        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=pa, fold=fold):
+        pa, fold, tma = (list(extra) + [None, None, None])[:3]
+        with _patched(block_m=bm, cfg=cfg, gather=gather, page_ahead=pa, fold=fold, tma=tma):
             if paged:
                 w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
                 w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=True, q_data_type=DT)
@@ -230,6 +232,18 @@ def fold(g):
     _prefill_row(g, 4, 4096, False, v)
     _prefill_row(g, 1, 16384, False, v)
     _prefill_row(g, 4, 4096, True, v)
+
+
+def tma(g):
+    """Ragged key tiles by TMA bulk copies (forced on wherever ``tma_eligible``) or pointer loads
+    (the CUDA default), alternating; paged prefill reaches the ragged kernel through its
+    gathered-K/V path."""
+    v = [("tma", None, None, True, None, None, True), ("default (no tma)", None, None, True)] * 2
+    v += [("tma BM=128 (128,8,3)", 128, (128, 8, 3), True, None, None, True),
+          ("tma BM=128 (64,8,4)", 128, (64, 8, 4), True, None, None, True)]
+    _prefill_row(g, 4, 4096, False, v)
+    _prefill_row(g, 1, 16384, False, v)
+    _prefill_row(g, 4, 4096, True, v[:4])
 
 
 def paged_prefill(g):

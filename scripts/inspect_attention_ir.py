@@ -30,14 +30,16 @@ _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
 _FLOATS = {"sm_scale", "soft_cap", "v_scale", "lse_scale"}
 
 
-def compile_sm90(fn, const: dict, warps: int, stages: int = 1):
+def compile_sm90(fn, const: dict, warps: int, stages: int = 1, types: dict | None = None):
     """Compile Triton kernel ``fn`` for sm_90 on any machine: ``const`` holds its constexprs;
     pointer arguments are typed by name (``_PTRS``, other upper-case names are int32 tables),
     scale-like floats by ``_FLOATS``, everything else int32, pointers and strides 16-aligned."""
     names = fn.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):
-        if n in const:
+        if types and n in types:
+            sig[n] = types[n]
+        elif n in const:
             sig[n] = "constexpr"
         elif n in _PTRS:
             sig[n] = _PTRS[n]
@@ -54,12 +56,17 @@ def compile_sm90(fn, const: dict, warps: int, stages: int = 1):
 
 
 def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int):
-    const = dict(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
+    """The attention kernel; ``TMA=1`` in the environment (ragged only) loads key tiles through
+    tensor descriptors."""
+    tma = not paged and os.environ.get("TMA", "0") == "1"
+    types = {n: f"tensordesc<bf16[{block_n}, 1, 128]>" for n in ("K_DESC", "V_DESC")} if tma else None
+    const = dict(K_DESC=None, V_DESC=None) if not tma else {}
+    const.update(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
                  BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
                  PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
-                 KV_EVICT=os.environ.get("KV_EVICT", ""))
-    return compile_sm90(A._attn_fwd_kernel, const, warps, stages)
+                 KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma)
+    return compile_sm90(A._attn_fwd_kernel, const, warps, stages, types)
 
 
 def compile_merge(block_m: int, group: int = 4, d_vo: int = 128):

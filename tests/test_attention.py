@@ -444,6 +444,43 @@ def test_ragged_prefill(causal, backend, device):
     check_attention("ragged", o, lse, ro, rl, torch.float32)
 
 
+@pytest.mark.parametrize("tma", [False, True])
+def test_ragged_tma_tiles_ignore_other_rows(tma, device, monkeypatch):
+    """Ragged key tiles by bulk copy (``use_tma``) or pointer loads: a tile reaching past its
+    request reads the next request's rows or NaN rows past every request (K/V buffers longer
+    than kv_indptr[-1]); neither may leak into the result (causal and not, split and not)."""
+    from torch_flashops.ops import attention as A
+
+    monkeypatch.setattr(A, "use_tma", lambda *a: tma and A.tma_eligible(*a))
+    g = torch.Generator().manual_seed(12)
+    qi = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    ki = torch.tensor([0, 70, 75, 190], dtype=torch.int32)
+    Hq, Hkv, D = 4, 2, 32
+    q = torch.randn(9, Hq, D, generator=g)
+    k, v = torch.randn(260, Hkv, D, generator=g), torch.randn(260, Hkv, D, generator=g)
+    k[190:], v[190:] = float("nan"), float("nan")  # rows owned by no request
+    launched = []
+    real_kernel = A._attn_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw["TMA"])
+                return real_kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(A, "_attn_fwd_kernel", Spy())
+    for causal, split in ((False, None), (True, None), (True, 16)):
+        w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+        w.plan(qi.to(device), ki.to(device), Hq, Hkv, D, causal=causal, q_data_type=torch.float32,
+               fixed_split_size=split)
+        o, lse = w.run(q.to(device), k.to(device), v.to(device), return_lse=True)
+        ro, rl = ref_attention(q, k[:190].unsqueeze(1), v[:190].unsqueeze(1), qi, ki, torch.arange(190), [1] * 3,
+                               causal=causal)
+        check_attention(f"ragged tma={tma} causal={causal} split={split}", o, lse, ro, rl, torch.float32)
+    assert launched and all(t == tma for t in launched)
+
+
 def test_ragged_positional_order_and_split(device):
     """Ragged plan's positional order is (..., window_left, logits_soft_cap, sm_scale) [spec §6]."""
     g = torch.Generator().manual_seed(6)
@@ -591,8 +628,8 @@ def test_model_head_dims(D, device):
 
 
 def test_kernels_compile_for_hopper():
-    """The attention kernel (decode and prefill tiles) and the merge kernel compile for sm_90
-    on this machine (``scripts/inspect_attention_ir.py``, outside the interpreter): the
+    """The attention kernel (decode and prefill tiles, ragged tiles by TMA) and the merge kernel
+    compile for sm_90 on this machine (``scripts/inspect_attention_ir.py``, outside the interpreter): the
     interpreter accepts code Triton's compiler rejects (e.g. an if-block that changes a
     tensor's shape), and the GPU machine is not always at hand."""
     import os
@@ -603,7 +640,8 @@ def test_kernels_compile_for_hopper():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    for args in (["paged", "16", "64", "8", "3"], ["ragged", "128", "64", "8", "3"], ["merge", "16"], ["merge", "128"]):
-        r = subprocess.run([sys.executable, str(root / "scripts" / "inspect_attention_ir.py"), *args], env=env,
-                           capture_output=True, text=True, timeout=600)
+    for args, tma in ((["paged", "16", "64", "8", "3"], "0"), (["ragged", "128", "64", "8", "3"], "0"),
+                      (["ragged", "128", "64", "8", "3"], "1"), (["merge", "16"], "0"), (["merge", "128"], "0")):
+        r = subprocess.run([sys.executable, str(root / "scripts" / "inspect_attention_ir.py"), *args],
+                           env=dict(env, TMA=tma), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and "shared memory" in r.stdout, (args, r.stdout[-2000:], r.stderr[-4000:])

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _config
 from .._registry import register_op
@@ -126,7 +127,7 @@ def _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED: tl.constexp
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, start, page, slot, page1, slot1,
-    K, V, KV_INDICES, MASK, FREQS,
+    K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
     kv_base, kv_hi, kv_len, num_pages, mask_base,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
@@ -134,7 +135,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_EVICT: tl.constexpr,
+    PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_EVICT: tl.constexpr, TMA: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded ahead. PAGE_AHEAD 1: the next
@@ -161,7 +162,10 @@ def _attend_tile(
         far_page, far_slot = page, slot
     k_row = K + page * stride_kp + slot * stride_ks + hk * stride_kh
     v_row = V + page * stride_vp + slot * stride_vs + hk * stride_vh
-    k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D, KV_EVICT)
+    if TMA:  # ragged rows [kv_base + start, + BLOCK_N) of head hk: one bulk copy (rows past the tensor read 0)
+        k = tl.reshape(K_DESC.load([kv_base + start, hk, 0]), [BLOCK_N, offs_d.shape[0]])
+    else:
+        k = _load_rows(k_row, offs_d, n_valid, d_mask, MASKED, PAD_D, KV_EVICT)
     if POS == 1:
         kp = _load_rows(k_row, partner_d, n_valid, d_mask, MASKED, PAD_D, KV_EVICT)
         k = _rope(k, kp, offs_n, freq_d, sign_d).to(q.dtype)
@@ -198,7 +202,12 @@ def _attend_tile(
     else:
         p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
-    v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV, KV_EVICT)
+    if TMA:
+        v = tl.reshape(V_DESC.load([kv_base + start, hk, 0]), [BLOCK_N, offs_dv.shape[0]])
+        if MASKED:  # rows past this request's keys belong to others (or to no one): p is 0 there, v must be finite
+            v = tl.where(n_valid[:, None], v, 0.0)
+    else:
+        v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV, KV_EVICT)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
     l_i = l_i * alpha + tl.sum(p, 1)
     return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
@@ -208,7 +217,7 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["num_split_items", "num_pages", "num_q_rows", "single_qo_len", "single_kv_len", "single_chunk",
                                "single_n_split", "window_left"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, PO, PLSE,
+    Q, K, V, K_DESC, V_DESC, O, LSE, PO, PLSE,
     WORK, SPLIT_WORK, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LENS, MASK, MASK_INDPTR, FREQS,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -220,7 +229,7 @@ def _attn_fwd_kernel(
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    KV_EVICT: tl.constexpr,
+    KV_EVICT: tl.constexpr, TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -329,13 +338,13 @@ def _attn_fwd_kernel(
             kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE)
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
-                acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, KV_INDICES, MASK, FREQS,
+                acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
                 kv_base, kv_hi, kv_len, num_pages, mask_base,
                 stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA)
 
     # ---- finish: empty rows give o = 0, lse = -inf
     empty = l_i == 0.0
@@ -504,6 +513,35 @@ def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
     return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
 
 
+def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_n: int) -> bool:
+    """Whether ragged K/V key tiles *can* be loaded by tensor-memory-accelerator bulk copies (one
+    descriptor per K and V over [rows, H_kv, D]) instead of per-row pointer gathers: ragged rows
+    (page == 1), power-of-two head dims of 16..256 (the copy box is the whole head), 16-byte
+    aligned bases and row/head strides, no RoPE on K (its partner-half loads are pointer
+    gathers), and an sm_90+ device or the interpreter."""
+    if paged or pos == 1:
+        return False
+    for t in (k, v):
+        d = t.shape[-1]
+        if d < 16 or d > 256 or d & (d - 1) or t.stride(-1) != 1:
+            return False
+        es = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(2) * es) % 16:
+            return False
+    if k.device.type == "cuda":
+        return torch.cuda.get_device_capability(k.device)[0] >= 9
+    return _config.interpreting()
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_n: int) -> bool:
+    """Whether this launch loads ragged key tiles by TMA. The interpreter always does where
+    eligible (so the CPU tests cover the path); CUDA launches do not yet: the path compiles for
+    sm_90 (3-stage TMA pipeline, wgmma from shared memory; ``scripts/inspect_attention_ir.py``
+    with TMA=1) but has not been timed or GPU-tested. ``benchmarks/tune_attention.py tma``
+    forces it on to time it against the pointer loads."""
+    return k.device.type != "cuda" and tma_eligible(k, v, paged, pos, block_n)
+
+
 def kv_eviction(has_split: bool, device) -> str:
     """L2 eviction policy of the K/V loads: "evict_first" when the launch has split-KV items, so
     the streamed keys do not push the partial tiles the merge kernel reads next out of L2 (B=1
@@ -648,8 +686,13 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     soft = logits_soft_cap is not None and logits_soft_cap > 0
     upcast = _config.interpreting() and q.dtype != torch.float32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    tma = use_tma(k, v, paged, pos, block_n)
+    k_desc = v_desc = None
+    if tma:  # [rows, H_kv, D] views of the ragged K/V (page == 1), one key tile of one head per copy
+        k_desc = TensorDescriptor(k, [k.shape[0], h_kv, d_qk], [k.stride(0), k.stride(2), 1], [block_n, 1, d_qk])
+        v_desc = TensorDescriptor(v, [v.shape[0], h_kv, d_vo], [v.stride(0), v.stride(2), 1], [block_n, 1, d_vo])
     _attn_fwd_kernel[(grid0, h_kv)](
-        q, k, v, o, lse, po, plse,
+        q, k, v, k_desc, v_desc, o, lse, po, plse,
         work if worklist else dummy, split_work if worklist else dummy,
         qo_indptr if worklist else dummy, kv_indptr if worklist else dummy,
         kv_indices if paged else dummy, kv_lens if paged else dummy,
@@ -667,7 +710,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, dev) if paged else 1,
-        FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev),
+        FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not has_split:
