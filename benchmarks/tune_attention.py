@@ -15,9 +15,11 @@ prints the device time per kernel of one decode call, ours and SDPA's (torch.pro
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -31,44 +33,28 @@ from torch_flashops.ops import attention as A
 DT = torch.bfloat16
 
 
-def _patched(block_m=None, cfg=None, split=None, min_chunk=None, gather=True, page_ahead=None, merge=None, fold=None,
-             min_keys=None, d_split=None, evict=None, tma=None):
-    class P:
-        def __enter__(self):
-            self.saved = (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-                          prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
-                          A.split_min_keys, A.merge_d_split, A.kv_eviction, A.use_tma)
-            if tma is not None:  # True: wherever eligible (CUDA included), False: never
-                A.use_tma = (lambda *a: tma and A.tma_eligible(*a))
-            if evict is not None:
-                A.kv_eviction = lambda *a, **k: evict
-            if min_keys is not None:
-                A.split_min_keys = lambda *a, **k: min_keys
-            if d_split is not None:
-                A.merge_d_split = lambda *a, **k: d_split
-            if fold is not None:
-                A.fold_scale = lambda *a, **k: fold
-            if page_ahead is not None:
-                A.page_ahead = lambda *a, **k: page_ahead
-            if merge is not None:
-                A.merge_config = lambda *a, **k: merge
-            if not gather:  # paged prefill in place (no gathered-K/V path)
-                prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
-            if min_chunk is not None:
-                A.split_min_chunk = lambda *a, **k: min_chunk
-            if cfg is not None:
-                A.attn_config = lambda *a, **k: cfg
-            if block_m is not None:
-                A.tile_m = lambda *a, **k: block_m
-            if split is not None:
-                A.resident_programs = lambda *a, **k: split
+# keyword of _patched -> the ops.attention heuristic it pins to a constant
+_CONSTANT_HEURISTICS = dict(cfg="attn_config", block_m="tile_m", split="resident_programs",
+                            min_chunk="split_min_chunk", page_ahead="page_ahead", merge="merge_config",
+                            fold="fold_scale", min_keys="split_min_keys", d_split="merge_d_split",
+                            evict="kv_eviction")
 
-        def __exit__(self, *exc):
-            (A.attn_config, A.tile_m, A.resident_programs, A.split_min_chunk,
-             prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY, A.page_ahead, A.merge_config, A.fold_scale,
-             A.split_min_keys, A.merge_d_split, A.kv_eviction, A.use_tma) = self.saved
 
-    return P()
+@contextlib.contextmanager
+def _patched(gather=True, tma=None, **constants):
+    """Pin heuristics of ``ops.attention`` for one candidate: each keyword of
+    ``_CONSTANT_HEURISTICS`` given a value (not None) makes that function return it; ``tma``
+    True/False loads ragged tiles by TMA wherever eligible (CUDA included) / never;
+    ``gather=False`` keeps paged prefill in place (no gathered-K/V path)."""
+    with contextlib.ExitStack() as stack:
+        for key, value in constants.items():
+            if value is not None:
+                stack.enter_context(mock.patch.object(A, _CONSTANT_HEURISTICS[key], lambda *a, _v=value, **k: _v))
+        if tma is not None:
+            stack.enter_context(mock.patch.object(A, "use_tma", lambda *a: tma and A.tma_eligible(*a)))
+        if not gather:
+            stack.enter_context(mock.patch.object(prefill_mod, "PAGED_GATHER_MIN_ROWS_PER_KEY", float("inf")))
+        yield
 
 
 # (name, (BLOCK_N, num_warps, num_stages) or None for the heuristics' choice)
