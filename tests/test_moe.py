@@ -469,6 +469,19 @@ def test_shipped_configs_are_valid():
                 assert c["BLOCK_N"] >= 16 and c["BLOCK_K"] >= 16 and c["num_warps"] in (1, 2, 4, 8, 16)
 
 
+def test_config_tables_of_the_same_chip():
+    """A card without tables of its own takes those of a card with the same chip (H200 -> H100's
+    tables, which the GPU tests run), its own first; other cards get only their own."""
+    import os
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert ops.table_devices("NVIDIA H200", (9, 0)) == ("NVIDIA H200", h100)
+    assert ops.table_devices(h100, (9, 0)) == (h100,)
+    assert ops.table_devices("NVIDIA A100-SXM4-80GB", (8, 0)) == ("NVIDIA A100-SXM4-80GB",)
+    for E, I, H in ((8, 7168, 4096), (128, 192, 2048), (256, 512, 7168)):  # every shipped model shape
+        assert os.path.exists(os.path.join(ops.CONFIG_DIR, ops.config_file_name(E, I, H, h100, torch.bfloat16)))
+
+
 def test_moe_config_selection():
     cfg = ops.default_moe_config(1, 8, 256, 512, 7168)
     assert cfg["pairs"]  # decode: one pair per block

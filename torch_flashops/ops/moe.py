@@ -343,9 +343,25 @@ def default_moe_config(T: int, k: int, E: int, I: int, H: int) -> dict:
 _TUNED: dict = {}
 
 
+# Cards that share a chip run the same tiles best: an H200 or H800 is an H100's compute with other
+# memory, so without a table of its own it takes the H100's (tuned on that card) rather than the
+# untuned defaults. Looked up by compute capability; a card's own table always wins.
+_SAME_CHIP_TABLES = {(9, 0): ("NVIDIA H100 80GB HBM3",)}
+
+
+def table_devices(device_name: str, capability: tuple) -> tuple:
+    """Device names whose shipped tables serve this card, best first: its own, then its chip's."""
+    return (device_name,) + tuple(d for d in _SAME_CHIP_TABLES.get(tuple(capability), ()) if d != device_name)
+
+
 @functools.lru_cache(maxsize=None)
 def _table_for(E: int, I: int, H: int, device_index: int, dtype: torch.dtype) -> Optional[dict]:
-    return _load_table(config_file_name(E, I, H, torch.cuda.get_device_name(device_index), dtype))
+    names = table_devices(torch.cuda.get_device_name(device_index), torch.cuda.get_device_capability(device_index))
+    for name in names:
+        table = _load_table(config_file_name(E, I, H, name, dtype))
+        if table:
+            return table
+    return None
 
 
 def moe_config(T: int, k: int, E: int, I: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
