@@ -1,6 +1,6 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
-    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [decode_mid] [decode_256] [little] [split]
+    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [decode_mid] [decode_256] [little] [split]
         [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [evict] [merge_programs]
         [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
@@ -96,6 +96,18 @@ def decode(g):
     """Large and small batches: the heuristics' choice, then fixed launch configs."""
     _decode_rows(g, [(1, 32768, 32, 8), (16, 8192, 32, 8), (16, 512, 32, 8),
                      (64, 4096, 32, 8), (256, 2048, 32, 4)], _DECODE_CFGS)
+
+
+def large(g):
+    """KV >= 1 GB, where the grid fills the machine: deeper pipelines and wider key tiles (more
+    bytes in flight per program, fewer per-tile instructions per byte) against the heuristics'
+    choice, for a card with more bandwidth than the one the defaults were tuned on (H200)."""
+    _decode_rows(g, [(64, 4096, 32, 8), (16, 32768, 32, 8), (64, 16384, 32, 4), (256, 2048, 32, 4),
+                     (16, 8192, 32, 8)],
+                 _DECODE_CFGS + [("(64,4,4)", (64, 4, 4)), ("(128,4,3)", (128, 4, 3)), ("(128,8,2)", (128, 8, 2)),
+                                 ("(128,8,3)", (128, 8, 3)), ("(64,8,2)", (64, 8, 2))])
+    _decode_rows(g, [(64, 4096, 32, 8), (16, 32768, 32, 8)],
+                 [("default", None), ("(64,4,3)", (64, 4, 3)), ("(128,4,2)", (128, 4, 2))], aheads=(1, 2))
 
 
 def little(g):
