@@ -1,6 +1,6 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
-    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [decode_mid] [decode_256] [little] [split]
+    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid] [decode_256] [little] [split]
         [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [evict] [merge_programs]
         [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
@@ -108,6 +108,25 @@ def large(g):
                                  ("(128,8,3)", (128, 8, 3)), ("(64,8,2)", (64, 8, 2))])
     _decode_rows(g, [(64, 4096, 32, 8), (16, 32768, 32, 8)],
                  [("default", None), ("(64,4,3)", (64, 4, 3)), ("(128,4,2)", (128, 4, 2))], aheads=(1, 2))
+
+
+def ahead_split(g):
+    """Page ids one or two tiles ahead at the split and few-program decode cases (the
+    heuristics' configs), where two ahead was measured faster on an H100."""
+    _decode_rows(g, [(1, 32768, 32, 8), (1, 32768, 32, 4), (16, 4096, 32, 8), (16, 4096, 32, 4), (4, 4096, 32, 8),
+                     (16, 1024, 32, 8), (1, 4096, 32, 8), (8, 256, 32, 8), (16, 512, 32, 8), (16, 8192, 32, 8)],
+                 _DECODE_CFGS[:1] + [("(32,4,3)", (32, 4, 3))], aheads=(1, 2))
+
+
+def tma128(g):
+    """Ragged key tiles by TMA with 128-key tiles (BM=128, 8 warps, 2-3 stages) against the
+    default pointer loads, alternating; paged prefill through its gathered-K/V path."""
+    v = [("default (no tma)", None, None, True), ("tma BM=128 (128,8,3)", 128, (128, 8, 3), True, None, None, True),
+         ("tma BM=128 (128,8,2)", 128, (128, 8, 2), True, None, None, True)] * 2
+    _prefill_row(g, 4, 4096, False, v)
+    _prefill_row(g, 1, 16384, False, v)
+    _prefill_row(g, 4, 4096, True, v[:2] * 2)
+    _prefill_row(g, 16, 1024, False, v[:2] * 2)
 
 
 def little(g):
