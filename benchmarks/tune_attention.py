@@ -51,7 +51,7 @@ def _patched(gather=True, tma=None, **constants):
             if value is not None:
                 stack.enter_context(mock.patch.object(A, _CONSTANT_HEURISTICS[key], lambda *a, _v=value, **k: _v))
         if tma is not None:
-            stack.enter_context(mock.patch.object(A, "use_tma", lambda *a: tma and A.tma_eligible(*a)))
+            stack.enter_context(mock.patch.object(A, "use_tma", lambda *a: tma and A.tma_eligible(*a[:4])))
         if not gather:
             stack.enter_context(mock.patch.object(prefill_mod, "PAGED_GATHER_MIN_ROWS_PER_KEY", float("inf")))
         yield
@@ -119,9 +119,10 @@ def ahead_split(g):
 
 
 def tma128(g):
-    """Ragged key tiles by TMA with 128-key tiles (BM=128, 8 warps, 2-3 stages) against the
-    default pointer loads, alternating; paged prefill through its gathered-K/V path."""
-    v = [("default (no tma)", None, None, True), ("tma BM=128 (128,8,3)", 128, (128, 8, 3), True, None, None, True),
+    """Ragged key tiles by TMA with 128-key tiles (BM=128, 8 warps, 2-3 stages) against pointer
+    loads at the heuristics' tiles, alternating; paged prefill through its gathered-K/V path."""
+    v = [("pointer loads", None, None, True, None, None, False),
+         ("tma BM=128 (128,8,3)", 128, (128, 8, 3), True, None, None, True),
          ("tma BM=128 (128,8,2)", 128, (128, 8, 2), True, None, None, True)] * 2
     _prefill_row(g, 4, 4096, False, v)
     _prefill_row(g, 1, 16384, False, v)
@@ -253,10 +254,10 @@ def fold(g):
 
 
 def tma(g):
-    """Ragged key tiles by TMA bulk copies (forced on wherever ``tma_eligible``) or pointer loads
-    (the CUDA default), alternating; paged prefill reaches the ragged kernel through its
-    gathered-K/V path."""
-    v = [("tma", None, None, True, None, None, True), ("default (no tma)", None, None, True)] * 2
+    """Ragged key tiles by TMA bulk copies (forced on wherever ``tma_eligible``, at the tile
+    config the heuristics give TMA launches) or pointer loads, alternating; paged prefill
+    reaches the ragged kernel through its gathered-K/V path."""
+    v = [("tma", None, None, True, None, None, True), ("pointer loads", None, None, True, None, None, False)] * 2
     v += [("tma BM=128 (128,8,3)", 128, (128, 8, 3), True, None, None, True),
           ("tma BM=128 (64,8,4)", 128, (64, 8, 4), True, None, None, True)]
     _prefill_row(g, 4, 4096, False, v)

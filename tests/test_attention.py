@@ -451,7 +451,7 @@ def test_ragged_tma_tiles_ignore_other_rows(tma, device, monkeypatch):
     than kv_indptr[-1]); neither may leak into the result (causal and not, split and not)."""
     from torch_flashops.ops import attention as A
 
-    monkeypatch.setattr(A, "use_tma", lambda *a: tma and A.tma_eligible(*a))
+    monkeypatch.setattr(A, "use_tma", lambda *a: tma and A.tma_eligible(*a[:4]))
     g = torch.Generator().manual_seed(12)
     qi = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     ki = torch.tensor([0, 70, 75, 190], dtype=torch.int32)

@@ -537,9 +537,17 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.split_min_chunk(64, "cuda", 8) == 128 and A.split_min_chunk(64, "cuda", 64) == 256
     assert A.split_min_chunk(64, "cuda", 128) == 256
     assert A.split_min_chunk(64, "cpu", 128) == 128  # the interpreter keeps short chunks
-    # page ids two tiles ahead only for unpipelined decode tiles of about one wave
-    assert A.page_ahead(16, 2, 512, "cuda") == 2 and A.page_ahead(16, 2, 1024, "cuda") == 1
-    assert A.page_ahead(16, 3, 128, "cuda") == 1 and A.page_ahead(128, 2, 128, "cuda") == 1
+    # page ids two tiles ahead only for unpipelined decode tiles of about one wave, short ranges
+    assert A.page_ahead(16, 2, 512, 512, "cuda") == 2 and A.page_ahead(16, 2, 1024, 512, "cuda") == 1
+    assert A.page_ahead(16, 2, 512, 1024, "cuda") == 2 and A.page_ahead(16, 2, 512, 4096, "cuda") == 1
+    assert A.page_ahead(16, 3, 128, 512, "cuda") == 1 and A.page_ahead(128, 2, 128, 512, "cuda") == 1
+    # ragged key tiles by TMA on CUDA: 128-row 16-bit prefill tiles, D <= 128, long requests,
+    # then 128-key tiles
+    assert A.tma_pays(128, 128, 2, 4096) and A.tma_pays(128, 64, 2, 16384)
+    assert not A.tma_pays(128, 128, 2, 1024) and not A.tma_pays(64, 128, 2, 4096)
+    assert not A.tma_pays(128, 256, 2, 4096) and not A.tma_pays(128, 128, 4, 4096)
+    assert A.attn_config(128, 128, 128, torch.bfloat16, "cuda", tma=True) == (128, 8, 3)
+    assert A.attn_config(128, 256, 256, torch.bfloat16, "cuda", tma=True) == (32, 8, 2)
     # merge: one GQA group (>= 4 rows) per program, 16 columns, 64 partials a step (batch-free)
     assert A.merge_config(16, 128, 4) == (4, 64, 16, 4) and A.merge_config(32, 128, 1) == (4, 64, 16, 4)
     assert A.merge_config(128, 128, 4) == (128, 1, 64, 8) and A.merge_config(64, 64, 1) == (64, 2, 64, 8)

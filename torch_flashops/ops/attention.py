@@ -464,7 +464,7 @@ def live_items(grid0: int, n_split_items: int, has_split: bool, n_requests: Opti
 
 def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
                 n_programs: Optional[int] = None, keys_per_program: Optional[int] = None,
-                split: bool = False) -> tuple[int, int, int]:
+                split: bool = False, tma: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned.
     Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
     (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
@@ -480,15 +480,18 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     keys 12.4 -> 10.6 us, B=1 x 128 keys 8.0 -> 7.2, B=1 x 512 keys 12.7 -> 11.6, B=32 x 64 keys
     8.6 -> 8.1; at 4 programs per SM they lose: B=16 x 1024 keys 39.5 -> 44.0 us).
     An unsplit launch of under one program per SM whose programs hold one to two 64-key tiles
-    takes them as one 128-key tile (B=1 x 128 keys: 7.8 -> 6.1 us). ``n_programs``,
-    ``keys_per_program`` (an average) and ``split`` (the plan has split-KV items) come from the
-    launch."""
+    takes them as one 128-key tile (B=1 x 128 keys: 7.8 -> 6.1 us). 128-row prefill tiles whose
+    keys arrive by TMA (``tma``, see ``use_tma``) take 128-key tiles, 8 warps, 3 stages (H200,
+    2026-12-04, causal bf16 D=128: ragged B=4 x 4096 426-427 TFLOP/s against 410-411 with the
+    pointer loads' 64-key tiles, B=1 x 16384 471-476 against 442-444; TMA at 64-key tiles 400-401,
+    at 2 stages 403). ``n_programs``, ``keys_per_program`` (an average), ``split`` (the plan has
+    split-KV items) and ``tma`` come from the launch."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
     wide = dtype == torch.float32 or d > 128
     if block_m >= 128:
-        return (32 if wide else 64), 8, (2 if wide else 3)
+        return (128, 8, 3) if tma and not wide else ((32 if wide else 64), 8, (2 if wide else 3))
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
@@ -500,20 +503,26 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     return block_n, (8 if small_grid and not wide else 4), (3 if few and not wide else 2)
 
 
-def page_ahead(block_m: int, num_stages: int, n_programs: int, device) -> int:
+def page_ahead(block_m: int, num_stages: int, n_programs: int, keys_per_program: int, device) -> int:
     """How many key tiles ahead the paged loop loads page ids. 1: the next tile's ids, inside
     the chain that issues its K/V copies; the software pipeliner overlaps that chain with
     compute (3 stages). 2: off that chain; Triton then does not pipeline the loop (plain loads,
     no async copies), which pays only for decode tiles at 2 stages with about a wave of programs
     (H100, 2026-11-25: B=1 x 32k keys 64.5 -> 61.9 us, 4 KV heads 45.3 -> 43.0 us; B=64 x 4096
     keys 375.9 -> 373.2 us) and loses elsewhere (3-stage decode B=16 x 1024 keys 41.1 -> 52.8
-    us, paged prefill 322 -> 223 TFLOP/s, 1024 programs of a 33k-key flat cascade 2891 -> 3350 us)."""
+    us, paged prefill 322 -> 223 TFLOP/s, 1024 programs of a 33k-key flat cascade 2891 -> 3350 us).
+    On an H200 (2026-12-04) two ahead pays only while a program holds at most 1024 keys (split
+    chunks: B=1 x 32k keys 49.3 -> 47.5 us, 4 KV heads 35.6 -> 33.1; B=4 x 4096 30.2 -> 27.9;
+    B=1 x 4096 16.0 -> 14.0; B=16 x 4096, 1024-key chunks, 88.6 vs 88.5) and loses with long
+    ones (B=64 x 4096 keys unsplit 262.6 -> 287.7 us, B=16 x 32k in 8k-key chunks 512.7 ->
+    572.5, B=16 x 8192 150.5 -> 158.9); the H100's one long-range gain above was 0.7%."""
     if torch.device(device).type != "cuda":
         return 2 if block_m <= 32 else 1  # both paths stay covered by the interpreter tests
-    return 2 if block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device) else 1
+    return 2 if (block_m <= 32 and num_stages <= 2 and n_programs <= 5 * num_sms(device)
+                 and keys_per_program <= 1024) else 1
 
 
-def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_n: int) -> bool:
+def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int) -> bool:
     """Whether ragged K/V key tiles *can* be loaded by tensor-memory-accelerator bulk copies (one
     descriptor per K and V over [rows, H_kv, D]) instead of per-row pointer gathers: ragged rows
     (page == 1), power-of-two head dims of 16..256 (the copy box is the whole head), 16-byte
@@ -533,13 +542,28 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_
     return _config.interpreting()
 
 
-def use_tma(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_n: int) -> bool:
-    """Whether this launch loads ragged key tiles by TMA. The interpreter always does where
-    eligible (so the CPU tests cover the path); CUDA launches do not yet: the path compiles for
-    sm_90 (3-stage TMA pipeline, wgmma from shared memory; ``scripts/inspect_attention_ir.py``
-    with TMA=1) but has not been timed or GPU-tested. ``benchmarks/tune_attention.py tma``
-    forces it on to time it against the pointer loads."""
-    return k.device.type != "cuda" and tma_eligible(k, v, paged, pos, block_n)
+TMA_MIN_KV_LEN = 4096  # mean keys per request from which 128-key TMA tiles pay (see tma_pays)
+
+
+def tma_pays(block_m: int, d: int, itemsize: int, mean_kv_len: float) -> bool:
+    """Whether a CUDA launch takes ragged key tiles by TMA (then 128 keys a tile, ``attn_config``):
+    128-row prefill tiles of 16-bit data with head dims up to 128 over long requests. Measured on
+    an H200 (2026-12-04, causal bf16 D=128, 32/8 heads, against the pointer loads in the same
+    call): ragged B=4 x 4096 +4%, B=1 x 16384 +7%, paged B=4 x 4096 through the gathered-K/V path
+    +4% (394 -> 407-410 TFLOP/s); but ragged B=16 x 1024 -5% (277-279 -> 262-263): short causal
+    requests waste more of a 128-key tile on the diagonal."""
+    return block_m >= 128 and itemsize == 2 and d <= 128 and mean_kv_len >= TMA_MIN_KV_LEN
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_m: int, mean_kv_len: float) -> bool:
+    """Whether this launch loads ragged key tiles by TMA: wherever eligible under the
+    interpreter (so the CPU tests cover the path at every tile size), on CUDA where
+    ``tma_pays``. ``benchmarks/tune_attention.py tma128`` times it against the pointer loads."""
+    if not tma_eligible(k, v, paged, pos):
+        return False
+    if k.device.type != "cuda":
+        return True
+    return tma_pays(block_m, max(k.shape[-1], v.shape[-1]), k.element_size(), mean_kv_len)
 
 
 def kv_eviction(has_split: bool, device) -> str:
@@ -673,8 +697,10 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     live = live_items(grid0, n_split_items, has_split, qo_indptr.shape[0] - 1 if worklist else None,
                       triton.cdiv(R * group, block_m))
     keys = single[1] if not worklist else (kv_indices.shape[0] * page_size if paged else k.shape[0])
+    keys_per_program = keys // max(live, 1)
+    tma = use_tma(k, v, paged, pos, block_m, keys / max(qo_indptr.shape[0] - 1 if worklist else 1, 1))
     block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
-                                                 keys // max(live, 1), split=has_split)
+                                                 keys_per_program, split=has_split, tma=tma)
     dev = q.device
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
@@ -686,7 +712,6 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     soft = logits_soft_cap is not None and logits_soft_cap > 0
     upcast = _config.interpreting() and q.dtype != torch.float32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    tma = use_tma(k, v, paged, pos, block_n)
     k_desc = v_desc = None
     if tma:  # [rows, H_kv, D] views of the ragged K/V (page == 1), one key tile of one head per copy
         k_desc = TensorDescriptor(k, [k.shape[0], h_kv, d_qk], [k.stride(0), k.stride(2), 1], [block_n, 1, d_qk])
@@ -709,7 +734,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         BLOCK_M=block_m, BLOCK_N=block_n,
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
-        PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, dev) if paged else 1,
+        PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev) if paged else 1,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
