@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -229,7 +229,7 @@ class _BatchAttention:
         self._bounds: Optional[P.Bounds] = None
         self._frozen_block_m: Optional[int] = None
         self._kv_lens_buf: Optional[torch.Tensor] = None
-        self._gather: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._gather: Optional[_GatherRows] = None
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
@@ -453,10 +453,8 @@ class _BatchAttention:
         t, pl = self._t, self._plan
         opts = self._opts(q_scale, k_scale, v_scale, lse_ln)
         if self._gather is not None:  # contiguous copies of the planned K/V rows, ragged kernel
-            page, slot, kv_indptr = self._gather
-            page = torch.where((page >= 0) & (page < kv.num_pages), page, 0)  # as the kernels mask ids
-            k, v = _gather_kv(kv, self._kv_layout, page, slot)
-            args = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, kv_indptr,
+            k, v = _gather_kv(kv, self._kv_layout, self._gather)
+            args = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, self._gather.kv_indptr,
                     t.packed_mask, t.mask_indptr, pl.block_m, *opts)
             functional, out_op = attn_ops.ragged_attention_op, attn_ops.ragged_attention_out_op
         else:
@@ -491,35 +489,57 @@ def _gather_pays(qo_h: np.ndarray, kv_lens_h: np.ndarray, causal: bool, plan: "_
     return float(pairs.clip(min=0).sum()) / n_keys >= PAGED_GATHER_MIN_ROWS_PER_KEY and scratch <= PAGED_GATHER_MAX_BYTES
 
 
-def _gather_kv(kv, kv_layout: str, page: torch.Tensor, slot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``[N, H, D]`` copies of K and V at ``(page[i], slot[i])``. A contiguous NHD
-    cache (either form) is a stack of token rows: ``index_select`` copies whole rows of its 2-D
-    view; other caches (HND, strided) go through advanced indexing of the 4-D views."""
+class _GatherRows(NamedTuple):
+    """Index tensors of the gathered-K/V path, built once at plan() (int64, keys in request
+    order), so run() pays one guard and one row copy per tensor. A page id outside the cache
+    reads page 0, as the paged kernel does: ids below 0 are stored as ``_NO_PAGE`` here, ids at
+    or past the cache's page count (known only at run) fail the guard there."""
+
+    page: torch.Tensor       # [N] page id of every planned key
+    slot: torch.Tensor       # [N] its slot in the page
+    rows: torch.Tensor       # [N] page * page_size + slot: its row in a [pages * page, H * D] view
+    pair_rows: torch.Tensor  # [2N] K rows, then V rows, in the [pages * 2 * page, H * D] view of a 5-D cache
+    pair_slot: torch.Tensor  # [2N] the same rows in page 0 (where the guard sends bad ids)
+    kv_indptr: torch.Tensor  # int32 [B+1] token CSR of the gathered rows
+
+
+_NO_PAGE = 1 << 40  # stands for a negative page id: past any cache, below any int64 overflow
+
+
+def _gather_kv(kv, kv_layout: str, g: _GatherRows) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``[N, H, D]`` copies of K and V at the planned ``(page, slot)``s. A contiguous
+    NHD cache is a stack of token rows: one ``index_select`` copies whole rows of its 2-D view
+    (one for both K and V of a 5-D cache); other caches (HND, strided) go through advanced
+    indexing of the 4-D views."""
     k_raw, v_raw = kv.op_args
+    ps, h, n_pages = kv.page_size, kv.num_kv_heads, kv.num_pages
     if kv_layout == "NHD" and k_raw.is_contiguous() and (v_raw is None or v_raw.is_contiguous()):
-        ps, h = kv.page_size, kv.num_kv_heads
         if v_raw is None:  # [P, 2, page, H, D]: K rows p*2*ps + s, V rows p*2*ps + ps + s
-            flat = k_raw.reshape(-1, h * kv.head_dim)
-            rows = page * (2 * ps) + slot
-            k, v = flat.index_select(0, rows), flat.index_select(0, rows + ps)
+            rows = torch.where(g.pair_rows < n_pages * 2 * ps, g.pair_rows, g.pair_slot)
+            kv_rows = k_raw.reshape(-1, h * kv.head_dim).index_select(0, rows)
+            k, v = kv_rows[:g.rows.shape[0]], kv_rows[g.rows.shape[0]:]
         else:
-            rows = page * ps + slot
+            rows = torch.where(g.rows < n_pages * ps, g.rows, g.slot)
             k = k_raw.reshape(-1, h * kv.head_dim).index_select(0, rows)
             v = v_raw.reshape(-1, h * kv.head_dim_vo).index_select(0, rows)
         return k.view(-1, h, kv.head_dim), v.view(-1, h, kv.head_dim_vo)
-    return kv.k[page, slot], kv.v[page, slot]
+    page = torch.where(g.page < n_pages, g.page, 0)
+    return kv.k[page, g.slot], kv.v[page, g.slot]
 
 
-def _gather_rows(kv_lens_h: np.ndarray, page_size: int, t: "P.PlanTensors", device):
-    """Device ``(page, slot)`` int64 of every planned key in request order, and the token CSR
-    ``kv_indptr`` (int32) of the gathered rows: ``get_batch_indices_positions`` over the whole
-    sequences gives each key's request and position; page ids come from the device page table
-    (no host sync)."""
+def _gather_rows(kv_lens_h: np.ndarray, page_size: int, t: "P.PlanTensors", device) -> _GatherRows:
+    """The ``_GatherRows`` of a plan: ``get_batch_indices_positions`` over the whole sequences
+    gives each key's request and position; page ids come from the device page table (no host
+    sync)."""
     B = kv_lens_h.size
     tok_indptr = P.device_int32(np.concatenate([[0], np.cumsum(kv_lens_h.astype(np.int64))]), device)
     req, pos = get_batch_indices_positions(tok_indptr, t.kv_lens[:B], int(kv_lens_h.sum()))
     page = t.kv_indices.index_select(0, t.kv_indptr.index_select(0, req) + pos // page_size).long()
-    return page, (pos % page_size).long(), tok_indptr
+    page = torch.where(page >= 0, page, _NO_PAGE)
+    slot = (pos % page_size).long()
+    pair_slot = torch.cat([slot, slot + page_size])
+    pair_rows = page.repeat(2) * (2 * page_size) + pair_slot
+    return _GatherRows(page, slot, page * page_size + slot, pair_rows, pair_slot, tok_indptr)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
