@@ -43,9 +43,13 @@ _I32_MAX = tl.constexpr(2147483647)
 # --------------------------------------------------------------------------- launch heuristics
 
 def _routing_config(lanes: int) -> dict:
-    """Tokens per program for a routing kernel holding ``lanes`` (power of 2) scores per token."""
-    block_t = max(1, min(64, 4096 // lanes))
-    return dict(BLOCK_T=block_t, num_warps=4 if lanes * block_t <= 4096 else 8)
+    """Tokens per program and warps for a routing kernel holding ``lanes`` (power of 2) scores
+    per token. Each top-k round is a few row reductions in a chain, so a program's latency is
+    that chain: one warp per program (up to 1024 scores, 32 a thread) keeps every reduction
+    inside the warp (shuffles, no shared-memory round trip and barrier), and a big batch gets
+    its width from more programs instead. Wider rows take one warp per 1024 scores."""
+    block_t = max(1, min(64, 1024 // lanes))
+    return dict(BLOCK_T=block_t, num_warps=max(1, min(8, lanes * block_t // 1024)))
 
 
 def _align_config(numel: int) -> dict:
