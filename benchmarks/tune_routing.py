@@ -19,8 +19,8 @@ from torch_flashops.ops import moe_routing as R
 
 TOKENS = (1, 7, 256, 4097, 16384)
 # (name, BLOCK_T, num_warps); None: the heuristic
-CANDIDATES = [("default", None, None), ("old 4096/lanes x 4 warps", "old", None), ("bt=1 w=1", 1, 1),
-              ("bt=2 w=1", 2, 1), ("bt=8 w=1", 8, 1), ("bt=4 w=2", 4, 2), ("bt=16 w=4", 16, 4)]
+CANDIDATES = [("default", None, None), ("before 2026-12-04: 4096/lanes tokens, 4 warps", "old", None),
+              ("bt=1 w=1", 1, 1), ("bt=2 w=1", 2, 1), ("bt=8 w=1", 8, 1), ("bt=4 w=2", 4, 2), ("bt=16 w=4", 16, 4)]
 
 
 def _old(lanes):
@@ -45,7 +45,8 @@ def main(argv):
                 elif bt == "old":
                     patch = mock.patch.object(R, "_routing_config", _old)
                 else:
-                    patch = mock.patch.object(R, "_routing_config", lambda lanes, _b=bt, _w=nw: dict(BLOCK_T=_b, num_warps=_w))
+                    fixed = dict(BLOCK_T=bt, num_warps=nw)
+                    patch = mock.patch.object(R, "_routing_config", lambda lanes, _c=fixed: _c)
                 with patch:
                     _check_routing(f"{name} T={T} {label}", ours(sets[0][0]), want)
                     ms = time_fn(ours, sets, device="cuda", graph=True)

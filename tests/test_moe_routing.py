@@ -318,6 +318,15 @@ def test_align_default_config_paths(device):
         assert_align_equal(got, ref.ref_moe_align_block_size(ids.cpu(), B, E))
 
 
+def test_routing_launch_config():
+    """Pins the routing launch heuristic (``benchmarks/tune_routing.py`` measured it): from 128
+    lanes one token per program on one warp (one more per 1024 lanes); narrow rows packed."""
+    assert ops._routing_config(128) == ops._routing_config(512) == dict(BLOCK_T=1, num_warps=1)
+    assert ops._routing_config(2048) == dict(BLOCK_T=1, num_warps=2)
+    assert ops._routing_config(8) == dict(BLOCK_T=64, num_warps=4)
+    assert ops._routing_config(64) == dict(BLOCK_T=64, num_warps=4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,k,E,B", [(16384, 8, 256, 64), (4096, 8, 128, 16), (4096, 2, 8, 128), (3000, 6, 160, 64),
                                      (700, 8, 384, 16), (1, 8, 256, 16)])
