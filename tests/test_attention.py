@@ -444,14 +444,19 @@ def test_ragged_prefill(causal, backend, device):
     check_attention("ragged", o, lse, ro, rl, torch.float32)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_ragged_tma_tiles_ignore_other_rows(tma, device, monkeypatch):
+@pytest.mark.parametrize("tma,block_n", [(False, None), (True, None), (True, 128)])
+def test_ragged_tma_tiles_ignore_other_rows(tma, block_n, device, monkeypatch):
     """Ragged key tiles by bulk copy (``use_tma``) or pointer loads: a tile reaching past its
     request reads the next request's rows or NaN rows past every request (K/V buffers longer
-    than kv_indptr[-1]); neither may leak into the result (causal and not, split and not)."""
+    than kv_indptr[-1]); neither may leak into the result (causal and not, split and not).
+    ``block_n`` 128: the key tiles CUDA's long prefills take with TMA, over split chunks that
+    start at multiples of the planner's 64-key tile, not of 128."""
     from torch_flashops.ops import attention as A
 
     monkeypatch.setattr(A, "use_tma", lambda *a: tma and A.tma_eligible(*a[:4]))
+    if block_n is not None:
+        real_cfg = A.attn_config
+        monkeypatch.setattr(A, "attn_config", lambda *a, **k: (block_n, 4, 1) if k.get("tma") else real_cfg(*a, **k))
     g = torch.Generator().manual_seed(12)
     qi = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     ki = torch.tensor([0, 70, 75, 190], dtype=torch.int32)
@@ -465,7 +470,7 @@ def test_ragged_tma_tiles_ignore_other_rows(tma, device, monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                launched.append(kw["TMA"])
+                launched.append((kw["TMA"], kw["BLOCK_N"]))
                 return real_kernel[grid](*args, **kw)
             return launch
 
@@ -477,8 +482,9 @@ def test_ragged_tma_tiles_ignore_other_rows(tma, device, monkeypatch):
         o, lse = w.run(q.to(device), k.to(device), v.to(device), return_lse=True)
         ro, rl = ref_attention(q, k[:190].unsqueeze(1), v[:190].unsqueeze(1), qi, ki, torch.arange(190), [1] * 3,
                                causal=causal)
-        check_attention(f"ragged tma={tma} causal={causal} split={split}", o, lse, ro, rl, torch.float32)
-    assert launched and all(t == tma for t in launched)
+        check_attention(f"ragged tma={tma} block_n={block_n} causal={causal} split={split}", o, lse, ro, rl,
+                        torch.float32)
+    assert launched and all(t == tma and block_n in (None, bn) for t, bn in launched)
 
 
 def test_ragged_positional_order_and_split(device):
