@@ -1,8 +1,8 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
-    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid] [decode_256] [little] [split]
-        [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16] [evict] [merge_programs]
-        [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
+    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid]
+        [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
+        [evict] [merge_programs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
