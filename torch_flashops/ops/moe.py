@@ -25,7 +25,8 @@ alignment pass runs at all.
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
 ``gemm_config``: a shipped table per (E, N=I, K=H, device, dtype) in ``configs/moe/`` picked by
-the token count nearest to T, else a shape heuristic. ``FLASHOPS_MOE_AUTOTUNE=1`` times
+the token count nearest to T (a card without tables of its own uses those of its chip, e.g. an
+H200 the H100's: ``table_devices``), else a shape heuristic. ``FLASHOPS_MOE_AUTOTUNE=1`` times
 candidate configs on the first call of each shape (eager, outside graph capture) instead.
 """
 from __future__ import annotations
