@@ -23,11 +23,6 @@ CANDIDATES = [("default", None, None), ("before 2026-12-04: 4096/lanes tokens, 4
               ("bt=1 w=1", 1, 1), ("bt=2 w=1", 2, 1), ("bt=8 w=1", 8, 1), ("bt=4 w=2", 4, 2), ("bt=16 w=4", 16, 4)]
 
 
-def _old(lanes):
-    bt = max(1, min(64, 4096 // lanes))
-    return dict(BLOCK_T=bt, num_warps=4 if lanes * bt <= 4096 else 8)
-
-
 def main(argv):
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -43,7 +38,7 @@ def main(argv):
                 if bt is None:
                     patch = mock.patch.object(R, "_routing_config", R._routing_config)
                 elif bt == "old":
-                    patch = mock.patch.object(R, "_routing_config", _old)
+                    patch = mock.patch.object(R, "_routing_config", R.packed_routing_config)
                 else:
                     fixed = dict(BLOCK_T=bt, num_warps=nw)
                     patch = mock.patch.object(R, "_routing_config", lambda lanes, _c=fixed: _c)

@@ -55,6 +55,12 @@ def _routing_config(lanes: int) -> dict:
     at one token per warp)."""
     if lanes >= 128:
         return dict(BLOCK_T=1, num_warps=max(1, min(8, lanes // 1024)))
+    return packed_routing_config(lanes)
+
+
+def packed_routing_config(lanes: int) -> dict:
+    """Up to 64 tokens per program, 4096 scores on 4 warps (8 past that): the narrow-row launch
+    (and, before 2026-12-04, the launch for every width)."""
     block_t = max(1, min(64, 4096 // lanes))
     return dict(BLOCK_T=block_t, num_warps=4 if lanes * block_t <= 4096 else 8)
 
