@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid]
         [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
-        [evict] [merge_programs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
+        [evict] [merge_programs] [pdl] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -37,7 +37,7 @@ DT = torch.bfloat16
 _CONSTANT_HEURISTICS = dict(cfg="attn_config", block_m="tile_m", split="resident_programs",
                             min_chunk="split_min_chunk", page_ahead="page_ahead", merge="merge_config",
                             fold="fold_scale", min_keys="split_min_keys", d_split="merge_d_split",
-                            evict="kv_eviction")
+                            evict="kv_eviction", pdl="merge_pdl")
 
 
 @contextlib.contextmanager
@@ -63,7 +63,7 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
 
 
 def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,),
-                 min_keys=(None,), d_splits=(None,), evicts=(None,)):
+                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -72,11 +72,11 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, pa, mg, mk, ds, ev in [(a, b, c, e, f, h, i) for a in splits for b in min_chunks
-                                               for c in aheads for e in merges for f in min_keys for h in d_splits
-                                               for i in evicts]:
+            for sp, mc, pa, mg, mk, ds, ev, pd in [(a, b, c, e, f, h, i, j) for a in splits for b in min_chunks
+                                                   for c in aheads for e in merges for f in min_keys
+                                                   for h in d_splits for i in evicts for j in pdls]:
                 with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds,
-                              evict=ev):
+                              evict=ev, pdl=pd):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -86,7 +86,8 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                 row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}"
                            f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}"
                            f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}"
-                           f"{'' if ev is None else f' evict={ev or None}'}: {kv_bytes / ms / 1e6:.0f} GB/s "
+                           f"{'' if ev is None else f' evict={ev or None}'}{'' if pd is None else f' pdl={pd}'}"
+                           f": {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
         del d
@@ -189,6 +190,16 @@ def merge_programs(g):
                  _DECODE_CFGS[:1], min_keys=(0,), d_splits=(None, 1, 2, 8))
     _decode_rows(g, [(1, 32768, 32, 4)], _DECODE_CFGS[:1],
                  merges=((4, 64, 16, 4), (4, 32, 32, 4), (4, 16, 32, 4), (4, 32, 16, 4), (4, 16, 64, 4), (4, 64, 16, 8)))
+
+
+def pdl(g):
+    """The merge kernel launched with programmatic dependent launch (default on sm_90+) or
+    plainly, at the split decode cases; then split targets of 3 and 4 programs per SM (a
+    4-warp decode tile takes 152 registers: 3 fit an SM's register file)."""
+    _decode_rows(g, [(1, 4096, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 4), (1, 512, 32, 8), (16, 1024, 32, 8),
+                     (16, 4096, 32, 8), (4, 4096, 32, 8), (16, 512, 32, 4)], _DECODE_CFGS[:1], pdls=(None, False))
+    _decode_rows(g, [(16, 4096, 32, 8), (1, 32768, 32, 8), (16, 1024, 32, 8), (4, 4096, 32, 8)], _DECODE_CFGS[:1],
+                 splits=(3, 4))
 
 
 def split(g):

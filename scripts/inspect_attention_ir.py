@@ -9,7 +9,9 @@ counts.
 
 Arguments: ``paged`` or ``ragged``, then BLOCK_M BLOCK_N num_warps num_stages (decode tiles are
 BLOCK_M 16, prefill tiles 64/128). The kernel is specialised like a bf16 D=128 GQA-4 causal
-launch with 16-byte aligned pointers and strides, as the JIT would see it.
+launch with 16-byte aligned pointers and strides, as the JIT would see it; ``PDL`` (default 1)
+sets where the attention programs allow the merge kernel's programmatic dependent launch (0
+never, 1 at their start, 2 after their key loop) and whether the merge kernel waits for it.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
                  BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
                  PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
-                 KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma)
+                 KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma, PDL=int(os.environ.get("PDL", "1")))
     return compile_sm90(A._attn_fwd_kernel, const, warps, stages, types)
 
 
@@ -73,7 +75,7 @@ def compile_merge(block_m: int, group: int = 4, d_vo: int = 128):
     """The merge kernel as the launcher configures it for ``block_m``-row tiles."""
     rows, split_block, block_d, warps = A.merge_config(block_m, d_vo, group)
     const = dict(GROUP=group, D_VO=d_vo, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, SPLIT_BLOCK=split_block,
-                 WORKLIST=True)
+                 WORKLIST=True, PDL=int(os.environ.get("PDL", "1")))
     return compile_sm90(A._merge_kernel, const, warps)
 
 

@@ -528,6 +528,14 @@ def test_launch_heuristics_h100(monkeypatch):
     # merge programs: ~4 per SM, at most one per 16-column chunk
     assert A.merge_d_split(128, 8, "cuda") == 4 and A.merge_d_split(8, 8, "cuda") == 8
     assert A.merge_d_split(4096, 8, "cuda") == 1
+    # merge kernel by programmatic dependent launch on sm_90+: allowed at the attention
+    # programs' start while tiles average <= 16 partials, else after their key loop
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert A.merge_pdl(64, 16, "cuda") == 1 and A.merge_pdl(32, 2, "cuda") == 1
+    assert A.merge_pdl(64, 2, "cuda") == 2 and A.merge_pdl(128, 1, "cuda") == 2
+    assert A.merge_pdl(64, 16, "cpu") == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert A.merge_pdl(64, 16, "cuda") == 0
     assert A.attn_config(16, 256, 256, torch.bfloat16, "cuda", 8, 4096) == (32, 4, 2)  # wide head dims
     # split-KV: only below one program per SM, aiming at one wave of resident programs
     assert A.split_target(8, 16, "cuda") == 132 * 4
