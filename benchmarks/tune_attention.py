@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid]
         [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
-        [evict] [merge_programs] [pdl] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
+        [evict] [merge_programs] [pdl] [regs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -63,7 +63,7 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
 
 
 def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,),
-                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,)):
+                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,), caps=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -72,11 +72,12 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, pa, mg, mk, ds, ev, pd in [(a, b, c, e, f, h, i, j) for a in splits for b in min_chunks
-                                                   for c in aheads for e in merges for f in min_keys
-                                                   for h in d_splits for i in evicts for j in pdls]:
+            for sp, mc, pa, mg, mk, ds, ev, pd, rc in [(a, b, c, e, f, h, i, j, k) for a in splits for b in min_chunks
+                                                       for c in aheads for e in merges for f in min_keys
+                                                       for h in d_splits for i in evicts for j in pdls for k in caps]:
                 with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds,
-                              evict=ev, pdl=pd):
+                              evict=ev, pdl=pd), \
+                        (mock.patch.object(A, "register_cap", lambda *a: None) if rc else contextlib.nullcontext()):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -87,6 +88,7 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                            f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}"
                            f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}"
                            f"{'' if ev is None else f' evict={ev or None}'}{'' if pd is None else f' pdl={pd}'}"
+                           f"{'' if rc is None else f' {rc}'}"
                            f": {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
@@ -200,6 +202,14 @@ def pdl(g):
                      (16, 4096, 32, 8), (4, 4096, 32, 8), (16, 512, 32, 4)], _DECODE_CFGS[:1], pdls=(None, False))
     _decode_rows(g, [(16, 4096, 32, 8), (1, 32768, 32, 8), (16, 1024, 32, 8), (4, 4096, 32, 8)], _DECODE_CFGS[:1],
                  splits=(3, 4))
+
+
+def regs(g):
+    """4-warp decode tiles with page ids two ahead (152 registers: 3 programs per SM) capped at
+    128 registers (the default: 4 per SM, ~20 bytes spilled) or not ("uncapped"), alternating,
+    at the split decode cases that take them; B=64 x 1024 (unsplit, not capped) as a control."""
+    _decode_rows(g, [(16, 4096, 32, 8), (1, 32768, 32, 8), (16, 1024, 32, 8), (4, 4096, 32, 8), (1, 32768, 32, 4),
+                     (16, 4096, 32, 4), (64, 1024, 32, 8)], _DECODE_CFGS[:1], caps=(None, "uncapped", None, "uncapped"))
 
 
 def split(g):

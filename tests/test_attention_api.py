@@ -534,6 +534,10 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.merge_pdl(64, 16, "cuda") == 1 and A.merge_pdl(32, 2, "cuda") == 1
     assert A.merge_pdl(64, 2, "cuda") == 2 and A.merge_pdl(128, 1, "cuda") == 2
     assert A.merge_pdl(64, 16, "cpu") == 0
+    # 4-warp decode tiles with page ids two ahead capped at 128 registers (4 programs per SM)
+    assert A.register_cap(16, 4, 2, "cuda") == 128 and A.register_cap(32, 4, 2, "cuda") == 128
+    assert A.register_cap(16, 8, 2, "cuda") is None and A.register_cap(16, 4, 1, "cuda") is None
+    assert A.register_cap(64, 4, 2, "cuda") is None and A.register_cap(16, 4, 2, "cpu") is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert A.merge_pdl(64, 16, "cuda") == 0
     assert A.attn_config(16, 256, 256, torch.bfloat16, "cuda", 8, 4096) == (32, 4, 2)  # wide head dims

@@ -529,6 +529,19 @@ def page_ahead(block_m: int, num_stages: int, n_programs: int, keys_per_program:
                  and keys_per_program <= 1024) else 1
 
 
+def register_cap(block_m: int, num_warps: int, ahead: int, device) -> Optional[int]:
+    """Registers per thread the attention kernel may use (``maxnreg``), or None for ptxas's
+    choice. A 4-warp decode tile whose page ids run two tiles ahead takes 152 registers, so
+    only 3 programs fit an SM's register file where the split planner counts on 4
+    (``resident_programs``); capped at 128 (ptxas spills ~20 bytes), 4 fit. Measured on an H200
+    (2026-12-04, twice each, against the uncapped kernel in the same call): never slower, B=16
+    x 4096 keys 87.2 -> 86.0-86.4 us, B=1 x 32k 46.7-46.9 -> 46.3-46.4, B=64 x 1024 84.3-84.4 ->
+    83.5-83.6, B=16 x 1024 29.6-29.7 -> 29.4-29.5, B=1 x 32k with 4 KV heads 32.7 -> 32.6."""
+    if torch.device(device).type != "cuda" or block_m > 32 or num_warps != 4 or ahead != 2:
+        return None
+    return 128
+
+
 def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int) -> bool:
     """Whether ragged K/V key tiles *can* be loaded by tensor-memory-accelerator bulk copies (one
     descriptor per K and V over [rows, H_kv, D]) instead of per-row pointer gathers: ragged rows
@@ -742,6 +755,9 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if tma:  # [rows, H_kv, D] views of the ragged K/V (page == 1), one key tile of one head per copy
         k_desc = TensorDescriptor(k, [k.shape[0], h_kv, d_qk], [k.stride(0), k.stride(2), 1], [block_n, 1, d_qk])
         v_desc = TensorDescriptor(v, [v.shape[0], h_kv, d_vo], [v.stride(0), v.stride(2), 1], [block_n, 1, d_vo])
+    ahead = page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev) if paged else 1
+    cap = register_cap(block_m, num_warps, ahead, dev)
+    reg_cap = {} if cap is None else {"maxnreg": cap}
     _attn_fwd_kernel[(grid0, h_kv)](
         q, k, v, k_desc, v_desc, o, lse, po, plse,
         work if worklist else dummy, split_work if worklist else dummy,
@@ -760,9 +776,9 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         BLOCK_M=block_m, BLOCK_N=block_n,
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
-        PAGE_AHEAD=page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev) if paged else 1,
+        PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
-        PDL=pdl if has_split else 0, num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl if has_split else 0, num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
