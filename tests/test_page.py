@@ -555,6 +555,44 @@ def test_segment_packbits_is_the_attention_mask_layout():
             assert (byte >> (k % 8)) & 1 == bit
 
 
+# --------------------------------------------------------------------------- gather (paged prefill)
+
+
+def _gather_case(device, layout, form, n=37, P=6, ps=4, H=3, D=16, Dv=32, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(P, ps, H, D, generator=g, dtype=torch.float32).half()
+    v = torch.randn(P, ps, H, Dv, generator=g, dtype=torch.float32).half()
+    page = torch.randint(0, P, (n,), generator=g)
+    slot = torch.randint(0, ps, (n,), generator=g)
+    page[3], page[5], page[7] = -1, P, 1 << 40  # ids outside the cache read page 0
+    slot[9], slot[11] = -2, ps  # so do slots outside the page (slot 0)
+    if form == "5d" and D != Dv:
+        v = v[..., :D].contiguous()
+    return k, v, _to_form(k.to(device), v.to(device), layout, form), page.to(device), slot.to(device)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("form", ["5d", "tuple"])
+def test_gather_paged_kv(layout, form, device):
+    """``flashops::gather_paged_kv`` copies K and V rows at (page, slot) into contiguous
+    ``[N, H, D]`` tensors for every cache form and layout (D_v != D for pairs); ids and slots
+    outside the cache read page 0 / slot 0 (checked against a plain loop over the rows)."""
+    k, v, cache, page, slot = _gather_case(device, layout, form)
+    args = (cache, None) if form == "5d" else cache
+    ko, vo = OPS.gather_paged_kv(*args, layout, page, slot)
+    assert ko.is_contiguous() and vo.is_contiguous() and ko.shape == (37, 3, 16)
+    for i, (p, s) in enumerate(zip(page.tolist(), slot.tolist())):
+        p = p if 0 <= p < k.shape[0] else 0
+        s = s if 0 <= s < k.shape[1] else 0
+        assert torch.equal(ko[i].cpu(), k[p, s]) and torch.equal(vo[i].cpu(), v[p, s])
+    empty = OPS.gather_paged_kv(*args, layout, page[:0], slot[:0])
+    assert empty[0].shape == (0, 3, 16)
+    with pytest.raises(ValueError, match="^slot"):
+        OPS.gather_paged_kv(*args, layout, page, slot[:5])
+    with pytest.raises(ValueError, match="^page"):
+        OPS.gather_paged_kv(*args, layout, page.int(), slot)
+
+
 # --------------------------------------------------------------------------- ops: opcheck, schemas
 
 
@@ -574,11 +612,13 @@ def _op_samples(device):
         (OPS.batch_indices_positions_out.default, (to(d["append_indptr"]), to(torch.tensor(seq, dtype=torch.int32)),
                                                    torch.zeros(d["nnz"], dtype=torch.int32, device=device),
                                                    torch.zeros(d["nnz"], dtype=torch.int32, device=device))),
+        (OPS.gather_paged_kv.default, (_to_form(k, v, "HND", "5d"), None, "HND", to(torch.arange(7) % 5),
+                                       to(torch.arange(7) % 4))),
     ]
 
 
-@pytest.mark.parametrize("sample", range(4), ids=["append-5d", "append-tuple", "batch_indices_positions",
-                                                  "batch_indices_positions_out"])
+@pytest.mark.parametrize("sample", range(5), ids=["append-5d", "append-tuple", "batch_indices_positions",
+                                                  "batch_indices_positions_out", "gather"])
 def test_opcheck(sample, device):
     op, args = _op_samples(device)[2][sample]
     torch.library.opcheck(op, args)
@@ -593,6 +633,10 @@ flashops::append_paged_kv_cache(Tensor append_key, Tensor append_value, Tensor b
     def test_batch_indices_positions(self):
         self.assertExpectedInline(str(OPS.batch_indices_positions.default._schema), """\
 flashops::batch_indices_positions(Tensor append_indptr, Tensor seq_lens, SymInt nnz) -> (Tensor, Tensor)""")
+
+    def test_gather_paged_kv(self):
+        self.assertExpectedInline(str(OPS.gather_paged_kv.default._schema), """\
+flashops::gather_paged_kv(Tensor paged_kv_cache, Tensor? paged_v_cache, str kv_layout, Tensor page, Tensor slot) -> (Tensor, Tensor)""")
 
     def test_batch_indices_positions_out(self):
         self.assertExpectedInline(str(OPS.batch_indices_positions_out.default._schema), """\

@@ -61,3 +61,19 @@ def batch_indices_positions_fake(append_indptr: torch.Tensor, seq_lens: torch.Te
     """Two fresh int32 ``[nnz]`` tensors (``nnz`` may be a SymInt)."""
     out = append_indptr.new_empty((nnz,), dtype=torch.int32)
     return out, torch.empty_like(out)
+
+
+def gather_paged_kv_fake(paged_kv_cache: torch.Tensor, paged_v_cache: Optional[torch.Tensor], kv_layout: str,
+                         page: torch.Tensor, slot: torch.Tensor):
+    """Fresh contiguous ``k [N, H_kv, D]`` and ``v [N, H_kv, D_v]`` in the cache's dtype, N =
+    ``page.shape[0]``; ``page``/``slot`` must be int64 ``[N]`` on the cache's device."""
+    k, v = paged_kv_views(paged_kv_cache, paged_v_cache, kv_layout)
+    for t, name in ((page, "page"), (slot, "slot")):
+        if t.dim() != 1 or t.dtype != torch.int64 or t.device != k.device:
+            raise ValueError(f"{name}: expected a 1-D int64 tensor on {k.device}, got {t.dim()}-D {t.dtype} "
+                             f"on {t.device}")
+    if slot.shape[0] != page.shape[0]:
+        raise ValueError(f"slot: {slot.shape[0]} entries, page has {page.shape[0]}")
+    n = page.shape[0]
+    return k.new_empty((n, k.shape[2], k.shape[3])), v.new_empty((n, v.shape[2], v.shape[3]))
+

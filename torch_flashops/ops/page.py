@@ -6,6 +6,11 @@ batch_indices_positions (CSR of append lengths -> one (request, position) pair p
     t >= append_indptr[B]  ->  (b, pos) = (-1, 0)
     append_indptr [B+1], seq_lens [B]  ->  batch_indices, positions  int32 [nnz]
 
+gather_paged_kv (a gather copy, the inverse direction):
+    k[i, h, :] = K[page[i], slot[i], h, :]   (v alike), page/slot int64 [N] -> k [N, H, D],
+    v [N, H, D_v] contiguous; an id outside [0, P) or a slot outside the page reads page 0 /
+    slot 0, so no index data makes the kernel read outside the cache.
+
 append_paged_kv_cache (a scatter copy):
     b = batch_indices[t] >= 0,  x = kv_indptr[b] * page_size + positions[t]
     K[kv_indices[x // page_size], x % page_size, h, :] = append_key[t, h, :]    (V alike)
@@ -105,6 +110,27 @@ def _append_paged_kv_kernel(
                value_stride_h, vc_stride_h, h, H, DV, BLOCK_DV)
 
 
+@triton.jit
+def _gather_paged_kv_kernel(
+    k_cache_ptr, v_cache_ptr, page_ptr, slot_ptr, k_out_ptr, v_out_ptr,
+    n, P, page_size, H, DK, DV,
+    kc_stride_p, kc_stride_s, kc_stride_h, vc_stride_p, vc_stride_s, vc_stride_h,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = t < n
+    page = tl.load(page_ptr + t, mask=ok, other=0)
+    slot = tl.load(slot_ptr + t, mask=ok, other=0)
+    page = tl.where((page >= 0) & (page < P), page, 0)  # ids outside the cache read page 0
+    slot = tl.where((slot >= 0) & (slot < page_size), slot, 0)
+    t64 = t.to(tl.int64)
+    _copy_rows(k_cache_ptr, k_out_ptr, page * kc_stride_p + slot * kc_stride_s, t64 * (H * DK), ok,
+               kc_stride_h, DK, h, H, DK, BLOCK_DK)
+    _copy_rows(v_cache_ptr, v_out_ptr, page * vc_stride_p + slot * vc_stride_s, t64 * (H * DV), ok,
+               vc_stride_h, DV, h, H, DV, BLOCK_DV)
+
+
 # --------------------------------------------------------------------------- launch heuristics
 
 _TILE_ELEMS = 4096  # elements per tensor per program (8 KB of bf16)
@@ -166,6 +192,23 @@ def _append_paged_kv_cache_launch(append_key, append_value, batch_indices, posit
         **cfg)
 
 
+def _gather_paged_kv_launch(paged_kv_cache, paged_v_cache, kv_layout, page, slot):
+    k_out, v_out = meta.gather_paged_kv_fake(paged_kv_cache, paged_v_cache, kv_layout, page, slot)
+    k, v = meta.paged_kv_views(paged_kv_cache, paged_v_cache, kv_layout)
+    n, H, DK = k_out.shape
+    DV = v_out.shape[-1]
+    if n == 0 or H == 0:
+        return k_out, v_out
+    if k.numel() == 0:  # no pages to read: every id is out of range, and page 0 does not exist
+        raise ValueError("paged_kv_cache: has no pages to gather from")
+    cfg = _append_config(n, H, DK, DV)
+    grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
+    _gather_paged_kv_kernel[grid](
+        k, v, page, slot, k_out, v_out, n, k.shape[0], k.shape[1], H, DK, DV,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), **cfg)
+    return k_out, v_out
+
+
 # --------------------------------------------------------------------------- registration
 
 batch_indices_positions = register_op(
@@ -189,3 +232,12 @@ append_paged_kv_cache = register_op(
     reference=reference.append_paged_kv_cache,
     mutates=["paged_kv_cache", "paged_v_cache"],
 )
+
+gather_paged_kv = register_op(
+    "gather_paged_kv(Tensor paged_kv_cache, Tensor? paged_v_cache, str kv_layout, Tensor page, Tensor slot) "
+    "-> (Tensor, Tensor)",
+    cuda=_gather_paged_kv_launch,
+    reference=reference.gather_paged_kv,
+    fake=meta.gather_paged_kv_fake,
+)
+

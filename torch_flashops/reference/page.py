@@ -105,3 +105,14 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     page, slot = page[rows], x[rows] % page_size
     k.index_put_((page, slot), append_key[rows])
     v.index_put_((page, slot), append_value[rows])
+
+
+def gather_paged_kv(paged_kv_cache, paged_v_cache: Optional[torch.Tensor], kv_layout: str, page, slot):
+    """CPU implementation of ``flashops::gather_paged_kv``: contiguous copies of the K and V
+    rows at ``(page[i], slot[i])``; an id outside ``[0, P)`` or a slot outside the page reads
+    page 0 / slot 0, as the kernel does."""
+    k, v = paged_kv_views(paged_kv_cache, paged_v_cache, kv_layout)
+    page = torch.where((page >= 0) & (page < k.shape[0]), page, 0)
+    slot = torch.where((slot >= 0) & (slot < k.shape[1]), slot, 0)
+    return k[page, slot].contiguous(), v[page, slot].contiguous()
+
