@@ -531,6 +531,8 @@ def test_launch_heuristics_h100(monkeypatch):
     # merge kernel by programmatic dependent launch on sm_90+: allowed at the attention
     # programs' start while tiles average <= 16 partials, else after their key loop
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    A._sm_major.cache_clear()
     assert A.merge_pdl(64, 16, "cuda") == 1 and A.merge_pdl(32, 2, "cuda") == 1
     assert A.merge_pdl(64, 2, "cuda") == 2 and A.merge_pdl(128, 1, "cuda") == 2
     assert A.merge_pdl(64, 16, "cpu") == 0
@@ -539,7 +541,9 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.register_cap(16, 8, 2, "cuda") is None and A.register_cap(16, 4, 1, "cuda") is None
     assert A.register_cap(64, 4, 2, "cuda") is None and A.register_cap(16, 4, 2, "cpu") is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    A._sm_major.cache_clear()
     assert A.merge_pdl(64, 16, "cuda") == 0
+    A._sm_major.cache_clear()  # the next test sees the real device
     assert A.attn_config(16, 256, 256, torch.bfloat16, "cuda", 8, 4096) == (32, 4, 2)  # wide head dims
     # split-KV: only below one program per SM, aiming at one wave of resident programs
     assert A.split_target(8, 16, "cuda") == 132 * 4

@@ -34,6 +34,7 @@
 # GPU (`split_target`), and a plan without splits launches no merge kernel.
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Optional
@@ -635,9 +636,17 @@ def merge_pdl(n_split_items: int, n_merge_rows: int, device) -> int:
     32.8 -> 36.1; after the key loop, never slower: B=1 x 32k 47.4 -> 46.7-46.9 (8 KV heads, 64
     partials a tile), 32.8-33.0 -> 32.0-32.6 (4 KV heads). Off under the interpreter."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if device.type != "cuda":
+        return 0
+    if _sm_major(device.index if device.index is not None else torch.cuda.current_device()) < 9:
         return 0
     return 1 if n_split_items <= 16 * max(n_merge_rows, 1) else 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    """Compute-capability major of CUDA device ``index``, queried once (launch path)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def merge_d_split(n_programs: int, d_chunks: int, device) -> int:
