@@ -91,7 +91,8 @@ def report(k) -> str:
         regs = "; ".join(l.split(":", 1)[-1].strip() for l in out.splitlines() if "registers" in l or "spill" in l)
     except FileNotFoundError:
         regs = "ptxas not on PATH"
-    return (f"async copies: {ttgir.count('async_copy_global_to_local')}; async_wait nums (in-loop, drain per loop): "
+    return (f"griddepcontrol: {k.asm['ptx'].count('griddepcontrol.')}; "
+            f"async copies: {ttgir.count('async_copy_global_to_local')}; async_wait nums (in-loop, drain per loop): "
             f"{' '.join(waits) or '-'}; K/V buffers (stages x keys): {' '.join('x'.join(b) for b in bufs) or '-'}; "
             f"shared memory {k.metadata.shared} B; {regs}")
 

@@ -634,10 +634,12 @@ def test_model_head_dims(D, device):
 
 
 def test_kernels_compile_for_hopper():
-    """The attention kernel (decode and prefill tiles, ragged tiles by TMA) and the merge kernel
-    compile for sm_90 on this machine (``scripts/inspect_attention_ir.py``, outside the interpreter): the
-    interpreter accepts code Triton's compiler rejects (e.g. an if-block that changes a
-    tensor's shape), and the GPU machine is not always at hand."""
+    """The attention kernel (decode and prefill tiles, ragged tiles by TMA, each place of the
+    programmatic-dependent-launch trigger) and the merge kernel (with and without its
+    ``griddepcontrol.wait``) compile for sm_90 on this machine
+    (``scripts/inspect_attention_ir.py``, outside the interpreter), with the PDL instruction
+    exactly where asked: the interpreter accepts code Triton's compiler rejects (e.g. an
+    if-block that changes a tensor's shape), and the GPU machine is not always at hand."""
     import os
     import pathlib
     import subprocess
@@ -646,8 +648,10 @@ def test_kernels_compile_for_hopper():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    for args, tma in ((["paged", "16", "64", "8", "3"], "0"), (["ragged", "128", "64", "8", "3"], "0"),
-                      (["ragged", "128", "64", "8", "3"], "1"), (["merge", "16"], "0"), (["merge", "128"], "0")):
+    for args, tma, pdl in ((["paged", "16", "64", "8", "3"], "0", "1"), (["ragged", "128", "64", "8", "3"], "0", "0"),
+                           (["ragged", "128", "64", "8", "3"], "1", "2"), (["merge", "16"], "0", "1"),
+                           (["merge", "128"], "0", "0")):
         r = subprocess.run([sys.executable, str(root / "scripts" / "inspect_attention_ir.py"), *args],
-                           env=dict(env, TMA=tma), capture_output=True, text=True, timeout=600)
+                           env=dict(env, TMA=tma, PDL=pdl), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and "shared memory" in r.stdout, (args, r.stdout[-2000:], r.stderr[-4000:])
+        assert ("griddepcontrol: 0;" in r.stdout) == (pdl == "0"), (args, pdl, r.stdout)  # the PDL instruction
