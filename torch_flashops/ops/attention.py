@@ -559,7 +559,7 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int) -> boo
         if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(2) * es) % 16:
             return False
     if k.device.type == "cuda":
-        return torch.cuda.get_device_capability(k.device)[0] >= 9
+        return _sm_major(k.device.index) >= 9
     return _config.interpreting()
 
 
@@ -645,7 +645,8 @@ def merge_pdl(n_split_items: int, n_merge_rows: int, device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _sm_major(index: int) -> int:
-    """Compute-capability major of CUDA device ``index``, queried once (launch path)."""
+    """Compute-capability major of CUDA device ``index``, queried once per device (the launch
+    path asks on every call: TMA eligibility, the merge's PDL launch)."""
     return torch.cuda.get_device_capability(index)[0]
 
 
@@ -749,7 +750,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
                                                  keys_per_program, split=has_split, tma=tma)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
-    pdl = merge_pdl(n_split_items, n_merge, dev)
+    pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
     n_po = n_split_items * h_kv * block_m * d_vo
@@ -787,7 +788,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
-        PDL=pdl if has_split else 0, num_warps=num_warps, num_stages=num_stages, **reg_cap,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
