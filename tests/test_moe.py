@@ -157,11 +157,13 @@ def test_moe_grouped_gemm_strided_a_and_w(device, backend):
 
 
 # ------------------------------------------------------------------------ fused_moe's align
+@pytest.mark.parametrize("path", ["one-program", "two-launch"])
 @pytest.mark.parametrize("T,k,E,B,remote", [(17, 2, 4, 16, False), (40, 3, 6, 32, True), (300, 8, 20, 16, True),
-                                            (2, 1, 3, 64, False)], ids=lambda v: str(v))
-def test_fused_align_layout(device, T, k, E, B, remote):
-    """fused_moe's internal alignment against the align oracle: the same padded total and
-    expert per block, each bucket holding exactly its pairs (any order), pads = numel."""
+                                            (2, 1, 3, 64, False), (16, 8, 128, 16, False)], ids=lambda v: str(v))
+def test_fused_align_layout(device, T, k, E, B, remote, path):
+    """fused_moe's internal alignment (both launch paths) against the align oracle: the same
+    padded total and expert per block, each bucket holding exactly its pairs (any order), pads
+    = numel."""
     g = torch.Generator().manual_seed(T)
     Eg = 2 * E if remote else E
     ids = torch.randint(-1, Eg, (T, k), generator=g, dtype=torch.int32)
@@ -169,7 +171,8 @@ def test_fused_align_layout(device, T, k, E, B, remote):
     if remote:  # this rank holds the even global experts
         emap = torch.full((Eg,), -1, dtype=torch.int32)
         emap[::2] = torch.arange(E, dtype=torch.int32)
-    sid, eid, ntp = ops.fused_align(ids.to(device), B, E, emap.to(device) if remote else None)
+    one_max = 1 << 30 if path == "one-program" else -1
+    sid, eid, ntp = ops.fused_align(ids.to(device), B, E, emap.to(device) if remote else None, one_program_max=one_max)
     rs, re_, rn = ref_moe_align_block_size(ids, B, Eg, emap)
     n = int(ntp[0])
     assert n == int(rn[0]) and sid.numel() == T * k + (E + 1) * (B - 1)
@@ -487,6 +490,28 @@ def test_moe_config_selection():
     assert cfg["pairs"]  # decode: one pair per block
     cfg = ops.default_moe_config(4096, 2, 8, 7168, 4096)
     assert not cfg["pairs"] and cfg["block_m"] in ops.GEMM_BLOCK_SIZES
+
+
+def test_launch_rules(monkeypatch):
+    """The one-program align and the PDL chain go where they measured faster (see the rules'
+    docstrings); PDL never off sm_90, on CPU or under the interpreter."""
+    assert ops.align_one_program(1024, 16) and not ops.align_one_program(2048, 16)  # 8 experts
+    assert ops.align_one_program(256, 256) and not ops.align_one_program(512, 256)  # 128 experts
+    assert ops.align_one_program(128, 512) and not ops.align_one_program(256, 512)  # 256 experts
+    assert not ops.moe_pdl("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_config, "interpreting", lambda: False)
+    _config.sm_major.cache_clear()
+    try:
+        assert ops.moe_pdl("cuda", True, 14336, 4096)  # pair path (T=1): any size
+        assert ops.moe_pdl("cuda", False, 192, 2048)  # Qwen3-sized experts
+        assert not ops.moe_pdl("cuda", False, 512, 7168) and not ops.moe_pdl("cuda", False, 7168, 4096)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        _config.sm_major.cache_clear()
+        assert not ops.moe_pdl("cuda", True, 192, 2048)
+    finally:
+        _config.sm_major.cache_clear()  # the next test sees the real device
 
 
 def test_selfcheck(device):

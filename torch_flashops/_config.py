@@ -7,11 +7,12 @@ the fast path never syncs. Checks on shapes, dtypes, devices and options always 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-__all__ = ["set_checks", "checks_enabled", "interpreting", "cpu_backend", "set_cpu_backend"]
+__all__ = ["set_checks", "checks_enabled", "interpreting", "cpu_backend", "set_cpu_backend", "sm_major"]
 
 _checks = os.environ.get("FLASHOPS_CHECKS", "0") not in ("", "0", "false", "False")
 _cpu_backend = os.environ.get("FLASHOPS_CPU_BACKEND", "auto")
@@ -41,6 +42,13 @@ def interpreting() -> bool:
     before ``torch_flashops`` is imported; ``FLASHOPS_INTERPRET=1`` asks the package to set it.
     """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def sm_major(index: int) -> int:
+    """Compute-capability major of CUDA device ``index``, queried once per device (launch paths
+    ask on every call: TMA eligibility, programmatic dependent launches)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def set_cpu_backend(name: str) -> None:

@@ -34,7 +34,6 @@
 # GPU (`split_target`), and a plan without splits launches no merge kernel.
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Optional
@@ -643,11 +642,7 @@ def merge_pdl(n_split_items: int, n_merge_rows: int, device) -> int:
     return 1 if n_split_items <= 16 * max(n_merge_rows, 1) else 2
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_major(index: int) -> int:
-    """Compute-capability major of CUDA device ``index``, queried once per device (the launch
-    path asks on every call: TMA eligibility, the merge's PDL launch)."""
-    return torch.cuda.get_device_capability(index)[0]
+_sm_major = _config.sm_major  # cached per device (tests clear it through this name)
 
 
 def merge_d_split(n_programs: int, d_chunks: int, device) -> int:

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _config
@@ -82,17 +83,26 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
+    # Programmatic dependent launch (sm_90+, see moe_pdl): PDL_TRIGGER lets the next kernel of
+    # the chain launch now (its programs wait in gdc_wait until this grid has finished);
+    # PDL_WAIT is this kernel's side: nothing the previous kernel writes is read before gdc_wait.
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     r = tl.arange(0, BLOCK_M)
-    if PAIRS:
+    if PAIRS:  # routing ids come from before the chain: readable before the wait
         expert = tl.load(topk_ids_ptr + pid_m).to(tl.int32)
         if HAS_MAP:
             mapped = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int32)
             expert = tl.where(expert >= 0, mapped, -1)
         slot = tl.where(r == 0, pid_m, num_valid).to(tl.int64)
+        if PDL_WAIT:
+            gdc_wait()
     else:
+        if PDL_WAIT:
+            gdc_wait()
         if pid_m * BLOCK_M >= tl.load(ntp_ptr):
             return
         s = pid_m * BLOCK_M + r
@@ -177,7 +187,9 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexp
 
 @triton.jit(do_not_specialize=["T"])
 def _moe_sum_kernel(x_ptr, y_ptr, T, H, stride_xt, stride_xk, stride_yt, scale,
-                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PDL_WAIT: tl.constexpr):
+    if PDL_WAIT:  # launched while the GEMM that writes x runs
+        gdc_wait()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = (t < T)[:, None] & (cols < H)[None, :]
@@ -262,6 +274,45 @@ def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp
         hit = used[None, :] & (first_blk[None, :] <= blk[:, None])
         e = tl.max(tl.where(hit, bins[None, :], -1), 1)
         tl.store(eid_ptr + blk, tl.where(e < num_local, e, -1), mask=blk < ntp // block_size)
+
+
+@triton.jit
+def _align_one_kernel(ids_ptr, map_ptr, cursor_ptr, sorted_ptr, eid_ptr, ntp_ptr, numel, num_local, block_size,
+                      HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr, FB: tl.constexpr,
+                      EB: tl.constexpr, PDL_TRIGGER: tl.constexpr):
+    """The whole alignment of ``numel <= CH`` pairs in one program: no memset, one launch
+    (decode batches, where the two-launch path's fixed cost is the whole cost). Bucket counts
+    by histogram, slot starts by prefix sum; pads, expert ids and the padded total are written
+    first; then, past a CTA barrier (which orders this program's global writes), each pair takes
+    the next free slot of its bucket by an integer atomic on this launch's own cursors (set to
+    the bucket starts before the barrier). Order inside a bucket: unspecified, as in the
+    two-launch path."""
+    if PDL_TRIGGER:  # GEMM1 may launch now; it waits (gdc_wait) for this program to finish
+        gdc_launch_dependents()
+    offs = tl.arange(0, CH)
+    m = offs < numel
+    b = _bucket(ids_ptr, map_ptr, offs, m, num_local, HAS_MAP)
+    bins = tl.arange(0, NB)
+    counts = tl.histogram(b, NB, mask=m)
+    padded = (counts + block_size - 1) // block_size * block_size
+    start = tl.cumsum(padded, 0) - padded
+    ntp = tl.sum(padded, 0)
+    tl.store(ntp_ptr, ntp)
+    tl.store(cursor_ptr + bins, start)
+    for s0 in range(0, ntp, FB):
+        s = s0 + tl.arange(0, FB)
+        tl.store(sorted_ptr + s, tl.zeros([FB], tl.int32) + numel, mask=s < ntp)
+    first_blk = start // block_size
+    used = padded > 0
+    n_used = ntp // block_size
+    for j in range(0, n_used, EB):
+        blk = j + tl.arange(0, EB)
+        hit = used[None, :] & (first_blk[None, :] <= blk[:, None])
+        e = tl.max(tl.where(hit, bins[None, :], -1), 1)
+        tl.store(eid_ptr + blk, tl.where(e < num_local, e, -1), mask=blk < n_used)
+    tl.debug_barrier()
+    pos = tl.atomic_add(cursor_ptr + b, tl.full([CH], 1, tl.int32), mask=m)
+    tl.store(sorted_ptr + pos, offs, mask=m)
 
 
 # ------------------------------------------------------------------- launch heuristics
@@ -407,11 +458,14 @@ def _tma_ok(w) -> bool:
 
 
 def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=None, topk_w=None,
-                 mul=False, fuse_silu=False, write_skip=True, scale=1.0, a_sorted=False, c_sorted=False):
+                 mul=False, fuse_silu=False, write_skip=True, scale=1.0, a_sorted=False, c_sorted=False,
+                 pdl_trigger=False, pdl_wait=False):
     """One grouped GEMM ``c = gather(a) @ w[e].T`` over aligned blocks (``align`` =
     (sorted_ids, expert_ids, ntp)) or single pairs (``pairs`` = (flat topk_ids, expert_map)).
     ``c_sorted``: rows of c are slot positions (the sorted intermediate [num_slots, N]);
-    ``a_sorted``: rows of a are slot positions (read contiguously, by TMA when the config says)."""
+    ``a_sorted``: rows of a are slot positions (read contiguously, by TMA when the config says).
+    ``pdl_wait``: launched as a programmatic dependent of the previous kernel (which must
+    trigger, or finish); ``pdl_trigger``: lets the next kernel launch early (see moe_pdl)."""
     n_out = w.shape[1] // 2 if fuse_silu else w.shape[1]
     K = w.shape[2]
     if num_valid == 0 or n_out == 0:
@@ -446,6 +500,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         EVEN_K=K % bk == 0, W_TMA=use_tma, A_SORTED=a_sorted, A_TMA=a_tma, C_SORTED=c_sorted,
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
+        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, launch_pdl=pdl_wait,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -456,7 +511,35 @@ def _intermediate(x, route, numel, I):
     return x.new_empty((rows, I))
 
 
-def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input):
+# Expert size (I * H elements) up to which the aligned path chains its kernels by PDL.
+PDL_MAX_EXPERT_ELEMS = 1 << 20
+
+
+def moe_pdl(device, pairs: bool = True, I: int = 0, H: int = 0) -> bool:
+    """Whether fused_moe chains its kernels by programmatic dependent launch (sm_90+, not under
+    the interpreter): each kernel lets the next one launch at its start, and the next one's
+    programs wait (``gdc_wait``) for it to finish before reading what it wrote, so a launch's
+    latency overlaps the previous grid instead of following it. Only state from before the
+    chain (x, routing ids and weights, the expert weights) is read before a wait. The chain's
+    first kernel (the align, or GEMM1 on the pair path) is a plain launch, so the layer still
+    starts after whatever ran before it.
+
+    On for the pair path (single-token decode) and for small experts (``I * H <=
+    PDL_MAX_EXPERT_ELEMS``), whose kernels last a few microseconds. H200, 2026-12-04, CUDA-graph
+    replays, PDL off -> on in the same call: pair path (T=1) Qwen3 16.5 -> 15.2 us, DeepSeek-V3
+    59.6 -> 58.0, Mixtral 103.7 -> 103.0-103.4; Qwen3 aligned T=16 / 64 / 256: 71.0 -> 68.8,
+    96.6 -> 94.1, 107.2 -> 105.7. Long GEMMs gain nothing and can lose: Mixtral T=16 337.7 ->
+    345.2 (the dependent's programs, placed while the last wave runs, end up unevenly spread),
+    DeepSeek-V3 T=16 388.3 -> 389.2."""
+    device = torch.device(device)
+    if device.type != "cuda" or _config.interpreting():
+        return False
+    if not pairs and I * H > PDL_MAX_EXPERT_ELEMS:
+        return False
+    return _config.sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False, pdl_wait=False):
     """GEMM1 with silu_and_mul fused: h = silu(x @ gate.T) * (x @ up.T) (times w if on_input).
     Config "sort_x": copy x's rows into slot order first, so the GEMM reads A contiguously."""
     numel = x.shape[0] * k
@@ -468,13 +551,15 @@ def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input):
         _gather_rows_kernel[(_cdiv(slots, 16),)](x, a, sorted_ids, ntp, numel, k, H, x.stride(0), a.stride(0),
                                                 BLOCK_R=16, BLOCK_H=min(_pow2(H), 512), num_warps=4)
     _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
-                 mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True, **route)
+                 mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True,
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, **route)
 
 
-def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0):
+def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0, pdl_trigger=False, pdl_wait=False):
     """GEMM2: y[pair] = (h @ w2[e].T) * (w unless on_input) * scale; zeros for skipped pairs."""
     _launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=cfg, topk_w=flat_w,
-                 mul=not on_input, write_skip=True, scale=scale, a_sorted=True, **route)
+                 mul=not on_input, write_skip=True, scale=scale, a_sorted=True,
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, **route)
 
 
 def moe_sum_config(T: int, k: int, H: int) -> tuple[int, int, int]:
@@ -483,14 +568,14 @@ def moe_sum_config(T: int, k: int, H: int) -> tuple[int, int, int]:
     return 1, min(_pow2(H), 1024), 4
 
 
-def _launch_moe_sum(x3, out, scale):
+def _launch_moe_sum(x3, out, scale, pdl_wait=False):
     T, k, H = x3.shape
     if T == 0 or H == 0:
         return
     bt, bh, warps = moe_sum_config(T, k, H)
     _moe_sum_kernel[(_cdiv(T, bt), _cdiv(H, bh))](
         x3, out, T, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_T=bt, BLOCK_H=bh,
-        num_warps=warps)
+        PDL_WAIT=pdl_wait, launch_pdl=pdl_wait, num_warps=warps)
 
 
 def _flat(t):
@@ -556,32 +641,49 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
     else:
         cfg = moe_config(T, k, E, I, H, x.dtype, x.device)
     block_m = 16 if cfg["pairs"] else cfg["block_m"]
-    route = _route(cfg, topk_ids, block_m, E, expert_map)
+    pdl = moe_pdl(x.device, cfg["pairs"], I, H)
+    route = _route(cfg, topk_ids, block_m, E, expert_map, pdl_trigger=pdl)
     flat_w = _flat(topk_weights)
     on_input = apply_router_weight_on_input
     h = _intermediate(x, route, numel, I)
-    _gemm1(x, w1, h, cfg["gemm1"], route, block_m, k, flat_w, on_input)
+    # the pair path's GEMM1 opens the chain (a plain launch); after the align it is a dependent
+    _gemm1(x, w1, h, cfg["gemm1"], route, block_m, k, flat_w, on_input, pdl_trigger=pdl,
+           pdl_wait=pdl and not cfg["pairs"])
     # k == 1: GEMM2 writes the layer output itself (scaled), no finalize pass
     y = out if k == 1 else x.new_empty((numel, H))
     _gemm2(h, w2, y, cfg["gemm2"], route, block_m, numel, flat_w, on_input,
-           scale=routed_scaling_factor if k == 1 else 1.0)
+           scale=routed_scaling_factor if k == 1 else 1.0, pdl_trigger=pdl and k > 1, pdl_wait=pdl)
     if k > 1:
-        _launch_moe_sum(y.view(T, k, H), out, routed_scaling_factor)
+        _launch_moe_sum(y.view(T, k, H), out, routed_scaling_factor, pdl_wait=pdl)
     return out
 
 
-def _route(cfg, topk_ids, block_m, num_local, expert_map):
+def _route(cfg, topk_ids, block_m, num_local, expert_map, pdl_trigger=False):
     """How the GEMMs find their rows: single pairs (decode) or an alignment into blocks."""
     if cfg["pairs"]:
         return {"pairs": (_flat(topk_ids), expert_map)}
-    return {"align": fused_align(topk_ids, block_m, num_local, expert_map)}
+    return {"align": fused_align(topk_ids, block_m, num_local, expert_map, pdl_trigger=pdl_trigger)}
 
 
-def fused_align(topk_ids, block_size, num_local, expert_map=None):
+def align_one_program(numel: int, nb: int) -> bool:
+    """Whether ``numel`` pairs into ``nb`` buckets (a power of 2) align in one program: its
+    per-block expert search is [blocks, nb] wide, so the limit falls as nb grows. H200,
+    2026-12-04, CUDA-graph replays, one program vs memset + two launches (us): E=8 128 / 1024 /
+    2048 pairs 3.5 / 8.2 / 13.7 vs 6.7 / 11.1 / 11.5; E=128 128 / 512 / 1024 pairs 6.6 / 8.9 /
+    11.2 vs 9.5 / 8.9 / 8.1; E=256 128 / 512 pairs 9.5 / 17.2 vs 12.2 / 13.8."""
+    return numel * max(nb, 64) <= ALIGN_ONE_PROGRAM_WORK
+
+
+ALIGN_ONE_PROGRAM_WORK = 1 << 16  # numel * max(buckets, 64): 1024 pairs of 8 experts, 256 of 128, 128 of 256
+
+
+def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_max=None, pdl_trigger=False):
     """fused_moe's own ``moe_align_block_size``: the same buckets, padding and expert ids
-    (local experts in order, then the skip bucket for -1 and remote pairs), two launches and a
-    memset, but the order of pairs inside a bucket is unspecified and slots past
-    ``num_tokens_post_pad`` are not written (the GEMMs never read them). Static sizes:
+    (local experts in order, then the skip bucket for -1 and remote pairs), but the order of
+    pairs inside a bucket is unspecified and slots and blocks past ``num_tokens_post_pad`` are
+    not written (the GEMMs never read them). Up to ``one_program_max`` pairs (default: the
+    ``align_one_program`` rule) one launch (``pdl_trigger``: it lets a programmatic dependent
+    launch at its start), else a memset and two launches. Static sizes:
     ``sorted [numel + (num_local + 1) * (block_size - 1)]``, ``expert_ids [cdiv(that, block_size)]``."""
     ids = _flat(topk_ids)
     numel = ids.numel()
@@ -589,11 +691,17 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None):
     cap = numel + (num_local + 1) * (block_size - 1)
     n_blocks = _cdiv(cap, block_size)
     nb = max(16, _pow2(num_local + 1))
-    counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
     sorted_ids = torch.empty((cap,), dtype=torch.int32, device=dev)
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else ids
+    if align_one_program(numel, nb) if one_program_max is None else numel <= one_program_max:
+        cursors = torch.empty((nb,), dtype=torch.int32, device=dev)
+        _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_local, block_size,
+                                HAS_MAP=expert_map is not None, CH=max(128, _pow2(numel)), NB=nb, FB=1024,
+                                EB=max(16, 8192 // nb), PDL_TRIGGER=pdl_trigger, num_warps=4)
+        return sorted_ids, expert_ids, ntp
+    counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
     ch = 1024 if nb <= 64 else 256
     common = dict(HAS_MAP=expert_map is not None, CH=ch, NB=nb, num_warps=4)
     _align_count_kernel[(_cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_local, cap, **common)
