@@ -515,8 +515,11 @@ def test_launch_heuristics_h100(monkeypatch):
     # live programs: B=1 decode has one item in its 2-row list (plus 2 idle split rows)
     assert A.live_items(4, 2, False, 1, 1) == 1 and A.live_items(10, 2, False, 8, 1) == 8
     assert A.live_items(36, 32, True, 1, 1) == 36 and A.live_items(4, 2, False, 1, 2) == 2
-    # split floors: past 16 programs, 512-key ranges stay whole
-    assert A.split_min_keys(64, "cuda", 128) == 512 and A.split_min_keys(64, "cuda", 16) == 0
+    # split floors (decode tiles): past 16 programs, ranges of 256 keys stay whole, past 64
+    # programs 384; taller tiles keep 8 key tiles
+    assert A.split_min_keys(64, "cuda", 16) == 0 and A.split_min_keys(64, "cuda", 64) == 256
+    assert A.split_min_keys(64, "cuda", 128) == 384 and A.split_min_keys(64, "cuda", 128, block_m=64) == 512
+    assert A.split_min_keys(64, "cuda", 96, group=8) == 512 and A.split_min_keys(64, "cuda", 64, group=8) == 256
     from torch_flashops._attention_plan import build_schedule
 
     def n_split(B, L):  # decode, 8 KV heads, GQA 4 (16-row tiles)
@@ -524,7 +527,8 @@ def test_launch_heuristics_h100(monkeypatch):
         s = build_schedule(ones, ones * L, group=4, block_m=16, block_n=64, num_kv_heads=8, d_vo=128, causal=False,
                            window_left=-1, has_mask=False, device="cuda", workspace_bytes=256 << 20)
         return int((s.split_work[:, 0] >= 0).sum())
-    assert n_split(16, 512) == 0 and n_split(16, 1024) == 64 and n_split(1, 4096) == 32
+    assert n_split(16, 512) == 64 and n_split(16, 1024) == 64 and n_split(1, 4096) == 32
+    assert n_split(8, 256) == 0 and n_split(8, 384) == 48 and n_split(4, 1024) == 64  # 64-key chunk floor
     # merge programs: ~4 per SM, at most one per 16-column chunk
     assert A.merge_d_split(128, 8, "cuda") == 4 and A.merge_d_split(8, 8, "cuda") == 8
     assert A.merge_d_split(4096, 8, "cuda") == 1
@@ -550,8 +554,9 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.split_target(128, 16, "cuda") == 132 * 4
     assert A.split_target(256, 16, "cuda") == 0
     assert A.split_target(32, 128, "cuda") == 132 and A.split_target(100, 128, "cuda") == 0
-    assert A.split_min_chunk(64, "cuda", 8) == 128 and A.split_min_chunk(64, "cuda", 64) == 256
-    assert A.split_min_chunk(64, "cuda", 128) == 256
+    assert A.split_min_chunk(64, "cuda", 8) == 128 and A.split_min_chunk(64, "cuda", 64) == 64
+    assert A.split_min_chunk(64, "cuda", 128) == 64 and A.split_min_chunk(64, "cuda", 128, block_m=64) == 256
+    assert A.split_min_chunk(64, "cuda", 96, group=8) == 256 and A.split_min_chunk(64, "cuda", 64, group=8) == 64
     assert A.split_min_chunk(64, "cpu", 128) == 128  # the interpreter keeps short chunks
     # page ids two tiles ahead only for unpipelined decode tiles of about one wave, short ranges
     assert A.page_ahead(16, 2, 512, 512, "cuda") == 2 and A.page_ahead(16, 2, 1024, 512, "cuda") == 1

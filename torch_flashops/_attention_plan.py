@@ -258,8 +258,10 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
             if target:  # one full wave: chunks per tile in proportion to its keys, rounded down
                 per_head = target // num_kv_heads
                 n_s = np.maximum(1, length * per_head // max(int(length.sum()), 1))
-                n_s = np.minimum(n_s, np.maximum(1, length // attn_ops.split_min_chunk(block_n, device, tb.size * num_kv_heads)))
-                n_s = np.where(length > attn_ops.split_min_keys(block_n, device, tb.size * num_kv_heads), n_s, 1)
+                n_prog = tb.size * num_kv_heads
+                floors = (block_n, device, n_prog, block_m, group)
+                n_s = np.minimum(n_s, np.maximum(1, length // attn_ops.split_min_chunk(*floors)))
+                n_s = np.where(length > attn_ops.split_min_keys(*floors), n_s, 1)
         while int(n_s[n_s > 1].sum()) > max_split_items:  # workspace (or frozen list) too small
             n_s = np.where(n_s > 1, np.maximum(1, n_s // 2), 1)
             if fixed_split_keys is not None:

@@ -655,25 +655,45 @@ def merge_d_split(n_programs: int, d_chunks: int, device) -> int:
     return max(1, min(d_chunks, triton.next_power_of_2(max(1, target // max(n_programs, 1)))))
 
 
-def split_min_keys(block_n: int, device, n_programs: int) -> int:
-    """A tile's key range is split only when it holds more keys than this. Measured on an H100
-    (2026-11-25, with the column-lane merge of ``merge_d_split``): past 16 programs a 512-key
-    request runs faster whole than in two chunks plus a merge (B=16 x 512 keys, 8 KV heads: 23.2 us
-    unsplit, 26.7 split; 4 KV heads: 15.9 vs 20.5 us). The interpreter splits everything."""
+def _old_floors(n_programs: int, block_m: int, group: int) -> bool:
+    """Where split_min_keys / split_min_chunk keep the floors measured before the PDL merge:
+    tall (prefill) tiles, and GQA groups over 4 past 64 programs (H200, 2026-12-04, 4 KV heads
+    of 32 q heads: B=24 x 512 keys 16.6 us whole, 24.5 in 128-key chunks; B=32 x 384 18.4 vs
+    25.5; not understood, so not split)."""
+    return block_m > 32 or (n_programs > 64 and group > 4)
+
+
+def split_min_keys(block_n: int, device, n_programs: int, block_m: int = 16, group: int = 1) -> int:
+    """A tile's key range is split only when it holds more keys than this. Decode tiles
+    (``block_m <= 32``) on an H200 (2026-12-04, the merge launched by PDL, CUDA-graph replays,
+    same-call pairs unsplit -> split with 64-key chunk floors): up to 64 programs requests over
+    256 keys pay (B=8 x 512 keys 15.8 -> 12.9 us, B=4 x 512 15.7 -> 10.6, B=8 x 384 13.1 ->
+    12.0; B=8 x 256 does not: 10.5 -> 10.7); past 64 programs only over 384 keys (B=16 x 512
+    22.6 -> 19.8, B=16 x 768 27.3 -> 24.5, B=12 x 640 22.7 -> 19.3; see ``_old_floors``). Before
+    the PDL merge (H100, 2026-11-25) a 512-key request ran faster whole past 16 programs
+    (B=16 x 512: 23.2 us unsplit, 26.7 split): that floor, 8 tiles, stays for taller tiles.
+    The interpreter splits everything."""
     if torch.device(device).type != "cuda" or n_programs <= 16:
         return 0
-    return 8 * block_n
+    if _old_floors(n_programs, block_m, group):
+        return 8 * block_n
+    return max(4 * block_n, 256) if n_programs <= 64 else max(6 * block_n, 384)
 
 
-def split_min_chunk(block_n: int, device, n_programs: int) -> int:
-    """Fewest keys a split-KV chunk may hold. Measured on an H100 (decode, D=128, 2026-11-25,
-    with the group-chunked merge): 128-key chunks pay only while the GPU is almost empty (B=1
-    x 512 keys, 8 programs: 15.3 -> 12.3 us; B=8 x 256 keys, 64 programs: 12.1 -> 16.3 us), 256
-    from there (B=16 x 1024 keys, 128 programs: unsplit 41.6 us, 256-key chunks 39.6, 512-key
-    44.2). The interpreter keeps short chunks so small CPU tests still split."""
+def split_min_chunk(block_n: int, device, n_programs: int, block_m: int = 16, group: int = 1) -> int:
+    """Fewest keys a split-KV chunk may hold. Few programs (at most 16): 128 (H100, decode,
+    D=128, 2026-11-25: B=1 x 512 keys, 8 programs, 15.3 -> 12.3 us; on the H200, 2026-12-04,
+    64-key chunks lost at B=1 x 128: 6.3 -> 7.8 us). More: one key tile for decode tiles (H200,
+    2026-12-04, with the PDL merge, 256-key -> 64-key floors: B=4 x 1024 keys 17.6 -> 12.7 us,
+    B=8 x 1024 20.2 -> 17.8, B=4 x 2048 20.1 -> 17.8, B=8 x 512 with 4 KV heads 12.0 against
+    14.0 for 128-key floors), 256 for taller tiles (H100, B=16 x 1024: unsplit 41.6 us, 256-key
+    chunks 39.6, 512-key 44.2). The interpreter keeps short chunks so small CPU tests still
+    split."""
     if torch.device(device).type != "cuda":
         return 2 * block_n
-    return max(2 * block_n, 128) if n_programs <= 16 else max(4 * block_n, 256)
+    if n_programs <= 16:
+        return max(2 * block_n, 128)
+    return max(4 * block_n, 256) if _old_floors(n_programs, block_m, group) else max(block_n, 64)
 
 
 def resident_programs(block_m: int) -> int:
@@ -800,13 +820,14 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
 
 
 def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_m: int, block_n: int,
-                  device) -> tuple[int, int]:
+                  device, group: int = 1) -> tuple[int, int]:
     """(chunk, n_split) for a single request: split the keys when the tiles alone leave the
     machine idle (decode of one long sequence), as the batch planner does."""
     target = split_target(n_tiles * h_kv, block_m, device)
-    if kv_len <= split_min_keys(block_n, device, n_tiles * h_kv):
+    if kv_len <= split_min_keys(block_n, device, n_tiles * h_kv, block_m, group):
         target = 0
-    n_split = min(target // max(n_tiles * h_kv, 1), kv_len // split_min_chunk(block_n, device, n_tiles * h_kv)) if target else 1
+    n_split = min(target // max(n_tiles * h_kv, 1),
+                  kv_len // split_min_chunk(block_n, device, n_tiles * h_kv, block_m, group)) if target else 1
     if n_split <= 1:
         return max(kv_len, 1), 1
     chunk = triton.cdiv(triton.cdiv(kv_len, n_split), block_n) * block_n
@@ -824,7 +845,7 @@ def single_attention_cuda(q, k, v, packed_mask, kv_layout, causal, window_left, 
     block_m = tile_m(group, qo_len)
     block_n = attn_config(block_m, d_qk, v.shape[-1], q.dtype, q.device)[0]
     n_tiles = triton.cdiv(qo_len * group, block_m)
-    chunk, n_split = _single_split(qo_len, kv_len, n_tiles, h_kv, block_m, block_n, q.device)
+    chunk, n_split = _single_split(qo_len, kv_len, n_tiles, h_kv, block_m, block_n, q.device, group)
     _launch(q, K.unsqueeze(1), V.unsqueeze(1), o, lse, paged=False, worklist=False, group=group, page_size=1,
             num_pages=kv_len, block_m=block_m, single=(qo_len, kv_len, chunk, n_split), packed_mask=packed_mask,
             causal=causal, window_left=window_left, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
