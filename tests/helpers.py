@@ -90,3 +90,45 @@ def graph_break_count() -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
+
+
+# --------------------------------------------------------- kernels compiled for sm_90 without a GPU
+def compile_sm90(fn, sig: dict, constexprs: dict, aligned, num_warps: int) -> dict:
+    """Compile one ``@triton.jit`` kernel for an H100 (sm_90) without a GPU: PTX, then a cubin
+    through Triton's bundled ptxas. ``sig``: Triton type per non-constexpr argument;
+    ``aligned``: arguments specialised as 16-divisible (as a launch with aligned pointers and
+    strides would be). Needs the real JIT, so call it in a process without TRITON_INTERPRET
+    (``run_without_interpreter``). Returns {"ptx": str, "cubin_bytes": int}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    full = {n: "constexpr" if n in constexprs else sig[n] for n in fn.arg_names}
+    idx = {n: i for i, n in enumerate(fn.arg_names)}
+    src = ASTSource(fn, full, constexprs={(idx[k],): v for k, v in constexprs.items()},
+                    attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned})
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return {"ptx": out.asm["ptx"], "cubin_bytes": len(out.asm.get("cubin", b""))}
+
+
+def run_without_interpreter(code: str):
+    """Run ``code`` in a fresh interpreter-free Python (the repo on its path) and return the JSON
+    its last stdout line prints; skips the test where triton has no ptxas, and on GPU machines
+    (whose tests compile the kernels for real)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile the kernels for real")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHOPS_INTERPRET")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 and "ptxas" in p.stderr.lower() and "not found" in p.stderr.lower():
+        pytest.skip("this triton install has no ptxas")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])

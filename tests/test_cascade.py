@@ -14,7 +14,8 @@ from torch_flashops import _config
 from torch_flashops.ops import cascade as ops
 from torch_flashops.reference import cascade as ref
 
-from .helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest, poison
+from .helpers import (CompileCounter, SchemaTestCase, assert_close, compile_sm90, needs_expecttest, poison,
+                      run_without_interpreter)
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
@@ -468,10 +469,6 @@ def aot_compile_sm90(kernel: str, switch: bool) -> dict:
     """Compile one cascade kernel for an H100 (sm_90) without a GPU: PTX + cubin via Triton's
     bundled ptxas. Needs the real JIT (run without TRITON_INTERPRET). ``switch``: HAS_MASK of
     the pair kernel, VARLEN of the run kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if kernel == "pair":
         fn, cst = ops._merge_pair_kernel, dict(HAS_MASK=switch, LSE_LN=switch, BLOCK_H=16, BLOCK_D=128)
     else:
@@ -485,39 +482,21 @@ def aot_compile_sm90(kernel: str, switch: bool) -> dict:
             sig[name] = ptr_types.get(name, "*fp32" if name.startswith("s") else "*bf16")
         else:
             sig[name] = "i32"
-    idx = {n: i for i, n in enumerate(fn.arg_names)}
     # As a launch with 16-aligned pointers, row/head strides and D specializes (H, the state
     # count and the LSE head strides stay plain ints).
     aligned = [n for n in fn.arg_names if sig[n] != "constexpr" and n not in ("H", "count")
                and not (n.startswith("s") and n.endswith("_sh"))]
-    src = ASTSource(fn, sig, constexprs={(idx[k],): v for k, v in cst.items()},
-                    attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    ptx = compiled.asm["ptx"]
+    out = compile_sm90(fn, {n: t for n, t in sig.items() if t != "constexpr"}, cst, aligned, 8)
+    ptx = out["ptx"]
     return {"ptx_lines": ptx.count("\n"), "vector_loads": ptx.count("ld.global.v4"),
-            "cubin_bytes": len(compiled.asm.get("cubin", b""))}
+            "cubin_bytes": out["cubin_bytes"]}
 
 
 def test_kernels_compile_for_sm90_without_gpu():
     """Catches what the interpreter lets through (e.g. non-constexpr globals) on machines
     without a GPU: both kernels must lower to PTX and assemble, with 16-byte vector loads."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    if torch.cuda.is_available():
-        pytest.skip("the GPU tests compile the kernels for real")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHOPS_INTERPRET")}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    code = ("import json; from tests.test_cascade import aot_compile_sm90; "
-            "print(json.dumps({k: aot_compile_sm90(k, True) for k in ('pair', 'run')}))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    if p.returncode != 0 and "ptxas" in p.stderr.lower() and "not found" in p.stderr.lower():
-        pytest.skip("this triton install has no ptxas")
-    assert p.returncode == 0, p.stderr[-3000:]
-    info = json.loads(p.stdout.strip().splitlines()[-1])
+    info = run_without_interpreter("import json; from tests.test_cascade import aot_compile_sm90; "
+                                   "print(json.dumps({k: aot_compile_sm90(k, True) for k in ('pair', 'run')}))")
     for k, r in info.items():
         assert r["cubin_bytes"] > 0 and r["vector_loads"] >= 1, (k, r)
 

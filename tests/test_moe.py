@@ -22,7 +22,8 @@ from torch_flashops.reference import moe as ref
 from torch_flashops.reference.moe_routing import ref_moe_align_block_size
 
 from .conftest import DEVICE
-from .helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest, poison
+from .helpers import (CompileCounter, SchemaTestCase, assert_close, compile_sm90, needs_expecttest, poison,
+                      run_without_interpreter)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -268,10 +269,68 @@ def test_fused_moe_weight_descriptor_path(device, monkeypatch, T, sort_x):
         return {**cfg, "gemm1": g1, "gemm2": {**cfg["gemm2"], "tma": True}}
 
     monkeypatch.setattr(ops, "moe_config", with_tma)
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)  # T=1: the pair path's GEMMs, not the one-launch kernel
     x, w1, w2, tw, ids = make_moe(T, 40, 24, 8, 2, torch.bfloat16, device, seed=21)
     with poisoned_allocations():
         out = fused_moe(x, w1, w2, tw, ids)
     check_layer("fused_moe tma", out, x, w1, w2, tw, ids, pipeline=False)
+
+
+DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
+    "plain": (1, 32, 16, 8, 2, torch.float32, None),
+    "bf16-T2-H-not-pow2": (2, 40, 24, 16, 2, torch.bfloat16, None),
+    "fp16-k5-skips": (3, 48, 20, 64, 5, torch.float16, "skips"),
+    "map-remote": (2, 32, 16, 16, 2, torch.float32, "map"),
+    "on-input-k1": (1, 32, 16, 4, 1, torch.float32, "on_input"),
+}
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+@pytest.mark.parametrize("one_launch", [True, False], ids=["decode-kernel", "pair-gemms"])
+def test_fused_moe_decode_paths(device, backend, monkeypatch, case, programs, one_launch):
+    """Decode batches (T*k*4 <= E) take the pair path: by default the whole layer in one
+    persistent kernel (``_moe_decode_kernel``, its work striped over ``programs`` programs; on
+    the GPU one launch with a grid barrier, under the interpreter its two phases), else the
+    pair-per-block GEMMs and the finalize. Both against the dense oracle, with skipped pairs,
+    remote experts, the routing weight on the input, H and I not powers of two."""
+    T, H, I, E, k, dtype, what = DECODE_CASES[case]
+    assert ops._pairs_rule(T, k, E)
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=sum(map(ord, case)))
+    kw, call = {"rsf": 1.5}, {"routed_scaling_factor": 1.5}
+    if what == "skips":
+        ids[0, 1] = -1
+        ids[2] = -1  # a token with no expert at all: output row 0
+    elif what == "map":
+        emap = torch.arange(E, dtype=torch.int32)
+        emap[ids[0, 0].item()] = -1
+        emap = emap.to(device)
+        kw["expert_map"] = call["expert_map"] = emap
+    elif what == "on_input":
+        kw, call = dict(on_input=True, rsf=2.0), dict(apply_router_weight_on_input=True, routed_scaling_factor=2.0)
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", one_launch)
+    real, used = ops._moe_decode, []
+
+    def spy(*a, **k_):
+        used.append(1)
+        return real(*a, **k_, programs=programs)
+
+    monkeypatch.setattr(ops, "_moe_decode", spy)
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, **call)
+    if backend == "kernel":
+        assert len(used) == (1 if one_launch else 0)
+    check_layer(case, out, x, w1, w2, tw, ids, **kw)
+    if what == "skips":
+        assert (out[2] == 0).all()
+
+
+def test_decode_tiles():
+    """Tile loads of about 16k elements, H split exactly where a power of two divides it."""
+    assert ops.decode_tiles(1, 8, 192, 2048) == {"BI": 4, "BK": 2048, "BH": 8, "BJ": 256, "KP": 8}  # Qwen3
+    assert ops.decode_tiles(1, 8, 512, 7168) == {"BI": 8, "BK": 1024, "BH": 4, "BJ": 512, "KP": 8}  # DeepSeek-V3
+    assert ops.decode_tiles(1, 2, 7168, 4096) == {"BI": 4, "BK": 2048, "BH": 8, "BJ": 1024, "KP": 2}  # Mixtral
+    assert ops.decode_tiles(1, 3, 20, 40) == {"BI": 32, "BK": 64, "BH": 64, "BJ": 32, "KP": 4}
 
 
 def test_fused_moe_rsf_in_routing_or_output(device, backend):
@@ -510,6 +569,12 @@ def test_launch_rules(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         _config.sm_major.cache_clear()
         assert not ops.moe_pdl("cuda", True, 192, 2048)
+        # decode in one launch: Qwen3's T=1 layer (8 experts of 192 x 2048), not two tokens' or DeepSeek's
+        monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 22)
+        assert ops.decode_one_launch("cuda", 8, 192, 2048) and not ops.decode_one_launch("cuda", 16, 192, 2048)
+        assert not ops.decode_one_launch("cuda", 8, 512, 7168) and not ops.decode_one_launch("cpu", 8, 192, 2048)
+        monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+        assert not ops.decode_one_launch("cuda", 8, 192, 2048)
     finally:
         _config.sm_major.cache_clear()  # the next test sees the real device
 
@@ -521,6 +586,42 @@ def test_selfcheck(device):
     assert {r.op for r in results} == {"silu_and_mul", "moe_sum", "moe_grouped_gemm", "fused_moe"}
     for r in results:
         assert r.ok, r
+
+
+# ------------------------------------------------------------- kernels compile for the GPU
+def aot_compile_decode_sm90() -> dict:
+    """The decode kernel for an H100 (sm_90), specialised as the Qwen3 layer's launch, in each
+    phase: PTX facts the grid barrier depends on. Needs the real JIT (run_without_interpreter)."""
+    import re
+
+    fn = ops._moe_decode_kernel
+    ptrs = {"ids_ptr": "*i32", "map_ptr": "*i32", "sync_ptr": "*i32", "tw_ptr": "*fp32"}
+    info = {}
+    for phase in (0, 1, 2):
+        cst = dict(TOP_K=8, HAS_MAP=False, ON_INPUT=False, PHASE=phase, PREFETCH=phase == 0,
+                   **ops.decode_tiles(1, 8, 192, 2048))
+        sig = {n: ptrs.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
+               for n in fn.arg_names if n not in cst}
+        out = compile_sm90(fn, sig, cst, [n for n in sig if n not in ("T", "scale")], 8)
+        ptx = out["ptx"]
+        info[phase] = {"cubin_bytes": out["cubin_bytes"], "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
+                       "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
+                       "cg_loads": ptx.count("ld.global.cg"), "vector_loads": ptx.count("ld.global.v4")}
+    return info
+
+
+def test_decode_kernel_compiles_for_sm90_without_gpu():
+    """One launch (phase 0): a release arrival, an acquire spin and the last program's reset, h
+    read past L1 (.cg); the two-launch phases carry no atomics at all."""
+    info = run_without_interpreter("import json; from tests.test_moe import aot_compile_decode_sm90; "
+                                   "print(json.dumps(aot_compile_decode_sm90()))")
+    one = info["0"]
+    assert one["cubin_bytes"] > 0 and one["acquire_loads"] >= 1, one
+    assert "atom.global.gpu.release.add.u32" in one["atomics"], one
+    assert "atom.global.gpu.relaxed.exch.b32" in one["atomics"], one
+    for phase in ("1", "2"):
+        assert info[phase]["cubin_bytes"] > 0 and not info[phase]["atomics"] and not info[phase]["acquire_loads"]
+    assert info["2"]["cg_loads"] >= 1 and info["1"]["vector_loads"] >= 1 and info["2"]["vector_loads"] >= 1, info
 
 
 # ---------------------------------------------------------------------------------- GPU only
@@ -544,6 +645,51 @@ def test_gpu_cuda_graph_replay_new_ids():
             g.replay()
             torch.cuda.synchronize()
             check_layer(f"graph replay T={T}", out, x, w1, w2, tw2, ids2, pipeline=False)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
+    """The decode kernel's grid barrier at full size (one program per SM), model-like shapes:
+    a capture before any eager call falls back to two launches; afterwards one launch, repeated
+    eagerly and by graph replay, bitwise equal every time, with the barrier's counters back at
+    0 after each launch."""
+    dev = "cuda"
+    monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)  # every decode layer here, not only the rule's
+    shapes = [(1, 2048, 192, 128, 8), (4, 2048, 192, 128, 8), (1, 1024, 256, 64, 6), (2, 7168, 128, 64, 8)]
+    layers = [make_moe(*s, torch.bfloat16, dev, seed=30 + i) for i, s in enumerate(shapes)]
+    for x, w1, w2, tw, ids in layers:
+        assert ops._pairs_rule(x.shape[0], ids.shape[1], w1.shape[0])
+    ops._DECODE_SYNC.clear()
+    x, w1, w2, tw, ids = layers[0]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_g = fused_moe(x, w1, w2, tw, ids)
+    assert not ops._DECODE_SYNC  # no counters made inside a capture: the two-launch form was captured
+    g.replay()
+    torch.cuda.synchronize()
+    check_layer("captured two-launch decode", out_g, x, w1, w2, tw, ids, pipeline=False)
+    firsts = []
+    for x, w1, w2, tw, ids in layers:
+        with poisoned_allocations():
+            out = fused_moe(x, w1, w2, tw, ids)
+        check_layer(f"one-launch decode T={x.shape[0]} H={x.shape[1]}", out, x, w1, w2, tw, ids, pipeline=False)
+        firsts.append(out)
+    sync = ops._DECODE_SYNC[torch.cuda.current_device()]
+    for rep in range(20):
+        for (x, w1, w2, tw, ids), first in zip(layers, firsts):
+            assert torch.equal(fused_moe(x, w1, w2, tw, ids), first)
+    torch.cuda.synchronize()
+    assert sync.tolist() == [0, 0]
+    x, w1, w2, tw, ids = layers[1]
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        out_g2 = fused_moe(x, w1, w2, tw, ids)
+    for _ in range(10):
+        out_g2.fill_(float("nan"))
+        g2.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_g2, firsts[1])
+    assert sync.tolist() == [0, 0]
 
 
 @pytest.mark.gpu

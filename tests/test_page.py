@@ -20,7 +20,7 @@ from torch_flashops import _config
 from torch_flashops.page import _unpack_paged_kv_cache
 from torch_flashops.reference import page as ref
 
-from tests.helpers import CompileCounter, SchemaTestCase, needs_expecttest
+from tests.helpers import CompileCounter, SchemaTestCase, compile_sm90, needs_expecttest, run_without_interpreter
 
 OPS = torch.ops.flashops
 LAYOUTS = ["NHD", "HND"]
@@ -746,20 +746,13 @@ def aot_compile_sm90() -> dict:
     """Compile both page kernels for an H100 (sm_90) without a GPU (PTX + cubin through Triton's
     bundled ptxas), specialised as a launch with H_kv=8, D=128 bf16 rows would be. Needs the
     real JIT: run without TRITON_INTERPRET."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from torch_flashops.ops import page as ops
 
     def build(fn, ptr_types, constexprs, aligned, num_warps):
-        sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "i32") for n in fn.arg_names}
-        idx = {n: i for i, n in enumerate(fn.arg_names)}
-        src = ASTSource(fn, sig, constexprs={(idx[k],): v for k, v in constexprs.items()},
-                        attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned})
-        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        ptx = out.asm["ptx"]
-        return {"cubin_bytes": len(out.asm.get("cubin", b"")),
+        sig = {n: ptr_types.get(n, "i32") for n in fn.arg_names if n not in constexprs}
+        out = compile_sm90(fn, sig, constexprs, aligned, num_warps)
+        ptx = out["ptx"]
+        return {"cubin_bytes": out["cubin_bytes"],
                 "vector_loads": len([ln for ln in ptx.splitlines() if "ld.global" in ln and ".v4" in ln]),
                 "vector_stores": len([ln for ln in ptx.splitlines() if "st.global" in ln and ".v4" in ln])}
 
@@ -777,22 +770,8 @@ def aot_compile_sm90() -> dict:
 
 def test_kernels_compile_for_sm90_without_gpu():
     """Catches what the interpreter lets through; the append copy must use 16-byte accesses."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    if torch.cuda.is_available():
-        pytest.skip("the GPU tests compile the kernels for real")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHOPS_INTERPRET")}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import json; from tests.test_page import aot_compile_sm90; print(json.dumps(aot_compile_sm90()))"
-    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    if p.returncode != 0 and "ptxas" in p.stderr.lower() and "not found" in p.stderr.lower():
-        pytest.skip("this triton install has no ptxas")
-    assert p.returncode == 0, p.stderr[-3000:]
-    info = json.loads(p.stdout.strip().splitlines()[-1])
+    info = run_without_interpreter("import json; from tests.test_page import aot_compile_sm90; "
+                                   "print(json.dumps(aot_compile_sm90()))")
     assert info["positions"]["cubin_bytes"] > 0
     a = info["append"]
     assert a["cubin_bytes"] > 0 and a["vector_loads"] >= 2 and a["vector_stores"] >= 2, a

@@ -20,7 +20,12 @@ activation a program loads the matching gate tile (rows n) and up tile (rows I +
 keeps two accumulators and stores ``silu(g) * u`` directly: the [numel, 2I] intermediate never
 exists. For decode batches (T*k*4 <= E) the same kernel runs "one pair per block": block b
 holds the single pair b and reads its expert from ``topk_ids`` (through ``expert_map``), so no
-alignment pass runs at all.
+alignment pass runs at all. The smallest of those layers (``decode_one_launch``) run instead as
+one persistent kernel, ``_moe_decode_kernel``: phase 1 computes every pair's activated
+intermediate, a grid barrier, phase 2 every token's output row (both GEMMs as weight-streaming
+GEMVs, the routing weights, the sum over k and the scaling in one pass); each program asks for
+its phase-2 weights before phase 1, so the two GEMMs' weights stream together and only the
+small intermediate waits for the barrier.
 
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
@@ -200,6 +205,139 @@ def _moe_sum_kernel(x_ptr, y_ptr, T, H, stride_xt, stride_xk, stride_yt, scale,
     dst = y_ptr + t.to(tl.int64)[:, None] * stride_yt + cols[None, :]
     tl.store(dst, (acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 
+
+@triton.jit
+def _decode_expert(ids_ptr, map_ptr, p, HAS_MAP: tl.constexpr):
+    e = tl.load(ids_ptr + p).to(tl.int32)
+    if HAS_MAP:
+        mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
+        e = tl.where(e >= 0, mapped, -1)
+    return e
+
+
+@triton.jit
+def _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, ok, TOP_K: tl.constexpr, KP: tl.constexpr,
+                      BH: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Output tile ``item`` of the decode kernel's phase 2 -> (token t, first column h0, its pairs
+    p [KP], their experts e [KP], -1 for none; all -1 unless ``ok``)."""
+    j = tl.arange(0, KP)
+    t = item // n_hblk
+    h0 = (item % n_hblk) * BH
+    p = t * TOP_K + j
+    e = tl.load(ids_ptr + p, mask=(j < TOP_K) & ok, other=-1).to(tl.int32)
+    if HAS_MAP:
+        mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
+        e = tl.where(e >= 0, mapped, -1)
+    return t, h0, p, e
+
+
+@triton.jit
+def _decode_out_w(w2_ptr, e, h0, k0, H, I, stride_w2e, stride_w2n, BH: tl.constexpr, BJ: tl.constexpr):
+    """The w2 weights [KP, BH, BJ] of experts e, rows h0 + [0, BH), columns k0 + [0, BJ) of I."""
+    rows = h0 + tl.arange(0, BH)[None, :, None]
+    cols = k0 + tl.arange(0, BJ)[None, None, :]
+    w_rows = w2_ptr + tl.maximum(e, 0).to(tl.int64)[:, None, None] * stride_w2e + rows.to(tl.int64) * stride_w2n
+    return tl.load(w_rows + cols, mask=(e >= 0)[:, None, None] & (rows < H) & (cols < I), other=0.0)
+
+
+@triton.jit
+def _decode_out_acc(h_ptr, p, e, w, k0, I, BJ: tl.constexpr):
+    """[KP, BH] partial sums w . h[p] over columns k0 + [0, BJ) of I (h written by phase 1:
+    read past L1)."""
+    cols = k0 + tl.arange(0, BJ)[None, None, :]
+    hv = tl.load(h_ptr + p.to(tl.int64)[:, None, None] * I + cols, mask=(e >= 0)[:, None, None] & (cols < I),
+                 other=0.0, cache_modifier=".cg")
+    return tl.sum(w.to(tl.float32) * hv.to(tl.float32), axis=2)
+
+
+@triton.jit
+def _decode_out_store(out_ptr, tw_ptr, acc, t, h0, p, e, H, stride_ot, scale, TOP_K: tl.constexpr,
+                      KP: tl.constexpr, BH: tl.constexpr, ON_INPUT: tl.constexpr):
+    """out[t, h0 + [0, BH)] = scale * sum_j w[p_j] * acc[j] (j in a fixed order)."""
+    if not ON_INPUT:
+        j = tl.arange(0, KP)
+        wt = tl.load(tw_ptr + p, mask=(j < TOP_K) & (e >= 0), other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+    y = tl.sum(acc, axis=0) * scale
+    ro = h0 + tl.arange(0, BH)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + ro, y.to(out_ptr.dtype.element_ty), mask=ro < H)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, tw_ptr, sync_ptr,
+                       T, H, I, stride_xt, stride_w1e, stride_w1n, stride_w2e, stride_w2n, stride_ot, scale,
+                       TOP_K: tl.constexpr, KP: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                       BH: tl.constexpr, BJ: tl.constexpr, HAS_MAP: tl.constexpr, ON_INPUT: tl.constexpr,
+                       PHASE: tl.constexpr, PREFETCH: tl.constexpr):
+    """The whole MoE layer for a decode batch (the pair path) in one launch of a persistent
+    grid. PHASE 1: h[p, i] = silu(x[t] . gate[e, i]) * (x[t] . up[e, i]) for every pair p =
+    t*TOP_K + j and i in [0, I), as [2, BI, BK] weight tiles (gate and up rows together) striped
+    over the grid. PHASE 2: out[t, c] = scale * sum_j w[p] * (w2[e_p, c, :] . h[p]) for
+    [KP, BH, BJ] tiles (all k experts of a token at once), in fp32, j in fixed order. PHASE 0
+    runs both with a grid barrier between them: every program must be resident at once (the
+    launcher sizes the grid from the SM count), and ``sync_ptr`` holds two int32 counters that
+    are 0 at launch and that the last program out resets (so graph replays find them at 0).
+    Pairs with expert -1 (skipped rows, remote experts) contribute 0; h is rounded to x's
+    dtype, as the unfused path rounds its intermediate. PREFETCH (one launch, I <= BJ): each
+    program requests its first phase-2 weight tile before phase 1, so those bytes stream while
+    phase 1 runs and only the small h rows wait for the barrier."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    numel = T * TOP_K
+    n_hblk = tl.cdiv(H, BH)
+    n_out = T * n_hblk
+    if PREFETCH:  # (one launch, I <= BJ) request the first output tile's w2 weights before phase 1
+        t_pre, h0_pre, p_pre, e_pre = _decode_out_pairs(ids_ptr, map_ptr, tl.minimum(pid, n_out - 1), n_hblk,
+                                                        pid < n_out, TOP_K, KP, BH, HAS_MAP)
+        w_pre = _decode_out_w(w2_ptr, e_pre, h0_pre, 0, H, I, stride_w2e, stride_w2n, BH, BJ)
+    if PHASE != 2:
+        n_iblk = tl.cdiv(I, BI)
+        s = tl.arange(0, 2)[:, None, None]
+        r = tl.arange(0, BI)[None, :, None]
+        c = tl.arange(0, BK)[None, None, :]
+        for item in range(pid, numel * n_iblk, nprog):
+            p = item // n_iblk
+            i0 = (item % n_iblk) * BI
+            e = _decode_expert(ids_ptr, map_ptr, p, HAS_MAP)
+            if e >= 0:
+                rows = i0 + r
+                w_rows = w1_ptr + e.to(tl.int64) * stride_w1e + (s * I + rows).to(tl.int64) * stride_w1n
+                x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xt
+                acc = tl.zeros((2, BI), dtype=tl.float32)
+                for k0 in range(0, H, BK):
+                    cols = k0 + c
+                    w = tl.load(w_rows + cols, mask=(rows < I) & (cols < H), other=0.0)
+                    xv = tl.load(x_row + cols, mask=cols < H, other=0.0)
+                    acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32), axis=2)
+                if ON_INPUT:
+                    acc = acc * tl.load(tw_ptr + p).to(tl.float32)
+                g = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 0, acc, 0.0), axis=0)
+                u = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 1, acc, 0.0), axis=0)
+                ri = i0 + tl.arange(0, BI)
+                tl.store(h_ptr + p.to(tl.int64) * I + ri, (_silu(g) * u).to(h_ptr.dtype.element_ty), mask=ri < I)
+    if PHASE == 0:  # grid barrier: every h row is written before any program reads one
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+        while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < nprog:
+            pass
+        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == nprog - 1:
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")  # every program has left the wait
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+    if PHASE != 1:
+        start = pid
+        if PREFETCH:  # this program's first output tile: its weights arrived during phase 1
+            if pid < n_out:
+                acc = _decode_out_acc(h_ptr, p_pre, e_pre, w_pre, 0, I, BJ)
+                _decode_out_store(out_ptr, tw_ptr, acc, t_pre, h0_pre, p_pre, e_pre, H, stride_ot, scale,
+                                  TOP_K, KP, BH, ON_INPUT)
+            start = pid + nprog
+        for item in range(start, n_out, nprog):
+            t, h0, p, e = _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, True, TOP_K, KP, BH, HAS_MAP)
+            acc = tl.zeros((KP, BH), dtype=tl.float32)
+            for k0 in range(0, I, BJ):
+                w = _decode_out_w(w2_ptr, e, h0, k0, H, I, stride_w2e, stride_w2n, BH, BJ)
+                acc += _decode_out_acc(h_ptr, p, e, w, k0, I, BJ)
+            _decode_out_store(out_ptr, tw_ptr, acc, t, h0, p, e, H, stride_ot, scale, TOP_K, KP, BH, ON_INPUT)
 
 @triton.jit
 def _gather_rows_kernel(x_ptr, out_ptr, sorted_ids_ptr, ntp_ptr, num_valid, top_k, H, stride_x, stride_o,
@@ -640,6 +778,9 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
         cfg = autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map)
     else:
         cfg = moe_config(T, k, E, I, H, x.dtype, x.device)
+    if cfg["pairs"] and decode_one_launch(x.device, numel, I, H):
+        return _moe_decode(x, w1, w2, _flat(topk_weights), _flat(topk_ids), expert_map, out,
+                           apply_router_weight_on_input, routed_scaling_factor)
     block_m = 16 if cfg["pairs"] else cfg["block_m"]
     pdl = moe_pdl(x.device, cfg["pairs"], I, H)
     route = _route(cfg, topk_ids, block_m, E, expert_map, pdl_trigger=pdl)
@@ -655,6 +796,85 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
            scale=routed_scaling_factor if k == 1 else 1.0, pdl_trigger=pdl and k > 1, pdl_wait=pdl)
     if k > 1:
         _launch_moe_sum(y.view(T, k, H), out, routed_scaling_factor, pdl_wait=pdl)
+    return out
+
+
+# ------------------------------------------------------------- decode: the layer in one launch
+
+# Small decode layers run as one persistent kernel (_moe_decode_kernel) instead of the pair
+# path's GEMM1 -> GEMM2 -> finalize: see decode_one_launch. False: never (tests of the pair GEMMs).
+DECODE_ONE_LAUNCH = True
+DECODE_MAX_ELEMS = 0  # numel * I * H up to which CUDA layers take it (0: not yet measured with prefetch)
+
+
+def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
+    """Whether fused_moe's pair path (decode) runs as ``_moe_decode_kernel``: always under the
+    interpreter (its two phases, so CI tests the kernel), on CUDA where the touched expert
+    weights (``numel * I * H`` elements per matrix) are few enough that every program's share
+    of both GEMMs is requested at once. Larger layers stream better through the pipelined
+    GEMMs."""
+    if not DECODE_ONE_LAUNCH:
+        return False
+    if _config.interpreting():
+        return True
+    return torch.device(device).type == "cuda" and numel * I * H <= DECODE_MAX_ELEMS
+_DECODE_SYNC: dict = {}  # device index -> int32[2] grid-barrier counters (0 between launches)
+_DECODE_TILE = 16384  # weight elements per tile load (a program's loads in flight)
+
+
+def decode_tiles(T: int, k: int, I: int, H: int, tile: int = _DECODE_TILE) -> dict:
+    """Tile sizes of ``_moe_decode_kernel``: phase 1 loads [2, BI, BK] (gate and up rows of one
+    pair), phase 2 [KP, BH, BJ] (one token's k experts); about ``tile`` elements each, so that
+    a program keeps a large load in flight (the loops over H and I are not pipelined)."""
+    bk = next((b for b in (2048, 1024, 512, 256) if H % b == 0), min(_pow2(H), 2048))
+    bi = max(1, min(_pow2(I), tile // (2 * bk)))
+    kp = _pow2(k)
+    bj = min(_pow2(I), 1024)
+    bh = max(1, min(_pow2(H), tile // (kp * bj)))
+    return {"BI": bi, "BK": bk, "BH": bh, "BJ": bj, "KP": kp}
+
+
+def _decode_sync(device: torch.device):
+    """The grid barrier's counters on this device, created on first use outside graph capture
+    (None while capturing before any eager call: the caller then launches the two phases)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _DECODE_SYNC.get(idx)
+    if buf is None and not torch.cuda.is_current_stream_capturing():
+        buf = _DECODE_SYNC[idx] = torch.zeros(2, dtype=torch.int32, device=device)
+    return buf
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
+                num_warps=8, tile=_DECODE_TILE, one_launch=None, prefetch=None):
+    """fused_moe's pair path in one launch (or, under the interpreter and while capturing before
+    the first eager call, the same kernel's two phases as two launches). ``programs``: grid
+    size; by default one program per SM, which keeps every program resident at once (the grid
+    barrier needs that)."""
+    T, H = x.shape
+    k = ids_flat.numel() // max(T, 1)
+    I = w2.shape[2]
+    h = x.new_empty((T * k, I))
+    cfg = decode_tiles(T, k, I, H, tile)
+    interp = _config.interpreting()
+    sync = None if interp else _decode_sync(x.device)
+    if one_launch is None:
+        one_launch = sync is not None
+    if programs is None:
+        programs = 3 if interp else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
+            sync if sync is not None else ids_flat,
+            T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
+    if prefetch is None:
+        prefetch = True
+    prefetch = bool(prefetch and one_launch and I <= cfg["BJ"])
+    meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
+    for phase in ((0,) if one_launch else (1, 2)):
+        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=prefetch, **meta)
     return out
 
 
