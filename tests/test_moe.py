@@ -282,6 +282,7 @@ DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
     "fp16-k5-skips": (3, 48, 20, 64, 5, torch.float16, "skips"),
     "map-remote": (2, 32, 16, 16, 2, torch.float32, "map"),
     "on-input-k1": (1, 32, 16, 4, 1, torch.float32, "on_input"),
+    "H-in-chunks": (1, 2304, 16, 8, 2, torch.float32, None),  # phase 1 loops over 9 chunks of 256
 }
 
 
@@ -313,7 +314,7 @@ def test_fused_moe_decode_paths(device, backend, monkeypatch, case, programs, on
 
     def spy(*a, **k_):
         used.append(1)
-        return real(*a, **k_, programs=programs)
+        return real(*a, **k_, programs=programs, pipe1=programs != 3)  # both phase-1 loops
 
     monkeypatch.setattr(ops, "_moe_decode", spy)
     with poisoned_allocations():
@@ -598,7 +599,7 @@ def aot_compile_decode_sm90() -> dict:
     ptrs = {"ids_ptr": "*i32", "map_ptr": "*i32", "sync_ptr": "*i32", "tw_ptr": "*fp32"}
     info = {}
     for phase in (0, 1, 2):
-        cst = dict(TOP_K=8, HAS_MAP=False, ON_INPUT=False, PHASE=phase, PREFETCH=phase == 0,
+        cst = dict(TOP_K=8, HAS_MAP=False, ON_INPUT=False, PHASE=phase, PREFETCH=phase == 0, PIPE1=True,
                    **ops.decode_tiles(1, 8, 192, 2048))
         sig = {n: ptrs.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
                for n in fn.arg_names if n not in cst}

@@ -207,12 +207,49 @@ def _moe_sum_kernel(x_ptr, y_ptr, T, H, stride_xt, stride_xk, stride_yt, scale,
 
 
 @triton.jit
-def _decode_expert(ids_ptr, map_ptr, p, HAS_MAP: tl.constexpr):
-    e = tl.load(ids_ptr + p).to(tl.int32)
+def _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, ok, TOP_K: tl.constexpr, BI: tl.constexpr,
+                    HAS_MAP: tl.constexpr):
+    """Work item ``item`` of the decode kernel's phase 1 -> (pair p, first intermediate row i0,
+    expert e; -1 for none, and unless ``ok``)."""
+    p = item // n_iblk
+    i0 = (item % n_iblk) * BI
+    e = tl.load(ids_ptr + p, mask=ok, other=-1).to(tl.int32)
     if HAS_MAP:
         mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
         e = tl.where(e >= 0, mapped, -1)
-    return e
+    return p, i0, e
+
+
+@triton.jit
+def _decode_in_w(w1_ptr, e, i0, k0, I, H, stride_w1e, stride_w1n, BI: tl.constexpr, BK: tl.constexpr):
+    """w1 rows [2, BI, BK] of expert e: gate rows i0 + [0, BI) and the matching up rows (I
+    further), columns k0 + [0, BK) of H; zeros (no traffic) for e = -1."""
+    s = tl.arange(0, 2)[:, None, None]
+    rows = i0 + tl.arange(0, BI)[None, :, None]
+    cols = k0 + tl.arange(0, BK)[None, None, :]
+    ptrs = w1_ptr + tl.maximum(e, 0).to(tl.int64) * stride_w1e + (s * I + rows).to(tl.int64) * stride_w1n + cols
+    return tl.load(ptrs, mask=(e >= 0) & (rows < I) & (cols < H), other=0.0)
+
+
+@triton.jit
+def _decode_in_acc(x_ptr, w, p, k0, H, stride_xt, TOP_K: tl.constexpr, BK: tl.constexpr):
+    """[2, BI] partial dot products of the w1 rows with x[p // TOP_K] over columns k0 + [0, BK)."""
+    cols = k0 + tl.arange(0, BK)
+    xv = tl.load(x_ptr + (p // TOP_K).to(tl.int64) * stride_xt + cols, mask=cols < H, other=0.0)
+    return tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, None, :], axis=2)
+
+
+@triton.jit
+def _decode_in_store(h_ptr, tw_ptr, acc, p, i0, I, BI: tl.constexpr, ON_INPUT: tl.constexpr):
+    """h[p, i0 + [0, BI)] = silu(gate) * up (times the routing weight if on the input), rounded
+    to h's dtype."""
+    if ON_INPUT:
+        acc = acc * tl.load(tw_ptr + p).to(tl.float32)
+    first = tl.arange(0, 2)[:, None] == 0
+    g = tl.sum(tl.where(first, acc, 0.0), axis=0)
+    u = tl.sum(tl.where(first, 0.0, acc), axis=0)
+    ri = i0 + tl.arange(0, BI)
+    tl.store(h_ptr + p.to(tl.int64) * I + ri, (_silu(g) * u).to(h_ptr.dtype.element_ty), mask=ri < I)
 
 
 @triton.jit
@@ -268,7 +305,7 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                        T, H, I, stride_xt, stride_w1e, stride_w1n, stride_w2e, stride_w2n, stride_ot, scale,
                        TOP_K: tl.constexpr, KP: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
                        BH: tl.constexpr, BJ: tl.constexpr, HAS_MAP: tl.constexpr, ON_INPUT: tl.constexpr,
-                       PHASE: tl.constexpr, PREFETCH: tl.constexpr):
+                       PHASE: tl.constexpr, PREFETCH: tl.constexpr, PIPE1: tl.constexpr):
     """The whole MoE layer for a decode batch (the pair path) in one launch of a persistent
     grid. PHASE 1: h[p, i] = silu(x[t] . gate[e, i]) * (x[t] . up[e, i]) for every pair p =
     t*TOP_K + j and i in [0, I), as [2, BI, BK] weight tiles (gate and up rows together) striped
@@ -280,7 +317,8 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
     Pairs with expert -1 (skipped rows, remote experts) contribute 0; h is rounded to x's
     dtype, as the unfused path rounds its intermediate. PREFETCH (one launch, I <= BJ): each
     program requests its first phase-2 weight tile before phase 1, so those bytes stream while
-    phase 1 runs and only the small h rows wait for the barrier."""
+    phase 1 runs and only the small h rows wait for the barrier. PIPE1 (H <= BK): phase 1 asks
+    for its next item's weights before this item's math (two tiles in flight a program)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     numel = T * TOP_K
@@ -292,29 +330,28 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
         w_pre = _decode_out_w(w2_ptr, e_pre, h0_pre, 0, H, I, stride_w2e, stride_w2n, BH, BJ)
     if PHASE != 2:
         n_iblk = tl.cdiv(I, BI)
-        s = tl.arange(0, 2)[:, None, None]
-        r = tl.arange(0, BI)[None, :, None]
-        c = tl.arange(0, BK)[None, None, :]
-        for item in range(pid, numel * n_iblk, nprog):
-            p = item // n_iblk
-            i0 = (item % n_iblk) * BI
-            e = _decode_expert(ids_ptr, map_ptr, p, HAS_MAP)
-            if e >= 0:
-                rows = i0 + r
-                w_rows = w1_ptr + e.to(tl.int64) * stride_w1e + (s * I + rows).to(tl.int64) * stride_w1n
-                x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xt
-                acc = tl.zeros((2, BI), dtype=tl.float32)
+        n_in = numel * n_iblk
+        if PIPE1:  # H in one tile: the next item's weights are requested before this one's math
+            pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(pid, n_in - 1), n_iblk, pid < n_in,
+                                         TOP_K, BI, HAS_MAP)
+            wa = _decode_in_w(w1_ptr, ea, ia, 0, I, H, stride_w1e, stride_w1n, BI, BK)
+            for item in range(pid, n_in, nprog):
+                nxt = item + nprog
+                pb, ib, eb = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(nxt, n_in - 1), n_iblk, nxt < n_in,
+                                             TOP_K, BI, HAS_MAP)
+                wb = _decode_in_w(w1_ptr, eb, ib, 0, I, H, stride_w1e, stride_w1n, BI, BK)
+                pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, True, TOP_K, BI, HAS_MAP)
+                acc1 = _decode_in_acc(x_ptr, wa, pa, 0, H, stride_xt, TOP_K, BK)
+                _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
+                wa = wb
+        else:
+            for item in range(pid, n_in, nprog):
+                pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, True, TOP_K, BI, HAS_MAP)
+                acc1 = tl.zeros((2, BI), dtype=tl.float32)
                 for k0 in range(0, H, BK):
-                    cols = k0 + c
-                    w = tl.load(w_rows + cols, mask=(rows < I) & (cols < H), other=0.0)
-                    xv = tl.load(x_row + cols, mask=cols < H, other=0.0)
-                    acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32), axis=2)
-                if ON_INPUT:
-                    acc = acc * tl.load(tw_ptr + p).to(tl.float32)
-                g = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 0, acc, 0.0), axis=0)
-                u = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 1, acc, 0.0), axis=0)
-                ri = i0 + tl.arange(0, BI)
-                tl.store(h_ptr + p.to(tl.int64) * I + ri, (_silu(g) * u).to(h_ptr.dtype.element_ty), mask=ri < I)
+                    wa = _decode_in_w(w1_ptr, ea, ia, k0, I, H, stride_w1e, stride_w1n, BI, BK)
+                    acc1 += _decode_in_acc(x_ptr, wa, pa, k0, H, stride_xt, TOP_K, BK)
+                _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
     if PHASE == 0:  # grid barrier: every h row is written before any program reads one
         tl.debug_barrier()
         tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
@@ -850,7 +887,7 @@ def _sm_count(index: int) -> int:
 
 
 def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
-                num_warps=8, tile=_DECODE_TILE, one_launch=None, prefetch=None):
+                num_warps=8, tile=_DECODE_TILE, one_launch=None, prefetch=None, pipe1=None):
     """fused_moe's pair path in one launch (or, under the interpreter and while capturing before
     the first eager call, the same kernel's two phases as two launches). ``programs``: grid
     size; by default one program per SM, which keeps every program resident at once (the grid
@@ -872,9 +909,10 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     if prefetch is None:
         prefetch = True
     prefetch = bool(prefetch and one_launch and I <= cfg["BJ"])
+    pipe1 = bool((True if pipe1 is None else pipe1) and H <= cfg["BK"])
     meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
     for phase in ((0,) if one_launch else (1, 2)):
-        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=prefetch, **meta)
+        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=prefetch, PIPE1=pipe1, **meta)
     return out
 
 
