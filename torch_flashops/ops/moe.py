@@ -25,7 +25,8 @@ one persistent kernel, ``_moe_decode_kernel``: phase 1 computes every pair's act
 intermediate, a grid barrier, phase 2 every token's output row (both GEMMs as weight-streaming
 GEMVs, the routing weights, the sum over k and the scaling in one pass); each program asks for
 its phase-2 weights before phase 1, so the two GEMMs' weights stream together and only the
-small intermediate waits for the barrier.
+small intermediate waits for the barrier. On CUDA it is off until its speed is measured
+(``DECODE_MAX_ELEMS = 0``); under the interpreter it serves every pair-path layer.
 
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
@@ -67,6 +68,15 @@ def _silu(x):
 
 
 @triton.jit
+def _map_expert(map_ptr, e, HAS_MAP: tl.constexpr):
+    """A routed expert id through ``expert_map`` (global -> local, -1: not on this rank); -1 stays -1."""
+    if HAS_MAP:
+        mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
+        e = tl.where(e >= 0, mapped, -1)
+    return e
+
+
+@triton.jit
 def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Program id -> (m block, n tile), GROUP_M m blocks per sweep over the n tiles."""
     width = GROUP_M * num_pid_n
@@ -98,10 +108,7 @@ def _moe_gemm_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     r = tl.arange(0, BLOCK_M)
     if PAIRS:  # routing ids come from before the chain: readable before the wait
-        expert = tl.load(topk_ids_ptr + pid_m).to(tl.int32)
-        if HAS_MAP:
-            mapped = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int32)
-            expert = tl.where(expert >= 0, mapped, -1)
+        expert = _map_expert(expert_map_ptr, tl.load(topk_ids_ptr + pid_m).to(tl.int32), HAS_MAP)
         slot = tl.where(r == 0, pid_m, num_valid).to(tl.int64)
         if PDL_WAIT:
             gdc_wait()
@@ -213,10 +220,7 @@ def _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, ok, TOP_K: tl.constexpr, BI:
     expert e; -1 for none, and unless ``ok``)."""
     p = item // n_iblk
     i0 = (item % n_iblk) * BI
-    e = tl.load(ids_ptr + p, mask=ok, other=-1).to(tl.int32)
-    if HAS_MAP:
-        mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
-        e = tl.where(e >= 0, mapped, -1)
+    e = _map_expert(map_ptr, tl.load(ids_ptr + p, mask=ok, other=-1).to(tl.int32), HAS_MAP)
     return p, i0, e
 
 
@@ -261,10 +265,7 @@ def _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, ok, TOP_K: tl.constexpr, K
     t = item // n_hblk
     h0 = (item % n_hblk) * BH
     p = t * TOP_K + j
-    e = tl.load(ids_ptr + p, mask=(j < TOP_K) & ok, other=-1).to(tl.int32)
-    if HAS_MAP:
-        mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
-        e = tl.where(e >= 0, mapped, -1)
+    e = _map_expert(map_ptr, tl.load(ids_ptr + p, mask=(j < TOP_K) & ok, other=-1).to(tl.int32), HAS_MAP)
     return t, h0, p, e
 
 
@@ -340,10 +341,9 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                 pb, ib, eb = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(nxt, n_in - 1), n_iblk, nxt < n_in,
                                              TOP_K, BI, HAS_MAP)
                 wb = _decode_in_w(w1_ptr, eb, ib, 0, I, H, stride_w1e, stride_w1n, BI, BK)
-                pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, True, TOP_K, BI, HAS_MAP)
                 acc1 = _decode_in_acc(x_ptr, wa, pa, 0, H, stride_xt, TOP_K, BK)
                 _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
-                wa = wb
+                pa, ia, wa = pb, ib, wb
         else:
             for item in range(pid, n_in, nprog):
                 pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, True, TOP_K, BI, HAS_MAP)
@@ -855,6 +855,8 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     if _config.interpreting():
         return True
     return torch.device(device).type == "cuda" and numel * I * H <= DECODE_MAX_ELEMS
+
+
 _DECODE_SYNC: dict = {}  # device index -> int32[2] grid-barrier counters (0 between launches)
 _DECODE_TILE = 16384  # weight elements per tile load (a program's loads in flight)
 
@@ -862,7 +864,8 @@ _DECODE_TILE = 16384  # weight elements per tile load (a program's loads in flig
 def decode_tiles(T: int, k: int, I: int, H: int, tile: int = _DECODE_TILE) -> dict:
     """Tile sizes of ``_moe_decode_kernel``: phase 1 loads [2, BI, BK] (gate and up rows of one
     pair), phase 2 [KP, BH, BJ] (one token's k experts); about ``tile`` elements each, so that
-    a program keeps a large load in flight (the loops over H and I are not pipelined)."""
+    a program keeps a large load in flight (only phase 1, where H fits one tile, overlaps the next
+    tile's load with this one's math)."""
     bk = next((b for b in (2048, 1024, 512, 256) if H % b == 0), min(_pow2(H), 2048))
     bi = max(1, min(_pow2(I), tile // (2 * bk)))
     kp = _pow2(k)
@@ -871,13 +874,12 @@ def decode_tiles(T: int, k: int, I: int, H: int, tile: int = _DECODE_TILE) -> di
     return {"BI": bi, "BK": bk, "BH": bh, "BJ": bj, "KP": kp}
 
 
-def _decode_sync(device: torch.device):
-    """The grid barrier's counters on this device, created on first use outside graph capture
-    (None while capturing before any eager call: the caller then launches the two phases)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+def _decode_sync(idx: int):
+    """The grid barrier's counters on CUDA device ``idx``, created on first use outside graph
+    capture (None while capturing before any eager call: the caller then launches the two phases)."""
     buf = _DECODE_SYNC.get(idx)
     if buf is None and not torch.cuda.is_current_stream_capturing():
-        buf = _DECODE_SYNC[idx] = torch.zeros(2, dtype=torch.int32, device=device)
+        buf = _DECODE_SYNC[idx] = torch.zeros(2, dtype=torch.int32, device=torch.device("cuda", idx))
     return buf
 
 
@@ -887,7 +889,7 @@ def _sm_count(index: int) -> int:
 
 
 def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
-                num_warps=8, tile=_DECODE_TILE, one_launch=None, prefetch=None, pipe1=None):
+                num_warps=8, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True):
     """fused_moe's pair path in one launch (or, under the interpreter and while capturing before
     the first eager call, the same kernel's two phases as two launches). ``programs``: grid
     size; by default one program per SM, which keeps every program resident at once (the grid
@@ -898,18 +900,17 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     h = x.new_empty((T * k, I))
     cfg = decode_tiles(T, k, I, H, tile)
     interp = _config.interpreting()
-    sync = None if interp else _decode_sync(x.device)
+    idx = None if interp else (x.device.index if x.device.index is not None else torch.cuda.current_device())
+    sync = None if interp else _decode_sync(idx)
     if one_launch is None:
         one_launch = sync is not None
     if programs is None:
-        programs = 3 if interp else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        programs = 3 if interp else _sm_count(idx)
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
             T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
-    if prefetch is None:
-        prefetch = True
     prefetch = bool(prefetch and one_launch and I <= cfg["BJ"])
-    pipe1 = bool((True if pipe1 is None else pipe1) and H <= cfg["BK"])
+    pipe1 = bool(pipe1 and H <= cfg["BK"])
     meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
     for phase in ((0,) if one_launch else (1, 2)):
         _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=prefetch, PIPE1=pipe1, **meta)
