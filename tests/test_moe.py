@@ -571,10 +571,13 @@ def test_launch_rules(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         _config.sm_major.cache_clear()
         assert not ops.moe_pdl("cuda", True, 192, 2048)
-        # decode in one launch: Qwen3's T=1 layer (8 experts of 192 x 2048), not two tokens' or DeepSeek's
+        # decode in one launch, shipped size rule: Qwen3's decode layers (T = 1..4: 8..32 pairs of
+        # 192 x 2048 experts; the pair path ends at T*k*4 > E), not DeepSeek's or Mixtral's T=1
+        assert all(ops.decode_one_launch("cuda", n, 192, 2048) for n in (8, 16, 32))
+        assert not ops.decode_one_launch("cuda", 8, 512, 7168) and not ops.decode_one_launch("cuda", 2, 7168, 4096)
+        assert not ops.decode_one_launch("cpu", 8, 192, 2048)
         monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 22)
         assert ops.decode_one_launch("cuda", 8, 192, 2048) and not ops.decode_one_launch("cuda", 16, 192, 2048)
-        assert not ops.decode_one_launch("cuda", 8, 512, 7168) and not ops.decode_one_launch("cpu", 8, 192, 2048)
         monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
         assert not ops.decode_one_launch("cuda", 8, 192, 2048)
     finally:
@@ -604,9 +607,9 @@ def aot_compile_decode_sm90() -> dict:
                    **ops.decode_tiles(1, 8, 192, 2048))
         sig = {n: ptrs.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
                for n in fn.arg_names if n not in cst}
-        out = compile_sm90(fn, sig, cst, [n for n in sig if n not in ("T", "scale")], 8)
+        out = compile_sm90(fn, sig, cst, [n for n in sig if n not in ("T", "scale")], 4)  # the shipped warps
         ptx = out["ptx"]
-        info[phase] = {"cubin_bytes": out["cubin_bytes"], "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
+        info[phase] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"], "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
                        "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
                        "cg_loads": ptx.count("ld.global.cg"), "vector_loads": ptx.count("ld.global.v4")}
     return info
@@ -614,11 +617,14 @@ def aot_compile_decode_sm90() -> dict:
 
 def test_decode_kernel_compiles_for_sm90_without_gpu():
     """One launch (phase 0): a release arrival, an acquire spin and the last program's reset, h
-    read past L1 (.cg); the two-launch phases carry no atomics at all."""
+    read past L1 (.cg), a few KB of shared memory (the default grid's programs fit an SM
+    together); the two-launch phases carry no atomics at all."""
     info = run_without_interpreter("import json; from tests.test_moe import aot_compile_decode_sm90; "
                                    "print(json.dumps(aot_compile_decode_sm90()))")
     one = info["0"]
     assert one["cubin_bytes"] > 0 and one["acquire_loads"] >= 1, one
+    # DECODE_PROGRAMS_PER_SM programs must be resident together: shared memory is no limit
+    assert ops.DECODE_PROGRAMS_PER_SM * one["shared"] <= 64 * 1024, one
     assert "atom.global.gpu.release.add.u32" in one["atomics"], one
     assert "atom.global.gpu.relaxed.exch.b32" in one["atomics"], one
     for phase in ("1", "2"):
@@ -651,7 +657,7 @@ def test_gpu_cuda_graph_replay_new_ids():
 
 @pytest.mark.gpu
 def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
-    """The decode kernel's grid barrier at full size (one program per SM), model-like shapes:
+    """The decode kernel's grid barrier at full size (the default grid, two programs per SM), model-like shapes:
     a capture before any eager call falls back to two launches; afterwards one launch, repeated
     eagerly and by graph replay, bitwise equal every time, with the barrier's counters back at
     0 after each launch."""

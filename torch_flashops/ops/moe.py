@@ -25,8 +25,9 @@ one persistent kernel, ``_moe_decode_kernel``: phase 1 computes every pair's act
 intermediate, a grid barrier, phase 2 every token's output row (both GEMMs as weight-streaming
 GEMVs, the routing weights, the sum over k and the scaling in one pass); each program asks for
 its phase-2 weights before phase 1, so the two GEMMs' weights stream together and only the
-small intermediate waits for the barrier. On CUDA it is off until its speed is measured
-(``DECODE_MAX_ELEMS = 0``); under the interpreter it serves every pair-path layer.
+small intermediate waits for the barrier. On CUDA it serves layers of up to ``DECODE_MAX_ELEMS``
+touched weight elements per matrix (Qwen3-sized decode; measured on an H100, see
+``decode_one_launch``); under the interpreter it serves every pair-path layer.
 
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
@@ -841,7 +842,8 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
 # Small decode layers run as one persistent kernel (_moe_decode_kernel) instead of the pair
 # path's GEMM1 -> GEMM2 -> finalize: see decode_one_launch. False: never (tests of the pair GEMMs).
 DECODE_ONE_LAUNCH = True
-DECODE_MAX_ELEMS = 0  # numel * I * H up to which CUDA layers take it (0: not yet measured with prefetch)
+DECODE_MAX_ELEMS = 1 << 24  # numel * I * H up to which CUDA layers take it (decode_one_launch)
+DECODE_PROGRAMS_PER_SM = 2  # 4-warp programs: two always fit an SM's registers (2 x 128 x 255 < 64K)
 
 
 def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
@@ -849,7 +851,10 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     interpreter (its two phases, so CI tests the kernel), on CUDA where the touched expert
     weights (``numel * I * H`` elements per matrix) are few enough that every program's share
     of both GEMMs is requested at once. Larger layers stream better through the pipelined
-    GEMMs."""
+    GEMMs. H100, 2026-12-05, CUDA-graph replays of 16 routings, this kernel (4 warps, two
+    programs per SM) vs the pair-path GEMMs (us): Qwen3 (I 192, H 2048, k 8) T=1 / 2 / 4 13.1 /
+    21.3 / 35.7 vs 15.6 / 22.7 / 38.4 (numel * I * H = 2^21.6 .. 2^23.6); DeepSeek (I 512,
+    H 7168) T=1 80.5 vs 71.1 (2^24.8); Mixtral (I 7168, H 4096) T=1 141.0 vs 129.3."""
     if not DECODE_ONE_LAUNCH:
         return False
     if _config.interpreting():
@@ -889,11 +894,12 @@ def _sm_count(index: int) -> int:
 
 
 def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
-                num_warps=8, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True):
+                num_warps=4, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True):
     """fused_moe's pair path in one launch (or, under the interpreter and while capturing before
     the first eager call, the same kernel's two phases as two launches). ``programs``: grid
-    size; by default one program per SM, which keeps every program resident at once (the grid
-    barrier needs that)."""
+    size; by default ``DECODE_PROGRAMS_PER_SM`` per SM. Every program must be resident at once
+    (the grid barrier waits for all of them): two 4-warp programs fit any SM's 64K registers,
+    and the kernel's shared memory is a few KB."""
     T, H = x.shape
     k = ids_flat.numel() // max(T, 1)
     I = w2.shape[2]
@@ -905,7 +911,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     if one_launch is None:
         one_launch = sync is not None
     if programs is None:
-        programs = 3 if interp else _sm_count(idx)
+        programs = 3 if interp else DECODE_PROGRAMS_PER_SM * _sm_count(idx)
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
             T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
