@@ -317,9 +317,9 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
     launcher sizes the grid from the SM count), and ``sync_ptr`` holds two int32 counters that
     are 0 at launch and that the last program out resets (so graph replays find them at 0).
     Pairs with expert -1 (skipped rows, remote experts) contribute 0; h is rounded to x's
-    dtype, as the unfused path rounds its intermediate. PREFETCH (one launch, I <= BJ): each
-    program requests its first phase-2 weight tile before phase 1, so those bytes stream while
-    phase 1 runs and only the small h rows wait for the barrier. PIPE1 (H <= BK): phase 1 asks
+    dtype, as the unfused path rounds its intermediate. PREFETCH (one launch, I <= BJ, at most
+    one phase-2 tile a program): each program requests its phase-2 weight tile before phase 1,
+    so those bytes stream while phase 1 runs and only the small h rows wait for the barrier. PIPE1 (H <= BK): phase 1 asks
     for its next item's weights before this item's math (two tiles in flight a program)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -915,7 +915,11 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
             T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
-    prefetch = bool(prefetch and one_launch and I <= cfg["BJ"])
+    # PREFETCH pays where each program's phase 2 is the one tile it prefetched (H100, same call,
+    # us with / without: Qwen3 T=1 13.1 / 13.7 (256 tiles, 264 programs); T=2 21.2 / 20.5, T=4
+    # 35.6 / 34.4, DeepSeek T=1 79.7 / 74.4 (several tiles a program)
+    n_out = T * _cdiv(H, cfg["BH"])
+    prefetch = bool(prefetch and one_launch and I <= cfg["BJ"] and n_out <= programs)
     pipe1 = bool(pipe1 and H <= cfg["BK"])
     meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
     for phase in ((0,) if one_launch else (1, 2)):
