@@ -657,10 +657,10 @@ def test_gpu_cuda_graph_replay_new_ids():
 
 @pytest.mark.gpu
 def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
-    """The decode kernel's grid barrier at full size (the default grid, two programs per SM), model-like shapes:
-    a capture before any eager call falls back to two launches; afterwards one launch, repeated
-    eagerly and by graph replay, bitwise equal every time, with the barrier's counters back at
-    0 after each launch."""
+    """The decode kernel's grid barrier at full size (the default grid, two programs per SM),
+    model-like shapes: a capture before any eager call falls back to two launches; afterwards
+    one launch, repeated eagerly and by graph replay, bitwise equal every time, with the
+    barrier's counters back at 0 after each launch."""
     dev = "cuda"
     monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)  # every decode layer here, not only the rule's
     shapes = [(1, 2048, 192, 128, 8), (4, 2048, 192, 128, 8), (1, 1024, 256, 64, 6), (2, 7168, 128, 64, 8)]

@@ -23,9 +23,9 @@ holds the single pair b and reads its expert from ``topk_ids`` (through ``expert
 alignment pass runs at all. The smallest of those layers (``decode_one_launch``) run instead as
 one persistent kernel, ``_moe_decode_kernel``: phase 1 computes every pair's activated
 intermediate, a grid barrier, phase 2 every token's output row (both GEMMs as weight-streaming
-GEMVs, the routing weights, the sum over k and the scaling in one pass); each program asks for
-its phase-2 weights before phase 1, so the two GEMMs' weights stream together and only the
-small intermediate waits for the barrier. On CUDA it serves layers of up to ``DECODE_MAX_ELEMS``
+GEMVs, the routing weights, the sum over k and the scaling in one pass); where a program's
+phase 2 is a single tile it asks for those weights before phase 1, so the two GEMMs' weights
+stream together and only the small intermediate waits for the barrier. On CUDA it serves layers of up to ``DECODE_MAX_ELEMS``
 touched weight elements per matrix (Qwen3-sized decode; measured on an H100, see
 ``decode_one_launch``); under the interpreter it serves every pair-path layer.
 
@@ -319,8 +319,9 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
     Pairs with expert -1 (skipped rows, remote experts) contribute 0; h is rounded to x's
     dtype, as the unfused path rounds its intermediate. PREFETCH (one launch, I <= BJ, at most
     one phase-2 tile a program): each program requests its phase-2 weight tile before phase 1,
-    so those bytes stream while phase 1 runs and only the small h rows wait for the barrier. PIPE1 (H <= BK): phase 1 asks
-    for its next item's weights before this item's math (two tiles in flight a program)."""
+    so those bytes stream while phase 1 runs and only the small h rows wait for the barrier.
+    PIPE1 (H <= BK): phase 1 asks for its next item's weights before this item's math (two
+    tiles in flight a program)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     numel = T * TOP_K
