@@ -578,6 +578,14 @@ def test_launch_rules(monkeypatch):
         assert not ops.decode_one_launch("cpu", 8, 192, 2048)
         monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 22)
         assert ops.decode_one_launch("cuda", 8, 192, 2048) and not ops.decode_one_launch("cuda", 16, 192, 2048)
+        monkeypatch.setenv("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "0")  # the user's switch, e.g. under MPS SM limits
+        assert not ops.decode_one_launch("cuda", 8, 192, 2048)
+        monkeypatch.setenv("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "1")
+        assert ops.decode_one_launch("cuda", 8, 192, 2048)
+        for pct, on in (("50", False), ("100", True), ("", True), ("abc", False)):  # MPS SM share
+            monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", pct)
+            assert ops.decode_one_launch("cuda", 8, 192, 2048) == on, pct
+        monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
         monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
         assert not ops.decode_one_launch("cuda", 8, 192, 2048)
     finally:

@@ -841,7 +841,8 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
 # ------------------------------------------------------------- decode: the layer in one launch
 
 # Small decode layers run as one persistent kernel (_moe_decode_kernel) instead of the pair
-# path's GEMM1 -> GEMM2 -> finalize: see decode_one_launch. False: never (tests of the pair GEMMs).
+# path's GEMM1 -> GEMM2 -> finalize: see decode_one_launch. False: never (tests of the pair GEMMs;
+# the environment variable FLASHOPS_MOE_DECODE_ONE_LAUNCH=0 does the same without code).
 DECODE_ONE_LAUNCH = True
 DECODE_MAX_ELEMS = 1 << 24  # numel * I * H up to which CUDA layers take it (decode_one_launch)
 DECODE_PROGRAMS_PER_SM = 2  # 4-warp programs: two always fit an SM's registers (2 x 128 x 255 < 64K)
@@ -855,12 +856,29 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     GEMMs. H100, 2026-12-05, CUDA-graph replays of 16 routings, this kernel (4 warps, two
     programs per SM) vs the pair-path GEMMs (us): Qwen3 (I 192, H 2048, k 8) T=1 / 2 / 4 13.1 /
     21.3 / 35.7 vs 15.6 / 22.7 / 38.4 (numel * I * H = 2^21.6 .. 2^23.6); DeepSeek (I 512,
-    H 7168) T=1 80.5 vs 71.1 (2^24.8); Mixtral (I 7168, H 4096) T=1 141.0 vs 129.3."""
-    if not DECODE_ONE_LAUNCH:
+    H 7168) T=1 80.5 vs 71.1 (2^24.8); Mixtral (I 7168, H 4096) T=1 141.0 vs 129.3.
+
+    The kernel's grid barrier needs all ``DECODE_PROGRAMS_PER_SM x`` (the device's SM count)
+    programs resident at once. Where a process gets fewer SMs than the device reports it is
+    off: under an MPS active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), and
+    wherever ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``), which SM-
+    partitioned green contexts need; decode layers then take the pair-path GEMMs."""
+    if not DECODE_ONE_LAUNCH or os.environ.get("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "1") in ("0", "false", "False"):
+        return False
+    if _mps_limited():
         return False
     if _config.interpreting():
         return True
     return torch.device(device).type == "cuda" and numel * I * H <= DECODE_MAX_ELEMS
+
+
+def _mps_limited() -> bool:
+    """Whether this process is an MPS client held to a share of the SMs."""
+    pct = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "").strip()
+    try:
+        return bool(pct) and float(pct) < 100.0
+    except ValueError:
+        return True  # unreadable: assume a limit
 
 
 _DECODE_SYNC: dict = {}  # device index -> int32[2] grid-barrier counters (0 between launches)
