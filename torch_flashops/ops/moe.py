@@ -862,7 +862,10 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     programs resident at once. Where a process gets fewer SMs than the device reports it is
     off: under an MPS active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), and
     wherever ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``), which SM-
-    partitioned green contexts need; decode layers then take the pair-path GEMMs."""
+    partitioned green contexts need; decode layers then take the pair-path GEMMs. The same
+    switch is needed where two decode MoE layers may run at once on one device (overlapped on
+    two streams, or two graphs replayed concurrently): the launches share one device's barrier
+    counters (``_DECODE_SYNC``), and neither could be fully resident."""
     if not DECODE_ONE_LAUNCH or os.environ.get("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "1") in ("0", "false", "False"):
         return False
     if _mps_limited():
