@@ -25,9 +25,10 @@ one persistent kernel, ``_moe_decode_kernel``: phase 1 computes every pair's act
 intermediate, a grid barrier, phase 2 every token's output row (both GEMMs as weight-streaming
 GEMVs, the routing weights, the sum over k and the scaling in one pass); where a program's
 phase 2 is a single tile it asks for those weights before phase 1, so the two GEMMs' weights
-stream together and only the small intermediate waits for the barrier. On CUDA it serves layers of up to ``DECODE_MAX_ELEMS``
-touched weight elements per matrix (Qwen3-sized decode; measured on an H100, see
-``decode_one_launch``); under the interpreter it serves every pair-path layer.
+stream together and only the small intermediate waits for the barrier. On CUDA it serves
+layers of up to ``DECODE_MAX_ELEMS`` touched weight elements per matrix (Qwen3-sized decode;
+measured on an H100, see ``decode_one_launch``); under the interpreter it serves every
+pair-path layer.
 
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
@@ -858,8 +859,8 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     21.3 / 35.7 vs 15.6 / 22.7 / 38.4 (numel * I * H = 2^21.6 .. 2^23.6); DeepSeek (I 512,
     H 7168) T=1 80.5 vs 71.1 (2^24.8); Mixtral (I 7168, H 4096) T=1 141.0 vs 129.3.
 
-    The kernel's grid barrier needs all ``DECODE_PROGRAMS_PER_SM x`` (the device's SM count)
-    programs resident at once. Where a process gets fewer SMs than the device reports it is
+    The kernel's grid barrier needs all of its programs (``DECODE_PROGRAMS_PER_SM`` per SM of
+    the device) resident at once. Where a process gets fewer SMs than the device reports it is
     off: under an MPS active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), and
     wherever ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``), which SM-
     partitioned green contexts need; decode layers then take the pair-path GEMMs. The same
