@@ -311,6 +311,8 @@ def test_fused_moe_decode_paths(device, backend, monkeypatch, case, programs, on
         kw, call = dict(on_input=True, rsf=2.0), dict(apply_router_weight_on_input=True, routed_scaling_factor=2.0)
     monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", one_launch)
     monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)  # CUDA too, whatever the shipped size rule
+    for var in ("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        monkeypatch.delenv(var, raising=False)  # the caller's switches would pick the path instead
     real, used = ops._moe_decode, []
 
     def spy(*a, **k_):
@@ -573,6 +575,8 @@ def test_launch_rules(monkeypatch):
         assert not ops.moe_pdl("cuda", True, 192, 2048)
         # decode in one launch, shipped size rule: Qwen3's decode layers (T = 1..4: 8..32 pairs of
         # 192 x 2048 experts; the pair path ends at T*k*4 > E), not DeepSeek's or Mixtral's T=1
+        for var in ("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+            monkeypatch.delenv(var, raising=False)  # the switches are tested below, not inherited
         assert all(ops.decode_one_launch("cuda", n, 192, 2048) for n in (8, 16, 32))
         assert not ops.decode_one_launch("cuda", 8, 512, 7168) and not ops.decode_one_launch("cuda", 2, 7168, 4096)
         assert not ops.decode_one_launch("cpu", 8, 192, 2048)
@@ -617,7 +621,8 @@ def aot_compile_decode_sm90() -> dict:
                for n in fn.arg_names if n not in cst}
         out = compile_sm90(fn, sig, cst, [n for n in sig if n not in ("T", "scale")], 4)  # the shipped warps
         ptx = out["ptx"]
-        info[phase] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"], "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
+        info[phase] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
+                       "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
                        "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
                        "cg_loads": ptx.count("ld.global.cg"), "vector_loads": ptx.count("ld.global.v4")}
     return info

@@ -51,6 +51,13 @@ def sm_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Multiprocessors of CUDA device ``index``, queried once per device (grid sizing: the
+    split-KV planner, the persistent decode MoE kernel)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def set_cpu_backend(name: str) -> None:
     """Choose what runs ops on CPU tensors: ``"reference"`` (plain PyTorch), ``"triton"``
     (the Triton kernels in the interpreter; needs ``TRITON_INTERPRET=1`` at import) or

@@ -447,7 +447,7 @@ def num_sms(device) -> int:
     """Multiprocessors of ``device`` (the split-KV planner's notion of machine width)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _config.sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return _CPU_SMS
 
 

@@ -911,11 +911,6 @@ def _decode_sync(idx: int):
     return buf
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
                 num_warps=4, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True):
     """fused_moe's pair path in one launch (or, under the interpreter and while capturing before
@@ -934,7 +929,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     if one_launch is None:
         one_launch = sync is not None
     if programs is None:
-        programs = 3 if interp else DECODE_PROGRAMS_PER_SM * _sm_count(idx)
+        programs = 3 if interp else DECODE_PROGRAMS_PER_SM * _config.sm_count(idx)
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
             T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
