@@ -428,6 +428,17 @@ def sweep(points=(("Qwen3-4GPU", 4096), ("Mixtral-2GPU", 4096))):
         torch.cuda.empty_cache()
 
 
+def _parse_points(text):
+    """``"Qwen3-4GPU:1,DeepSeek-4GPU:16"`` -> ``(("Qwen3-4GPU", 1), ("DeepSeek-4GPU", 16))``."""
+    points = []
+    for item in text.split(","):
+        name, _, t = item.strip().rpartition(":")
+        if name not in MODELS or not t.isdigit() or int(t) < 1:
+            raise SystemExit(f"--points: {item!r} is not MODEL:T with MODEL in {sorted(MODELS)} and T >= 1")
+        points.append((name, int(t)))
+    return tuple(points)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tune", action="store_true", help="time launch configs, write configs/moe tables")
@@ -438,6 +449,8 @@ def main(argv=None):
     p.add_argument("--diagnose", action="store_true", help="host cost vs device time of fused_moe")
     p.add_argument("--sum", action="store_true", help="moe_sum tile configs")
     p.add_argument("--sweep", action="store_true", help="whole-layer GEMM tile sweep (CUDA-graph replays)")
+    p.add_argument("--points", default=None,
+                   help="sweep points as MODEL:T[,MODEL:T...] (default: Qwen3-4GPU:4096,Mixtral-2GPU:4096)")
     a = p.parse_args(argv)
     if a.tune:
         tokens = {m: [t for t in ts if t >= a.min_tokens] for m, ts in TOKENS.items()}
@@ -445,7 +458,7 @@ def main(argv=None):
     if a.sum:
         sum_sweep()
     if a.sweep:
-        sweep()
+        sweep(*([_parse_points(a.points)] if a.points else []))
     if a.diagnose:
         diagnose()
 
