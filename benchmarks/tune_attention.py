@@ -1,6 +1,6 @@
 """Launch-parameter sweep for the attention kernel (one device call: checks, then times).
 
-    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid]
+    PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid] [unique]
         [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
         [evict] [merge_programs] [pdl] [regs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
 
@@ -135,6 +135,13 @@ def tma128(g):
 
 def little(g):
     _decode_rows(g, [(1, 128, 32, 8), (8, 256, 32, 8), (32, 64, 32, 8)], _DECODE_CFGS)
+
+
+def unique(g):
+    """Large batches of short requests (the cascade's unique level: B=128 x 256 keys; plain
+    decode at B=64/256 x 512): the heuristics' choice against fixed configs."""
+    _decode_rows(g, [(128, 256, 32, 8), (256, 512, 32, 8), (64, 512, 32, 8)],
+                 _DECODE_CFGS + [("(128,8,2)", (128, 8, 2)), ("(64,8,2)", (64, 8, 2))])
 
 
 def decode_mid(g):
@@ -313,8 +320,15 @@ def cascade(g):
     variants = [("default", None, None, None), ("(64,8,3) sp=2", None, (64, 8, 3), 2),
                 ("(128,8,3) sp=1", None, (128, 8, 3), 1), ("BM=64 (64,4,3) sp=1", 64, (64, 4, 3), 1)]
     variants += [(f"{n} page_ahead={pa}", bm, cfg, sp, pa) for n, bm, cfg, sp in variants[:1] for pa in (1, 2)]
-    for name, bm, cfg, sp, *pa in variants:
-        with _patched(block_m=bm, cfg=cfg, split=sp, page_ahead=pa[0] if pa else None):
+    # the shared level (128 query rows per key) through the gathered-K/V path: its K/V copied
+    # into contiguous scratch, then the ragged kernel (TMA key tiles)
+    variants += [("gather", None, None, None, None, 64), ("gather (128,8,3) sp=1", None, (128, 8, 3), 1, None, 64),
+                 ("default", None, None, None)]
+    for name, bm, cfg, sp, *extra in variants:
+        pa = extra[0] if extra else None
+        min_rows = extra[1] if len(extra) > 1 else prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
+        with _patched(block_m=bm, cfg=cfg, split=sp, page_ahead=pa), \
+                mock.patch.object(prefill_mod, "PAGED_GATHER_MIN_ROWS_PER_KEY", min_rows):
             casc = fo.MultiLevelCascadeAttentionWrapper(2, ws)
             casc.plan([i32([0, B]), ar], [i32([0, np_]), ar * nu], [pre, uq.reshape(-1)],
                       [i32([page]), torch.full((B,), page, dtype=torch.int32, device="cuda")], Hq, Hkv, D, page,
