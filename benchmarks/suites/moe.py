@@ -458,7 +458,7 @@ def main(argv=None):
     if a.sum:
         sum_sweep()
     if a.sweep:
-        sweep(*([_parse_points(a.points)] if a.points else []))
+        sweep(_parse_points(a.points)) if a.points else sweep()
     if a.diagnose:
         diagnose()
 
