@@ -548,6 +548,23 @@ def test_config_tables_of_the_same_chip():
         assert os.path.exists(os.path.join(ops.CONFIG_DIR, ops.config_file_name(E, I, H, h100, torch.bfloat16)))
 
 
+def test_config_table_overlay():
+    """A card's own table may hold only some token counts: those replace its chip's entries, the
+    rest come from the chip's table (the shipped H200 DeepSeek file holds T=1 only)."""
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    shape = (256, 512, 7168)
+    chip = ops._load_table(ops.config_file_name(*shape, h100, torch.bfloat16))
+    own = ops._load_table(ops.config_file_name(*shape, h200, torch.bfloat16))
+    assert own and chip and set(own) < set(chip)
+    merged = ops.merged_table(*shape, ops.table_devices(h200, (9, 0)), torch.bfloat16)
+    assert set(merged) == set(chip)
+    for t in merged:
+        assert merged[t] == (own[t] if t in own else chip[t]), t
+    assert merged[1] != chip[1]  # the overlay really changes something
+    assert ops.merged_table(*shape, (h100,), torch.bfloat16) == chip
+    assert ops.merged_table(3, 5, 7, (h200, h100), torch.bfloat16) is None
+
+
 def test_moe_config_selection():
     cfg = ops.default_moe_config(1, 8, 256, 512, 7168)
     assert cfg["pairs"]  # decode: one pair per block

@@ -33,9 +33,10 @@ pair-path layer.
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
 ``gemm_config``: a shipped table per (E, N=I, K=H, device, dtype) in ``configs/moe/`` picked by
-the token count nearest to T (a card without tables of its own uses those of its chip, e.g. an
-H200 the H100's: ``table_devices``), else a shape heuristic. ``FLASHOPS_MOE_AUTOTUNE=1`` times
-candidate configs on the first call of each shape (eager, outside graph capture) instead.
+the token count nearest to T (a card uses its chip's tables, e.g. an H200 the H100's, with any
+entries of its own in their place: ``table_devices``, ``merged_table``), else a shape heuristic.
+``FLASHOPS_MOE_AUTOTUNE=1`` times candidate configs on the first call of each shape (eager,
+outside graph capture) instead.
 """
 from __future__ import annotations
 
@@ -575,7 +576,8 @@ _TUNED: dict = {}
 
 # Cards that share a chip run the same tiles best: an H200 or H800 is an H100's compute with other
 # memory, so without a table of its own it takes the H100's (tuned on that card) rather than the
-# untuned defaults. Looked up by compute capability; a card's own table always wins.
+# untuned defaults. Looked up by compute capability. A card's own table may hold only the token
+# counts where it measured differently: its entries replace the chip table's at those counts.
 _SAME_CHIP_TABLES = {(9, 0): ("NVIDIA H100 80GB HBM3",)}
 
 
@@ -584,14 +586,19 @@ def table_devices(device_name: str, capability: tuple) -> tuple:
     return (device_name,) + tuple(d for d in _SAME_CHIP_TABLES.get(tuple(capability), ()) if d != device_name)
 
 
+def merged_table(E: int, I: int, H: int, names: tuple, dtype: torch.dtype) -> Optional[dict]:
+    """The launch-config table of devices ``names`` (best first): every token count any of
+    their tables holds, each taken from the first table that has it; None without any table."""
+    merged: dict = {}
+    for name in reversed(names):
+        merged.update(_load_table(config_file_name(E, I, H, name, dtype)) or {})
+    return merged or None
+
+
 @functools.lru_cache(maxsize=None)
 def _table_for(E: int, I: int, H: int, device_index: int, dtype: torch.dtype) -> Optional[dict]:
     names = table_devices(torch.cuda.get_device_name(device_index), torch.cuda.get_device_capability(device_index))
-    for name in names:
-        table = _load_table(config_file_name(E, I, H, name, dtype))
-        if table:
-            return table
-    return None
+    return merged_table(E, I, H, names, dtype)
 
 
 def moe_config(T: int, k: int, E: int, I: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
