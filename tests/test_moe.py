@@ -698,6 +698,8 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
     for x, w1, w2, tw, ids in layers:
         assert ops._pairs_rule(x.shape[0], ids.shape[1], w1.shape[0])
     ops._DECODE_SYNC.clear()
+    ops._DECODE_COOP.clear()
+    sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     x, w1, w2, tw, ids = layers[0]
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -718,6 +720,7 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
             assert torch.equal(fused_moe(x, w1, w2, tw, ids), first)
     torch.cuda.synchronize()
     assert sync.tolist() == [0, 0]
+    assert ops._DECODE_COOP[(torch.cuda.current_device(), ops.DECODE_PROGRAMS_PER_SM * sm)] is True  # cooperative
     x, w1, w2, tw, ids = layers[1]
     g2 = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g2):
@@ -728,6 +731,54 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
         torch.cuda.synchronize()
         assert torch.equal(out_g2, firsts[1])
     assert sync.tolist() == [0, 0]
+
+
+@pytest.mark.gpu
+def test_gpu_decode_refused_cooperative_grid(monkeypatch):
+    """A one-launch grid that cannot be resident at once (40 programs per SM: more blocks than
+    an SM holds) is refused by the driver's cooperative-launch check, not left to hang at the
+    barrier: that call and later ones (eager, and a graph captured afterwards) run the two
+    phases, with the same results as the default grid's one launch."""
+    from torch_flashops import _config
+
+    dev = "cuda"
+    idx = torch.cuda.current_device()
+    monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)
+    for var in ("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        monkeypatch.delenv(var, raising=False)
+    x, w1, w2, tw, ids = make_moe(2, 2048, 192, 128, 8, torch.bfloat16, dev, seed=41)
+    ref_out = fused_moe(x, w1, w2, tw, ids)  # default grid: one cooperative launch
+    default = ops.DECODE_PROGRAMS_PER_SM * _config.sm_count(idx)
+    assert ops._DECODE_COOP[(idx, default)] is True
+    big = 40 * _config.sm_count(idx)
+    ops._DECODE_COOP.pop((idx, big), None)
+    real, phases = ops._moe_decode_kernel, []
+
+    class Spy:  # records the PHASE of each launch of the decode kernel
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                phases.append(kw["PHASE"])
+                return real[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(ops, "_moe_decode_kernel", Spy())
+    real_decode = ops._moe_decode
+    monkeypatch.setattr(ops, "_moe_decode", lambda *a, **k: real_decode(*a, **k, programs=big))
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids)
+    torch.cuda.synchronize()
+    assert phases == [0, 1, 2] and ops._DECODE_COOP[(idx, big)] is False  # refused, then two launches
+    check_layer("refused cooperative grid", out, x, w1, w2, tw, ids, pipeline=False)
+    assert torch.equal(out, ref_out)
+    phases.clear()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_g = fused_moe(x, w1, w2, tw, ids)
+    assert phases == [1, 2]
+    out_g.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out_g, ref_out)
 
 
 @pytest.mark.gpu

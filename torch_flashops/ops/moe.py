@@ -867,13 +867,14 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     H 7168) T=1 80.5 vs 71.1 (2^24.8); Mixtral (I 7168, H 4096) T=1 141.0 vs 129.3.
 
     The kernel's grid barrier needs all of its programs (``DECODE_PROGRAMS_PER_SM`` per SM of
-    the device) resident at once. Where a process gets fewer SMs than the device reports it is
-    off: under an MPS active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), and
-    wherever ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``), which SM-
-    partitioned green contexts need; decode layers then take the pair-path GEMMs. The same
-    switch is needed where two decode MoE layers may run at once on one device (overlapped on
-    two streams, or two graphs replayed concurrently): the launches share one device's barrier
-    counters (``_DECODE_SYNC``), and neither could be fully resident."""
+    the device) resident at once; it is launched cooperatively, so where they cannot be (fewer
+    SMs than the device reports: an SM-partitioned green context) the driver refuses the launch
+    and ``_moe_decode`` runs the kernel's two phases as two launches instead. Under an MPS
+    active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) it is off outright,
+    and ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``) turns it off;
+    decode layers then take the pair-path GEMMs. That switch is needed where two decode MoE
+    layers may run at once on one device (overlapped on two streams, or two graphs replayed
+    concurrently): the launches share one device's barrier counters (``_DECODE_SYNC``)."""
     if not DECODE_ONE_LAUNCH or os.environ.get("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "1") in ("0", "false", "False"):
         return False
     if _mps_limited():
@@ -918,13 +919,20 @@ def _decode_sync(idx: int):
     return buf
 
 
+_DECODE_COOP: dict = {}  # (device index, programs) -> whether the cooperative one-launch grid fits
+
+
 def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
                 num_warps=4, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True):
-    """fused_moe's pair path in one launch (or, under the interpreter and while capturing before
-    the first eager call, the same kernel's two phases as two launches). ``programs``: grid
-    size; by default ``DECODE_PROGRAMS_PER_SM`` per SM. Every program must be resident at once
-    (the grid barrier waits for all of them): two 4-warp programs fit any SM's 64K registers,
-    and the kernel's shared memory is a few KB."""
+    """fused_moe's pair path in one launch (or, under the interpreter, while capturing before
+    the first eager call, and where the grid cannot be resident at once, the same kernel's two
+    phases as two launches). ``programs``: grid size; by default ``DECODE_PROGRAMS_PER_SM`` per
+    SM. Every program must be resident at once (the grid barrier waits for all of them): two
+    4-warp programs fit any SM's 64K registers and the kernel's shared memory is a few KB, and
+    the one launch is cooperative, so the driver guarantees residency or refuses the launch.
+    A refusal (a grid too large for the SMs this process may use: an MPS share, a green context)
+    is remembered per (device, grid size) and the two launches run instead; inside a CUDA-graph
+    capture the one launch is taken only once an eager launch of that grid has been accepted."""
     T, H = x.shape
     k = ids_flat.numel() // max(T, 1)
     I = w2.shape[2]
@@ -933,10 +941,13 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     interp = _config.interpreting()
     idx = None if interp else (x.device.index if x.device.index is not None else torch.cuda.current_device())
     sync = None if interp else _decode_sync(idx)
-    if one_launch is None:
-        one_launch = sync is not None
     if programs is None:
         programs = 3 if interp else DECODE_PROGRAMS_PER_SM * _config.sm_count(idx)
+    coop = _DECODE_COOP.get((idx, programs))
+    if coop is not True and sync is not None and torch.cuda.is_current_stream_capturing():
+        coop = False  # not known to fit: a refused launch would invalidate the capture
+    if one_launch is None:
+        one_launch = sync is not None and coop is not False
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
             T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
@@ -944,11 +955,21 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     # us with / without: Qwen3 T=1 13.1 / 13.7 (256 tiles, 264 programs); T=2 21.2 / 20.5, T=4
     # 35.6 / 34.4, DeepSeek T=1 79.7 / 74.4 (several tiles a program)
     n_out = T * _cdiv(H, cfg["BH"])
-    prefetch = bool(prefetch and one_launch and I <= cfg["BJ"] and n_out <= programs)
     pipe1 = bool(pipe1 and H <= cfg["BK"])
     meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
-    for phase in ((0,) if one_launch else (1, 2)):
-        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=prefetch, PIPE1=pipe1, **meta)
+    if one_launch:
+        prefetch1 = bool(prefetch and I <= cfg["BJ"] and n_out <= programs)
+        try:
+            _moe_decode_kernel[(programs,)](*args, PHASE=0, PREFETCH=prefetch1, PIPE1=pipe1,
+                                            launch_cooperative_grid=not interp, **meta)
+            _DECODE_COOP[(idx, programs)] = True
+            return out
+        except RuntimeError as e:  # the driver refused the cooperative grid (checked at launch)
+            if "cooperative" not in str(e):
+                raise
+            _DECODE_COOP[(idx, programs)] = False
+    for phase in (1, 2):
+        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=False, PIPE1=pipe1, **meta)
     return out
 
 
