@@ -45,6 +45,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _config
+from .._checks import expect
 from .._registry import register_op
 from ..meta import attention as meta
 from ..meta.page import paged_kv_views
@@ -68,7 +69,15 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
+SPLIT_HEAD = 6  # split items: (b, m_start, kv_lo, kv_hi, first item of the tile, count), counters
+SPLIT_HEAD_FIELDS = tl.constexpr(SPLIT_HEAD)
 NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
+
+
+def split_fields(num_kv_heads: int) -> int:
+    """int32 fields of one split-KV item: ``SPLIT_HEAD``, then one arrival counter per
+    KV head (used in the first item of each tile; 0 between launches, see ``fused_merge``)."""
+    return SPLIT_HEAD + num_kv_heads
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -231,6 +240,7 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
     KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_FIELDS: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -239,7 +249,7 @@ def _attn_fwd_kernel(
     # ---- which rows and keys this program owns
     if WORKLIST:
         is_split = pid < num_split_items
-        item = tl.where(is_split, SPLIT_WORK + pid * 4, WORK + (pid - num_split_items) * 4)
+        item = tl.where(is_split, SPLIT_WORK + pid * SPLIT_FIELDS, WORK + (pid - num_split_items) * 4)
         slot = tl.where(is_split, pid, -1)
         b = tl.load(item)
         if b < 0:
@@ -247,6 +257,9 @@ def _attn_fwd_kernel(
         m_start = tl.load(item + 1)
         kv_lo = tl.load(item + 2)
         kv_hi = tl.load(item + 3)
+        if FUSED_MERGE:  # the split items of this tile: [first, first + count)
+            first = tl.load(item + 4, mask=is_split, other=0)
+            count = tl.load(item + 5, mask=is_split, other=0)
         qo_start = tl.load(QO_INDPTR + b)
         qo_len = tl.load(QO_INDPTR + b + 1) - qo_start
         kv_base = tl.load(KV_INDPTR + b)
@@ -262,6 +275,8 @@ def _attn_fwd_kernel(
         tile = pid // single_n_split
         split = pid % single_n_split
         slot = tl.where(single_n_split > 1, pid, -1)
+        first = tile * single_n_split
+        count = single_n_split
         m_start = tile * BLOCK_M
         qo_start = 0
         qo_len = single_qo_len
@@ -356,15 +371,53 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    write = slot < 0
     if slot >= 0:  # split item: normalised partial state into the scratch tile
         prow = (slot.to(tl.int64) * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(PO + prow[:, None] * D_VO + offs_dv[None, :], o, mask=valid_m[:, None] & dv_mask[None, :])
         tl.store(PLSE + prow, lse2, mask=valid_m)
-    else:
+        if FUSED_MERGE:  # the tile's last item to finish folds its partials (see fused_merge)
+            tl.debug_barrier()  # every thread's partial stores precede the arrival
+            ctr = SPLIT_WORK + first * SPLIT_FIELDS + SPLIT_HEAD_FIELDS + hk
+            last = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") == count - 1
+            if last:
+                tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")  # 0 again for the next launch
+                o, lse2 = _fold_partials(PO, PLSE, first, count, hk, num_kv_heads, valid_m, offs_dv, dv_mask,
+                                         D_VO, BLOCK_M, BLOCK_DVO, MERGE_BLOCK)
+            write = last
+    if write:
         orow = (qo_start + r).to(tl.int64)
         o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_dv[None, :]
         tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & dv_mask[None, :])
         tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
+
+
+@triton.jit
+def _fold_partials(PO, PLSE, first, count, hk, num_kv_heads, valid_m, offs_dv, dv_mask,
+                   D_VO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DVO: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    """The merged (o, lse) of one tile's ``count`` partial states (items first, first+1, ...),
+    MERGE_BLOCK at a time in item order: a fixed fold, whoever runs it. Loads bypass L1 (".cg"):
+    the partials were written by other SMs during this launch."""
+    offs_t = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_DVO], dtype=tl.float32)
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    d_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s0 in range(0, count, MERGE_BLOCK):
+        sidx = s0 + tl.arange(0, MERGE_BLOCK)
+        prow = ((first + sidx).to(tl.int64)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
+        lmask = (sidx < count)[:, None] & valid_m[None, :]
+        s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"), cache_modifier=".cg")  # [MERGE_BLOCK, BLOCK_M]
+        o = tl.load(PO + prow[:, :, None] * D_VO + offs_dv[None, None, :],
+                    mask=lmask[:, :, None] & dv_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(s, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - shift)
+        w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        d_run = d_run * alpha + tl.sum(w, 0)
+        m_run = m_new
+    o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
+    return o, tl.reshape(lse2, [BLOCK_M])
 
 
 @triton.jit(do_not_specialize=["num_q_rows", "single_qo_len", "single_n_split", "d_split"])
@@ -623,6 +676,22 @@ def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, in
     return rows, max(1, min(64, 4096 // (rows * block_d))), block_d, 4
 
 
+FUSED_MERGE = True  # False: decode tiles' partials always go to _merge_kernel (A/B timing)
+
+
+def fused_merge(block_m: int, device) -> bool:
+    """Whether the attention kernel merges split-KV partials itself instead of a second launch
+    (``_merge_kernel``): decode tiles (16/32 rows) of a planned batch. Each split item, after
+    storing its partial state, counts its arrival on its tile's counter for its KV head (in the
+    split list, 0 between launches); the item that arrives last folds the tile's partials in
+    item order (bitwise the same whichever item that is) and writes o and lse, and sets the
+    counter back to 0. That saves the merge launch and the wait for the whole attention grid.
+    Taller (prefill, shared-prefix) tiles keep the merge kernel, which spreads a tile's many
+    wide partials over many programs. The counters live in the plan's split list, so one plan
+    must not be run on two streams at once (as FlashInfer's workspace buffers must not be)."""
+    return FUSED_MERGE and block_m <= 32
+
+
 def merge_pdl(n_split_items: int, n_merge_rows: int, device) -> int:
     """How the merge kernel follows the attention kernel: 0, a plain launch; 1 and 2,
     programmatic dependent launch (sm_90+), so its launch latency overlaps the attention grid
@@ -745,7 +814,10 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         return
     pos = _pos_code(pos_encoding_mode)
     if worklist:
-        n_split_items, n_items = split_work.shape[0] // WORK_FIELDS, work.shape[0] // WORK_FIELDS
+        fields = split_fields(h_kv)
+        expect(split_work.shape[0] % fields == 0, "split_work",
+               "length {} is not a multiple of {} fields (6 + num_kv_heads)", split_work.shape[0], fields)
+        n_split_items, n_items = split_work.shape[0] // fields, work.shape[0] // WORK_FIELDS
         grid0 = n_split_items + n_items
         s_qo, s_kv, s_chunk, s_nsplit = 0, 0, 1, 1
     else:
@@ -765,7 +837,8 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
                                                  keys_per_program, split=has_split, tma=tma)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
-    pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
+    fused = has_split and worklist and fused_merge(block_m, dev)
+    pdl = merge_pdl(n_split_items, n_merge, dev) if has_split and not fused else 0
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
     n_po = n_split_items * h_kv * block_m * d_vo
@@ -803,9 +876,11 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **reg_cap,
+        PDL=pdl, SPLIT_FIELDS=split_fields(h_kv) if worklist else 0, FUSED_MERGE=fused,
+        MERGE_BLOCK=max(1, 4096 // (block_m * triton.next_power_of_2(d_vo))),
+        num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
-    if not has_split:
+    if not has_split or fused:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group)
     d_split = merge_d_split(n_merge * h_kv, triton.cdiv(d_vo, block_d), dev)
