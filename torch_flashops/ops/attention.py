@@ -393,6 +393,17 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _fold_step(acc, m_run, d_run, s, o):
+    """Fold partial states (lse ``s`` [P, R], o ``o`` [P, R, C]) into a running (acc, max,
+    denominator) of R rows, the partials in order along the first axis; empty ones add 0."""
+    m_new = tl.maximum(m_run, tl.max(s, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_run - shift)
+    w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
+    return acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0), m_new, d_run * alpha + tl.sum(w, 0)
+
+
+@triton.jit
 def _fold_partials(PO, PLSE, first, count, hk, num_kv_heads, valid_m, offs_dv, dv_mask,
                    D_VO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DVO: tl.constexpr, MERGE_BLOCK: tl.constexpr):
     """The merged (o, lse) of one tile's ``count`` partial states (items first, first+1, ...),
@@ -409,13 +420,7 @@ def _fold_partials(PO, PLSE, first, count, hk, num_kv_heads, valid_m, offs_dv, d
         s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"), cache_modifier=".cg")  # [MERGE_BLOCK, BLOCK_M]
         o = tl.load(PO + prow[:, :, None] * D_VO + offs_dv[None, None, :],
                     mask=lmask[:, :, None] & dv_mask[None, None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(s, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - shift)
-        w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-        d_run = d_run * alpha + tl.sum(w, 0)
-        m_run = m_new
+        acc, m_run, d_run = _fold_step(acc, m_run, d_run, s, o)
     o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
     return o, tl.reshape(lse2, [BLOCK_M])
 
@@ -477,13 +482,7 @@ def _merge_kernel(
                 s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, ROWS]
                 o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
                             mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
-                m_new = tl.maximum(m_run, tl.max(s, 0))
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_run - shift)
-                w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
-                acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-                d_run = d_run * alpha + tl.sum(w, 0)
-                m_run = m_new
+                acc, m_run, d_run = _fold_step(acc, m_run, d_run, s, o)
             o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
             o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
             tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
