@@ -78,7 +78,9 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                 with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds,
                               evict=ev, pdl=pd), \
                         (mock.patch.object(A, "register_cap", lambda *a: None) if rc else contextlib.nullcontext()), \
-                        (mock.patch.object(A, "FUSED_MERGE", fu) if fu is not None else contextlib.nullcontext()):
+                        (mock.patch.multiple(A, FUSED_MERGE=bool(fu), FUSED_MAX_PARTIALS=1 << 30 if fu == "all" else
+                                             (fu if isinstance(fu, int) and fu is not True else A.FUSED_MAX_PARTIALS))
+                         if fu is not None else contextlib.nullcontext()):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -221,12 +223,13 @@ def regs(g):
 
 
 def fused(g):
-    """Split-KV partials merged in the attention kernel (fused=True, the default for decode
-    tiles) or by the merge kernel, alternating, at the split decode cases; then, fused, the
-    split floors and targets again (a cheaper merge may make shorter chunks pay)."""
+    """Split-KV partials merged in the attention kernel or by the merge kernel (fused=False),
+    alternating, at the split decode cases: fused=all fuses every tile whatever its number of
+    partials, fused=True as shipped (``fused_merge``); then the split floors and targets again
+    (a cheaper merge may make shorter chunks pay)."""
     _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (16, 4096, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 4),
-                     (1, 4096, 32, 8), (1, 512, 32, 8), (4, 4096, 32, 8), (16, 1024, 32, 8), (8, 256, 32, 8)],
-                 _DECODE_CFGS[:1], fuseds=(True, False, True, False))
+                     (1, 4096, 32, 8), (1, 512, 32, 8), (4, 4096, 32, 8), (16, 1024, 32, 8), (4, 1024, 32, 8)],
+                 _DECODE_CFGS[:1], fuseds=("all", False, "all", False))
     _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (8, 256, 32, 8), (32, 512, 32, 8), (64, 512, 32, 8),
                      (16, 1024, 32, 8)], _DECODE_CFGS[:1], min_keys=(None, 0), min_chunks=(None, 64, 128))
     _decode_rows(g, [(16, 512, 32, 8), (16, 4096, 32, 8), (1, 32768, 32, 8), (4, 4096, 32, 8)], _DECODE_CFGS[:1],

@@ -68,8 +68,8 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
                  PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
                  KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma, PDL=int(os.environ.get("PDL", "1")),
-                 SPLIT_FIELDS=A.split_fields(8), FUSED_MERGE=A.fused_merge(block_m, "cuda"),
-                 MERGE_BLOCK=max(1, 4096 // (block_m * 128)))
+                 SPLIT_FIELDS=A.split_fields(8), FUSED_MERGE=A.fused_merge(block_m, 4, 1),
+                 **dict(zip(("MERGE_ROWS", "MERGE_D", "MERGE_BLOCK"), A.fused_merge_config(block_m, 128, 4))))
     return compile_sm90(A._attn_fwd_kernel, const, warps, stages, types)
 
 

@@ -387,6 +387,9 @@ def test_decode_split_merge_fused_or_launched(fused, device, monkeypatch):
             first = (o, lse)
         assert torch.equal(o, first[0]) and torch.equal(lse, first[1])
     assert len(launched) == (0 if fused else 3)
+    if fused:  # the rule: decode tiles with few partials on average; prefill tiles never
+        assert A.fused_merge(16, 8 * 4, 4) and A.fused_merge(32, 3, 3)
+        assert not A.fused_merge(16, 8 * 4 + 1, 4) and not A.fused_merge(64, 3, 3)
 
 
 @pytest.mark.parametrize("ahead", [1, 2])

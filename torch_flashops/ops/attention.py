@@ -240,7 +240,8 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
     KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
-    SPLIT_FIELDS: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_BLOCK: tl.constexpr,
+    SPLIT_FIELDS: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_D: tl.constexpr,
+    MERGE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -371,7 +372,6 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-    write = slot < 0
     if slot >= 0:  # split item: normalised partial state into the scratch tile
         prow = (slot.to(tl.int64) * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(PO + prow[:, None] * D_VO + offs_dv[None, :], o, mask=valid_m[:, None] & dv_mask[None, :])
@@ -382,10 +382,10 @@ def _attn_fwd_kernel(
             last = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") == count - 1
             if last:
                 tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")  # 0 again for the next launch
-                o, lse2 = _fold_partials(PO, PLSE, first, count, hk, num_kv_heads, valid_m, offs_dv, dv_mask,
-                                         D_VO, BLOCK_M, BLOCK_DVO, MERGE_BLOCK)
-            write = last
-    if write:
+                _merge_tile(O, LSE, PO, PLSE, m_start, first, count, qo_start, qo_len, hk, 0, 1,
+                            stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, num_q_rows, v_scale, lse_scale,
+                            GROUP, D_VO, BLOCK_M, MERGE_ROWS, MERGE_D, MERGE_BLOCK, ".cg")
+    if slot < 0:
         orow = (qo_start + r).to(tl.int64)
         o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_dv[None, :]
         tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & dv_mask[None, :])
@@ -404,25 +404,48 @@ def _fold_step(acc, m_run, d_run, s, o):
 
 
 @triton.jit
-def _fold_partials(PO, PLSE, first, count, hk, num_kv_heads, valid_m, offs_dv, dv_mask,
-                   D_VO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DVO: tl.constexpr, MERGE_BLOCK: tl.constexpr):
-    """The merged (o, lse) of one tile's ``count`` partial states (items first, first+1, ...),
-    MERGE_BLOCK at a time in item order: a fixed fold, whoever runs it. Loads bypass L1 (".cg"):
-    the partials were written by other SMs during this launch."""
-    offs_t = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_DVO], dtype=tl.float32)
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    d_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s0 in range(0, count, MERGE_BLOCK):
-        sidx = s0 + tl.arange(0, MERGE_BLOCK)
-        prow = ((first + sidx).to(tl.int64)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
-        lmask = (sidx < count)[:, None] & valid_m[None, :]
-        s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"), cache_modifier=".cg")  # [MERGE_BLOCK, BLOCK_M]
-        o = tl.load(PO + prow[:, :, None] * D_VO + offs_dv[None, None, :],
-                    mask=lmask[:, :, None] & dv_mask[None, None, :], other=0.0, cache_modifier=".cg")
-        acc, m_run, d_run = _fold_step(acc, m_run, d_run, s, o)
-    o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
-    return o, tl.reshape(lse2, [BLOCK_M])
+def _merge_tile(O, LSE, PO, PLSE, m_start, first, count, qo_start, qo_len, hk, lane, d_split,
+                stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, num_q_rows, v_scale, lse_scale,
+                GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """Combine the ``count`` partial tiles (items first, first+1, ...) of one (request, m tile)
+    and KV head hk in item order, into o and lse: every live chunk of ROWS rows, the D chunks
+    [lane, lane + d_split, ...] of BLOCK_D columns, SPLIT_BLOCK partials per step so their loads
+    are in flight together (spec §0.5 merge, folded online; empty partials contribute 0). Each
+    (row chunk, D chunk) is folded by the same code whatever lane and d_split are, so results
+    do not depend on how chunks are spread over programs; row chunks past the request's rows
+    are never visited (decode: a 16-row tile holds one 4-row group). ``CACHE``: the loads'
+    cache modifier (".cg" where the partials were written during this launch by other SMs)."""
+    live_rows = tl.minimum(qo_len * GROUP - m_start, BLOCK_M)
+    D_CHUNKS: tl.constexpr = (D_VO + BLOCK_D - 1) // BLOCK_D
+    for row0 in range(0, live_rows, ROWS):
+        offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
+        offs_m = m_start + offs_t
+        valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
+        r = offs_m // GROUP
+        h = hk * GROUP + offs_m % GROUP
+        orow = (qo_start + r).to(tl.int64)
+        for dc in range(lane, D_CHUNKS, d_split):
+            offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D_VO
+            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+            d_run = tl.zeros([ROWS], dtype=tl.float32)
+            for s0 in range(0, count, SPLIT_BLOCK):
+                sidx = s0 + tl.arange(0, SPLIT_BLOCK)
+                # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
+                prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
+                lmask = (sidx < count)[:, None] & valid_m[None, :]
+                s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"), cache_modifier=CACHE)  # [SPLIT_BLOCK, ROWS]
+                o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
+                            mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=CACHE)
+                acc, m_run, d_run = _fold_step(acc, m_run, d_run, s, o)
+            o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
+            o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
+            lse_rows = tl.reshape(lse2, [ROWS])
+            if dc == 0:
+                tl.store(LSE + orow * stride_lt + h * stride_lh, lse_rows * lse_scale, mask=valid_m)
 
 
 @triton.jit(do_not_specialize=["num_q_rows", "single_qo_len", "single_n_split", "d_split"])
@@ -433,13 +456,7 @@ def _merge_kernel(
     GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, WORKLIST: tl.constexpr, PDL: tl.constexpr,
 ):
-    # Program (merge row e, KV head hk, D-chunk lane j): combine the `count` partial tiles of one
-    # (request, m tile) in item order, for every live chunk of ROWS rows and the D chunks
-    # [j, j + d_split, ...] of BLOCK_D columns, SPLIT_BLOCK partials per step so their loads are
-    # in flight together (spec §0.5 merge, folded online; empty partials contribute 0). Each
-    # (row chunk, D chunk) is folded by the same code whatever d_split is (a runtime argument),
-    # so results do not depend on how the launch spreads chunks over programs; row chunks past
-    # the request's rows are never visited (decode: a 16-row tile holds one 4-row group).
+    # Program (merge row e, KV head hk, D-chunk lane j): one tile's partials (see _merge_tile).
     e = tl.program_id(0)
     hk = tl.program_id(1)
     if WORKLIST:
@@ -457,38 +474,11 @@ def _merge_kernel(
         count = single_n_split
         qo_start = 0
         qo_len = single_qo_len
-    live_rows = tl.minimum(qo_len * GROUP - m_start, BLOCK_M)
-    D_CHUNKS: tl.constexpr = (D_VO + BLOCK_D - 1) // BLOCK_D
     if PDL != 0:  # launched while the attention grid runs: wait for it (and its partial stores) to finish
         gdc_wait()
-    for row0 in range(0, live_rows, ROWS):
-        offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
-        offs_m = m_start + offs_t
-        valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
-        r = offs_m // GROUP
-        h = hk * GROUP + offs_m % GROUP
-        orow = (qo_start + r).to(tl.int64)
-        for dc in range(tl.program_id(2), D_CHUNKS, d_split):
-            offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D_VO
-            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-            m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-            d_run = tl.zeros([ROWS], dtype=tl.float32)
-            for s0 in range(0, count, SPLIT_BLOCK):
-                sidx = s0 + tl.arange(0, SPLIT_BLOCK)
-                # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
-                prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
-                lmask = (sidx < count)[:, None] & valid_m[None, :]
-                s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, ROWS]
-                o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
-                            mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
-                acc, m_run, d_run = _fold_step(acc, m_run, d_run, s, o)
-            o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
-            o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
-            lse_rows = tl.reshape(lse2, [ROWS])
-            if dc == 0:
-                tl.store(LSE + orow * stride_lt + h * stride_lh, lse_rows * lse_scale, mask=valid_m)
+    _merge_tile(O, LSE, PO, PLSE, m_start, first, count, qo_start, qo_len, hk, tl.program_id(2), d_split,
+                stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, num_q_rows, v_scale, lse_scale,
+                GROUP, D_VO, BLOCK_M, ROWS, BLOCK_D, SPLIT_BLOCK, "")
 
 
 # ------------------------------------------------------------------------- launch heuristics
@@ -676,9 +666,10 @@ def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, in
 
 
 FUSED_MERGE = True  # False: decode tiles' partials always go to _merge_kernel (A/B timing)
+FUSED_MAX_PARTIALS = 8  # mean split items per tile up to which the merge is fused (fused_merge)
 
 
-def fused_merge(block_m: int, device) -> bool:
+def fused_merge(block_m: int, n_split_items: int, n_merge_rows: int) -> bool:
     """Whether the attention kernel merges split-KV partials itself instead of a second launch
     (``_merge_kernel``): decode tiles (16/32 rows) of a planned batch. Each split item, after
     storing its partial state, counts its arrival on its tile's counter for its KV head (in the
@@ -687,8 +678,20 @@ def fused_merge(block_m: int, device) -> bool:
     counter back to 0. That saves the merge launch and the wait for the whole attention grid.
     Taller (prefill, shared-prefix) tiles keep the merge kernel, which spreads a tile's many
     wide partials over many programs. The counters live in the plan's split list, so one plan
-    must not be run on two streams at once (as FlashInfer's workspace buffers must not be)."""
-    return FUSED_MERGE and block_m <= 32
+    must not be run on two streams at once (as FlashInfer's workspace buffers must not be).
+    One program folds a tile's partials serially, so only where tiles have few of them on
+    average (``FUSED_MAX_PARTIALS``, from the list sizes: frozen ones in CUDA-graph mode); long
+    requests split in many chunks keep the merge kernel, which spreads the fold over programs."""
+    return FUSED_MERGE and block_m <= 32 and n_split_items <= FUSED_MAX_PARTIALS * max(n_merge_rows, 1)
+
+
+def fused_merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_D, SPLIT_BLOCK) of the in-kernel merge: the merge kernel's row chunks (one
+    GQA group, at least 4 rows), whole rows of D, and partials per step for 2048 elements (16
+    fp32 values a thread at 4 warps: the attention kernel runs capped at 128 registers)."""
+    rows = merge_config(block_m, d_vo, group)[0]
+    block_d = triton.next_power_of_2(d_vo)
+    return rows, block_d, max(1, 2048 // (rows * block_d))
 
 
 def merge_pdl(n_split_items: int, n_merge_rows: int, device) -> int:
@@ -836,7 +839,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
                                                  keys_per_program, split=has_split, tma=tma)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
-    fused = has_split and worklist and fused_merge(block_m, dev)
+    fused = has_split and worklist and fused_merge(block_m, n_split_items, n_merge)
     pdl = merge_pdl(n_split_items, n_merge, dev) if has_split and not fused else 0
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
@@ -876,7 +879,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
         PDL=pdl, SPLIT_FIELDS=split_fields(h_kv) if worklist else 0, FUSED_MERGE=fused,
-        MERGE_BLOCK=max(1, 4096 // (block_m * triton.next_power_of_2(d_vo))),
+        **dict(zip(("MERGE_ROWS", "MERGE_D", "MERGE_BLOCK"), fused_merge_config(block_m, d_vo, group))),
         num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split or fused:
