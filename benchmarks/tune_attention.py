@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch_flashops as fo
 from benchmarks.harness import time_fn
 from benchmarks.suites.attention import _Paged, _sdpa_decode, _visible_pairs
-from torch_flashops import _attention_plan as AP, prefill as prefill_mod
+from torch_flashops import prefill as prefill_mod
 from torch_flashops.ops import attention as A
 
 DT = torch.bfloat16
@@ -63,7 +63,7 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
 
 
 def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,),
-                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,), caps=(None,), fuseds=(None,)):
+                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,), caps=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -72,26 +72,23 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, pa, mg, mk, ds, ev, pd, rc, fu in [
-                    (a, b, c, e, f, h, i, j, k, m) for a in splits for b in min_chunks for c in aheads for e in merges
-                    for f in min_keys for h in d_splits for i in evicts for j in pdls for k in caps for m in fuseds]:
+            for sp, mc, pa, mg, mk, ds, ev, pd, rc in [(a, b, c, e, f, h, i, j, k) for a in splits for b in min_chunks
+                                                       for c in aheads for e in merges for f in min_keys
+                                                       for h in d_splits for i in evicts for j in pdls for k in caps]:
                 with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds,
                               evict=ev, pdl=pd), \
-                        (mock.patch.object(A, "register_cap", lambda *a: None) if rc else contextlib.nullcontext()), \
-                        (mock.patch.multiple(A, FUSED_MERGE=bool(fu), FUSED_MAX_PARTIALS=1 << 30 if fu == "all" else
-                                             (fu if isinstance(fu, int) and fu is not True else A.FUSED_MAX_PARTIALS))
-                         if fu is not None else contextlib.nullcontext()):
+                        (mock.patch.object(A, "register_cap", lambda *a: None) if rc else contextlib.nullcontext()):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
                     err = (o.float() - ref.float()).abs().max().item()
-                    ns = AP.live_split_items(w)
+                    ns = int((w._t.split_work[::4] >= 0).sum())
                     ms = time_fn(lambda q, c, k, v: w.run(q, c), d.sets, device="cuda", graph=True)
                 row.append(f"{name}{'' if sp is None else f' sp={sp}'}{'' if mc is None else f' mc={mc}'}"
                            f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}"
                            f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}"
                            f"{'' if ev is None else f' evict={ev or None}'}{'' if pd is None else f' pdl={pd}'}"
-                           f"{'' if rc is None else f' {rc}'}{'' if fu is None else f' fused={fu}'}"
+                           f"{'' if rc is None else f' {rc}'}"
                            f": {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
@@ -222,20 +219,6 @@ def regs(g):
                      (16, 4096, 32, 4), (64, 1024, 32, 8)], _DECODE_CFGS[:1], caps=(None, "uncapped", None, "uncapped"))
 
 
-def fused(g):
-    """Split-KV partials merged in the attention kernel or by the merge kernel (fused=False),
-    alternating, at the split decode cases: fused=all fuses every tile whatever its number of
-    partials, fused=True as shipped (``fused_merge``); then the split floors and targets again
-    (a cheaper merge may make shorter chunks pay)."""
-    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (16, 4096, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 4),
-                     (1, 4096, 32, 8), (1, 512, 32, 8), (4, 4096, 32, 8), (16, 1024, 32, 8), (4, 1024, 32, 8)],
-                 _DECODE_CFGS[:1], fuseds=("all", False, "all", False))
-    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (8, 256, 32, 8), (32, 512, 32, 8), (64, 512, 32, 8),
-                     (16, 1024, 32, 8)], _DECODE_CFGS[:1], min_keys=(None, 0), min_chunks=(None, 64, 128))
-    _decode_rows(g, [(16, 512, 32, 8), (16, 4096, 32, 8), (1, 32768, 32, 8), (4, 4096, 32, 8)], _DECODE_CFGS[:1],
-                 splits=(None, 2, 6, 8))
-
-
 def split(g):
     """Split-KV target (resident programs per SM the planner assumes) at small batch / long context."""
     _decode_rows(g, [(1, 32768, 32, 8), (4, 16384, 32, 8), (16, 8192, 32, 8)],
@@ -355,7 +338,7 @@ def cascade(g):
             t = time_fn(lambda: casc.run(q, cache), [()], device="cuda", graph=True)
             t0 = time_fn(lambda: w0.run(q, cache, return_lse=True), [()], device="cuda", graph=True)
             t1 = time_fn(lambda: w1.run(q, cache, return_lse=True), [()], device="cuda", graph=True)
-            ns = AP.live_split_items(w0)
+            ns = int((w0._t.split_work[::4] >= 0).sum())
         row.append(f"{name}: total {t * 1e3:.0f} us = {tdec / t:.2f}x; prefix level {t0 * 1e3:.0f} us "
                    f"({flops / t0 / 1e9:.0f} TFLOP/s, {ns} split items, BM={w0._plan.block_m}), unique level "
                    f"{t1 * 1e3:.0f} us, err {err:.1e}")

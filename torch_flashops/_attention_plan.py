@@ -6,15 +6,11 @@
 
   work       int32 [Wd, 4]  (b, m_start, kv_lo, kv_hi): one program per item and KV head,
                             writes o directly; sorted longest first (load balance)
-  split_work int32 [Ws, 6 + H_kv]  (b, m_start, kv_lo, kv_hi, first, count, counters...): the
-                            chunks of KV ranges split across programs (split-KV); each writes a
-                            partial state to scratch; ``first``/``count`` name its tile's items,
-                            and the H_kv counters (0 between launches) let the last item of a
-                            tile to finish merge it (``ops.attention.fused_merge``)
-  merge      int32 [Ms, 4]  (b, m_start, first split item, count): partials to combine (by
-                            ``_merge_kernel`` where the merge is not fused)
+  split_work int32 [Ws, 4]  the chunks of KV ranges split across programs (split-KV); each
+                            writes a partial state to scratch
+  merge      int32 [Ms, 4]  (b, m_start, first split item, count): partials to combine
 
-On the device each list is flattened to 1-D int32 ``[fields * rows]``. Lists are padded with idle
+On the device each list is flattened to 1-D int32 ``[4 * rows]``. Lists are padded with idle
 items (b = -1) to at least 2 rows, so a compiled ``run()`` never specialises on a list being
 empty or of length 1. A plan without split-KV has split/merge lists of exactly 2 idle rows, one
 with splits at least 3: the launcher skips the merge launch on that shape. In CUDA-graph mode
@@ -41,8 +37,6 @@ __all__ = [
     "PlanTensors",
     "Schedule",
     "build_schedule",
-    "split_rows",
-    "live_split_items",
     "to_host_int",
     "check_indptr",
     "validate_qo_indptr",
@@ -206,7 +200,7 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
 @dataclasses.dataclass
 class Schedule:
     work: np.ndarray  # [Wd, 4] int32
-    split_work: np.ndarray  # [Ws, 6 + H_kv]
+    split_work: np.ndarray  # [Ws, 4]
     merge: np.ndarray  # [Ms, 4]
 
 
@@ -292,24 +286,12 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     s_idx = np.arange(owner.size, dtype=np.int64) - np.repeat(first, cnt)
     s_lo = np.minimum(lo[owner] + s_idx * step[owner], hi[owner])
     s_hi = np.minimum(s_lo + step[owner], hi[owner])
-    counters = np.zeros((owner.size, num_kv_heads), dtype=np.int64)
-    split_work = np.concatenate([np.stack([tb[owner], m_start[owner], s_lo, s_hi, np.repeat(first, cnt),
-                                           np.repeat(cnt, cnt)], axis=1), counters], axis=1)
-    return Schedule(_as_list(work), _as_list(split_work, attn_ops.split_fields(num_kv_heads)), _as_list(merge))
+    split_work = np.stack([tb[owner], m_start[owner], s_lo, s_hi], axis=1)
+    return Schedule(_as_list(work), _as_list(split_work), _as_list(merge))
 
 
-def _as_list(a: np.ndarray, width: int = attn_ops.WORK_FIELDS) -> np.ndarray:
-    return np.ascontiguousarray(a.reshape(-1, width), dtype=np.int32)
-
-
-def split_rows(split_work: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """The flat device split list as ``[rows, fields]`` (column 0: b, -1 for idle rows)."""
-    return split_work.view(-1, attn_ops.split_fields(num_kv_heads))
-
-
-def live_split_items(wrapper) -> int:
-    """Split-KV items of a planned wrapper's current plan (reads the device list: tests, tuning)."""
-    return int((split_rows(wrapper._t.split_work, wrapper._plan.num_kv_heads)[:, 0] >= 0).sum())
+def _as_list(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.reshape(-1, 4), dtype=np.int32)
 
 
 def padded(a: np.ndarray, rows: int) -> np.ndarray:

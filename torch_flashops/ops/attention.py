@@ -45,7 +45,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _config
-from .._checks import expect
 from .._registry import register_op
 from ..meta import attention as meta
 from ..meta.page import paged_kv_views
@@ -69,15 +68,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = math.log(2.0)
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 WORK_FIELDS = 4  # (b, m_start, kv_lo, kv_hi) / merge: (b, m_start, first split item, count)
-SPLIT_HEAD = 6  # split items: (b, m_start, kv_lo, kv_hi, first item of the tile, count), counters
-SPLIT_HEAD_FIELDS = tl.constexpr(SPLIT_HEAD)
 NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means "no split-KV"
-
-
-def split_fields(num_kv_heads: int) -> int:
-    """int32 fields of one split-KV item: ``SPLIT_HEAD``, then one arrival counter per
-    KV head (used in the first item of each tile; 0 between launches, see ``fused_merge``)."""
-    return SPLIT_HEAD + num_kv_heads
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -240,8 +231,6 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
     KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
-    SPLIT_FIELDS: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_D: tl.constexpr,
-    MERGE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -250,7 +239,7 @@ def _attn_fwd_kernel(
     # ---- which rows and keys this program owns
     if WORKLIST:
         is_split = pid < num_split_items
-        item = tl.where(is_split, SPLIT_WORK + pid * SPLIT_FIELDS, WORK + (pid - num_split_items) * 4)
+        item = tl.where(is_split, SPLIT_WORK + pid * 4, WORK + (pid - num_split_items) * 4)
         slot = tl.where(is_split, pid, -1)
         b = tl.load(item)
         if b < 0:
@@ -258,9 +247,6 @@ def _attn_fwd_kernel(
         m_start = tl.load(item + 1)
         kv_lo = tl.load(item + 2)
         kv_hi = tl.load(item + 3)
-        if FUSED_MERGE:  # the split items of this tile: [first, first + count)
-            first = tl.load(item + 4, mask=is_split, other=0)
-            count = tl.load(item + 5, mask=is_split, other=0)
         qo_start = tl.load(QO_INDPTR + b)
         qo_len = tl.load(QO_INDPTR + b + 1) - qo_start
         kv_base = tl.load(KV_INDPTR + b)
@@ -276,8 +262,6 @@ def _attn_fwd_kernel(
         tile = pid // single_n_split
         split = pid % single_n_split
         slot = tl.where(single_n_split > 1, pid, -1)
-        first = tile * single_n_split
-        count = single_n_split
         m_start = tile * BLOCK_M
         qo_start = 0
         qo_len = single_qo_len
@@ -376,76 +360,11 @@ def _attn_fwd_kernel(
         prow = (slot.to(tl.int64) * num_kv_heads + hk) * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(PO + prow[:, None] * D_VO + offs_dv[None, :], o, mask=valid_m[:, None] & dv_mask[None, :])
         tl.store(PLSE + prow, lse2, mask=valid_m)
-        if FUSED_MERGE:  # the tile's last item to finish folds its partials (see fused_merge)
-            tl.debug_barrier()  # every thread's partial stores precede the arrival
-            ctr = SPLIT_WORK + first * SPLIT_FIELDS + SPLIT_HEAD_FIELDS + hk
-            last = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") == count - 1
-            if last:
-                tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")  # 0 again for the next launch
-                _merge_tile(O, LSE, PO, PLSE, m_start, first, count, qo_start, qo_len, hk, 0, 1,
-                            stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, num_q_rows, v_scale, lse_scale,
-                            GROUP, D_VO, BLOCK_M, MERGE_ROWS, MERGE_D, MERGE_BLOCK, ".cg")
-    if slot < 0:
+    else:
         orow = (qo_start + r).to(tl.int64)
         o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_dv[None, :]
         tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & dv_mask[None, :])
         tl.store(LSE + orow * stride_lt + h * stride_lh, lse2 * lse_scale, mask=valid_m)
-
-
-@triton.jit
-def _fold_step(acc, m_run, d_run, s, o):
-    """Fold partial states (lse ``s`` [P, R], o ``o`` [P, R, C]) into a running (acc, max,
-    denominator) of R rows, the partials in order along the first axis; empty ones add 0."""
-    m_new = tl.maximum(m_run, tl.max(s, 0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_run - shift)
-    w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
-    return acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0), m_new, d_run * alpha + tl.sum(w, 0)
-
-
-@triton.jit
-def _merge_tile(O, LSE, PO, PLSE, m_start, first, count, qo_start, qo_len, hk, lane, d_split,
-                stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, num_q_rows, v_scale, lse_scale,
-                GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, CACHE: tl.constexpr):
-    """Combine the ``count`` partial tiles (items first, first+1, ...) of one (request, m tile)
-    and KV head hk in item order, into o and lse: every live chunk of ROWS rows, the D chunks
-    [lane, lane + d_split, ...] of BLOCK_D columns, SPLIT_BLOCK partials per step so their loads
-    are in flight together (spec §0.5 merge, folded online; empty partials contribute 0). Each
-    (row chunk, D chunk) is folded by the same code whatever lane and d_split are, so results
-    do not depend on how chunks are spread over programs; row chunks past the request's rows
-    are never visited (decode: a 16-row tile holds one 4-row group). ``CACHE``: the loads'
-    cache modifier (".cg" where the partials were written during this launch by other SMs)."""
-    live_rows = tl.minimum(qo_len * GROUP - m_start, BLOCK_M)
-    D_CHUNKS: tl.constexpr = (D_VO + BLOCK_D - 1) // BLOCK_D
-    for row0 in range(0, live_rows, ROWS):
-        offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
-        offs_m = m_start + offs_t
-        valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
-        r = offs_m // GROUP
-        h = hk * GROUP + offs_m % GROUP
-        orow = (qo_start + r).to(tl.int64)
-        for dc in range(lane, D_CHUNKS, d_split):
-            offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D_VO
-            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-            m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-            d_run = tl.zeros([ROWS], dtype=tl.float32)
-            for s0 in range(0, count, SPLIT_BLOCK):
-                sidx = s0 + tl.arange(0, SPLIT_BLOCK)
-                # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
-                prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
-                lmask = (sidx < count)[:, None] & valid_m[None, :]
-                s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"), cache_modifier=CACHE)  # [SPLIT_BLOCK, ROWS]
-                o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
-                            mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=CACHE)
-                acc, m_run, d_run = _fold_step(acc, m_run, d_run, s, o)
-            o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
-            o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
-            lse_rows = tl.reshape(lse2, [ROWS])
-            if dc == 0:
-                tl.store(LSE + orow * stride_lt + h * stride_lh, lse_rows * lse_scale, mask=valid_m)
 
 
 @triton.jit(do_not_specialize=["num_q_rows", "single_qo_len", "single_n_split", "d_split"])
@@ -456,7 +375,13 @@ def _merge_kernel(
     GROUP: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, WORKLIST: tl.constexpr, PDL: tl.constexpr,
 ):
-    # Program (merge row e, KV head hk, D-chunk lane j): one tile's partials (see _merge_tile).
+    # Program (merge row e, KV head hk, D-chunk lane j): combine the `count` partial tiles of one
+    # (request, m tile) in item order, for every live chunk of ROWS rows and the D chunks
+    # [j, j + d_split, ...] of BLOCK_D columns, SPLIT_BLOCK partials per step so their loads are
+    # in flight together (spec §0.5 merge, folded online; empty partials contribute 0). Each
+    # (row chunk, D chunk) is folded by the same code whatever d_split is (a runtime argument),
+    # so results do not depend on how the launch spreads chunks over programs; row chunks past
+    # the request's rows are never visited (decode: a 16-row tile holds one 4-row group).
     e = tl.program_id(0)
     hk = tl.program_id(1)
     if WORKLIST:
@@ -474,11 +399,44 @@ def _merge_kernel(
         count = single_n_split
         qo_start = 0
         qo_len = single_qo_len
+    live_rows = tl.minimum(qo_len * GROUP - m_start, BLOCK_M)
+    D_CHUNKS: tl.constexpr = (D_VO + BLOCK_D - 1) // BLOCK_D
     if PDL != 0:  # launched while the attention grid runs: wait for it (and its partial stores) to finish
         gdc_wait()
-    _merge_tile(O, LSE, PO, PLSE, m_start, first, count, qo_start, qo_len, hk, tl.program_id(2), d_split,
-                stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, num_q_rows, v_scale, lse_scale,
-                GROUP, D_VO, BLOCK_M, ROWS, BLOCK_D, SPLIT_BLOCK, "")
+    for row0 in range(0, live_rows, ROWS):
+        offs_t = row0 + tl.arange(0, ROWS)  # rows of the tile
+        offs_m = m_start + offs_t
+        valid_m = (offs_m < qo_len * GROUP) & (qo_start + offs_m // GROUP < num_q_rows)
+        r = offs_m // GROUP
+        h = hk * GROUP + offs_m % GROUP
+        orow = (qo_start + r).to(tl.int64)
+        for dc in range(tl.program_id(2), D_CHUNKS, d_split):
+            offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D_VO
+            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+            d_run = tl.zeros([ROWS], dtype=tl.float32)
+            for s0 in range(0, count, SPLIT_BLOCK):
+                sidx = s0 + tl.arange(0, SPLIT_BLOCK)
+                # int32 offsets (the planner keeps partial scratch below 2^31 elements): fewer registers
+                prow = ((first + sidx)[:, None] * num_kv_heads + hk) * BLOCK_M + offs_t[None, :]
+                lmask = (sidx < count)[:, None] & valid_m[None, :]
+                s = tl.load(PLSE + prow, mask=lmask, other=float("-inf"))  # [SPLIT_BLOCK, ROWS]
+                o = tl.load(PO + prow[:, :, None] * D_VO + offs_d[None, None, :],
+                            mask=lmask[:, :, None] & d_mask[None, None, :], other=0.0)
+                m_new = tl.maximum(m_run, tl.max(s, 0))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_run - shift)
+                w = tl.where(s == float("-inf"), 0.0, tl.exp2(s - shift[None, :]))
+                acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+                d_run = d_run * alpha + tl.sum(w, 0)
+                m_run = m_new
+            o, lse2 = online_merge_finish(acc, m_run[:, None], d_run[:, None])
+            o_ptr = O + orow[:, None] * stride_ot + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptr, (o * v_scale).to(O.dtype.element_ty), mask=valid_m[:, None] & d_mask[None, :])
+            lse_rows = tl.reshape(lse2, [ROWS])
+            if dc == 0:
+                tl.store(LSE + orow * stride_lt + h * stride_lh, lse_rows * lse_scale, mask=valid_m)
 
 
 # ------------------------------------------------------------------------- launch heuristics
@@ -665,35 +623,6 @@ def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, in
     return rows, max(1, min(64, 4096 // (rows * block_d))), block_d, 4
 
 
-FUSED_MERGE = True  # False: decode tiles' partials always go to _merge_kernel (A/B timing)
-FUSED_MAX_PARTIALS = 8  # mean split items per tile up to which the merge is fused (fused_merge)
-
-
-def fused_merge(block_m: int, n_split_items: int, n_merge_rows: int) -> bool:
-    """Whether the attention kernel merges split-KV partials itself instead of a second launch
-    (``_merge_kernel``): decode tiles (16/32 rows) of a planned batch. Each split item, after
-    storing its partial state, counts its arrival on its tile's counter for its KV head (in the
-    split list, 0 between launches); the item that arrives last folds the tile's partials in
-    item order (bitwise the same whichever item that is) and writes o and lse, and sets the
-    counter back to 0. That saves the merge launch and the wait for the whole attention grid.
-    Taller (prefill, shared-prefix) tiles keep the merge kernel, which spreads a tile's many
-    wide partials over many programs. The counters live in the plan's split list, so one plan
-    must not be run on two streams at once (as FlashInfer's workspace buffers must not be).
-    One program folds a tile's partials serially, so only where tiles have few of them on
-    average (``FUSED_MAX_PARTIALS``, from the list sizes: frozen ones in CUDA-graph mode); long
-    requests split in many chunks keep the merge kernel, which spreads the fold over programs."""
-    return FUSED_MERGE and block_m <= 32 and n_split_items <= FUSED_MAX_PARTIALS * max(n_merge_rows, 1)
-
-
-def fused_merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_D, SPLIT_BLOCK) of the in-kernel merge: the merge kernel's row chunks (one
-    GQA group, at least 4 rows), whole rows of D, and partials per step for 2048 elements (16
-    fp32 values a thread at 4 warps: the attention kernel runs capped at 128 registers)."""
-    rows = merge_config(block_m, d_vo, group)[0]
-    block_d = triton.next_power_of_2(d_vo)
-    return rows, block_d, max(1, 2048 // (rows * block_d))
-
-
 def merge_pdl(n_split_items: int, n_merge_rows: int, device) -> int:
     """How the merge kernel follows the attention kernel: 0, a plain launch; 1 and 2,
     programmatic dependent launch (sm_90+), so its launch latency overlaps the attention grid
@@ -816,10 +745,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         return
     pos = _pos_code(pos_encoding_mode)
     if worklist:
-        fields = split_fields(h_kv)
-        expect(split_work.shape[0] % fields == 0, "split_work",
-               "length {} is not a multiple of {} fields (6 + num_kv_heads)", split_work.shape[0], fields)
-        n_split_items, n_items = split_work.shape[0] // fields, work.shape[0] // WORK_FIELDS
+        n_split_items, n_items = split_work.shape[0] // WORK_FIELDS, work.shape[0] // WORK_FIELDS
         grid0 = n_split_items + n_items
         s_qo, s_kv, s_chunk, s_nsplit = 0, 0, 1, 1
     else:
@@ -839,8 +765,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
                                                  keys_per_program, split=has_split, tma=tma)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
-    fused = has_split and worklist and fused_merge(block_m, n_split_items, n_merge)
-    pdl = merge_pdl(n_split_items, n_merge, dev) if has_split and not fused else 0
+    pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
     n_po = n_split_items * h_kv * block_m * d_vo
@@ -878,11 +803,9 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
-        PDL=pdl, SPLIT_FIELDS=split_fields(h_kv) if worklist else 0, FUSED_MERGE=fused,
-        **dict(zip(("MERGE_ROWS", "MERGE_D", "MERGE_BLOCK"), fused_merge_config(block_m, d_vo, group))),
-        num_warps=num_warps, num_stages=num_stages, **reg_cap,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
-    if not has_split or fused:
+    if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group)
     d_split = merge_d_split(n_merge * h_kv, triton.cdiv(d_vo, block_d), dev)
