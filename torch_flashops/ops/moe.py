@@ -867,14 +867,15 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     H 7168) T=1 80.5 vs 71.1 (2^24.8); Mixtral (I 7168, H 4096) T=1 141.0 vs 129.3.
 
     The kernel's grid barrier needs all of its programs (``DECODE_PROGRAMS_PER_SM`` per SM of
-    the device) resident at once; it is launched cooperatively, so where they cannot be (fewer
-    SMs than the device reports: an SM-partitioned green context) the driver refuses the launch
-    and ``_moe_decode`` runs the kernel's two phases as two launches instead. Under an MPS
-    active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) it is off outright,
-    and ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``) turns it off;
-    decode layers then take the pair-path GEMMs. That switch is needed where two decode MoE
-    layers may run at once on one device (overlapped on two streams, or two graphs replayed
-    concurrently): the launches share one device's barrier counters (``_DECODE_SYNC``)."""
+    the device) resident at once; it is launched cooperatively, so a grid the driver's
+    occupancy check rejects is refused at launch and ``_moe_decode`` runs the kernel's two
+    phases as two launches instead. Where a process gets fewer SMs than the device reports it
+    is off: under an MPS active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``),
+    and wherever ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``), which
+    SM-partitioned green contexts need (whether the driver refuses the grid there is not
+    tested); decode layers then take the pair-path GEMMs. The same switch is needed where two
+    decode MoE layers may run at once on one device (overlapped on two streams, or two graphs
+    replayed concurrently): the launches share one device's barrier counters (``_DECODE_SYNC``)."""
     if not DECODE_ONE_LAUNCH or os.environ.get("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "1") in ("0", "false", "False"):
         return False
     if _mps_limited():
@@ -930,8 +931,8 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     SM. Every program must be resident at once (the grid barrier waits for all of them): two
     4-warp programs fit any SM's 64K registers and the kernel's shared memory is a few KB, and
     the one launch is cooperative, so the driver guarantees residency or refuses the launch.
-    A refusal (a grid too large for the SMs this process may use: an MPS share, a green context)
-    is remembered per (device, grid size) and the two launches run instead; inside a CUDA-graph
+    A refusal (more programs than the driver's occupancy check lets be resident at once) is
+    remembered per (device, grid size) and the two launches run instead; inside a CUDA-graph
     capture the one launch is taken only once an eager launch of that grid has been accepted."""
     T, H = x.shape
     k = ids_flat.numel() // max(T, 1)
