@@ -662,6 +662,48 @@ def test_decode_kernel_compiles_for_sm90_without_gpu():
     assert info["2"]["cg_loads"] >= 1 and info["1"]["vector_loads"] >= 1 and info["2"]["vector_loads"] >= 1, info
 
 
+def test_decode_barrier_slot_per_stream(monkeypatch):
+    """The one-launch decode kernel's barrier counters (``_decode_sync``), with CUDA's stream
+    and capture queries faked on the CPU: one slot per (device, stream), 128 bytes apart in one
+    per-device buffer; a capture before the buffer exists gets None (two launches), a new
+    stream inside a capture takes a free slot without allocating; past the last slot, None."""
+    state = {"stream": 11, "capturing": False, "allocs": 0}
+
+    def zeros(n, idx):
+        state["allocs"] += 1
+        return torch.zeros(n, dtype=torch.int32)
+
+    monkeypatch.setattr(ops, "_zeros_int32", zeros)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda idx: state["stream"], raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(ops, "_DECODE_SYNC", {})
+    monkeypatch.setattr(ops, "_DECODE_SLOT", {})
+    state["capturing"] = True
+    assert ops._decode_sync(0) is None and state["allocs"] == 0
+    state["capturing"] = False
+    a = ops._decode_sync(0)
+    assert a.shape == (2,) and a.dtype == torch.int32 and state["allocs"] == 1
+    assert ops._decode_sync(0) is a
+    buf = ops._DECODE_SYNC[0]
+    state["stream"], state["capturing"] = 22, True
+    b = ops._decode_sync(0)
+    assert state["allocs"] == 1 and b.data_ptr() - a.data_ptr() == 128
+    assert ops._decode_sync(1) is None  # another device: no buffer yet, capturing
+    state["capturing"] = False
+    c = ops._decode_sync(1)
+    assert state["allocs"] == 2 and c.data_ptr() != b.data_ptr()
+    ptrs = {a.data_ptr(), b.data_ptr()}
+    for s in range(100, 100 + ops._DECODE_SLOTS - 2):
+        state["stream"] = s
+        v = ops._decode_sync(0)
+        assert v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        ptrs.add(v.data_ptr())
+    assert len(ptrs) == ops._DECODE_SLOTS
+    assert max(ptrs) + 8 <= buf.data_ptr() + buf.numel() * 4
+    state["stream"] = 999
+    assert ops._decode_sync(0) is None  # every slot taken: the caller launches the two phases
+
+
 # ---------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_new_ids():
@@ -698,6 +740,7 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
     for x, w1, w2, tw, ids in layers:
         assert ops._pairs_rule(x.shape[0], ids.shape[1], w1.shape[0])
     ops._DECODE_SYNC.clear()
+    ops._DECODE_SLOT.clear()
     ops._DECODE_COOP.clear()
     sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     x, w1, w2, tw, ids = layers[0]
@@ -719,7 +762,7 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
         for (x, w1, w2, tw, ids), first in zip(layers, firsts):
             assert torch.equal(fused_moe(x, w1, w2, tw, ids), first)
     torch.cuda.synchronize()
-    assert sync.tolist() == [0, 0]
+    assert not sync.any()  # every slot's counters
     assert ops._DECODE_COOP[(torch.cuda.current_device(), ops.DECODE_PROGRAMS_PER_SM * sm)] is True  # cooperative
     x, w1, w2, tw, ids = layers[1]
     g2 = torch.cuda.CUDAGraph()
@@ -730,7 +773,59 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
         g2.replay()
         torch.cuda.synchronize()
         assert torch.equal(out_g2, firsts[1])
-    assert sync.tolist() == [0, 0]
+    assert not sync.any()  # every slot's counters
+
+
+@pytest.mark.gpu
+def test_gpu_decode_one_launch_two_streams(monkeypatch):
+    """Decode layers launched on two streams at once, eagerly and captured in one graph that
+    forks onto both: each stream has its own barrier counters, and every result equals the
+    single-stream one bitwise."""
+    dev = "cuda"
+    idx = torch.cuda.current_device()
+    monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)
+    for var in ("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        monkeypatch.delenv(var, raising=False)
+    a = make_moe(1, 2048, 192, 128, 8, torch.bfloat16, dev, seed=51)
+    b = make_moe(4, 2048, 192, 128, 8, torch.bfloat16, dev, seed=52)
+    want_a, want_b = fused_moe(*a), fused_moe(*b)
+    check_layer("stream a", want_a, *a, pipeline=False)
+    check_layer("stream b", want_b, *b, pipeline=False)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both(main):  # fork onto s1 and s2, eight layers each, join
+        s1.wait_stream(main)
+        s2.wait_stream(main)
+        outs = []
+        for s, layer in ((s1, a), (s2, b)):
+            with torch.cuda.stream(s):
+                outs.append([fused_moe(*layer) for _ in range(8)])
+        main.wait_stream(s1)
+        main.wait_stream(s2)
+        return outs
+
+    outs = both(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    views = {ops._DECODE_SLOT[(idx, s.cuda_stream)].data_ptr() for s in (s1, s2)}
+    assert len(views) == 2  # one slot each
+    for o in outs[0]:
+        assert torch.equal(o, want_a)
+    for o in outs[1]:
+        assert torch.equal(o, want_b)
+    g = torch.cuda.CUDAGraph()
+    cap = torch.cuda.Stream()
+    with torch.cuda.graph(g, stream=cap):
+        g_outs = both(cap)
+    for _ in range(5):
+        for o in g_outs[0] + g_outs[1]:
+            o.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        for o in g_outs[0]:
+            assert torch.equal(o, want_a)
+        for o in g_outs[1]:
+            assert torch.equal(o, want_b)
+    assert not ops._DECODE_SYNC[idx].any()
 
 
 @pytest.mark.gpu

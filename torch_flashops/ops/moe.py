@@ -873,9 +873,11 @@ def decode_one_launch(device, numel: int, I: int, H: int) -> bool:
     is off: under an MPS active-thread limit below 100% (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``),
     and wherever ``FLASHOPS_MOE_DECODE_ONE_LAUNCH=0`` (or ``DECODE_ONE_LAUNCH = False``), which
     SM-partitioned green contexts need (whether the driver refuses the grid there is not
-    tested); decode layers then take the pair-path GEMMs. The same switch is needed where two
-    decode MoE layers may run at once on one device (overlapped on two streams, or two graphs
-    replayed concurrently): the launches share one device's barrier counters (``_DECODE_SYNC``)."""
+    tested); decode layers then take the pair-path GEMMs. Launches on different streams (two
+    micro-batches overlapped on two streams, eagerly or inside one capture) use separate barrier
+    counters (``_decode_sync``: one slot per stream). The same switch is still needed where two
+    CUDA graphs captured on one stream are replayed at the same time on two streams: their
+    launches share that capture stream's counters."""
     if not DECODE_ONE_LAUNCH or os.environ.get("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "1") in ("0", "false", "False"):
         return False
     if _mps_limited():
@@ -894,7 +896,10 @@ def _mps_limited() -> bool:
         return True  # unreadable: assume a limit
 
 
-_DECODE_SYNC: dict = {}  # device index -> int32[2] grid-barrier counters (0 between launches)
+_DECODE_SYNC: dict = {}  # device index -> int32 [_DECODE_SLOTS * _SLOT_INTS]: every stream's barrier counters
+_DECODE_SLOT: dict = {}  # (device index, raw stream handle) -> that stream's int32[2] counters (a view)
+_DECODE_SLOTS = 64  # streams per device with counters of their own; past that, two launches
+_SLOT_INTS = 32  # one 128-byte line per slot
 _DECODE_TILE = 16384  # weight elements per tile load (a program's loads in flight)
 
 
@@ -911,13 +916,31 @@ def decode_tiles(T: int, k: int, I: int, H: int, tile: int = _DECODE_TILE) -> di
     return {"BI": bi, "BK": bk, "BH": bh, "BJ": bj, "KP": kp}
 
 
+def _zeros_int32(n: int, idx: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int32, device=torch.device("cuda", idx))
+
+
 def _decode_sync(idx: int):
-    """The grid barrier's counters on CUDA device ``idx``, created on first use outside graph
-    capture (None while capturing before any eager call: the caller then launches the two phases)."""
+    """The grid barrier's counters for the current stream of CUDA device ``idx``: two int32, 0
+    between launches. Each stream gets a slot of its own in one per-device buffer, so decode
+    layers running at once on two streams never count on each other's barrier. The buffer is
+    made on first use outside graph capture; inside a capture a new stream takes a free slot
+    (no allocation). None (the caller then launches the two phases): capturing before any
+    eager call on the device, or every slot taken."""
+    stream = torch._C._cuda_getCurrentRawStream(idx)
+    view = _DECODE_SLOT.get((idx, stream))
+    if view is not None:
+        return view
     buf = _DECODE_SYNC.get(idx)
-    if buf is None and not torch.cuda.is_current_stream_capturing():
-        buf = _DECODE_SYNC[idx] = torch.zeros(2, dtype=torch.int32, device=torch.device("cuda", idx))
-    return buf
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _DECODE_SYNC[idx] = _zeros_int32(_DECODE_SLOTS * _SLOT_INTS, idx)
+    slot = sum(1 for key in _DECODE_SLOT if key[0] == idx)
+    if slot >= _DECODE_SLOTS:
+        return None
+    view = _DECODE_SLOT[(idx, stream)] = buf[slot * _SLOT_INTS:slot * _SLOT_INTS + 2]
+    return view
 
 
 _DECODE_COOP: dict = {}  # (device index, programs) -> whether the cooperative one-launch grid fits
