@@ -44,6 +44,7 @@ import functools
 import json
 import os
 import re
+import threading
 from typing import Optional
 
 import torch
@@ -898,6 +899,7 @@ def _mps_limited() -> bool:
 
 _DECODE_SYNC: dict = {}  # device index -> int32 [_DECODE_SLOTS * _SLOT_INTS]: every stream's barrier counters
 _DECODE_SLOT: dict = {}  # (device index, raw stream handle) -> that stream's int32[2] counters (a view)
+_DECODE_LOCK = threading.Lock()
 _DECODE_SLOTS = 64  # streams per device with counters of their own; past that, two launches
 _SLOT_INTS = 32  # one 128-byte line per slot
 _DECODE_TILE = 16384  # weight elements per tile load (a program's loads in flight)
@@ -931,16 +933,20 @@ def _decode_sync(idx: int):
     view = _DECODE_SLOT.get((idx, stream))
     if view is not None:
         return view
-    buf = _DECODE_SYNC.get(idx)
-    if buf is None:
-        if torch.cuda.is_current_stream_capturing():
+    with _DECODE_LOCK:  # streams may first appear on several threads at once (one per micro-batch)
+        view = _DECODE_SLOT.get((idx, stream))
+        if view is not None:
+            return view
+        buf = _DECODE_SYNC.get(idx)
+        if buf is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            buf = _DECODE_SYNC[idx] = _zeros_int32(_DECODE_SLOTS * _SLOT_INTS, idx)
+        slot = sum(1 for key in list(_DECODE_SLOT) if key[0] == idx)
+        if slot >= _DECODE_SLOTS:
             return None
-        buf = _DECODE_SYNC[idx] = _zeros_int32(_DECODE_SLOTS * _SLOT_INTS, idx)
-    slot = sum(1 for key in _DECODE_SLOT if key[0] == idx)
-    if slot >= _DECODE_SLOTS:
-        return None
-    view = _DECODE_SLOT[(idx, stream)] = buf[slot * _SLOT_INTS:slot * _SLOT_INTS + 2]
-    return view
+        view = _DECODE_SLOT[(idx, stream)] = buf[slot * _SLOT_INTS:slot * _SLOT_INTS + 2]
+        return view
 
 
 _DECODE_COOP: dict = {}  # (device index, programs) -> whether the cooperative one-launch grid fits
