@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid] [unique]
         [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
-        [evict] [merge_programs] [pdl] [regs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile]
+        [evict] [merge_programs] [pdl] [regs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile] [lean]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -63,7 +63,7 @@ _DECODE_CFGS = [("default", None), ("(64,4,2)", (64, 4, 2)), ("(64,4,3)", (64, 4
 
 
 def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(None,), merges=(None,),
-                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,), caps=(None,)):
+                 min_keys=(None,), d_splits=(None,), evicts=(None,), pdls=(None,), caps=(None,), leans=(None,)):
     for B, L, Hq, Hkv in cases:
         kv_bytes = 2 * B * L * Hkv * 128 * 2
         d = _Paged(B, L, Hq, Hkv, 128, 16, DT, "cuda", g, max(1, min(16, math.ceil((256 << 20) / kv_bytes))))
@@ -72,12 +72,13 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
         sd = time_fn(lambda q, c, k, v: _sdpa_decode(q, k, v), d.sets, device="cuda", graph=True)
         row = [f"decode B={B} L={L} {Hq}/{Hkv}: sdpa {kv_bytes / sd / 1e6:.0f} GB/s {sd * 1e3:.1f} us"]
         for name, cfg in cfgs:
-            for sp, mc, pa, mg, mk, ds, ev, pd, rc in [(a, b, c, e, f, h, i, j, k) for a in splits for b in min_chunks
-                                                       for c in aheads for e in merges for f in min_keys
-                                                       for h in d_splits for i in evicts for j in pdls for k in caps]:
+            for sp, mc, pa, mg, mk, ds, ev, pd, rc, ln in [
+                    (a, b, c, e, f, h, i, j, k, m) for a in splits for b in min_chunks for c in aheads for e in merges
+                    for f in min_keys for h in d_splits for i in evicts for j in pdls for k in caps for m in leans]:
                 with _patched(cfg=cfg, split=sp, min_chunk=mc, page_ahead=pa, merge=mg, min_keys=mk, d_split=ds,
                               evict=ev, pdl=pd), \
-                        (mock.patch.object(A, "register_cap", lambda *a: None) if rc else contextlib.nullcontext()):
+                        (mock.patch.object(A, "register_cap", lambda *a: None) if rc else contextlib.nullcontext()), \
+                        (mock.patch.object(A, "LEAN_ADDRESSING", ln) if ln is not None else contextlib.nullcontext()):
                     w = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
                     w.plan(d.indptr, d.indices, d.last, Hq, Hkv, 128, 16, q_data_type=DT)
                     o = w.run(d.sets[0][0], d.sets[0][1])
@@ -88,7 +89,7 @@ def _decode_rows(g, cases, cfgs, splits=(None,), min_chunks=(None,), aheads=(Non
                            f"{'' if pa is None else f' page_ahead={pa}'}{'' if mg is None else f' merge={mg}'}"
                            f"{'' if mk is None else f' min_keys={mk}'}{'' if ds is None else f' d_split={ds}'}"
                            f"{'' if ev is None else f' evict={ev or None}'}{'' if pd is None else f' pdl={pd}'}"
-                           f"{'' if rc is None else f' {rc}'}"
+                           f"{'' if rc is None else f' {rc}'}{'' if ln is None else f' lean={ln}'}"
                            f": {kv_bytes / ms / 1e6:.0f} GB/s "
                            f"{ms * 1e3:.1f} us ({sd / ms:.2f}x sdpa, {ns} split items, err {err:.1e})")
         print("\n  ".join(row), flush=True)
@@ -217,6 +218,21 @@ def regs(g):
     at the split decode cases that take them; B=64 x 1024 (unsplit, not capped) as a control."""
     _decode_rows(g, [(16, 4096, 32, 8), (1, 32768, 32, 8), (16, 1024, 32, 8), (4, 4096, 32, 8), (1, 32768, 32, 4),
                      (16, 4096, 32, 4), (64, 1024, 32, 8)], _DECODE_CFGS[:1], caps=(None, "uncapped", None, "uncapped"))
+
+
+def lean(g):
+    """K/V row addressing in int32 page/slot arithmetic (``LEAN_ADDRESSING``, the default) or
+    int64, alternating twice: little-KV, split and KV >= 1 GB decode, then causal prefill (paged
+    in place and through its default path, ragged)."""
+    _decode_rows(g, [(16, 512, 32, 8), (16, 512, 32, 4), (1, 512, 32, 8), (4, 1024, 32, 8), (1, 4096, 32, 8),
+                     (1, 32768, 32, 8), (16, 4096, 32, 8), (128, 256, 32, 8), (64, 4096, 32, 8), (16, 32768, 32, 8),
+                     (256, 2048, 32, 4)], _DECODE_CFGS[:1], leans=(True, False, True, False))
+    for flag in (True, False, True, False):
+        with mock.patch.object(A, "LEAN_ADDRESSING", flag):
+            print(f"LEAN_ADDRESSING={flag}", flush=True)
+            _prefill_row(g, 4, 4096, True, [("paged in place BM=128 (64,8,3)", 128, (64, 8, 3), False),
+                                            ("default", None, None, True)])
+            _prefill_row(g, 4, 4096, False, [("default", None, None, True)])
 
 
 def split(g):

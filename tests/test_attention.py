@@ -389,6 +389,53 @@ def test_decode_128_key_tiles(device, monkeypatch):
             check_attention(f"128-key tiles page={page} split={split}", o, lse, ro, rl, torch.float32)
 
 
+def test_kv_row_addressing_forms(device, monkeypatch):
+    """K/V row addresses: int32 page/slot arithmetic (``lean_addressing``) and the int64 form,
+    with K and V sharing strides (one offset per row: a 5-D cache, a tuple of one layout) or not
+    (a tuple whose V rows are padded): every form equals the oracle, and the two arithmetic forms
+    give bitwise equal results (decode with a split plan, and causal paged prefill)."""
+    from torch_flashops.ops import attention as A
+
+    kv = [150, 37, 1, 64]
+    for form, pad_v in (("5d", False), ("tuple", False), ("tuple", True)):
+        b = Batch([1, 3, 1, 2], kv, page_size=16, Hq=8, Hkv=2, D=16, form=form, seed=90)
+        if pad_v:
+            k, v = b.cache
+            vb = torch.randn(*v.shape[:-1], v.shape[-1] + 8, dtype=v.dtype, device=v.device)
+            vb[..., :16] = v
+            b.cache = (k, vb[..., :16])
+            assert b.cache[0].stride() != b.cache[1].stride()
+        outs = []
+        for lean in (True, False):
+            monkeypatch.setattr(A, "LEAN_ADDRESSING", lean)
+            assert A.lean_addressing(*(b.cache if form == "tuple" else (b.cache[:, 0], b.cache[:, 1]))) == lean
+            w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+            plan_paged(w, b, causal=True, fixed_split_size=2)
+            o, lse = w.run(b.q, b.cache, return_lse=True)
+            ro, rl = b.oracle(causal=True)
+            check_attention(f"{form} pad_v={pad_v} lean={lean}", o, lse, ro, rl, torch.float32)
+            outs.append((o, lse))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_lean_addressing_rule():
+    """int32 row arithmetic only where every stride and every in-page offset fits (meta tensors:
+    no memory)."""
+    from torch_flashops.ops import attention as A
+
+    def t(shape, stride):
+        return torch.empty_strided(shape, stride, dtype=torch.bfloat16, device="meta")
+
+    ok = t((1000, 16, 8, 128), (2 * 16 * 8 * 128, 8 * 128, 128, 1))
+    assert A.lean_addressing(ok, ok)
+    huge_page = t((4, 16, 8, 128), (2 ** 31, 8 * 128, 128, 1))  # page stride past int32
+    assert not A.lean_addressing(huge_page, ok) and not A.lean_addressing(ok, huge_page)
+    wide_page = t((4, 64, 8, 128), (2 ** 32, 2 ** 25, 128, 1))  # 63 * 2^25 + ... >= 2^31 inside a page
+    assert not A.lean_addressing(ok, wide_page)
+    ragged = t((10, 1, 8, 128), (1024, 2 ** 40, 128, 1))  # a size-1 page dim's stride never multiplies
+    assert A.lean_addressing(ragged, ragged)
+
+
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1), (16, 1)])
 def test_split_merge_row_chunks(hq, hkv, device):
     """The merge folds row chunks of one GQA group (>= 4 rows): group sizes 1, 7 and 16 with

@@ -111,18 +111,43 @@ def _load_rows(row_ptr, offs, n_valid, d_mask, MASK_N: tl.constexpr, MASK_D: tl.
 
 
 @triton.jit
-def _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+def _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+             LEAN: tl.constexpr = False):
     """(page, slot) of keys ``offs_n`` of a request. Paged: page ids from the page table, masked
-    to [0, num_pages); ragged: page = row ``kv_base + j`` (masked to the rows given), slot 0."""
+    to [0, num_pages); ragged: page = row ``kv_base + j`` (masked to the rows given), slot 0.
+    LEAN: int32 results (widened where they are multiplied, see ``_kv_offsets``) and unsigned
+    division by the page size (key offsets are never negative); else int64."""
     if PAGED:
-        page = tl.load(KV_INDICES + kv_base + offs_n // PAGE_SIZE, mask=n_valid, other=0)
+        if LEAN:
+            un = offs_n.to(tl.uint32)
+            page = tl.load(KV_INDICES + kv_base + (un // PAGE_SIZE).to(tl.int32), mask=n_valid, other=0)
+            slot = (un % PAGE_SIZE).to(tl.int32)
+        else:
+            page = tl.load(KV_INDICES + kv_base + offs_n // PAGE_SIZE, mask=n_valid, other=0)
+            slot = offs_n % PAGE_SIZE
         page = tl.where((page >= 0) & (page < num_pages), page, 0)
-        slot = offs_n % PAGE_SIZE
     else:
         page = kv_base + offs_n
         page = tl.where(n_valid & (page < num_pages), page, 0)
         slot = offs_n * 0
-    return page.to(tl.int64), slot.to(tl.int64)
+    if not LEAN:
+        page = page.to(tl.int64)
+        slot = slot.to(tl.int64)
+    return page, slot
+
+
+@triton.jit
+def _kv_offsets(page, slot, hk, stride_p, stride_s, stride_h, LEAN: tl.constexpr):
+    """Element offsets of rows (page, slot) of KV head ``hk``. LEAN: the launcher checked that
+    strides are in [0, 2^31) and that offsets inside one page fit int32 (``lean_addressing``), so
+    the page term is one 32x32->64-bit multiply-add per row, the in-page term 32-bit."""
+    if LEAN:  # unsigned: no sign fix-ups, the page term is one wide multiply-add
+        inpage = tl.cast(slot * stride_s + hk * stride_h, tl.uint32).to(tl.uint64)
+        off = (tl.cast(page, tl.uint32).to(tl.uint64) * tl.cast(stride_p, tl.uint32).to(tl.uint64) + inpage)
+        off = off.to(tl.int64)
+    else:
+        off = page * stride_p + slot * stride_s + hk * stride_h
+    return off
 
 
 @triton.jit
@@ -137,6 +162,7 @@ def _attend_tile(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_EVICT: tl.constexpr, TMA: tl.constexpr,
+    LEAN: tl.constexpr, KV_SAME: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded ahead. PAGE_AHEAD 1: the next
@@ -151,18 +177,24 @@ def _attend_tile(
     if PAGED:
         if PAGE_AHEAD == 2:  # ids of tile + 2: off the chain that issues tile + 1's K/V copies
             far_n = offs_n + 2 * BLOCK_N
-            far_page, far_slot = _kv_rows(KV_INDICES, kv_base, far_n, far_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
+            far_page, far_slot = _kv_rows(KV_INDICES, kv_base, far_n, far_n < kv_hi, num_pages, PAGED, PAGE_SIZE,
+                                          LEAN)
             nxt_page, nxt_slot = page1, slot1
         else:
             nxt_n = offs_n + BLOCK_N
-            nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE)
+            nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE,
+                                          LEAN)
             far_page, far_slot = nxt_page, nxt_slot
     else:
-        page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE)
+        page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE, LEAN)
         nxt_page, nxt_slot = page, slot
         far_page, far_slot = page, slot
-    k_row = K + page * stride_kp + slot * stride_ks + hk * stride_kh
-    v_row = V + page * stride_vp + slot * stride_vs + hk * stride_vh
+    k_off = _kv_offsets(page, slot, hk, stride_kp, stride_ks, stride_kh, LEAN)
+    k_row = K + k_off
+    if KV_SAME:  # K and V share strides (a 5-D cache, a (k, v) pair of one shape): one offset per row
+        v_row = V + k_off
+    else:
+        v_row = V + _kv_offsets(page, slot, hk, stride_vp, stride_vs, stride_vh, LEAN)
     if TMA:  # ragged rows [kv_base + start, + BLOCK_N) of head hk: one bulk copy (rows past the tensor read 0)
         k = tl.reshape(K_DESC.load([kv_base + start, hk, 0]), [BLOCK_N, offs_d.shape[0]])
     else:
@@ -230,7 +262,8 @@ def _attn_fwd_kernel(
     WORKLIST: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+    KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LEAN: tl.constexpr = False,
+    KV_SAME: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -334,11 +367,12 @@ def _attn_fwd_kernel(
         else:
             lo, hi = c, kv_hi
         offs_lo = lo + tl.arange(0, BLOCK_N)
-        kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE)
+        kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE, LEAN)
         kpage1, kslot1 = kpage, kslot
         if PAGED and PAGE_AHEAD == 2:
             offs_lo1 = offs_lo + BLOCK_N
-            kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE)
+            kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE,
+                                      LEAN)
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
                 acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
@@ -347,7 +381,7 @@ def _attn_fwd_kernel(
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME)
 
     if PDL == 2:  # the merge kernel may launch once every program is this far (see merge_pdl)
         gdc_launch_dependents()
@@ -540,6 +574,34 @@ def register_cap(block_m: int, num_warps: int, ahead: int, device) -> Optional[i
     if torch.device(device).type != "cuda" or block_m > 32 or num_warps != 4 or ahead != 2:
         return None
     return 128
+
+
+LEAN_ADDRESSING = True  # False: int64 page/slot arithmetic everywhere (the form before lean_addressing)
+_I32 = 2 ** 31
+
+
+def lean_addressing(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the attention kernel may address K/V rows of the 4-D views ``[P, page, H_kv, D]``
+    with int32 page ids and slots, one 32x32->64-bit multiply per row for the page term and int32
+    arithmetic inside a page (``_kv_offsets``): every stride in [0, 2^31) and every offset inside
+    one page below 2^31. Where K and V share strides the launcher also sets ``KV_SAME`` (one
+    offset per row for both). Offline sm_90 compiles (``scripts/inspect_attention_ir.py``
+    specialisation, bf16 D=128 GQA-4; SASS of the unmasked key loop, instructions / integer
+    instructions per key tile, int64 form -> this one, 2026-12-05): decode (16 rows, 64 keys, 4
+    warps, 2 stages, ids two ahead, 128-register cap) 647 / 411 -> 468 / 234 (but 12 bytes
+    spilled, 1 local access a tile); decode (64, 8 warps, 3 stages) 356 / 192 -> 261 / 96 (97 ->
+    80 registers); decode (128 keys, 8 warps, 2 stages) 623 / 394 -> 431 / 203; paged prefill
+    (128 rows, 64 keys, 8 warps, 3 stages) 510 / 192 -> 411 / 92; ragged prefill 408 / 94 -> 375
+    / 64. Not yet timed on a GPU (``python -m benchmarks.tune_attention lean`` A/B's it)."""
+    if not LEAN_ADDRESSING:
+        return False
+    for t in (k, v):
+        st = t.stride()
+        if any(x < 0 or x >= _I32 for n, x in zip(t.shape, st) if n > 1):  # a size-1 dim's stride never multiplies
+            return False
+        if sum((n - 1) * x for n, x in zip(t.shape[1:], st[1:])) + 1 >= _I32:
+            return False
+    return True
 
 
 def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int) -> bool:
@@ -803,7 +865,8 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **reg_cap,
+        PDL=pdl, LEAN=lean_addressing(k, v), KV_SAME=k.stride()[:3] == v.stride()[:3],
+        num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
