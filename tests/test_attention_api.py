@@ -289,7 +289,7 @@ def test_plan_errors(case, device):
 
 def test_run_errors_leave_outputs_untouched(device):
     b, w = _paged_setup(device)
-    with pytest.raises(RuntimeError, match="before plan"):
+    with pytest.raises(RuntimeError, match="before a successful plan"):
         w.run(b.q, b.cache)
     plan_paged(w, b)
     out, lse = poison(3, 4, 16, device=device), poison(3, 4, device=device)
@@ -573,3 +573,98 @@ def test_launch_heuristics_h100(monkeypatch):
     assert A.merge_config(16, 128, 4) == (4, 64, 16, 4) and A.merge_config(32, 128, 1) == (4, 64, 16, 4)
     assert A.merge_config(128, 128, 4) == (128, 1, 64, 8) and A.merge_config(64, 64, 1) == (64, 2, 64, 8)
     assert A.merge_config(16, 128, 8) == (8, 32, 16, 4) and A.merge_config(16, 64, 16) == (16, 16, 16, 4)
+
+
+# --------------------------------------------------------------------- plans that fail midway
+
+
+def test_failed_plan_leaves_the_previous_plan(device):
+    """A plan() that raises (an option checked late, a page table too big for a CUDA-graph
+    buffer, a work list past the frozen size) changes nothing: run() keeps giving the previous
+    plan's results, and CUDA-graph buffers keep its contents."""
+    a = Batch([1, 1, 1], [9, 20, 5], page_size=4, Hq=4, Hkv=1, D=16, seed=1)
+    c = Batch([1, 1, 1], [30, 2, 60], page_size=4, Hq=4, Hkv=1, D=16, seed=2)
+    ro, rl = a.oracle()
+    # eager wrappers: bad options rejected after the schedule could have been built
+    for bad in (dict(logits_soft_cap=-1.0), dict(rope_scale=0.0)):
+        for w in (fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device)),
+                  fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))):
+            if isinstance(w, fi.BatchDecodeWithPagedKVCacheWrapper):
+                plan = lambda b, **kw: w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 1, 16, 4,  # noqa: E731
+                                              q_data_type="float32", **kw)
+            else:
+                plan = lambda b, **kw: plan_paged(w, b, **kw)  # noqa: E731
+            plan(a)
+            with pytest.raises(ValueError):
+                plan(c, **bad)
+            o, lse = w.run(a.q, a.cache, return_lse=True)
+            check_attention(f"{type(w).__name__} after failed plan {bad}", o, lse, ro, rl, torch.float32)
+    # CUDA-graph decode: 23 page ids for a 16-entry buffer
+    ind, idx, last = (torch.zeros(n, dtype=torch.int32, device=device) for n in (4, 16, 3))
+    w = fi.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(workspace(device), ind, idx, last)
+    w.plan(a.dev(a.kv_indptr), a.dev(a.kv_indices), a.dev(a.last), 4, 1, 16, 4, q_data_type="float32")
+    before = [t.clone() for t in (ind, idx, last, *w._t.work, )]
+    with pytest.raises(ValueError, match="paged_kv_indices"):
+        w.plan(c.dev(c.kv_indptr), c.dev(c.kv_indices), c.dev(c.last), 4, 1, 16, 4, q_data_type="float32")
+    assert all(torch.equal(x, y) for x, y in zip(before, (ind, idx, last, *w._t.work)))
+    o, lse = w.run(a.q, a.cache, return_lse=True)
+    check_attention("graph decode after failed plan", o, lse, ro, rl, torch.float32)
+    # CUDA-graph prefill: a GQA group of 32 needs more tiles than the first plan froze
+    qo, ind2, idx2, last2 = (torch.zeros(n, dtype=torch.int32, device=device) for n in (4, 4, 64, 3))
+    b = Batch([2, 1, 3], [9, 20, 5], page_size=4, Hq=2, Hkv=2, D=16, seed=3)
+    wp = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), use_cuda_graph=True, qo_indptr_buf=qo,
+                                                paged_kv_indptr_buf=ind2, paged_kv_indices_buf=idx2,
+                                                paged_kv_last_page_len_buf=last2)
+    plan_paged(wp, b, causal=True)
+    before = [t.clone() for t in (qo, ind2, idx2, last2)]
+    g32 = Batch([3, 2, 1], [40, 7, 3], page_size=4, Hq=32, Hkv=1, D=16, seed=4)
+    with pytest.raises(ValueError, match="frozen CUDA-graph size"):
+        plan_paged(wp, g32, causal=True)
+    assert all(torch.equal(x, y) for x, y in zip(before, (qo, ind2, idx2, last2)))
+    o, lse = wp.run(b.q, b.cache, return_lse=True)
+    check_attention("graph prefill after failed plan", o, lse, *b.oracle(causal=True), torch.float32)
+
+
+def test_failed_first_graph_plan_freezes_nothing(device):
+    """In CUDA-graph mode the first *successful* plan sets the frozen sizes."""
+    qo, ind, idx, last = (torch.zeros(n, dtype=torch.int32, device=device) for n in (4, 4, 64, 3))
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), use_cuda_graph=True, qo_indptr_buf=qo,
+                                               paged_kv_indptr_buf=ind, paged_kv_indices_buf=idx,
+                                               paged_kv_last_page_len_buf=last)
+    small = Batch([1, 0, 1], [9, 3, 5], page_size=4, Hq=4, Hkv=1, D=16, seed=5)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        plan_paged(w, small, logits_soft_cap=-1.0)
+    big = Batch([6, 5, 5], [9, 20, 5], page_size=4, Hq=4, Hkv=1, D=16, seed=6)
+    plan_paged(w, big, causal=True)
+    o, lse = w.run(big.q, big.cache, return_lse=True)
+    check_attention("first successful graph plan", o, lse, *big.oracle(causal=True), torch.float32)
+
+
+def test_cascade_failed_level_plan_unplans_every_level(device):
+    """A multi-level plan whose second level fails leaves no level planned (a run would
+    otherwise merge a new level with an old one)."""
+    b = Batch([1, 1], [12, 7], page_size=4, Hq=4, Hkv=1, D=16, seed=7)
+    w = fi.MultiLevelCascadeAttentionWrapper(2, workspace(device))
+    qo = b.dev(torch.tensor([0, 1, 2], dtype=torch.int32))
+    w.plan([qo, qo], [b.dev(b.kv_indptr)] * 2, [b.dev(b.kv_indices)] * 2, [b.dev(b.last)] * 2, 4, 1, 16, 4,
+           q_data_type="float32")
+    w.run(b.q, b.cache)
+    bad_last = b.dev(torch.tensor([4, 7], dtype=torch.int32))  # 7 > page_size
+    with pytest.raises(ValueError, match="last_page_len"):
+        w.plan([qo, qo], [b.dev(b.kv_indptr)] * 2, [b.dev(b.kv_indices)] * 2, [b.dev(b.last), bad_last], 4, 1, 16,
+               4, q_data_type="float32")
+    with pytest.raises(RuntimeError, match="successful plan"):
+        w.run(b.q, b.cache)
+
+
+def test_ragged_without_key_rows(device):
+    """Ragged prefill over K/V with no rows at all (every kv_len 0): o = 0, lse = -inf."""
+    q = torch.randn(4, 2, 16, device=device)
+    k = v = torch.empty(0, 2, 16, device=device)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    w.plan(torch.tensor([0, 1, 4], dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 2, 2, 16,
+           q_data_type="float32")
+    o, lse = w.run(q, k, v, return_lse=True)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    o1 = fi.single_decode_with_kv_cache(q[0], k, v)
+    assert (o1 == 0).all()

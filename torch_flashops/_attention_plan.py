@@ -37,6 +37,8 @@ __all__ = [
     "PlanTensors",
     "Schedule",
     "build_schedule",
+    "check_fits",
+    "check_list_sizes",
     "to_host_int",
     "check_indptr",
     "validate_qo_indptr",
@@ -318,6 +320,13 @@ class PlanTensors:
     mask_indptr: Optional[torch.Tensor] = None
 
 
+def check_list_sizes(sched: Schedule, bounds: Bounds) -> None:
+    """CUDA-graph mode: every work list of ``sched`` fits its frozen size."""
+    for a, n, name in ((sched.work, bounds.work, "work"), (sched.split_work, bounds.split_work, "split_work"),
+                       (sched.merge, bounds.merge, "merge")):
+        expect(a.shape[0] <= n, "plan", "{} list of {} items exceeds the frozen CUDA-graph size {}", name, a.shape[0], n)
+
+
 def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into: Optional[PlanTensors] = None):
     """Device tensors of the three lists: fresh (padded to >= 2 rows) or, in CUDA-graph mode,
     copied into the frozen buffers of ``into`` (padded to ``bounds``)."""
@@ -328,9 +337,7 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
             max(none + 1, a.shape[0]) if has_split else none for a in (sched.split_work, sched.merge)]
     else:
         rows = [bounds.work, bounds.split_work, bounds.merge]
-        for a, n, name in ((sched.work, rows[0], "work"), (sched.split_work, rows[1], "split_work"),
-                           (sched.merge, rows[2], "merge")):
-            expect(a.shape[0] <= n, "plan", "{} list of {} items exceeds the frozen CUDA-graph size {}", name, a.shape[0], n)
+        check_list_sizes(sched, bounds)
     host = [torch.from_numpy(padded(a, n).reshape(-1)) for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
     if into is not None:
         into.work.copy_(host[0], non_blocking=False)
@@ -354,9 +361,13 @@ def device_int32(a, device, min_len: int = 0) -> torch.Tensor:
     return t.to(device).contiguous()
 
 
+def check_fits(buf: torch.Tensor, n: int, name: str) -> None:
+    """CUDA-graph mode: ``n`` entries fit the frozen buffer ``buf``."""
+    expect(n <= buf.numel(), name, "has {} entries, more than its CUDA-graph buffer holds ({})", n, buf.numel())
+
+
 def copy_into(buf: torch.Tensor, src, name: str) -> None:
     """CUDA-graph mode: write ``src`` into the head of the frozen buffer ``buf``."""
     src_t = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64))
-    expect(src_t.numel() <= buf.numel(), name,
-           "has {} entries, more than its CUDA-graph buffer holds ({})", src_t.numel(), buf.numel())
+    check_fits(buf, src_t.numel(), name)
     buf[: src_t.numel()].copy_(src_t.reshape(-1).to(buf.dtype))

@@ -94,12 +94,17 @@ class MultiLevelCascadeAttentionWrapper:
         totals = [int(q[-1]) for q in qo]
         expect(all(t == totals[0] for t in totals), "qo_indptr_arr",
                "every level must cover the same N query rows (qo_indptr[-1] per level: {})", totals)
-        for i, w in enumerate(self._batch_prefill_wrappers):
-            w.plan(qo[i], ind[i], idx[i], last[i], num_qo_heads, num_kv_heads, head_dim, page_size,
-                   causal=bool(causal) and i == n - 1, pos_encoding_mode=pos_encoding_mode,
-                   use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale, window_left=window_left,
-                   logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
-                   q_data_type=q_data_type, kv_data_type=kv_data_type)
+        try:
+            for i, w in enumerate(self._batch_prefill_wrappers):
+                w.plan(qo[i], ind[i], idx[i], last[i], num_qo_heads, num_kv_heads, head_dim, page_size,
+                       causal=bool(causal) and i == n - 1, pos_encoding_mode=pos_encoding_mode,
+                       use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale, window_left=window_left,
+                       logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
+                       q_data_type=q_data_type, kv_data_type=kv_data_type)
+        except Exception:  # levels planned before the failing one must not merge with older plans
+            for w in self._batch_prefill_wrappers:
+                w._plan = None
+            raise
 
     begin_forward = plan
 

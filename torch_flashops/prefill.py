@@ -247,51 +247,67 @@ class _BatchAttention:
     # -- plan ---------------------------------------------------------------------------
     def _schedule(self, qo_h, kv_lens_h, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, window_left,
                   has_mask, disable_split_kv, fixed_split_keys, dtype):
-        """Tile size and work lists for one plan (frozen sizes in CUDA-graph mode)."""
+        """Tile size and work lists for one plan, and in CUDA-graph mode the sizes its first plan
+        freezes (``freeze``, applied by ``_set_lists``): nothing on the wrapper changes here, so a
+        plan that fails leaves the previous one intact."""
         qo_lens = np.diff(qo_h)
         group = num_qo_heads // num_kv_heads
         block_m = self._frozen_block_m or attn_ops.tile_m(group, int(qo_lens.max(initial=1)))
         block_n = attn_ops.attn_config(block_m, head_dim_qk, head_dim_vo, dtype, self.device)[0]
         ws = self._float_workspace_buffer.numel()
-        if self._use_cuda_graph and self._bounds is None:
+        bounds, freeze = self._bounds, None
+        if self._use_cuda_graph and bounds is None:
             tiles = P.tile_bound(int(qo_h[-1]), qo_lens.size, group, block_m)
             per_head = -(-attn_ops.num_sms(self.device) * attn_ops.resident_programs(block_m) // num_kv_heads)
             cap = ws // attn_ops.partial_item_bytes(num_kv_heads, block_m, head_dim_vo)
             lo = attn_ops.NO_SPLIT_ROWS + 1  # frozen split/merge lists always launch the merge kernel
-            self._bounds = P.Bounds(tiles, max(lo, min(cap, tiles + 2 * per_head)), max(lo, tiles))
-            self._frozen_block_m = block_m
-            self._frozen_rows = int(qo_h[-1])
-        if self._use_cuda_graph:
+            bounds = P.Bounds(tiles, max(lo, min(cap, tiles + 2 * per_head)), max(lo, tiles))
+            freeze = (bounds, block_m, int(qo_h[-1]))
+        elif self._use_cuda_graph:
             expect(int(qo_h[-1]) <= self._frozen_rows, "qo_indptr",
                    "total rows {} exceed the first plan's {} (frozen in CUDA-graph mode)", int(qo_h[-1]), self._frozen_rows)
         sched = P.build_schedule(qo_lens, kv_lens_h, group=group, block_m=block_m, block_n=block_n,
                                  num_kv_heads=num_kv_heads, d_vo=head_dim_vo, causal=causal, window_left=window_left,
                                  has_mask=has_mask, device=self.device, workspace_bytes=ws,
                                  disable_split_kv=disable_split_kv, fixed_split_keys=fixed_split_keys,
-                                 bounds=self._bounds)
-        return block_m, sched
+                                 bounds=bounds)
+        if bounds is not None:
+            P.check_list_sizes(sched, bounds)
+        return block_m, sched, freeze
 
-    def _set_lists(self, sched, **tensors):
+    def _set_lists(self, sched, freeze, **tensors):
+        if freeze is not None:
+            self._bounds, self._frozen_block_m, self._frozen_rows = freeze
         into = self._t if (self._use_cuda_graph and self._t is not None) else None
         work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into)
         self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
 
-    def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens, custom_mask_buf, mask_indptr_buf):
+    def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
+        """The packed masks of a plan; in CUDA-graph mode also checks that they fit the buffers
+        given at __init__ (``_commit_masks`` copies them there)."""
         packed, mask_indptr = P.pack_custom_masks(custom_mask, packed_custom_mask, qo_lens, kv_lens, self.device)
         if packed is None or not self._use_cuda_graph:
             return packed, mask_indptr
-        if custom_mask_buf is None or mask_indptr_buf is None:
+        mask_buf, indptr_buf = getattr(self, "_custom_mask_buf", None), getattr(self, "_mask_indptr_buf", None)
+        if mask_buf is None or indptr_buf is None:
             raise ValueError("custom_mask_buf: CUDA-graph mode with a custom mask needs custom_mask_buf and "
                              "mask_indptr_buf at __init__")
-        P.copy_into(custom_mask_buf, packed, "custom_mask_buf")
-        P.copy_into(mask_indptr_buf, mask_indptr, "mask_indptr_buf")
-        return custom_mask_buf, mask_indptr_buf
+        P.check_fits(mask_buf, packed.numel(), "custom_mask_buf")
+        P.check_fits(indptr_buf, mask_indptr.numel(), "mask_indptr_buf")
+        return packed, mask_indptr
+
+    def _commit_masks(self, packed, mask_indptr):
+        if packed is None or not self._use_cuda_graph:
+            return packed, mask_indptr
+        P.copy_into(self._custom_mask_buf, packed, "custom_mask_buf")
+        P.copy_into(self._mask_indptr_buf, mask_indptr, "mask_indptr_buf")
+        return self._custom_mask_buf, self._mask_indptr_buf
 
     # -- run ----------------------------------------------------------------------------
     def _check_run(self, q, cache_dtype, page_size, num_kv_heads, head_dim_qk, head_dim_vo, window_left, extra,
                    lse_base):
         if self._plan is None:
-            raise RuntimeError(f"{self._name}.run() called before plan()")
+            raise RuntimeError(f"{self._name}.run() called before a successful plan()")
         pl = self._plan
         P.reject(**extra)
         check_tensor(q, "q", ndim=3)
@@ -374,10 +390,15 @@ class _BatchAttention:
     def _plan_common(self, qo_h, kv_lens_h, index_tensors, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo,
                      page_size, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left,
                      logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type,
-                     fixed_split_keys, disable_split_kv, nnz_pages=0):
+                     fixed_split_keys, disable_split_kv, nnz_pages=0, index_check=None):
         """Everything a plan does once the CSR is valid on the host: option checks, the schedule,
         the device tensors (``index_tensors(dev)`` builds or fills the KV index tensors) and the
-        frozen scalars."""
+        frozen scalars. Every check runs first (``index_check()``: the KV index tensors fit their
+        CUDA-graph buffers), so a plan that fails leaves the previous plan and its buffers as they
+        were; only then are buffers written."""
+        soft_cap = P.check_soft_cap(logits_soft_cap)
+        rs, rt = P.rope_defaults(rope_scale, rope_theta)
+        sm = P.resolve_sm_scale(sm_scale, head_dim_qk)
         check_heads(num_qo_heads, num_kv_heads)
         check_head_dim(head_dim_qk, "head_dim_qk")
         head_dim_vo = head_dim_qk if head_dim_vo is None else head_dim_vo
@@ -393,25 +414,30 @@ class _BatchAttention:
             expect(B == self._fixed_batch_size, "qo_indptr",
                    "batch size {} differs from the CUDA-graph batch size {}", B, self._fixed_batch_size)
         has_mask = custom_mask is not None or packed_custom_mask is not None
-        block_m, sched = self._schedule(qo_h, kv_lens_h, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-                                        head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, causal=bool(causal),
-                                        window_left=window, has_mask=has_mask, disable_split_kv=disable_split_kv,
-                                        fixed_split_keys=fixed_split_keys, dtype=q_dt)
+        block_m, sched, freeze = self._schedule(qo_h, kv_lens_h, num_qo_heads=num_qo_heads,
+                                                num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
+                                                head_dim_vo=head_dim_vo, causal=bool(causal), window_left=window,
+                                                has_mask=has_mask, disable_split_kv=disable_split_kv,
+                                                fixed_split_keys=fixed_split_keys, dtype=q_dt)
+        packed, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, np.diff(qo_h), kv_lens_h)
+        if self._use_cuda_graph:
+            P.check_fits(self._qo_indptr_buf, qo_h.size, "qo_indptr")
+            if index_check is not None:
+                index_check()
+        # ---- commit: nothing below is expected to fail; if it does, the wrapper is left unplanned
+        self._plan = None
         if self._use_cuda_graph:
             P.copy_into(self._qo_indptr_buf, qo_h, "qo_indptr")
             qo_t = self._qo_indptr_buf
         else:
             qo_t = P.device_int32(qo_h, dev)
-        packed, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, np.diff(qo_h), kv_lens_h,
-                                                 getattr(self, "_custom_mask_buf", None),
-                                                 getattr(self, "_mask_indptr_buf", None))
-        self._set_lists(sched, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr, **index_tensors(dev))
-        rs, rt = P.rope_defaults(rope_scale, rope_theta)
+        packed, mask_indptr = self._commit_masks(packed, mask_indptr)
+        self._set_lists(sched, freeze, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr,
+                        **index_tensors(dev))
         self._plan = _Plan(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                            head_dim_vo=head_dim_vo, page_size=page_size, causal=bool(causal),
-                           pos_encoding_mode=pos_encoding_mode, window_left=window,
-                           soft_cap=P.check_soft_cap(logits_soft_cap),
-                           sm_scale=P.resolve_sm_scale(sm_scale, head_dim_qk), rope_scale=rs, rope_theta=rt,
+                           pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft_cap,
+                           sm_scale=sm, rope_scale=rs, rope_theta=rt,
                            q_dtype=q_dt, kv_dtype=kv_dt, o_dtype=o_dt, block_m=block_m, nnz_pages=nnz_pages,
                            total_rows=int(qo_h[-1]), batch=B)
 
@@ -435,10 +461,15 @@ class _BatchAttention:
             return dict(kv_indptr=self._paged_kv_indptr_buf, kv_indices=self._paged_kv_indices_buf,
                         kv_lens=self._kv_lens_buf)
 
+        def index_check():
+            P.check_fits(self._paged_kv_indptr_buf, kv_indptr_h.size, "paged_kv_indptr")
+            P.check_fits(self._paged_kv_indices_buf, kv_indices.numel(), "paged_kv_indices")
+            P.check_fits(self._paged_kv_last_page_len_buf, last_page_len.size, "paged_kv_last_page_len")
+
         fixed_keys = None if fixed_split_size is None else int(fixed_split_size) * page_size
-        self._gather = None
         self._plan_common(qo_h, kv_lens_h, index_tensors, page_size=page_size, fixed_split_keys=fixed_keys,
-                          nnz_pages=int(kv_indptr_h[-1]), **options)
+                          nnz_pages=int(kv_indptr_h[-1]), index_check=index_check, **options)
+        self._gather = None
         if not self._use_cuda_graph and _gather_pays(qo_h, kv_lens_h, bool(options.get("causal")), self._plan):
             self._gather = _gather_rows(kv_lens_h, page_size, self._t, self.device)
 
@@ -708,7 +739,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
                 return dict(kv_indptr=self._kv_indptr_buf, kv_indices=None, kv_lens=None)
             return dict(kv_indptr=P.device_int32(kv_h, dev), kv_indices=None, kv_lens=None)
 
-        self._plan_common(qo_h, kv_lens, index_tensors, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+        def index_check():
+            P.check_fits(self._kv_indptr_buf, kv_h.size, "kv_indptr")
+
+        self._plan_common(qo_h, kv_lens, index_tensors, index_check=index_check, num_qo_heads=num_qo_heads,
+                          num_kv_heads=num_kv_heads,
                           head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=None, custom_mask=custom_mask,
                           packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
                           sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,

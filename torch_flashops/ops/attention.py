@@ -610,7 +610,7 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int) -> boo
     (page == 1), power-of-two head dims of 16..256 (the copy box is the whole head), 16-byte
     aligned bases and row/head strides, no RoPE on K (its partner-half loads are pointer
     gathers), and an sm_90+ device or the interpreter."""
-    if paged or pos == 1:
+    if paged or pos == 1 or k.shape[0] == 0 or v.shape[0] == 0:  # (no rows: a descriptor needs a positive extent)
         return False
     for t in (k, v):
         d = t.shape[-1]
