@@ -377,6 +377,42 @@ def test_fused_moe_hypothesis(data):
 
 
 # ------------------------------------------------------------------------------- cutlass shim
+@pytest.mark.parametrize("path", ["decode", "pairs", "aligned"])
+def test_out_of_range_ids_stay_in_bounds(path, device, monkeypatch):
+    """Unchecked mode, ids outside the contract (>= E, <= -2, past the expert map, map entries
+    past the local experts): such pairs are skipped on every path (the one-launch decode kernel,
+    the pair-path GEMMs, the aligned path), never read past the weights. w1/w2 are views of
+    larger buffers, so a read past them would add real numbers."""
+    H, I, E, k = 32, 16, 16, 3
+    T = 6 if path == "aligned" else 1
+    assert ops._pairs_rule(T, k, E) == (path != "aligned")
+    if path == "pairs":
+        monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.float32, device, seed=21)
+    g = torch.Generator().manual_seed(22)
+    b1 = torch.randn(E + 4, 2 * I, H, generator=g).to(device)
+    b2 = torch.randn(E + 4, H, I, generator=g).to(device)
+    b1[:E], b2[:E] = w1, w2
+    w1, w2 = b1[:E], b2[:E]
+    bad = ids.clone()
+    bad[:, 0] = E + torch.arange(T, device=device) % 3  # E, E+1, E+2
+    bad[0, 1] = -5
+    good = torch.where((bad >= 0) & (bad < E), bad, -1)
+    out = fused_moe(x, w1, w2, tw, bad)
+    assert_close("ids out of range skipped", out, ref.ref_fused_moe_dense(x, w1, w2, tw, good), **MOE_TOL[torch.float32])
+    # expert parallel: 2E global ids, this rank's map sends [E, 2E) to its experts; one entry points past them
+    emap = torch.tensor([-1] * E + list(range(E)), dtype=torch.int32, device=device)
+    emap[E + 1] = E + 2
+    gids = ids + E
+    gids[:, 0] = 2 * E + torch.arange(T, device=device) % 3  # past the map
+    gids[0, 1] = E + 1  # mapped past the local experts
+    local = torch.where((gids >= 0) & (gids < 2 * E), emap[gids.clamp(0, 2 * E - 1).long()], -1)
+    local = torch.where((local >= 0) & (local < E), local, -1)
+    out = fused_moe(x, w1, w2, tw, gids, expert_map=emap)
+    assert_close("mapped ids out of range skipped", out, ref.ref_fused_moe_dense(x, w1, w2, tw, local),
+                 **MOE_TOL[torch.float32])
+
+
 def test_cutlass_fused_moe(device):
     """fc1 is [up; gate]; ep_size 2 maps global ids onto this rank's contiguous shard."""
     T, H, I, E, k = 9, 32, 16, 4, 2
@@ -398,6 +434,8 @@ def test_cutlass_fused_moe(device):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, quant_scales=[torch.ones(1)])
     with pytest.raises(NotImplementedError, match="tp_size"):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, tp_size=2)
+    with pytest.raises(NotImplementedError, match="^activation_type: only SwiGLU"):
+        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, activation_type=3)
 
 
 # ---------------------------------------------------------------------------------- opcheck

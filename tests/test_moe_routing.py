@@ -507,6 +507,12 @@ def test_selfcheck_passes(device):
 # --------------------------------------------------------------------------- bad input
 
 
+def _permute(device, top_k=2, tile_size=4):
+    x = torch.randn(3, 4, device=device)
+    z = torch.zeros(8, dtype=torch.int32, device=device)
+    fo.moe_permute(x, torch.empty(8, 4, device=device), z, z, z[:1], 8, top_k, tile_size)
+
+
 def _logits(device, T=3, E=16):
     return tie_free_logits(T, E, device=device)
 
@@ -530,9 +536,15 @@ def _logits(device, T=3, E=16):
         (lambda d: fo.moe_align_block_size(torch.zeros(3, 2, device=d), 4, 4), "topk_ids"),
         (lambda d: fo.moe_align_block_size(torch.zeros(3, 2, dtype=torch.int32, device=d), 4, 4,
                                            torch.zeros(5, dtype=torch.int32, device=d)), "expert_map"),
+        (lambda d: _permute(d, top_k=0), "top_k"),
+        (lambda d: _permute(d, tile_size=0), "tile_size"),
+        (lambda d: fo.moe_unpermute(torch.randn(8, 4, device=d), torch.empty(2, 4, device=d),
+                                    torch.zeros(2, 2, dtype=torch.int32, device=d),
+                                    torch.ones(2, 2, dtype=torch.int64, device=d), 2, 2), "topk_scales"),
     ],
     ids=["k>E", "k=0", "sigmoid-k>E", "int-logits", "1d-logits", "E%n_group", "topk_group>n_group", "topk_group=0",
-         "k>kept-experts", "scoring_func", "bias-shape", "bias-G1", "block_size", "float-ids", "expert_map-size"],
+         "k>kept-experts", "scoring_func", "bias-shape", "bias-G1", "block_size", "float-ids", "expert_map-size",
+         "permute-top_k", "permute-tile_size", "unpermute-int-scales"],
 )
 def test_bad_input_names_argument(call, arg, device):
     with pytest.raises(ValueError, match=rf"^{arg}:"):

@@ -308,6 +308,10 @@ def cutlass_fused_moe(
         min_latency_mode=min_latency_mode, use_packed_weights=use_packed_weights,
         activation_type=activation_type is not None and getattr(activation_type, "name", activation_type) != "Swiglu",
     )
+    if activation_type is not None and not hasattr(activation_type, "name"):
+        raise NotImplementedError(f"activation_type: only SwiGLU is supported; leave it at its default or pass an "
+                                  f"enum member named Swiglu (integer codes differ between FlashInfer versions), "
+                                  f"got {activation_type!r}")
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU, tp_size 1 only)")

@@ -353,6 +353,8 @@ def moe_permute(
     expect(permuted_output.dtype == input.dtype, "permuted_output",
            "dtype {} must match input {}", permuted_output.dtype, input.dtype)
     expect(permuted_output.shape[1] == input.shape[1], "permuted_output", "hidden size must match input")
+    expect(int(top_k) >= 1, "top_k", "must be >= 1, got {}", top_k)
+    expect(int(tile_size) >= 1, "tile_size", "must be >= 1, got {}", tile_size)
     M = max_num_permuted_tokens
     expect(0 <= M <= permuted_output.shape[0] and M <= permuted_idx_to_expanded_idx.shape[0],
            "max_num_permuted_tokens", "{} exceeds permuted_output / permuted_idx_to_expanded_idx rows", M)
@@ -393,6 +395,8 @@ def moe_unpermute(
                  last_contiguous=False)
     expect(tuple(e2p.shape) == (num_tokens, top_k), "expanded_idx_to_permuted_idx",
            "shape {} must be ({}, {})", tuple(e2p.shape), num_tokens, top_k)
+    check_tensor(topk_scales, "topk_scales", ndim=2, dtypes=FLOAT_DTYPES, device=permuted_input.device,
+                 last_contiguous=False)
     expect(tuple(topk_scales.shape) == (num_tokens, top_k), "topk_scales",
            "shape {} must be ({}, {})", tuple(topk_scales.shape), num_tokens, top_k)
     P = permuted_input.shape[0]

@@ -72,12 +72,17 @@ def _silu(x):
 
 
 @triton.jit
-def _map_expert(map_ptr, e, HAS_MAP: tl.constexpr):
-    """A routed expert id through ``expert_map`` (global -> local, -1: not on this rank); -1 stays -1."""
+def _map_expert(map_ptr, e, num_ids, num_local, HAS_MAP: tl.constexpr):
+    """A routed expert id through ``expert_map`` (global -> local, -1: not on this rank) -> a
+    local expert in [0, num_local) or -1 (skip). Ids outside [0, num_ids) (the map's length, or
+    the local count without a map) and map entries outside [0, num_local) are skipped too:
+    undefined input (checked mode rejects it) never makes a kernel read past the map or the
+    weights."""
+    ok = (e >= 0) & (e < num_ids)
     if HAS_MAP:
-        mapped = tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int32)
-        e = tl.where(e >= 0, mapped, -1)
-    return e
+        e = tl.load(map_ptr + tl.where(ok, e, 0)).to(tl.int32)
+    ok = ok & (e >= 0) & (e < num_local)
+    return tl.where(ok, e, -1)
 
 
 @triton.jit
@@ -95,7 +100,7 @@ def _moe_gemm_kernel(
     sorted_ids_ptr, expert_ids_ptr, ntp_ptr,      # alignment (unused in pair mode)
     topk_ids_ptr, expert_map_ptr,                 # pair mode routing
     topk_w_ptr,
-    N, K, num_valid, num_m_blocks, num_slots, top_k, up_offset,
+    N, K, num_valid, num_m_blocks, num_slots, top_k, up_offset, num_ids, num_local,
     stride_am, stride_we, stride_wn, stride_cm,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -112,7 +117,8 @@ def _moe_gemm_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     r = tl.arange(0, BLOCK_M)
     if PAIRS:  # routing ids come from before the chain: readable before the wait
-        expert = _map_expert(expert_map_ptr, tl.load(topk_ids_ptr + pid_m).to(tl.int32), HAS_MAP)
+        expert = _map_expert(expert_map_ptr, tl.load(topk_ids_ptr + pid_m).to(tl.int32), num_ids, num_local,
+                             HAS_MAP)
         slot = tl.where(r == 0, pid_m, num_valid).to(tl.int64)
         if PDL_WAIT:
             gdc_wait()
@@ -218,13 +224,13 @@ def _moe_sum_kernel(x_ptr, y_ptr, T, H, stride_xt, stride_xk, stride_yt, scale,
 
 
 @triton.jit
-def _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, ok, TOP_K: tl.constexpr, BI: tl.constexpr,
-                    HAS_MAP: tl.constexpr):
+def _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, ok, num_ids, num_local, TOP_K: tl.constexpr,
+                    BI: tl.constexpr, HAS_MAP: tl.constexpr):
     """Work item ``item`` of the decode kernel's phase 1 -> (pair p, first intermediate row i0,
     expert e; -1 for none, and unless ``ok``)."""
     p = item // n_iblk
     i0 = (item % n_iblk) * BI
-    e = _map_expert(map_ptr, tl.load(ids_ptr + p, mask=ok, other=-1).to(tl.int32), HAS_MAP)
+    e = _map_expert(map_ptr, tl.load(ids_ptr + p, mask=ok, other=-1).to(tl.int32), num_ids, num_local, HAS_MAP)
     return p, i0, e
 
 
@@ -261,15 +267,16 @@ def _decode_in_store(h_ptr, tw_ptr, acc, p, i0, I, BI: tl.constexpr, ON_INPUT: t
 
 
 @triton.jit
-def _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, ok, TOP_K: tl.constexpr, KP: tl.constexpr,
-                      BH: tl.constexpr, HAS_MAP: tl.constexpr):
+def _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, ok, num_ids, num_local, TOP_K: tl.constexpr,
+                      KP: tl.constexpr, BH: tl.constexpr, HAS_MAP: tl.constexpr):
     """Output tile ``item`` of the decode kernel's phase 2 -> (token t, first column h0, its pairs
     p [KP], their experts e [KP], -1 for none; all -1 unless ``ok``)."""
     j = tl.arange(0, KP)
     t = item // n_hblk
     h0 = (item % n_hblk) * BH
     p = t * TOP_K + j
-    e = _map_expert(map_ptr, tl.load(ids_ptr + p, mask=(j < TOP_K) & ok, other=-1).to(tl.int32), HAS_MAP)
+    e = _map_expert(map_ptr, tl.load(ids_ptr + p, mask=(j < TOP_K) & ok, other=-1).to(tl.int32), num_ids, num_local,
+                    HAS_MAP)
     return t, h0, p, e
 
 
@@ -307,7 +314,8 @@ def _decode_out_store(out_ptr, tw_ptr, acc, t, h0, p, e, H, stride_ot, scale, TO
 
 @triton.jit(do_not_specialize=["T"])
 def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, tw_ptr, sync_ptr,
-                       T, H, I, stride_xt, stride_w1e, stride_w1n, stride_w2e, stride_w2n, stride_ot, scale,
+                       T, H, I, num_ids, num_local, stride_xt, stride_w1e, stride_w1n, stride_w2e, stride_w2n,
+                       stride_ot, scale,
                        TOP_K: tl.constexpr, KP: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
                        BH: tl.constexpr, BJ: tl.constexpr, HAS_MAP: tl.constexpr, ON_INPUT: tl.constexpr,
                        PHASE: tl.constexpr, PREFETCH: tl.constexpr, PIPE1: tl.constexpr):
@@ -332,26 +340,27 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
     n_out = T * n_hblk
     if PREFETCH:  # (one launch, I <= BJ) request the first output tile's w2 weights before phase 1
         t_pre, h0_pre, p_pre, e_pre = _decode_out_pairs(ids_ptr, map_ptr, tl.minimum(pid, n_out - 1), n_hblk,
-                                                        pid < n_out, TOP_K, KP, BH, HAS_MAP)
+                                                        pid < n_out, num_ids, num_local, TOP_K, KP, BH, HAS_MAP)
         w_pre = _decode_out_w(w2_ptr, e_pre, h0_pre, 0, H, I, stride_w2e, stride_w2n, BH, BJ)
     if PHASE != 2:
         n_iblk = tl.cdiv(I, BI)
         n_in = numel * n_iblk
         if PIPE1:  # H in one tile: the next item's weights are requested before this one's math
-            pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(pid, n_in - 1), n_iblk, pid < n_in,
-                                         TOP_K, BI, HAS_MAP)
+            pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(pid, n_in - 1), n_iblk, pid < n_in, num_ids,
+                                         num_local, TOP_K, BI, HAS_MAP)
             wa = _decode_in_w(w1_ptr, ea, ia, 0, I, H, stride_w1e, stride_w1n, BI, BK)
             for item in range(pid, n_in, nprog):
                 nxt = item + nprog
-                pb, ib, eb = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(nxt, n_in - 1), n_iblk, nxt < n_in,
-                                             TOP_K, BI, HAS_MAP)
+                pb, ib, eb = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(nxt, n_in - 1), n_iblk, nxt < n_in, num_ids,
+                                             num_local, TOP_K, BI, HAS_MAP)
                 wb = _decode_in_w(w1_ptr, eb, ib, 0, I, H, stride_w1e, stride_w1n, BI, BK)
                 acc1 = _decode_in_acc(x_ptr, wa, pa, 0, H, stride_xt, TOP_K, BK)
                 _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
                 pa, ia, wa = pb, ib, wb
         else:
             for item in range(pid, n_in, nprog):
-                pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, True, TOP_K, BI, HAS_MAP)
+                pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, True, num_ids, num_local, TOP_K, BI,
+                                             HAS_MAP)
                 acc1 = tl.zeros((2, BI), dtype=tl.float32)
                 for k0 in range(0, H, BK):
                     wa = _decode_in_w(w1_ptr, ea, ia, k0, I, H, stride_w1e, stride_w1n, BI, BK)
@@ -374,7 +383,8 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                                   TOP_K, KP, BH, ON_INPUT)
             start = pid + nprog
         for item in range(start, n_out, nprog):
-            t, h0, p, e = _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, True, TOP_K, KP, BH, HAS_MAP)
+            t, h0, p, e = _decode_out_pairs(ids_ptr, map_ptr, item, n_hblk, True, num_ids, num_local, TOP_K, KP, BH,
+                                            HAS_MAP)
             acc = tl.zeros((KP, BH), dtype=tl.float32)
             for k0 in range(0, I, BJ):
                 w = _decode_out_w(w2_ptr, e, h0, k0, H, I, stride_w2e, stride_w2n, BH, BJ)
@@ -403,17 +413,15 @@ def _gather_rows_kernel(x_ptr, out_ptr, sorted_ids_ptr, ntp_ptr, num_valid, top_
 
 
 @triton.jit
-def _bucket(ids_ptr, map_ptr, offs, mask, num_local, HAS_MAP: tl.constexpr):
-    """Bucket of each pair: its local expert, or ``num_local`` (the skip bucket) for id -1 and
-    experts not on this rank (expert_map -1)."""
-    e = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
-    if HAS_MAP:
-        e = tl.where(e >= 0, tl.load(map_ptr + tl.maximum(e, 0), mask=mask, other=-1).to(tl.int32), -1)
+def _bucket(ids_ptr, map_ptr, offs, mask, num_ids, num_local, HAS_MAP: tl.constexpr):
+    """Bucket of each pair: its local expert, or ``num_local`` (the skip bucket) for id -1,
+    experts not on this rank (expert_map -1) and ids or map entries out of range."""
+    e = _map_expert(map_ptr, tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32), num_ids, num_local, HAS_MAP)
     return tl.where(e >= 0, e, num_local)
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, numel, num_local, cap,
+def _align_count_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, numel, num_ids, num_local, cap,
                         HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr):
     """Pass 1: fill slots [pid*CH, pid*CH + CH) with the pad value numel; add this chunk's
     per-bucket pair counts to counts[NB]."""
@@ -421,12 +429,12 @@ def _align_count_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, numel, num_loc
     tl.store(sorted_ptr + offs, tl.zeros([CH], tl.int32) + numel, mask=offs < cap)
     m = offs < numel
     if tl.program_id(0) * CH < numel:
-        h = tl.histogram(_bucket(ids_ptr, map_ptr, offs, m, num_local, HAS_MAP), NB, mask=m)
+        h = tl.histogram(_bucket(ids_ptr, map_ptr, offs, m, num_ids, num_local, HAS_MAP), NB, mask=m)
         tl.atomic_add(counts_ptr + tl.arange(0, NB), h, mask=h > 0)
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp_ptr, numel, num_local,
+def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp_ptr, numel, num_ids, num_local,
                           block_size, n_blocks, HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
                           EB: tl.constexpr):
     """Pass 2: bucket b starts at slot start[b] (padded counts, exclusive prefix sum); each pair
@@ -444,7 +452,7 @@ def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp
         tl.store(ntp_ptr, ntp)
     offs = pid * CH + tl.arange(0, CH)
     m = offs < numel
-    b = _bucket(ids_ptr, map_ptr, offs, m, num_local, HAS_MAP)
+    b = _bucket(ids_ptr, map_ptr, offs, m, num_ids, num_local, HAS_MAP)
     pos = tl.atomic_add(counts_ptr + NB + b, tl.full([CH], 1, tl.int32), mask=m)
     tl.store(sorted_ptr + tl.gather(start, b, 0) + pos, offs, mask=m)
     first_blk = start // block_size
@@ -457,8 +465,8 @@ def _align_scatter_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, eid_ptr, ntp
 
 
 @triton.jit
-def _align_one_kernel(ids_ptr, map_ptr, cursor_ptr, sorted_ptr, eid_ptr, ntp_ptr, numel, num_local, block_size,
-                      HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr, FB: tl.constexpr,
+def _align_one_kernel(ids_ptr, map_ptr, cursor_ptr, sorted_ptr, eid_ptr, ntp_ptr, numel, num_ids, num_local,
+                      block_size, HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr, FB: tl.constexpr,
                       EB: tl.constexpr, PDL_TRIGGER: tl.constexpr):
     """The whole alignment of ``numel <= CH`` pairs in one program: no memset, one launch
     (decode batches, where the two-launch path's fixed cost is the whole cost). Bucket counts
@@ -471,7 +479,7 @@ def _align_one_kernel(ids_ptr, map_ptr, cursor_ptr, sorted_ptr, eid_ptr, ntp_ptr
         gdc_launch_dependents()
     offs = tl.arange(0, CH)
     m = offs < numel
-    b = _bucket(ids_ptr, map_ptr, offs, m, num_local, HAS_MAP)
+    b = _bucket(ids_ptr, map_ptr, offs, m, num_ids, num_local, HAS_MAP)
     bins = tl.arange(0, NB)
     counts = tl.histogram(b, NB, mask=m)
     padded = (counts + block_size - 1) // block_size * block_size
@@ -679,6 +687,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     _moe_gemm_kernel[grid](
         a, a_desc, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
+        pairs[1].numel() if pairs is not None and pairs[1] is not None else w.shape[0], w.shape[0],
         a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip,
@@ -980,7 +989,8 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
         one_launch = sync is not None and coop is not False
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
-            T, H, I, x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
+            T, H, I, expert_map.numel() if expert_map is not None else w1.shape[0], w1.shape[0],
+            x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
     # PREFETCH pays where each program's phase 2 is the one tile it prefetched (H100, same call,
     # us with / without: Qwen3 T=1 13.1 / 13.7 (256 tiles, 264 programs); T=2 21.2 / 20.5, T=4
     # 35.6 / 34.4, DeepSeek T=1 79.7 / 74.4 (several tiles a program)
@@ -1040,19 +1050,20 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_ma
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else ids
+    num_ids = expert_map.numel() if expert_map is not None else num_local
     if align_one_program(numel, nb) if one_program_max is None else numel <= one_program_max:
         cursors = torch.empty((nb,), dtype=torch.int32, device=dev)
-        _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_local, block_size,
+        _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_ids, num_local, block_size,
                                 HAS_MAP=expert_map is not None, CH=max(128, _pow2(numel)), NB=nb, FB=1024,
                                 EB=max(16, 8192 // nb), PDL_TRIGGER=pdl_trigger, num_warps=4)
         return sorted_ids, expert_ids, ntp
     counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
     ch = 1024 if nb <= 64 else 256
     common = dict(HAS_MAP=expert_map is not None, CH=ch, NB=nb, num_warps=4)
-    _align_count_kernel[(_cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_local, cap, **common)
+    _align_count_kernel[(_cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_ids, num_local, cap, **common)
     grid = max(1, _cdiv(numel, ch))
-    _align_scatter_kernel[(grid,)](ids, emap, counts, sorted_ids, expert_ids, ntp, numel, num_local, block_size,
-                                   n_blocks, EB=max(16, 8192 // nb), **common)
+    _align_scatter_kernel[(grid,)](ids, emap, counts, sorted_ids, expert_ids, ntp, numel, num_ids, num_local,
+                                   block_size, n_blocks, EB=max(16, 8192 // nb), **common)
     return sorted_ids, expert_ids, ntp
 
 
