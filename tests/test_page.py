@@ -405,6 +405,41 @@ def test_append_out_of_range_indices_stay_in_bounds(device):
     assert torch.equal(cache, before)  # every row was invalid one way or another
 
 
+def test_append_positions_outside_the_request_stay_in_its_pages(backend_device):
+    """Unchecked mode: a position past a request's last page, or negative, is dropped rather than
+    written into a neighbouring request's page (the kernel and the CPU backend alike)."""
+    device = backend_device
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    ps = 2
+    cache = torch.randn(3, 2, ps, 1, 4, device=device)  # P=3, NHD 5-D; request 0 owns page 0, request 1 page 2
+    before = cache.clone()
+    key = torch.full((3, 1, 4), 5.0, device=device)
+    fi.append_paged_kv_cache(key, key.clone(), i32(0, 1, 1), i32(ps, -1, 1), cache, i32(0, 2), i32(0, 1, 2),
+                             i32(2, 2))
+    expect = before.clone()
+    expect[2, :, 1] = 5.0  # only request 1's position 1 is inside its own page
+    assert torch.equal(cache, expect)
+
+
+def test_append_head_major_cache_past_int32(device):
+    """A head-major cache whose head stride times the head index passes 2^31 elements: every head
+    lands in its own place, nothing is written before the cache (offsets are int64). One fp16
+    storage of 2^32 + 64 elements, 8 GiB of address space of which a few pages are touched."""
+    if device != "cpu":
+        pytest.skip("address-space trick for the CPU; the GPU suite covers large strides in its own tests")
+    H, D = 3, 8
+    store = torch.empty(2 ** 32 + 64, dtype=torch.float16)  # untouched pages stay virtual
+    base, sh = 2 ** 31, 2 ** 30  # head 2 at element 2^32: an int32 head offset wraps to element 0
+    store[0:D] = 7.0
+    k_cache = store.as_strided((1, 1, H, D), (H * D * 4, H * D * 4, sh, 1), base)
+    v_cache = torch.zeros(1, 1, H, D, dtype=torch.float16)
+    key = torch.arange(1, H * D + 1, dtype=torch.float16).view(1, H, D)
+    one = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    fi.append_paged_kv_cache(key, key.clone(), one(0), one(0), (k_cache, v_cache), one(0), one(0, 1), one(1))
+    assert torch.equal(k_cache[0, 0], key[0]) and torch.equal(v_cache[0, 0], key[0])
+    assert (store[0:D] == 7.0).all()
+
+
 # --------------------------------------------------------------------------- append: bad input
 
 

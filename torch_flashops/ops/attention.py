@@ -146,7 +146,7 @@ def _kv_offsets(page, slot, hk, stride_p, stride_s, stride_h, LEAN: tl.constexpr
         off = (tl.cast(page, tl.uint32).to(tl.uint64) * tl.cast(stride_p, tl.uint32).to(tl.uint64) + inpage)
         off = off.to(tl.int64)
     else:
-        off = page * stride_p + slot * stride_s + hk * stride_h
+        off = page * stride_p + slot * stride_s + hk.to(tl.int64) * stride_h
     return off
 
 

@@ -74,8 +74,9 @@ def _copy_rows(
     element offsets ``src_row`` to the cache rows at ``dst_row`` (int64 [BLOCK_T])."""
     d = tl.arange(0, BLOCK_D)
     hd_ok = (h[:, None] < H) & (d[None, :] < D)
-    src_hd = h[:, None] * src_stride_h + d[None, :]
-    dst_hd = h[:, None] * dst_stride_h + d[None, :]
+    h64 = h.to(tl.int64)  # head-major storage: h * stride_h can pass 2^31
+    src_hd = h64[:, None] * src_stride_h + d[None, :]
+    dst_hd = h64[:, None] * dst_stride_h + d[None, :]
     mask = row_ok[:, None, None] & hd_ok[None, :, :]
     x = tl.load(src_ptr + src_row[:, None, None] + src_hd[None, :, :], mask=mask, eviction_policy="evict_first")
     tl.store(dst_ptr + dst_row[:, None, None] + dst_hd[None, :, :], x, mask=mask)
@@ -97,9 +98,12 @@ def _append_paged_kv_kernel(
     b = tl.load(batch_indices_ptr + t, mask=ok, other=-1)
     ok &= (b >= 0) & (b < B)
     first_page = tl.load(kv_indptr_ptr + b, mask=ok, other=0).to(tl.int64)
-    x = first_page * page_size + tl.load(positions_ptr + t, mask=ok, other=0).to(tl.int64)
+    end_page = tl.load(kv_indptr_ptr + b + 1, mask=ok, other=0).to(tl.int64)
+    pos = tl.load(positions_ptr + t, mask=ok, other=0).to(tl.int64)
+    x = first_page * page_size + pos
     page_idx = x // page_size
-    ok &= (x >= 0) & (page_idx < num_indices)
+    # a position outside the request's own pages is dropped (it would land in a neighbour's page)
+    ok &= (pos >= 0) & (page_idx < end_page) & (page_idx < num_indices)
     page = tl.load(kv_indices_ptr + page_idx, mask=ok, other=-1).to(tl.int64)
     ok &= (page >= 0) & (page < P)
     slot = x - page_idx * page_size

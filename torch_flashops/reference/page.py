@@ -88,7 +88,8 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     """CPU implementation of ``flashops::append_paged_kv_cache``: an index_put per cache.
 
     Rows the Triton kernel masks are dropped the same way: batch index outside ``[0, B)``,
-    slot before the request's first page or past ``kv_indices``, page id outside ``[0, P)``.
+    position outside the request's own pages (negative, or past its last page), page id outside
+    ``[0, P)``.
     """
     k, v = paged_kv_views(paged_kv_cache, paged_v_cache, kv_layout)
     P, page_size = k.shape[0], k.shape[1]
@@ -96,9 +97,11 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     b = batch_indices.to(torch.int64)
     ok = (b >= 0) & (b < B)
     bc = torch.where(ok, b, 0)
-    x = kv_indptr.to(torch.int64)[bc] * page_size + positions.to(torch.int64) if B > 0 else torch.zeros_like(b)
+    pos = positions.to(torch.int64)
+    x = kv_indptr.to(torch.int64)[bc] * page_size + pos if B > 0 else torch.zeros_like(b)
+    end_page = kv_indptr.to(torch.int64)[bc + 1] if B > 0 else torch.zeros_like(b)
     page_idx = torch.div(x, page_size, rounding_mode="floor")
-    ok &= (x >= 0) & (page_idx < kv_indices.shape[0])
+    ok &= (pos >= 0) & (page_idx < end_page) & (page_idx < kv_indices.shape[0])
     page = kv_indices.to(torch.int64)[torch.where(ok, page_idx, 0)] if kv_indices.shape[0] > 0 else torch.zeros_like(b)
     ok &= (page >= 0) & (page < P)
     rows = ok.nonzero().squeeze(1)
