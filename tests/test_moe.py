@@ -377,6 +377,34 @@ def test_fused_moe_hypothesis(data):
 
 
 # ------------------------------------------------------------------------------- cutlass shim
+def test_strided_operands_past_int32():
+    """Views whose strides put elements past 2^31 from the base (the kernels' offsets are int64):
+    moe_sum over [T, k, H] with stride(1) = 2^30 (a [k, T, H] buffer viewed token-major), and
+    fused_moe with w1's rows 2^30 apart (w1 stored [2I, E, H] and transposed), whose up half
+    starts 2^31 elements in. bf16 storages of 4 and 6 GiB of address space, a few pages touched;
+    an int32 offset would land 4 GiB before the storage."""
+    if torch.cuda.is_available():
+        pytest.skip("address-space trick for the CPU")
+    s, H = 2 ** 30, 16
+    store = torch.empty(2 * s + H, dtype=torch.bfloat16)  # untouched pages stay virtual
+    x = store.as_strided((1, 3, H), (3 * s, s, 1), 0)
+    for j in range(3):
+        x[0, j] = float(2 ** j)
+    assert torch.equal(fo.moe_sum(x), torch.full((1, H), 7.0, dtype=torch.bfloat16))
+    del x, store
+    I = 2
+    store = torch.empty(2 * I * s, dtype=torch.bfloat16)
+    w1 = store.as_strided((1, 2 * I, H), (H, s, 1), 0)  # rows i * 2^30: the up rows at 2^31 and 3 * 2^30
+    g = torch.Generator().manual_seed(5)
+    w1.copy_(torch.randn(1, 2 * I, H, generator=g).to(torch.bfloat16))
+    w2 = (torch.randn(1, H, I, generator=g) * I ** -0.5).to(torch.bfloat16)
+    xin = torch.randn(1, H, generator=g).to(torch.bfloat16)
+    tw, ids = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32)
+    out = fused_moe(xin, w1, w2, tw, ids)
+    assert_close("fused_moe, w1 rows 2^30 apart", out, ref.ref_fused_moe_dense(
+        xin.float(), w1.contiguous().float(), w2.float(), tw, ids), **MOE_TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("path", ["decode", "pairs", "aligned"])
 def test_out_of_range_ids_stay_in_bounds(path, device, monkeypatch):
     """Unchecked mode, ids outside the contract (>= E, <= -2, past the expert map, map entries

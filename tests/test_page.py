@@ -620,6 +620,9 @@ def test_gather_paged_kv(layout, form, device):
         p = p if 0 <= p < k.shape[0] else 0
         s = s if 0 <= s < k.shape[1] else 0
         assert torch.equal(ko[i].cpu(), k[p, s]) and torch.equal(vo[i].cpu(), v[p, s])
+    ps = torch.stack([page, slot], 1)  # the ids as strided 1-D views
+    ko2, vo2 = OPS.gather_paged_kv(*args, layout, ps[:, 0], ps[:, 1])
+    assert torch.equal(ko2, ko) and torch.equal(vo2, vo)
     empty = OPS.gather_paged_kv(*args, layout, page[:0], slot[:0])
     assert empty[0].shape == (0, 3, 16)
     with pytest.raises(ValueError, match="^slot"):

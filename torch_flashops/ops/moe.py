@@ -150,9 +150,12 @@ def _moe_gemm_kernel(
     else:
         a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    w_cols = (offs_n % N) * stride_wn  # wrapped: loads stay in bounds without a mask
+    # int64: weights may be strided views (e.g. w1 stored [2I, E, H] and transposed), where
+    # (N - 1) * stride(1) and I * stride(1) pass 2^31 elements; wrapped columns keep the loads in
+    # bounds without a mask
+    w_cols = (offs_n % N).to(tl.int64) * stride_wn
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] + offs_k[:, None]
-    up_step = up_offset * stride_wn
+    up_step = tl.cast(up_offset, tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n0 = pid_n * BLOCK_N
@@ -218,7 +221,8 @@ def _moe_sum_kernel(x_ptr, y_ptr, T, H, stride_xt, stride_xk, stride_yt, scale,
     src = x_ptr + t.to(tl.int64)[:, None] * stride_xt + cols[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # fixed order: deterministic
-        acc += tl.load(src + j * stride_xk, mask=m, other=0.0).to(tl.float32)
+        # int64: a [k, T, H] buffer viewed as [T, k, H] has stride(1) = T * H, (k - 1) times that can pass 2^31
+        acc += tl.load(src + j * tl.cast(stride_xk, tl.int64), mask=m, other=0.0).to(tl.float32)
     dst = y_ptr + t.to(tl.int64)[:, None] * stride_yt + cols[None, :]
     tl.store(dst, (acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 

@@ -207,6 +207,7 @@ def _gather_paged_kv_launch(paged_kv_cache, paged_v_cache, kv_layout, page, slot
         raise ValueError("paged_kv_cache: has no pages to gather from")
     cfg = _append_config(n, H, DK, DV)
     grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
+    page, slot = page.contiguous(), slot.contiguous()  # the kernel reads them as flat arrays
     _gather_paged_kv_kernel[grid](
         k, v, page, slot, k_out, v_out, n, k.shape[0], k.shape[1], H, DK, DV,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), **cfg)
