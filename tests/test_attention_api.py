@@ -668,3 +668,51 @@ def test_ragged_without_key_rows(device):
     assert (o == 0).all() and torch.isneginf(lse).all()
     o1 = fi.single_decode_with_kv_cache(q[0], k, v)
     assert (o1 == 0).all()
+
+
+# ------------------------------------------------------------- how serving engines call plan()
+
+
+def test_fixed_split_size_nonpositive_means_off(device):
+    """vLLM passes ``fixed_split_size=-1`` on every plan (FlashInfer: None, 0 or negative = off):
+    the schedule equals the default one, not one-page chunks."""
+    b = Batch([1] * 4, [300, 77, 1, 150], page_size=4, Hq=8, Hkv=2, D=16, seed=11)
+    plans = []
+    for fs in (None, -1, 0):
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+        w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 8, 2, 16, 4, q_data_type="float32",
+               fixed_split_size=fs)
+        plans.append((w._t.work.cpu(), w._t.split_work.cpu()))
+        p = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+        plan_paged(p, b, fixed_split_size=fs)
+        plans.append((p._t.work.cpu(), p._t.split_work.cpu()))
+    for i in (0, 1):  # decode, prefill: -1 and 0 plan as None does
+        for j in (i + 2, i + 4):
+            assert torch.equal(plans[i][0], plans[j][0]) and torch.equal(plans[i][1], plans[j][1])
+
+
+def test_requests_without_pages_ignore_last_page_len(device):
+    """A request with no pages has kv_len 0 whatever its last_page_len (FlashInfer's rule):
+    SGLang plans cache-less prefills with 0 pages and last_page_len 1, vLLM pads CUDA-graph
+    decode batches the same way. Output 0, LSE -inf for those rows; the others as the oracle."""
+    b = Batch([1, 2, 1], [9, 0, 20], page_size=4, Hq=4, Hkv=1, D=16, seed=12)
+    last = b.last.clone()
+    last[1] = 1  # 0 pages, last_page_len 1
+    ro, rl = b.oracle()
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    w.plan(b.dev(b.qo_indptr), b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(last), 4, 1, 16, 4,
+           q_data_type="float32")
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    check_attention("prefill, 0 pages with last_page_len 1", o, lse, ro, rl, torch.float32)
+    assert (o[1:3] == 0).all() and torch.isneginf(lse[1:3]).all()
+    d = Batch([1, 1, 1], [9, 0, 20], page_size=4, Hq=4, Hkv=1, D=16, seed=13)
+    last = d.last.clone()
+    last[1] = 1
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(d.dev(d.kv_indptr), d.dev(d.kv_indices), d.dev(last), 4, 1, 16, 4, q_data_type="float32")
+    o, lse = w.run(d.q, d.cache, return_lse=True)
+    check_attention("decode, 0 pages with last_page_len 1", o, lse, *d.oracle(), torch.float32)
+    with pytest.raises(ValueError, match="last_page_len"):  # with pages, the range still holds
+        bad = d.last.clone()
+        bad[0] = 5
+        w.plan(d.dev(d.kv_indptr), d.dev(d.kv_indices), d.dev(bad), 4, 1, 16, 4, q_data_type="float32")

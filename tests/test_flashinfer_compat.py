@@ -175,6 +175,10 @@ WRAPPERS = {
     "cascade:MultiLevelCascadeAttentionWrapper": "cascade:MultiLevelCascadeAttentionWrapper",
 }  # class -> the class whose plan/run spec it shares (CUDAGraph* inherits decode's)
 
+# Names FlashInfer's modules re-export from another module (decode.py and prefill.py import
+# page.get_seq_lens; vLLM imports it from flashinfer.decode): path -> names.
+RE_EXPORTS = {"decode": ["get_seq_lens"], "prefill": ["get_seq_lens"]}
+
 # The covered names FlashInfer also exports from its top-level package (flashinfer/__init__.py).
 TOP_LEVEL = {
     "decode": ["single_decode_with_kv_cache", "BatchDecodeWithPagedKVCacheWrapper",
@@ -368,11 +372,12 @@ def test_compat_table_matches_spec():
     for key in list(SPEC) + list(PARTIALS):
         path, qual = key.split(":")
         want.setdefault(path, set()).add(qual.split(".")[0])
-    for path, names in TOP_LEVEL.items():
+    for path, names in list(TOP_LEVEL.items()) + list(RE_EXPORTS.items()):
         want.setdefault(path, set()).update(names)
     got = {p: set(n) for p, (_, n) in FLASHINFER_MODULES.items() if n}
     assert got == want
     mods = _compat_modules()
+    assert mods["decode"].get_seq_lens is mods["prefill"].get_seq_lens is mods["page"].get_seq_lens
     absent = sorted(f"flashinfer.{p}.{n}" for p, names in got.items() for n in names if not hasattr(mods[p], n))
     if absent:
         pytest.skip(f"not implemented in torch_flashops yet: {absent}")

@@ -162,12 +162,14 @@ def validate_paged_csr(kv_indptr_h, last_h, n_indices: int, page_size: int, *, i
     expect(n_indices >= int(kv_indptr_h[-1]), indices_name,
            "has {} entries, fewer than {}[-1] = {}", n_indices, indptr_name, int(kv_indptr_h[-1]))
     n = np.diff(kv_indptr_h)
-    ok = np.where(n >= 1, (last_h >= 1) & (last_h <= page_size), last_h == 0)
+    # A request without pages has kv_len 0 whatever its last_page_len says (FlashInfer's rule:
+    # engines pad CUDA-graph batches and plan cache-less prefills with 0 pages and last_page_len 1)
+    ok = (n == 0) | ((last_h >= 1) & (last_h <= page_size))
     if not ok.all():
         b = int(np.argmin(ok))
         raise ValueError(f"{last_name}: request {b} has {int(n[b])} pages and last_page_len {int(last_h[b])} "
-                         f"(must be in [1, {page_size}] with pages, 0 without)")
-    return np.maximum(n - 1, 0) * page_size + last_h
+                         f"(must be in [1, {page_size}] for a request with pages)")
+    return np.where(n > 0, (n - 1) * page_size + last_h, 0)
 
 
 def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, device):

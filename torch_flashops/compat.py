@@ -36,11 +36,12 @@ _ALIAS_MARK = "__torch_flashops_alias__"
 # A name missing from our module is taken from the torch_flashops top level (where it lives in
 # another file); a name we do not have at all is left out.
 FLASHINFER_MODULES = {
+    # (FlashInfer's decode and prefill modules re-export page.get_seq_lens; engines import it from there)
     "decode": ("torch_flashops.decode", ["single_decode_with_kv_cache", "BatchDecodeWithPagedKVCacheWrapper",
-                                          "CUDAGraphBatchDecodeWithPagedKVCacheWrapper"]),
+                                          "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "get_seq_lens"]),
     "prefill": ("torch_flashops.prefill", ["single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
                                             "BatchPrefillWithPagedKVCacheWrapper",
-                                            "BatchPrefillWithRaggedKVCacheWrapper"]),
+                                            "BatchPrefillWithRaggedKVCacheWrapper", "get_seq_lens"]),
     "page": ("torch_flashops.page", ["append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens"]),
     "cascade": ("torch_flashops.cascade", ["merge_state", "merge_state_in_place", "merge_states",
                                             "MultiLevelCascadeAttentionWrapper"]),

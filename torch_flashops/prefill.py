@@ -185,6 +185,13 @@ def _check_mask_bufs(custom_mask_buf, mask_indptr_buf, B: int) -> None:
         _check_graph_buf(mask_indptr_buf, "mask_indptr_buf", B + 1)
 
 
+def _fixed_split(fixed_split_size) -> Optional[int]:
+    """``fixed_split_size`` as FlashInfer reads it: None, 0 or negative (vLLM passes -1) mean off."""
+    if fixed_split_size is None or int(fixed_split_size) <= 0:
+        return None
+    return int(fixed_split_size)
+
+
 class _Plan:
     """Scalars fixed by one ``plan()`` (run() reads these as constants).
 
@@ -466,7 +473,8 @@ class _BatchAttention:
             P.check_fits(self._paged_kv_indices_buf, kv_indices.numel(), "paged_kv_indices")
             P.check_fits(self._paged_kv_last_page_len_buf, last_page_len.size, "paged_kv_last_page_len")
 
-        fixed_keys = None if fixed_split_size is None else int(fixed_split_size) * page_size
+        fixed_split_size = _fixed_split(fixed_split_size)
+        fixed_keys = None if fixed_split_size is None else fixed_split_size * page_size
         self._plan_common(qo_h, kv_lens_h, index_tensors, page_size=page_size, fixed_split_keys=fixed_keys,
                           nnz_pages=int(kv_indptr_h[-1]), index_check=index_check, **options)
         self._gather = None
@@ -748,7 +756,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
                           packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
                           sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
                           rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
-                          kv_data_type=kv_data_type, o_data_type=o_data_type, fixed_split_keys=fixed_split_size,
+                          kv_data_type=kv_data_type, o_data_type=o_data_type, fixed_split_keys=_fixed_split(fixed_split_size),
                           disable_split_kv=disable_split_kv)
         self._total_kv_rows = int(kv_h[-1])
 

@@ -70,7 +70,7 @@ def ref_attention(q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, last_pa
     q, k_cache, v_cache = q.cpu(), k_cache.cpu(), v_cache.cpu()
     for b in range(len(kv_indptr) - 1):
         pages = kv_indices[int(kv_indptr[b]):int(kv_indptr[b + 1])].long().cpu()
-        kv_len = max(len(pages) - 1, 0) * page + int(last_page_len[b])
+        kv_len = (len(pages) - 1) * page + int(last_page_len[b]) if len(pages) else 0  # no pages: kv_len 0
         K = k_cache[pages].reshape(-1, Hkv, Dqk)[:kv_len].double()
         V = v_cache[pages].reshape(-1, Hkv, Dvo)[:kv_len].double()
         K, V = K.repeat_interleave(Hq // Hkv, 1), V.repeat_interleave(Hq // Hkv, 1)
