@@ -232,14 +232,20 @@ def test_aliases_forward_and_deprecated_positional_plan(device):
     o, lse = w.run_return_lse(b.q, b.cache)
     ro, rl = b.oracle(window_left=5, logits_soft_cap=3.0)
     check_attention("positional plan", o, lse, ro, rl, torch.float32)
-    o2, lse2 = w.forward_return_lse(b.q, b.cache, window_left=5, logits_soft_cap=3.0)
-    assert torch.equal(o2, o) and torch.equal(lse2, lse)
-    assert torch.equal(w.forward(b.q, b.cache), o)
-    with pytest.raises(ValueError, match="logits_soft_cap"):
-        w.forward(b.q, b.cache, logits_soft_cap=1.0)
     with pytest.raises(ValueError, match="window_left"):
         w.run(b.q, b.cache, window_left=3)
     assert w.run(b.q, b.cache, window_left=5, lse_base="ln", return_lse=True)[1].sub(lse * math.log(2)).abs().max() < 1e-5
+    assert (w._window_left, w._logits_soft_cap, w._sm_scale) == (5, 3.0, None)  # FlashInfer's attributes
+    o2, lse2 = w.forward_return_lse(b.q, b.cache, window_left=5, logits_soft_cap=3.0)
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    # forward() sets FlashInfer's forward defaults for what it is not given (no window, no cap), for later runs too
+    o3 = w.forward(b.q, b.cache)
+    check_attention("forward() defaults", o3, None, *b.oracle(), torch.float32)
+    assert torch.equal(w.run(b.q, b.cache), o3) and (w._window_left, w._logits_soft_cap) == (-1, 0.0)
+    o4 = w.forward(b.q, b.cache, logits_soft_cap=1.0, sm_scale=0.3)
+    check_attention("forward(soft cap, scale)", o4, None, *b.oracle(logits_soft_cap=1.0, sm_scale=0.3), torch.float32)
+    with pytest.raises(ValueError, match="^causal"):
+        w.forward(b.q, b.cache, causal=True)  # not an argument of decode's forward
     w.end_forward()
     # data_type sets kv (and q when q_data_type=None); o_data_type
     w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 1, 16, 4, q_data_type=None, data_type=torch.float32,
@@ -716,3 +722,32 @@ def test_requests_without_pages_ignore_last_page_len(device):
         bad = d.last.clone()
         bad[0] = 5
         w.plan(d.dev(d.kv_indptr), d.dev(d.kv_indices), d.dev(bad), 4, 1, 16, 4, q_data_type="float32")
+
+
+def test_forward_replaces_plan_options_as_flashinfer(device):
+    """SGLang and TGI plan without causal/scale and pass them to forward(): forward's options
+    replace the plan's (its defaults where not given), keeping the schedule where it covers them
+    (causal, a narrower window) and re-planning otherwise; paged and ragged."""
+    b = Batch([3, 1, 4], [9, 6, 20], page_size=4, Hq=4, Hkv=2, D=16, seed=21)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b)  # not causal
+    o, lse = w.forward_return_lse(b.q, b.cache, causal=True, sm_scale=0.2)
+    check_attention("plan non-causal, forward causal", o, lse, *b.oracle(causal=True, sm_scale=0.2), torch.float32)
+    assert w._causal is True and w._sm_scale == 0.2
+    o, lse = w.run(b.q, b.cache, return_lse=True)  # the options stay
+    check_attention("run after forward", o, lse, *b.oracle(causal=True, sm_scale=0.2), torch.float32)
+    o, lse = w.forward_return_lse(b.q, b.cache, window_left=3)  # causal back to False: re-planned
+    check_attention("forward window, not causal", o, lse, *b.oracle(window_left=3), torch.float32)
+    o, lse = w.forward_return_lse(b.q, b.cache, causal=True)  # window -1 again: re-planned
+    check_attention("forward causal, no window", o, lse, *b.oracle(causal=True), torch.float32)
+    g = torch.Generator().manual_seed(22)
+    k, v = (torch.randn(35, 2, 16, generator=g).to(device) for _ in range(2))
+    kv_indptr = torch.tensor([0, 9, 15, 35], dtype=torch.int32)
+    r = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    r.plan(b.qo_indptr, kv_indptr, 4, 2, 16, q_data_type="float32")
+    ref_k, ref_v = k.cpu().unsqueeze(1), v.cpu().unsqueeze(1)
+    last = torch.ones(3, dtype=torch.int32)
+    ro, rl = ref_attention(b.q.cpu(), ref_k, ref_v, b.qo_indptr, kv_indptr, torch.arange(35, dtype=torch.int32), last,
+                           causal=True, logits_soft_cap=5.0)
+    o, lse = r.forward_return_lse(b.q, k, v, causal=True, logits_soft_cap=5.0)
+    check_attention("ragged forward causal", o, lse, ro, rl, torch.float32)

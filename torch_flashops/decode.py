@@ -129,6 +129,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         Reserved (``NotImplementedError``).
     """
 
+    _forward_takes_causal = False  # FlashInfer's decode forward() has no causal: it follows q_len_per_req
+
     _name = "BatchDecodeWithPagedKVCacheWrapper"
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,

@@ -214,6 +214,9 @@ class _Plan:
 
 _FORWARD_PLAN_KEYS = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "window_left", "logits_soft_cap",
                       "sm_scale", "rope_scale", "rope_theta")
+# FlashInfer's deprecated forward() sets every one of these to its own default when not given
+_FORWARD_DEFAULTS = dict(causal=False, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, sm_scale=None,
+                         rope_scale=None, rope_theta=None)
 
 
 class _BatchAttention:
@@ -358,41 +361,67 @@ class _BatchAttention:
                 P.scalar_scale(v_scale, "v_scale"), lse_ln)
 
     def forward(self, q: torch.Tensor, *kv, **kwargs):
-        """Deprecated alias of ``run(q, paged_kv_cache)`` / ``run(q, k, v)``; plan-time keywords
-        given here must equal the plan's values (``ValueError``), run keywords pass through."""
+        """Deprecated alias of ``run(q, paged_kv_cache)`` / ``run(q, k, v)`` with FlashInfer's
+        semantics: its plan-time keywords (``causal``, ``pos_encoding_mode``, ``window_left``,
+        ``logits_soft_cap``, ``sm_scale``, ``rope_scale``, ``rope_theta``) replace the plan's, each
+        at forward's own default when not given (so ``forward(q, kv)`` after ``plan(causal=True)``
+        is not causal, as in FlashInfer), and stay for later runs; run keywords pass through. The
+        schedule is kept where it covers the new options (causal or a narrower window only clip
+        it) and rebuilt from the plan's page table otherwise."""
         return self._forward(q, kv, kwargs, False)
 
     def forward_return_lse(self, q: torch.Tensor, *kv, **kwargs):
-        """Deprecated alias of ``run(..., return_lse=True)``."""
+        """Deprecated alias of ``run(..., return_lse=True)`` (see ``forward``)."""
         return self._forward(q, kv, kwargs, True)
 
+    _forward_takes_causal = True
+
     def _forward(self, q, kv, kwargs, return_lse):
-        plan_kwargs = {k: v for k, v in kwargs.items() if k in _FORWARD_PLAN_KEYS}
-        run_kwargs = {k: v for k, v in kwargs.items() if k not in _FORWARD_PLAN_KEYS}
         if self._plan is None:
-            raise RuntimeError(f"{self._name}.forward() called before plan()")
+            raise RuntimeError(f"{self._name}.forward() called before a successful plan()")
+        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _FORWARD_PLAN_KEYS}
+        opts.pop("use_fp16_qk_reduction", None)
+        defaults = dict(_FORWARD_DEFAULTS)
+        if not self._forward_takes_causal:  # decode: causal follows q_len_per_req
+            defaults.pop("causal")
+        for key in opts:
+            expect(key in defaults, key, "is not an argument of {}.forward()", self._name)
+        self._apply_options(**{**defaults, **opts})
+        return self.run(q, *kv, return_lse=return_lse, **kwargs)
+
+    def _apply_options(self, *, causal=None, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
+                       rope_theta):
+        """Replace the plan's scalar options (forward()); re-plan when its schedule, clipped by the
+        planned causal mask and window, would miss keys the new options need."""
         pl = self._plan
-        planned = dict(causal=bool(pl.causal), pos_encoding_mode=pl.pos_encoding_mode, window_left=pl.window_left,
-                       logits_soft_cap=pl.soft_cap, sm_scale=pl.sm_scale, rope_scale=pl.rope_scale,
-                       rope_theta=pl.rope_theta)
-        for key, value in plan_kwargs.items():
-            if key in ("use_fp16_qk_reduction",):
-                continue
-            expect(key in planned, key, "is not an argument of forward()")
-            given = value
-            if key == "logits_soft_cap":
-                given = P.check_soft_cap(value)
-            elif key == "sm_scale" and value is None:
-                given = 1.0 / math.sqrt(pl.head_dim_qk)
-            elif key == "rope_scale" and value is None:
-                given = 1.0
-            elif key == "rope_theta" and value is None:
-                given = 1e4
-            elif key == "causal":
-                given = bool(value)
-            if given != planned[key] and not (isinstance(given, float) and math.isclose(given, planned[key])):
-                raise ValueError(f"{key}: forward({key}={value!r}) differs from the planned value {planned[key]!r}; re-plan instead")
-        return self.run(q, *kv, return_lse=return_lse, **run_kwargs)
+        causal = pl.causal if causal is None else bool(causal)
+        window = P.check_window_left(window_left)
+        check_pos_encoding_mode(pos_encoding_mode)
+        soft = P.check_soft_cap(logits_soft_cap)
+        sm = P.resolve_sm_scale(sm_scale, pl.head_dim_qk)
+        rs, rt = P.rope_defaults(rope_scale, rope_theta)
+        if (pl.causal and not causal) or (pl.window_left >= 0 and not 0 <= window <= pl.window_left):
+            self._replan(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window,
+                         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                         rope_theta=rope_theta)
+            return
+        kw = {k: getattr(pl, k) for k in _Plan.__slots__ if k != "float_reprs"}
+        kw.update(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft, sm_scale=sm,
+                  rope_scale=rs, rope_theta=rt)
+        self._plan = _Plan(**kw)
+        self._set_flashinfer_attrs(causal, pos_encoding_mode, window, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+
+    def _set_flashinfer_attrs(self, causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
+                              rope_theta):
+        """The option attributes FlashInfer's wrappers keep, which engines read back (vLLM asserts
+        on ``_window_left``, ``_logits_soft_cap``, ``_sm_scale``, ``_causal`` every step)."""
+        self._causal = bool(causal)
+        self._pos_encoding_mode = pos_encoding_mode
+        self._window_left = window_left
+        self._logits_soft_cap = 0.0 if logits_soft_cap is None else logits_soft_cap
+        self._sm_scale = sm_scale
+        self._rope_scale = rope_scale
+        self._rope_theta = rope_theta
 
     def _plan_common(self, qo_h, kv_lens_h, index_tensors, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo,
                      page_size, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left,
@@ -447,6 +476,23 @@ class _BatchAttention:
                            sm_scale=sm, rope_scale=rs, rope_theta=rt,
                            q_dtype=q_dt, kv_dtype=kv_dt, o_dtype=o_dt, block_m=block_m, nnz_pages=nnz_pages,
                            total_rows=int(qo_h[-1]), batch=B)
+        self._set_flashinfer_attrs(causal, pos_encoding_mode, window, logits_soft_cap, sm_scale, rope_scale,
+                                   rope_theta)
+        # forward() re-plans from the same page table when new options need keys this schedule skips
+        self._replan = functools.partial(
+            self._plan_common, qo_h, kv_lens_h, index_tensors, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+            head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=page_size, custom_mask=custom_mask,
+            packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
+            sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale,
+            rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type, o_data_type=o_data_type,
+            fixed_split_keys=fixed_split_keys, disable_split_kv=disable_split_kv, nnz_pages=nnz_pages,
+            index_check=index_check)
+        if not self._use_cuda_graph:  # FlashInfer keeps the planned device index tensors here too
+            self._qo_indptr_buf = qo_t
+            if self._paged:
+                self._paged_kv_indptr_buf, self._paged_kv_indices_buf = self._t.kv_indptr, self._t.kv_indices
+            else:
+                self._kv_indptr_buf = self._t.kv_indptr
 
     def _plan_paged(self, qo_h, kv_indptr_h, kv_lens_h, kv_indices, last_page_len, *, page_size, fixed_split_size,
                     **options):
