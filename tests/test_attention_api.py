@@ -346,8 +346,6 @@ def test_constructor_and_single_errors(device):
     with pytest.raises(NotImplementedError):
         fi.BatchPrefillWithPagedKVCacheWrapper(ws, backend="cudnn")
     with pytest.raises(NotImplementedError):
-        fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "HND")
-    with pytest.raises(NotImplementedError):
         fi.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=[1])
     q, k = torch.randn(4, 2, 16, device=device), torch.randn(3, 2, 16, device=device)
     with pytest.raises(ValueError, match="causal"):
@@ -751,3 +749,22 @@ def test_forward_replaces_plan_options_as_flashinfer(device):
                            causal=True, logits_soft_cap=5.0)
     o, lse = r.forward_return_lse(b.q, k, v, causal=True, logits_soft_cap=5.0)
     check_attention("ragged forward causal", o, lse, ro, rl, torch.float32)
+
+
+def test_ragged_hnd_layout(device):
+    """Ragged K/V in HND (``[H_kv, rows, D]``, as vLLM's DCP prefill passes it) equals NHD bitwise."""
+    g = torch.Generator().manual_seed(31)
+    qo = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    kv = torch.tensor([0, 9, 15, 35], dtype=torch.int32)
+    q = torch.randn(8, 4, 16, generator=g).to(device)
+    k, v = (torch.randn(35, 2, 16, generator=g).to(device) for _ in range(2))
+    outs = []
+    for layout in ("NHD", "HND"):
+        w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device), layout)
+        w.plan(qo, kv, 4, 2, 16, causal=True, q_data_type="float32")
+        kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+        outs.append(w.run(q, kk, vv, return_lse=True))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ro, rl = ref_attention(q.cpu(), k.cpu().unsqueeze(1), v.cpu().unsqueeze(1), qo, kv,
+                           torch.arange(35, dtype=torch.int32), torch.ones(3, dtype=torch.int32), causal=True)
+    check_attention("ragged HND", outs[1][0], outs[1][1], ro, rl, torch.float32)

@@ -732,7 +732,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
     float_workspace_buffer : torch.Tensor
         uint8/int8 byte buffer, 16-byte aligned; bounds the split-KV partial states.
     kv_layout : str
-        ``"NHD"`` only (``"HND"``: ``NotImplementedError``, FlashInfer documents NHD only).
+        ``"NHD"`` (k/v ``[rows, H_kv, D]``) or ``"HND"`` (``[H_kv, rows, D]``, read as a strided
+        view; vLLM's DCP prefill passes its cache layout here).
     use_cuda_graph : bool
         Freeze sizes for CUDA-graph replay; needs ``qo_indptr_buf`` and ``kv_indptr_buf``
         (int32 ``[B+1]``), and ``custom_mask_buf``/``mask_indptr_buf`` for masks.
@@ -748,8 +749,6 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
                  custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
                  backend: str = "auto", jit_args: Optional[Any] = None, jit_kwargs: Optional[Any] = None) -> None:
         self._init_common(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs)
-        if kv_layout != "NHD":
-            raise NotImplementedError("BatchPrefillWithRaggedKVCacheWrapper: only kv_layout='NHD' is supported")
         self._custom_mask_buf, self._mask_indptr_buf = custom_mask_buf, mask_indptr_buf
         if self._use_cuda_graph:
             _check_graph_buf(qo_indptr_buf, "qo_indptr_buf")
@@ -814,10 +813,13 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
             enable_pdl: Optional[bool] = None, kv_cache_sf: Optional[torch.Tensor] = None,
             lse_base: str = "log2") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Attention of ``q [R, num_qo_heads, head_dim_qk]`` over ``k [kv_indptr[-1], num_kv_heads,
-        head_dim_qk]`` and ``v [kv_indptr[-1], num_kv_heads, head_dim_vo]`` (strided views allowed).
-        Returns ``o [R, num_qo_heads, head_dim_vo]`` and, with ``return_lse``, ``lse [R, num_qo_heads]``."""
+        head_dim_qk]`` and ``v [kv_indptr[-1], num_kv_heads, head_dim_vo]`` (strided views allowed;
+        ``kv_layout="HND"``: ``[num_kv_heads, kv_indptr[-1], head_dim]``). Returns ``o [R,
+        num_qo_heads, head_dim_vo]`` and, with ``return_lse``, ``lse [R, num_qo_heads]``."""
         check_tensor(k, "k", ndim=3)
         check_tensor(v, "v", ndim=3)
+        if self._kv_layout == "HND":
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
         expect(v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1], "v",
                "shape {} does not match k's {} in rows and heads", tuple(v.shape), tuple(k.shape))
         expect(v.dtype == k.dtype, "v", "dtype {} does not match k's {}", v.dtype, k.dtype)
