@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -416,6 +417,30 @@ def test_kv_row_addressing_forms(device, monkeypatch):
             check_attention(f"{form} pad_v={pad_v} lean={lean}", o, lse, ro, rl, torch.float32)
             outs.append((o, lse))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_whole_request_rule_and_schedule():
+    """The whole-request decode rule (``whole_requests``: 48..num_SMs programs of 512..2048 keys,
+    decode tiles, 16-bit D <= 128, CUDA only) and a schedule planned with it: no split items, one
+    work item per (request, m tile)."""
+    from torch_flashops import _attention_plan as P
+    from torch_flashops.ops import attention as A
+
+    assert A._whole_rule(128, 512, 16, False, 132, 4) and A._whole_rule(48, 2048, 32, False, 132, 8)
+    for n, keys, bm, wide, grp in ((133, 512, 16, False, 4), (47, 512, 16, False, 8), (128, 511, 16, False, 4),
+                                   (128, 2049, 16, False, 4), (128, 512, 64, False, 4), (128, 512, 16, True, 4),
+                                   (64, 512, 16, False, 4)):
+        assert not A._whole_rule(n, keys, bm, wide, 132, grp), (n, keys, bm, wide, grp)
+    assert not A.whole_requests(128, 512, 16, False, "cpu")  # the interpreter keeps its own schedules
+    lens = np.array([512, 700])
+    kw = dict(group=4, block_m=16, block_n=64, num_kv_heads=1, d_vo=128, causal=False, window_left=-1,
+              has_mask=False, device="cpu", workspace_bytes=1 << 24)
+    split = P.build_schedule(np.ones(2, dtype=np.int64), lens, **kw)
+    whole = P.build_schedule(np.ones(2, dtype=np.int64), lens, whole=True, **kw)
+    assert split.split_work.shape[0] > 0  # the interpreter's schedule splits these
+    assert whole.split_work.shape[0] == 0 and sorted(whole.work[:, 3].tolist()) == sorted(lens.tolist())
+    fixed = P.build_schedule(np.ones(2, dtype=np.int64), lens, whole=True, fixed_split_keys=128, **kw)
+    assert fixed.split_work.shape[0] > 0  # fixed_split_size still splits (batch invariance asked for)
 
 
 def test_lean_addressing_rule():

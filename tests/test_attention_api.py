@@ -484,6 +484,39 @@ def test_gpu_model_shapes(page, layout, dtype):
         check_attention(f"gpu {qo}", o, lse, ro, rl, dt)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L,hkv", [(16, 512, 8), (16, 1000, 4), (32, 1600, 4)])
+def test_gpu_whole_request_decode(B, L, hkv):
+    """Decode batches the planner runs as whole requests in 128-key tiles (``whole_requests``:
+    48..num_SMs programs of 512..2048 keys; lengths spread around L, partial last pages) equal the
+    oracle and a split plan of the same batch; a CUDA-graph wrapper keeps split capacity."""
+    from torch_flashops.ops import attention as A
+
+    g = torch.Generator().manual_seed(B + L)
+    lens = (L + torch.randint(0, L // 4, (B,), generator=g)).tolist()
+    b = Batch([1] * B, lens, page_size=16, Hq=32, Hkv=hkv, D=128, dtype=torch.bfloat16, seed=L, device="cuda")
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace("cuda", 128 << 20))
+    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 32, hkv, 128, 16, q_data_type=torch.bfloat16)
+    keys = b.kv_indices.numel() * 16 // B
+    assert A.whole_requests(B * hkv, keys, 16, False, "cuda", 32 // hkv)
+    assert int((w._t.split_work[::4] >= 0).sum()) == 0  # whole requests, no merge
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    check_attention(f"whole B={B} L={L}", o, lse, *b.oracle(), torch.bfloat16)
+    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 32, hkv, 128, 16, q_data_type=torch.bfloat16,
+           fixed_split_size=8)
+    assert int((w._t.split_work[::4] >= 0).sum()) > 0
+    o2, lse2 = w.run(b.q, b.cache, return_lse=True)
+    assert_close("whole vs split", o, o2, dtype=torch.bfloat16)
+    n = B * hkv
+    bufs = (torch.zeros(B + 1, dtype=torch.int32, device="cuda"), torch.zeros(b.kv_indices.numel(), dtype=torch.int32,
+            device="cuda"), torch.zeros(B, dtype=torch.int32, device="cuda"))
+    wg = fi.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(workspace("cuda", 128 << 20), *bufs)
+    wg.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 32, hkv, 128, 16, q_data_type=torch.bfloat16)
+    assert wg._t.split_work.numel() >= 3 * 4 and n > 0  # frozen split capacity stays
+    og = wg.run(b.q, b.cache)
+    check_attention("graph-mode wrapper", og, None, *b.oracle(), torch.bfloat16)
+
+
 def test_compile_multilevel_cascade(device):
     """The cascade run (per-level ops + in-place merges) compiles to one graph."""
     g = torch.Generator().manual_seed(2)

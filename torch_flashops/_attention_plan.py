@@ -225,10 +225,11 @@ def tile_bound(total_rows: int, batch: int, group: int, block_m: int) -> int:
 def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, block_m: int, block_n: int,
                    num_kv_heads: int, d_vo: int, causal: bool, window_left: int, has_mask: bool, device,
                    workspace_bytes: int, disable_split_kv: bool = False, fixed_split_keys: Optional[int] = None,
-                   bounds: Optional[Bounds] = None) -> Schedule:
+                   bounds: Optional[Bounds] = None, whole: bool = False) -> Schedule:
     """Tile every request's (row x group head) index into ``block_m`` tiles, clip each tile's
     key range by causality and window, and split long ranges into chunks when the tiles alone
-    leave the machine idle (or when ``fixed_split_keys`` asks for it)."""
+    leave the machine idle (or when ``fixed_split_keys`` asks for it). ``whole``: the launch
+    runs whole requests in wide key tiles instead (``attn_ops.whole_requests``), so no split."""
     B = qo_lens.size
     qo_lens = qo_lens.astype(np.int64)
     kv_lens = kv_lens.astype(np.int64)
@@ -253,7 +254,7 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     if bounds is not None:
         max_split_items = min(max_split_items, bounds.split_work)
     n_s = np.ones_like(length)
-    if not disable_split_kv and tb.size and length.max(initial=0) > 0:
+    if not disable_split_kv and not (whole and fixed_split_keys is None) and tb.size and length.max(initial=0) > 0:
         if fixed_split_keys is not None:  # fixed keys per chunk: a request's chunks ignore the batch
             step = np.full_like(length, max(1, int(fixed_split_keys)))
             n_s = np.maximum(1, -(-length // step))

@@ -256,7 +256,7 @@ class _BatchAttention:
 
     # -- plan ---------------------------------------------------------------------------
     def _schedule(self, qo_h, kv_lens_h, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, window_left,
-                  has_mask, disable_split_kv, fixed_split_keys, dtype):
+                  has_mask, disable_split_kv, fixed_split_keys, dtype, nnz_keys=None):
         """Tile size and work lists for one plan, and in CUDA-graph mode the sizes its first plan
         freezes (``freeze``, applied by ``_set_lists``): nothing on the wrapper changes here, so a
         plan that fails leaves the previous one intact."""
@@ -276,11 +276,18 @@ class _BatchAttention:
         elif self._use_cuda_graph:
             expect(int(qo_h[-1]) <= self._frozen_rows, "qo_indptr",
                    "total rows {} exceed the first plan's {} (frozen in CUDA-graph mode)", int(qo_h[-1]), self._frozen_rows)
+        whole = False
+        if bounds is None:  # (CUDA-graph plans keep split capacity: one captured launch serves every later plan)
+            n_tiles = int((-(-(qo_lens * group) // block_m)).sum())
+            keys = int(nnz_keys if nnz_keys is not None else kv_lens_h.sum())
+            wide = dtype == torch.float32 or max(head_dim_qk, head_dim_vo) > 128
+            whole = attn_ops.whole_requests(n_tiles * num_kv_heads, keys // max(n_tiles, 1), block_m, wide,
+                                            self.device, group)
         sched = P.build_schedule(qo_lens, kv_lens_h, group=group, block_m=block_m, block_n=block_n,
                                  num_kv_heads=num_kv_heads, d_vo=head_dim_vo, causal=causal, window_left=window_left,
                                  has_mask=has_mask, device=self.device, workspace_bytes=ws,
                                  disable_split_kv=disable_split_kv, fixed_split_keys=fixed_split_keys,
-                                 bounds=bounds)
+                                 bounds=bounds, whole=whole)
         if bounds is not None:
             P.check_list_sizes(sched, bounds)
         return block_m, sched, freeze
@@ -454,7 +461,8 @@ class _BatchAttention:
                                                 num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                                                 head_dim_vo=head_dim_vo, causal=bool(causal), window_left=window,
                                                 has_mask=has_mask, disable_split_kv=disable_split_kv,
-                                                fixed_split_keys=fixed_split_keys, dtype=q_dt)
+                                                fixed_split_keys=fixed_split_keys, dtype=q_dt,
+                                                nnz_keys=nnz_pages * page_size if page_size else None)
         packed, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, np.diff(qo_h), kv_lens_h)
         if self._use_cuda_graph:
             P.check_fits(self._qo_indptr_buf, qo_h.size, "qo_indptr")

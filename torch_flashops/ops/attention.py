@@ -505,7 +505,7 @@ def live_items(grid0: int, n_split_items: int, has_split: bool, n_requests: Opti
 
 def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
                 n_programs: Optional[int] = None, keys_per_program: Optional[int] = None,
-                split: bool = False, tma: bool = False) -> tuple[int, int, int]:
+                split: bool = False, tma: bool = False, group: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned.
     Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
     (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
@@ -536,6 +536,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
+    if not split and n_programs is not None and keys_per_program is not None and \
+            whole_requests(n_programs, keys_per_program, block_m, wide, device, group):
+        return 128, 8, 3
     small_grid = n_programs is not None and n_programs < 3 * num_sms(device)
     if n_programs is not None and n_programs < num_sms(device) and not wide and not split and \
             keys_per_program is not None and block_n < keys_per_program <= 2 * block_n:
@@ -758,6 +761,34 @@ def split_min_chunk(block_n: int, device, n_programs: int, block_m: int = 16, gr
     return max(4 * block_n, 256) if _old_floors(n_programs, block_m, group) else max(block_n, 64)
 
 
+WHOLE_MIN_PROGRAMS = 48  # whole_requests: (request, KV head) programs, at least ...
+WHOLE_KEYS = (512, 2048)  # ... and keys per program, inclusive
+
+
+def whole_requests(n_programs: int, keys_per_program: int, block_m: int, wide: bool, device, group: int = 1) -> bool:
+    """Whether a decode launch of at most one program per SM runs whole requests (no split-KV,
+    so no merge launch) in 128-key tiles with 8 warps and 3 stages (``attn_config``). H100,
+    2026-12-05, CUDA-graph replays against the split plan with the split configs (us): B=16 x 512
+    keys, 8 KV heads (128 programs) 22.0 -> 19.5; 4 KV heads (64) 14.8 -> 13.6; B=32 x 512, 4 KV
+    heads 20.6 -> 19.4; B=16 x 1024 34.3 -> 32.0; B=16 x 2048 59.2 -> 56.9 (re-timed with the rule
+    in place, alternating twice: 21.7 -> 19.3-19.5, 14.8 -> 13.6-13.7, 20.7-20.8 -> 19.2-19.3,
+    34.2 -> 32.0-32.2, 59.1-59.3 -> 57.0). Not taken where it lost: more programs than SMs (B=24
+    x 512, 8 KV heads: 25.7 -> 29.1; a 192 KB program fits an SM once), two 128-key tiles a
+    program (B=32 x 256: 18.9 -> 23.0), and up to 64 programs of GQA groups of at most 4 (B=8 x
+    512, 8 KV heads: 13.0-13.4 -> 13.6-13.7), where the split plan has fewer chunks to merge.
+    16-bit K/V with D <= 128 only (``wide``: 32-key tiles). The planner (``_schedule``) and the
+    launcher (``attn_config``) ask the same question, each with its own estimate of keys per
+    program."""
+    return torch.device(device).type == "cuda" and _whole_rule(n_programs, keys_per_program, block_m, wide,
+                                                                num_sms(device), group)
+
+
+def _whole_rule(n_programs: int, keys_per_program: int, block_m: int, wide: bool, sms: int, group: int = 1) -> bool:
+    lo, hi = WHOLE_KEYS
+    return (block_m <= 32 and not wide and WHOLE_MIN_PROGRAMS <= n_programs <= sms and lo <= keys_per_program <= hi
+            and (n_programs > 64 or group > 4))
+
+
 def resident_programs(block_m: int) -> int:
     """Programs of the attention kernel one SM runs at once (H100, bf16, D=128: the 16/32-row
     decode tiles use 40-72 KB of shared memory, the 64-row tiles ~112 KB, the 128-row tiles
@@ -824,7 +855,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     keys_per_program = keys // max(live, 1)
     tma = use_tma(k, v, paged, pos, block_m, keys / max(qo_indptr.shape[0] - 1 if worklist else 1, 1))
     block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
-                                                 keys_per_program, split=has_split, tma=tma)
+                                                 keys_per_program, split=has_split, tma=tma, group=group)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
     pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
