@@ -801,3 +801,39 @@ def test_ragged_hnd_layout(device):
     ro, rl = ref_attention(q.cpu(), k.cpu().unsqueeze(1), v.cpu().unsqueeze(1), qo, kv,
                            torch.arange(35, dtype=torch.int32), torch.ones(3, dtype=torch.int32), causal=True)
     check_attention("ragged HND", outs[1][0], outs[1][1], ro, rl, torch.float32)
+
+
+def test_dropped_wrapper_frees_its_workspace(device):
+    """A planned wrapper holds no reference cycle (forward()'s re-plan data is plain data), so
+    dropping it frees the workspace at once, without the cycle collector."""
+    import gc
+    import weakref
+
+    b = Batch([1, 1], [13, 6], page_size=4, Hq=4, Hkv=1, D=16, seed=41)
+    gc.disable()
+    try:
+        ws = workspace(device)
+        ref = weakref.ref(ws)
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(ws)
+        w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 1, 16, 4, q_data_type="float32")
+        w.forward(b.q, b.cache, window_left=2)  # options applied in place
+        w.forward(b.q, b.cache)  # a re-plan
+        del w, ws
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_q_len_per_req_with_padding_requests(device):
+    """Speculative verify (q_len_per_req 2) with CUDA-graph-style padding requests (0 pages,
+    last_page_len 1): planned, the padding rows give 0 / -inf, the others the oracle."""
+    L = 2
+    b = Batch([L, L, L], [7, 0, 12], page_size=4, Hq=4, Hkv=1, D=16, seed=42)
+    last = b.last.clone()
+    last[1] = 1
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), use_tensor_cores=True)
+    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(last), 4, 1, 16, 4, q_data_type=torch.float32,
+           q_len_per_req=L)
+    o, lse = w.run(b.q, b.cache, return_lse=True, q_len_per_req=L)
+    check_attention("q_len_per_req with padding", o, lse, *b.oracle(causal=True), torch.float32)
+    assert (o[2:4] == 0).all() and torch.isneginf(lse[2:4]).all()

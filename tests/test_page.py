@@ -403,6 +403,10 @@ def test_append_out_of_range_indices_stay_in_bounds(device):
     fi.append_paged_kv_cache(key, key.clone(), bi, pos, cache, kv_indices, kv_indptr, i32([4, 2]))
     assert (storage[0] == 0).all() and (storage[-1] == 0).all()
     assert torch.equal(cache, before)  # every row was invalid one way or another
+    # a negative kv_indptr entry (garbage page table): truncating division would give page index 0
+    fi.append_paged_kv_cache(key[:2], key[:2].clone(), i32([0, 0]), i32([1, 3]), cache, i32([0, 1]), i32([-1, 1, 2]),
+                             i32([4, 2]))
+    assert (storage[0] == 0).all() and (storage[-1] == 0).all() and torch.equal(cache, before)
 
 
 def test_append_positions_outside_the_request_stay_in_its_pages(backend_device):

@@ -210,9 +210,10 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, indices.shape[0], int(page_size), indptr_name="indptr",
                                          last_name="last_page_len", indices_name="indices")
         B = last_h.size
-        if L > 1 and B:
-            expect(int(kv_lens_h.min()) >= L, "q_len_per_req",
-                   "={} needs kv_len >= q_len_per_req for every request, got a request of kv_len {}", L, int(kv_lens_h.min()))
+        live = kv_lens_h[kv_lens_h > 0]  # requests without pages (CUDA-graph padding) have no rows to check
+        if L > 1 and live.size:
+            expect(int(live.min()) >= L, "q_len_per_req",
+                   "={} needs kv_len >= q_len_per_req for every request with pages, got kv_len {}", L, int(live.min()))
         qo_h = np.arange(B + 1, dtype=np.int64) * L
         self._plan_paged(qo_h, kv_indptr_h, kv_lens_h, indices, last_h, num_qo_heads=num_qo_heads,
                          num_kv_heads=num_kv_heads, head_dim_qk=head_dim, head_dim_vo=None, page_size=page_size,

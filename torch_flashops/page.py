@@ -256,7 +256,9 @@ def append_paged_kv_cache(
     Notes
     -----
     Without checked mode, out-of-range indices give unspecified cache contents but never a
-    write outside the cache: rows whose batch index is ``>= B``, whose slot falls outside
+    write outside the cache or into another request's pages: rows whose batch index is outside
+    ``[0, B)``, whose position falls outside the request's own pages (negative, or past its
+    last page; a negative ``kv_indptr`` entry drops the request's rows), whose slot falls outside
     ``kv_indices`` or whose page id falls outside ``[0, P)`` are dropped. Checked mode raises
     ``ValueError`` instead (batch indices ``< B``, ``0 <= positions[t] < n_b * page_size``,
     page ids in ``[0, P)``, ``kv_indptr`` valid, ``len(kv_indices) >= kv_indptr[-1]``), before

@@ -282,7 +282,8 @@ class _BatchAttention:
             keys = int(nnz_keys if nnz_keys is not None else kv_lens_h.sum())
             wide = dtype == torch.float32 or max(head_dim_qk, head_dim_vo) > 128
             whole = attn_ops.whole_requests(n_tiles * num_kv_heads, keys // max(n_tiles, 1), block_m, wide,
-                                            self.device, group)
+                                            self.device, group) \
+                and int(kv_lens_h.max(initial=0)) <= attn_ops.WHOLE_KEYS[1]  # no long request left unsplit
         sched = P.build_schedule(qo_lens, kv_lens_h, group=group, block_m=block_m, block_n=block_n,
                                  num_kv_heads=num_kv_heads, d_vo=head_dim_vo, causal=causal, window_left=window_left,
                                  has_mask=has_mask, device=self.device, workspace_bytes=ws,
@@ -408,9 +409,9 @@ class _BatchAttention:
         sm = P.resolve_sm_scale(sm_scale, pl.head_dim_qk)
         rs, rt = P.rope_defaults(rope_scale, rope_theta)
         if (pl.causal and not causal) or (pl.window_left >= 0 and not 0 <= window <= pl.window_left):
-            self._replan(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window,
-                         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
-                         rope_theta=rope_theta)
+            self._plan_common(**{**self._replan_args, **dict(
+                causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window, logits_soft_cap=logits_soft_cap,
+                sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)})
             return
         kw = {k: getattr(pl, k) for k in _Plan.__slots__ if k != "float_reprs"}
         kw.update(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft, sm_scale=sm,
@@ -435,8 +436,8 @@ class _BatchAttention:
                      logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type,
                      fixed_split_keys, disable_split_kv, nnz_pages=0, index_check=None):
         """Everything a plan does once the CSR is valid on the host: option checks, the schedule,
-        the device tensors (``index_tensors(dev)`` builds or fills the KV index tensors) and the
-        frozen scalars. Every check runs first (``index_check()``: the KV index tensors fit their
+        the device tensors (``index_tensors(self, dev)`` builds or fills the KV index tensors) and
+        the frozen scalars. Every check runs first (``index_check(self)``: the KV index tensors fit their
         CUDA-graph buffers), so a plan that fails leaves the previous plan and its buffers as they
         were; only then are buffers written."""
         soft_cap = P.check_soft_cap(logits_soft_cap)
@@ -467,7 +468,7 @@ class _BatchAttention:
         if self._use_cuda_graph:
             P.check_fits(self._qo_indptr_buf, qo_h.size, "qo_indptr")
             if index_check is not None:
-                index_check()
+                index_check(self)
         # ---- commit: nothing below is expected to fail; if it does, the wrapper is left unplanned
         self._plan = None
         if self._use_cuda_graph:
@@ -477,7 +478,7 @@ class _BatchAttention:
             qo_t = P.device_int32(qo_h, dev)
         packed, mask_indptr = self._commit_masks(packed, mask_indptr)
         self._set_lists(sched, freeze, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr,
-                        **index_tensors(dev))
+                        **index_tensors(self, dev))
         self._plan = _Plan(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                            head_dim_vo=head_dim_vo, page_size=page_size, causal=bool(causal),
                            pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft_cap,
@@ -487,14 +488,15 @@ class _BatchAttention:
         self._set_flashinfer_attrs(causal, pos_encoding_mode, window, logits_soft_cap, sm_scale, rope_scale,
                                    rope_theta)
         # forward() re-plans from the same page table when new options need keys this schedule skips
-        self._replan = functools.partial(
-            self._plan_common, qo_h, kv_lens_h, index_tensors, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-            head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=page_size, custom_mask=custom_mask,
-            packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
-            sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale,
-            rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type, o_data_type=o_data_type,
-            fixed_split_keys=fixed_split_keys, disable_split_kv=disable_split_kv, nnz_pages=nnz_pages,
-            index_check=index_check)
+        # (data and wrapper-free closures only: a bound method here would keep the wrapper alive)
+        self._replan_args = dict(
+            qo_h=qo_h, kv_lens_h=kv_lens_h, index_tensors=index_tensors, num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=page_size,
+            custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, causal=causal,
+            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, window_left=window_left,
+            logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+            kv_data_type=kv_data_type, o_data_type=o_data_type, fixed_split_keys=fixed_split_keys,
+            disable_split_kv=disable_split_kv, nnz_pages=nnz_pages, index_check=index_check)
         if not self._use_cuda_graph:  # FlashInfer keeps the planned device index tensors here too
             self._qo_indptr_buf = qo_t
             if self._paged:
@@ -508,24 +510,24 @@ class _BatchAttention:
         expect(int(page_size) >= 1, "page_size", "must be >= 1, got {}", page_size)
         page_size = int(page_size)
 
-        def index_tensors(dev):
-            if not self._use_cuda_graph:
+        # (these take the wrapper as an argument: kept for forward()'s re-plan, they must not hold it)
+        def index_tensors(w, dev):
+            if not w._use_cuda_graph:
                 return dict(kv_indptr=P.device_int32(kv_indptr_h, dev),
                             kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS),
                             kv_lens=P.device_int32(kv_lens_h, dev, P.MIN_LIST_ROWS))
-            P.copy_into(self._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr")
-            P.copy_into(self._paged_kv_indices_buf, kv_indices, "paged_kv_indices")
-            P.copy_into(self._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len")
-            if self._kv_lens_buf is None:
-                self._kv_lens_buf = torch.zeros(max(kv_lens_h.size, P.MIN_LIST_ROWS), dtype=torch.int32, device=dev)
-            P.copy_into(self._kv_lens_buf, kv_lens_h, "kv_lens")
-            return dict(kv_indptr=self._paged_kv_indptr_buf, kv_indices=self._paged_kv_indices_buf,
-                        kv_lens=self._kv_lens_buf)
+            P.copy_into(w._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr")
+            P.copy_into(w._paged_kv_indices_buf, kv_indices, "paged_kv_indices")
+            P.copy_into(w._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len")
+            if w._kv_lens_buf is None:
+                w._kv_lens_buf = torch.zeros(max(kv_lens_h.size, P.MIN_LIST_ROWS), dtype=torch.int32, device=dev)
+            P.copy_into(w._kv_lens_buf, kv_lens_h, "kv_lens")
+            return dict(kv_indptr=w._paged_kv_indptr_buf, kv_indices=w._paged_kv_indices_buf, kv_lens=w._kv_lens_buf)
 
-        def index_check():
-            P.check_fits(self._paged_kv_indptr_buf, kv_indptr_h.size, "paged_kv_indptr")
-            P.check_fits(self._paged_kv_indices_buf, kv_indices.numel(), "paged_kv_indices")
-            P.check_fits(self._paged_kv_last_page_len_buf, last_page_len.size, "paged_kv_last_page_len")
+        def index_check(w):
+            P.check_fits(w._paged_kv_indptr_buf, kv_indptr_h.size, "paged_kv_indptr")
+            P.check_fits(w._paged_kv_indices_buf, kv_indices.numel(), "paged_kv_indices")
+            P.check_fits(w._paged_kv_last_page_len_buf, last_page_len.size, "paged_kv_last_page_len")
 
         fixed_split_size = _fixed_split(fixed_split_size)
         fixed_keys = None if fixed_split_size is None else fixed_split_size * page_size
@@ -794,14 +796,14 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         P.check_indptr(kv_h, "kv_indptr", qo_h.size)
         kv_lens = np.diff(kv_h)
 
-        def index_tensors(dev):
-            if self._use_cuda_graph:
-                P.copy_into(self._kv_indptr_buf, kv_h, "kv_indptr")
-                return dict(kv_indptr=self._kv_indptr_buf, kv_indices=None, kv_lens=None)
+        def index_tensors(w, dev):  # (the wrapper as an argument: see _plan_paged)
+            if w._use_cuda_graph:
+                P.copy_into(w._kv_indptr_buf, kv_h, "kv_indptr")
+                return dict(kv_indptr=w._kv_indptr_buf, kv_indices=None, kv_lens=None)
             return dict(kv_indptr=P.device_int32(kv_h, dev), kv_indices=None, kv_lens=None)
 
-        def index_check():
-            P.check_fits(self._kv_indptr_buf, kv_h.size, "kv_indptr")
+        def index_check(w):
+            P.check_fits(w._kv_indptr_buf, kv_h.size, "kv_indptr")
 
         self._plan_common(qo_h, kv_lens, index_tensors, index_check=index_check, num_qo_heads=num_qo_heads,
                           num_kv_heads=num_kv_heads,

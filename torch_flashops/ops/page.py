@@ -103,7 +103,7 @@ def _append_paged_kv_kernel(
     x = first_page * page_size + pos
     page_idx = x // page_size
     # a position outside the request's own pages is dropped (it would land in a neighbour's page)
-    ok &= (pos >= 0) & (page_idx < end_page) & (page_idx < num_indices)
+    ok &= (first_page >= 0) & (pos >= 0) & (page_idx < end_page) & (page_idx < num_indices)
     page = tl.load(kv_indices_ptr + page_idx, mask=ok, other=-1).to(tl.int64)
     ok &= (page >= 0) & (page < P)
     slot = x - page_idx * page_size

@@ -98,10 +98,11 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     ok = (b >= 0) & (b < B)
     bc = torch.where(ok, b, 0)
     pos = positions.to(torch.int64)
-    x = kv_indptr.to(torch.int64)[bc] * page_size + pos if B > 0 else torch.zeros_like(b)
+    first = kv_indptr.to(torch.int64)[bc] if B > 0 else torch.zeros_like(b)
+    x = first * page_size + pos
     end_page = kv_indptr.to(torch.int64)[bc + 1] if B > 0 else torch.zeros_like(b)
     page_idx = torch.div(x, page_size, rounding_mode="floor")
-    ok &= (pos >= 0) & (page_idx < end_page) & (page_idx < kv_indices.shape[0])
+    ok &= (first >= 0) & (pos >= 0) & (page_idx < end_page) & (page_idx < kv_indices.shape[0])
     page = kv_indices.to(torch.int64)[torch.where(ok, page_idx, 0)] if kv_indices.shape[0] > 0 else torch.zeros_like(b)
     ok &= (page >= 0) & (page < P)
     rows = ok.nonzero().squeeze(1)
