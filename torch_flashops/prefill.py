@@ -10,7 +10,6 @@ the index arrays once, validates them and builds the kernel's work lists on the 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
