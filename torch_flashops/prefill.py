@@ -279,7 +279,7 @@ class _BatchAttention:
         if bounds is None:  # (CUDA-graph plans keep split capacity: one captured launch serves every later plan)
             n_tiles = int((-(-(qo_lens * group) // block_m)).sum())
             keys = int(nnz_keys if nnz_keys is not None else kv_lens_h.sum())
-            wide = dtype == torch.float32 or max(head_dim_qk, head_dim_vo) > 128
+            wide = attn_ops.wide_tiles(dtype, head_dim_qk, head_dim_vo)
             whole = attn_ops.whole_requests(n_tiles * num_kv_heads, keys // max(n_tiles, 1), block_m, wide,
                                             self.device, group) \
                 and int(kv_lens_h.max(initial=0)) <= attn_ops.WHOLE_KEYS[1]  # no long request left unsplit

@@ -71,6 +71,11 @@ def _silu(x):
     return x / (1.0 + tl.exp(-x))
 
 
+def _num_ids(expert_map: Optional[torch.Tensor], num_local: int) -> int:
+    """How many routed ids are in range: the map's length (global experts), else the local count."""
+    return expert_map.numel() if expert_map is not None else num_local
+
+
 @triton.jit
 def _map_expert(map_ptr, e, num_ids, num_local, HAS_MAP: tl.constexpr):
     """A routed expert id through ``expert_map`` (global -> local, -1: not on this rank) -> a
@@ -691,7 +696,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     _moe_gemm_kernel[grid](
         a, a_desc, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
-        pairs[1].numel() if pairs is not None and pairs[1] is not None else w.shape[0], w.shape[0],
+        _num_ids(pairs[1] if pairs is not None else None, w.shape[0]), w.shape[0],
         a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip,
@@ -993,7 +998,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
         one_launch = sync is not None and coop is not False
     args = (x, w1, w2, h, out, ids_flat, expert_map if expert_map is not None else ids_flat, tw_flat,
             sync if sync is not None else ids_flat,
-            T, H, I, expert_map.numel() if expert_map is not None else w1.shape[0], w1.shape[0],
+            T, H, I, _num_ids(expert_map, w1.shape[0]), w1.shape[0],
             x.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0), float(scale))
     # PREFETCH pays where each program's phase 2 is the one tile it prefetched (H100, same call,
     # us with / without: Qwen3 T=1 13.1 / 13.7 (256 tiles, 264 programs); T=2 21.2 / 20.5, T=4
@@ -1054,7 +1059,7 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_ma
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else ids
-    num_ids = expert_map.numel() if expert_map is not None else num_local
+    num_ids = _num_ids(expert_map, num_local)
     if align_one_program(numel, nb) if one_program_max is None else numel <= one_program_max:
         cursors = torch.empty((nb,), dtype=torch.int32, device=dev)
         _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_ids, num_local, block_size,
