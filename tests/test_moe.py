@@ -697,8 +697,9 @@ def aot_compile_decode_sm90() -> dict:
     fn = ops._moe_decode_kernel
     ptrs = {"ids_ptr": "*i32", "map_ptr": "*i32", "sync_ptr": "*i32", "tw_ptr": "*fp32"}
     info = {}
-    for phase in (0, 1, 2):
-        cst = dict(TOP_K=8, HAS_MAP=False, ON_INPUT=False, PHASE=phase, PREFETCH=phase == 0, PIPE1=True,
+    for phase in (0, 1, 2, "gen"):
+        cst = dict(TOP_K=8, HAS_MAP=False, ON_INPUT=False, PHASE=0 if phase == "gen" else phase,
+                   PREFETCH=phase in (0, "gen"), PIPE1=True, GEN_BARRIER=phase == "gen",
                    **ops.decode_tiles(1, 8, 192, 2048))
         sig = {n: ptrs.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
                for n in fn.arg_names if n not in cst}
@@ -707,6 +708,7 @@ def aot_compile_decode_sm90() -> dict:
         info[phase] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
                        "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
                        "acquire_loads": len(re.findall(r"ld\.global\.gpu\.acquire", ptx)),
+                       "volatile_loads": len(re.findall(r"ld\.volatile\.global", ptx)),
                        "cg_loads": ptx.count("ld.global.cg"), "vector_loads": ptx.count("ld.global.v4")}
     return info
 
@@ -714,7 +716,8 @@ def aot_compile_decode_sm90() -> dict:
 def test_decode_kernel_compiles_for_sm90_without_gpu():
     """One launch (phase 0): a release arrival, an acquire spin and the last program's reset, h
     read past L1 (.cg), a few KB of shared memory (the default grid's programs fit an SM
-    together); the two-launch phases carry no atomics at all."""
+    together); in the generation form an acq_rel arrival, a volatile read of the generation, an
+    acquire poll and a release of the next one; the two-launch phases carry no atomics at all."""
     info = run_without_interpreter("import json; from tests.test_moe import aot_compile_decode_sm90; "
                                    "print(json.dumps(aot_compile_decode_sm90()))")
     one = info["0"]
@@ -723,6 +726,11 @@ def test_decode_kernel_compiles_for_sm90_without_gpu():
     assert ops.DECODE_PROGRAMS_PER_SM * one["shared"] <= 64 * 1024, one
     assert "atom.global.gpu.release.add.u32" in one["atomics"], one
     assert "atom.global.gpu.relaxed.exch.b32" in one["atomics"], one
+    gen = info["gen"]  # the generation form: one acq_rel arrival, a volatile poll, release of the new generation
+    assert gen["cubin_bytes"] > 0 and gen["volatile_loads"] >= 1 and gen["acquire_loads"] >= 1, gen
+    assert "atom.global.gpu.acq_rel.add.u32" in gen["atomics"], gen
+    assert "atom.global.gpu.release.exch.b32" in gen["atomics"], gen
+    assert ops.DECODE_PROGRAMS_PER_SM * gen["shared"] <= 64 * 1024, gen
     for phase in ("1", "2"):
         assert info[phase]["cubin_bytes"] > 0 and not info[phase]["atomics"] and not info[phase]["acquire_loads"]
     assert info["2"]["cg_loads"] >= 1 and info["1"]["vector_loads"] >= 1 and info["2"]["vector_loads"] >= 1, info
@@ -793,14 +801,24 @@ def test_gpu_cuda_graph_replay_new_ids():
             check_layer(f"graph replay T={T}", out, x, w1, w2, tw2, ids2, pipeline=False)
 
 
+def _barrier_idle(sync: torch.Tensor) -> bool:
+    """Whether every slot's barrier state is as a launch must find it: both counters 0 (count and
+    leave form), or the arrival count 0 (generation form; its generation word moves on)."""
+    if ops.DECODE_GEN_BARRIER:
+        return not sync[0::ops._SLOT_INTS].any()
+    return not sync.any()
+
+
 @pytest.mark.gpu
-def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
+@pytest.mark.parametrize("gen_barrier", [False, True])
+def test_gpu_decode_one_launch_grid_barrier(monkeypatch, gen_barrier):
     """The decode kernel's grid barrier at full size (the default grid, two programs per SM),
-    model-like shapes: a capture before any eager call falls back to two launches; afterwards
-    one launch, repeated eagerly and by graph replay, bitwise equal every time, with the
-    barrier's counters back at 0 after each launch."""
+    model-like shapes, both barrier forms: a capture before any eager call falls back to two
+    launches; afterwards one launch, repeated eagerly and by graph replay, bitwise equal every
+    time, with the barrier's counters back at 0 after each launch."""
     dev = "cuda"
     monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)  # every decode layer here, not only the rule's
+    monkeypatch.setattr(ops, "DECODE_GEN_BARRIER", gen_barrier)
     shapes = [(1, 2048, 192, 128, 8), (4, 2048, 192, 128, 8), (1, 1024, 256, 64, 6), (2, 7168, 128, 64, 8)]
     layers = [make_moe(*s, torch.bfloat16, dev, seed=30 + i) for i, s in enumerate(shapes)]
     for x, w1, w2, tw, ids in layers:
@@ -828,7 +846,8 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
         for (x, w1, w2, tw, ids), first in zip(layers, firsts):
             assert torch.equal(fused_moe(x, w1, w2, tw, ids), first)
     torch.cuda.synchronize()
-    assert not sync.any()  # every slot's counters
+    assert _barrier_idle(sync)  # every slot's counters
+    assert bool((sync[1::ops._SLOT_INTS] != 0).any()) == gen_barrier  # the generation form moved its word
     assert ops._DECODE_COOP[(torch.cuda.current_device(), ops.DECODE_PROGRAMS_PER_SM * sm)] is True  # cooperative
     x, w1, w2, tw, ids = layers[1]
     g2 = torch.cuda.CUDAGraph()
@@ -839,7 +858,7 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch):
         g2.replay()
         torch.cuda.synchronize()
         assert torch.equal(out_g2, firsts[1])
-    assert not sync.any()  # every slot's counters
+    assert _barrier_idle(sync)  # every slot's counters
 
 
 @pytest.mark.gpu
@@ -891,7 +910,7 @@ def test_gpu_decode_one_launch_two_streams(monkeypatch):
             assert torch.equal(o, want_a)
         for o in g_outs[1]:
             assert torch.equal(o, want_b)
-    assert not ops._DECODE_SYNC[idx].any()
+    assert _barrier_idle(ops._DECODE_SYNC[idx])
 
 
 @pytest.mark.gpu

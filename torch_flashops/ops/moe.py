@@ -327,7 +327,8 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                        stride_ot, scale,
                        TOP_K: tl.constexpr, KP: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
                        BH: tl.constexpr, BJ: tl.constexpr, HAS_MAP: tl.constexpr, ON_INPUT: tl.constexpr,
-                       PHASE: tl.constexpr, PREFETCH: tl.constexpr, PIPE1: tl.constexpr):
+                       PHASE: tl.constexpr, PREFETCH: tl.constexpr, PIPE1: tl.constexpr,
+                       GEN_BARRIER: tl.constexpr = False):
     """The whole MoE layer for a decode batch (the pair path) in one launch of a persistent
     grid. PHASE 1: h[p, i] = silu(x[t] . gate[e, i]) * (x[t] . up[e, i]) for every pair p =
     t*TOP_K + j and i in [0, I), as [2, BI, BK] weight tiles (gate and up rows together) striped
@@ -377,12 +378,21 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                 _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
     if PHASE == 0:  # grid barrier: every h row is written before any program reads one
         tl.debug_barrier()
-        tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-        while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < nprog:
-            pass
-        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == nprog - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")  # every program has left the wait
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+        if GEN_BARRIER:  # one arrival atomic; waiters poll a generation word with plain loads
+            gen = tl.load(sync_ptr + 1, volatile=True)  # read before arriving: it moves only after all arrive
+            if tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
+                tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")  # 0 for the next launch
+                tl.atomic_xchg(sync_ptr + 1, gen + 1, sem="release", scope="gpu")
+            else:  # (an acquire add of 0 compiles to an acquire load: no read-modify-write in the poll)
+                while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") == gen:
+                    pass
+        else:
+            tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+            while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < nprog:
+                pass
+            if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == nprog - 1:
+                tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")  # every program has left the wait
+                tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
     if PHASE != 1:
         start = pid
         if PREFETCH:  # this program's first output tile: its weights arrived during phase 1
@@ -872,6 +882,10 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
 # the environment variable FLASHOPS_MOE_DECODE_ONE_LAUNCH=0 does the same without code).
 DECODE_ONE_LAUNCH = True
 DECODE_MAX_ELEMS = 1 << 24  # numel * I * H up to which CUDA layers take it (decode_one_launch)
+# The grid barrier's form: False, arrive + spin on the count (atomics) + leave; True, one arrival
+# atomic and a poll of a generation word (sync[1]) with plain loads, which only the last arrival
+# writes (so sync[1] is not 0 between launches; sync[0] is).
+DECODE_GEN_BARRIER = False
 DECODE_PROGRAMS_PER_SM = 2  # 4-warp programs: two always fit an SM's registers (2 x 128 x 255 < 64K)
 
 
@@ -1009,7 +1023,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     if one_launch:
         prefetch1 = bool(prefetch and I <= cfg["BJ"] and n_out <= programs)
         try:
-            _moe_decode_kernel[(programs,)](*args, PHASE=0, PREFETCH=prefetch1, PIPE1=pipe1,
+            _moe_decode_kernel[(programs,)](*args, PHASE=0, PREFETCH=prefetch1, PIPE1=pipe1, GEN_BARRIER=DECODE_GEN_BARRIER,
                                             launch_cooperative_grid=not interp, **meta)
             _DECODE_COOP[(idx, programs)] = True
             return out
