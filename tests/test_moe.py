@@ -158,11 +158,11 @@ def test_moe_grouped_gemm_strided_a_and_w(device, backend):
 
 
 # ------------------------------------------------------------------------ fused_moe's align
-@pytest.mark.parametrize("path", ["one-program", "two-launch"])
+@pytest.mark.parametrize("path", ["one-program", "two-launch", "table"])
 @pytest.mark.parametrize("T,k,E,B,remote", [(17, 2, 4, 16, False), (40, 3, 6, 32, True), (300, 8, 20, 16, True),
                                             (2, 1, 3, 64, False), (16, 8, 128, 16, False)], ids=lambda v: str(v))
 def test_fused_align_layout(device, T, k, E, B, remote, path):
-    """fused_moe's internal alignment (both launch paths) against the align oracle: the same
+    """fused_moe's internal alignment (all three paths) against the align oracle: the same
     padded total and expert per block, each bucket holding exactly its pairs (any order), pads
     = numel."""
     g = torch.Generator().manual_seed(T)
@@ -173,7 +173,8 @@ def test_fused_align_layout(device, T, k, E, B, remote, path):
         emap = torch.full((Eg,), -1, dtype=torch.int32)
         emap[::2] = torch.arange(E, dtype=torch.int32)
     one_max = 1 << 30 if path == "one-program" else -1
-    sid, eid, ntp = ops.fused_align(ids.to(device), B, E, emap.to(device) if remote else None, one_program_max=one_max)
+    sid, eid, ntp = ops.fused_align(ids.to(device), B, E, emap.to(device) if remote else None, one_program_max=one_max,
+                                    table_min=0 if path == "table" else 1 << 62)
     rs, re_, rn = ref_moe_align_block_size(ids, B, Eg, emap)
     n = int(ntp[0])
     assert n == int(rn[0]) and sid.numel() == T * k + (E + 1) * (B - 1)
@@ -199,6 +200,27 @@ def test_fused_moe(device, backend, dtype, T):
         out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=1.5)
     assert out.shape == (T, 32) and (T == 0 or out.data_ptr() != x.data_ptr())
     check_layer("fused_moe", out, x, w1, w2, tw, ids, rsf=1.5)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_fused_moe_table_align(device, monkeypatch, remote):
+    """fused_moe with its alignment on the table path (ALIGN_TABLE_MIN 0): skipped rows (-1)
+    and, with an expert map, remote experts contribute 0, as on the default paths."""
+    monkeypatch.setattr(ops, "ALIGN_TABLE_MIN", 0)
+    T, H, I, E, k = 33, 32, 16, 6, 2
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.float32, device, seed=77)
+    kw, call = {}, {}
+    if remote:  # 2E global experts; this rank holds the even ones as its local 0..E-1
+        g = torch.Generator().manual_seed(78)
+        ids = torch.rand(T, 2 * E, generator=g).argsort(-1)[:, :k].int().to(device)
+        emap = torch.full((2 * E,), -1, dtype=torch.int32)
+        emap[::2] = torch.arange(E, dtype=torch.int32)
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=2 * E)
+    ids[[0, 9]] = -1
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, **call)
+    check_layer("fused_moe table align", out, x, w1, w2, tw, ids, **kw)
 
 
 SCENARIOS = ["skip-rows", "one-hot", "empty-experts", "map-half-remote", "on-input-k1", "non-contiguous-x",

@@ -54,6 +54,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _config
+from . import moe_routing
 from .._registry import register_op
 from ..meta import moe as meta
 from ..reference import moe as ref
@@ -1052,17 +1053,23 @@ def align_one_program(numel: int, nb: int) -> bool:
     return numel * max(nb, 64) <= ALIGN_ONE_PROGRAM_WORK
 
 
+# Pairs from which fused_align takes the table path (moe_routing.align_launch) instead of its
+# atomic two-launch path; off until the two are timed side by side (scripts/ab_align.py).
+ALIGN_TABLE_MIN = 1 << 62
 ALIGN_ONE_PROGRAM_WORK = 1 << 16  # numel * max(buckets, 64): 1024 pairs of 8 experts, 256 of 128, 128 of 256
 
 
-def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_max=None, pdl_trigger=False):
+def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_max=None, pdl_trigger=False,
+                table_min=None):
     """fused_moe's own ``moe_align_block_size``: the same buckets, padding and expert ids
     (local experts in order, then the skip bucket for -1 and remote pairs), but the order of
     pairs inside a bucket is unspecified and slots and blocks past ``num_tokens_post_pad`` are
     not written (the GEMMs never read them). Up to ``one_program_max`` pairs (default: the
     ``align_one_program`` rule) one launch (``pdl_trigger``: it lets a programmatic dependent
-    launch at its start), else a memset and two launches. Static sizes:
-    ``sorted [numel + (num_local + 1) * (block_size - 1)]``, ``expert_ids [cdiv(that, block_size)]``."""
+    launch at its start), else a memset and two launches with integer atomics; from
+    ``table_min`` pairs (default ``ALIGN_TABLE_MIN``) the public op's table path instead
+    (``moe_routing.align_launch``: per-chunk histograms, no atomics, every slot written). Static
+    sizes: ``sorted [numel + (num_local + 1) * (block_size - 1)]``, ``expert_ids [cdiv(that, block_size)]``."""
     ids = _flat(topk_ids)
     numel = ids.numel()
     dev = ids.device
@@ -1074,6 +1081,8 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_ma
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else ids
     num_ids = _num_ids(expert_map, num_local)
+    if numel >= (ALIGN_TABLE_MIN if table_min is None else table_min):
+        return moe_routing.align_launch(ids, block_size, num_ids, num_local, expert_map, cap, n_blocks, fused=False)
     if align_one_program(numel, nb) if one_program_max is None else numel <= one_program_max:
         cursors = torch.empty((nb,), dtype=torch.int32, device=dev)
         _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_ids, num_local, block_size,

@@ -201,11 +201,12 @@ def _grouped_topk_kernel(x_ptr, bias_ptr, w_ptr, ids_ptr, T, G, n_group, topk_gr
 # --------------------------------------------------------------------------- align kernels
 
 @triton.jit
-def _bucket_of(ids_ptr, map_ptr, offs, mask, num_experts, HAS_MAP: tl.constexpr):
+def _bucket_of(ids_ptr, map_ptr, offs, mask, num_ids, num_experts, HAS_MAP: tl.constexpr):
     """Bucket of each pair: its (local) expert, or num_experts (the skip bucket) for id -1,
-    remote experts, and any id outside [0, num_experts) (memory safety for unchecked input)."""
+    remote experts, any id outside [0, num_ids) and any mapped id outside [0, num_experts)
+    (memory safety for unchecked input). ``num_ids``: ids the map covers (num_experts without one)."""
     e = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
-    ok = mask & (e >= 0) & (e < num_experts)
+    ok = mask & (e >= 0) & (e < num_ids)
     if HAS_MAP:
         e = tl.load(map_ptr + e, mask=ok, other=-1).to(tl.int32)
         ok = ok & (e >= 0) & (e < num_experts)
@@ -213,11 +214,11 @@ def _bucket_of(ids_ptr, map_ptr, offs, mask, num_experts, HAS_MAP: tl.constexpr)
 
 
 @triton.jit
-def _chunk_hist(ids_ptr, map_ptr, c, numel, num_experts,
+def _chunk_hist(ids_ptr, map_ptr, c, numel, num_ids, num_experts,
                 HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr):
     offs = c * CH + tl.arange(0, CH)
     m = offs < numel
-    return tl.histogram(_bucket_of(ids_ptr, map_ptr, offs, m, num_experts, HAS_MAP), NB, mask=m)
+    return tl.histogram(_bucket_of(ids_ptr, map_ptr, offs, m, num_ids, num_experts, HAS_MAP), NB, mask=m)
 
 
 @triton.jit
@@ -228,7 +229,7 @@ def _bucket_layout(counts, block_size):
 
 
 @triton.jit
-def _scatter_range(ids_ptr, map_ptr, sorted_ptr, lo, hi, num_experts, base,
+def _scatter_range(ids_ptr, map_ptr, sorted_ptr, lo, hi, num_ids, num_experts, base,
                    HAS_MAP: tl.constexpr, NB: tl.constexpr, SUB: tl.constexpr):
     """Write pairs [lo, hi) in order; ``base[b]`` is the slot of the range's first pair of bucket b.
     Within a step of SUB pairs, a pair's rank in its bucket counts the equal buckets before it."""
@@ -237,7 +238,7 @@ def _scatter_range(ids_ptr, map_ptr, sorted_ptr, lo, hi, num_experts, base,
     for s in range(lo, hi, SUB):
         offs = s + lane
         m = offs < hi
-        b = _bucket_of(ids_ptr, map_ptr, offs, m, num_experts, HAS_MAP)
+        b = _bucket_of(ids_ptr, map_ptr, offs, m, num_ids, num_experts, HAS_MAP)
         rank = tl.sum(((b[None, :] == b[:, None]) & earlier).to(tl.int32), 1)
         tl.store(sorted_ptr + tl.gather(base, b, 0) + rank, offs, mask=m)
         base += tl.histogram(b, NB, mask=m)
@@ -278,7 +279,7 @@ def _fill_range(ptr, lo, hi, value, FB: tl.constexpr):
 
 @triton.jit
 def _align_fused_kernel(ids_ptr, map_ptr, sorted_ptr, eid_ptr, ntp_ptr,
-                        numel, num_experts, block_size, cap, n_blocks,
+                        numel, num_ids, num_experts, block_size, cap, n_blocks,
                         HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
                         SUB: tl.constexpr, FB: tl.constexpr):
     """The whole alignment in one program (decode-sized inputs)."""
@@ -286,21 +287,21 @@ def _align_fused_kernel(ids_ptr, map_ptr, sorted_ptr, eid_ptr, ntp_ptr,
     _fill_range(eid_ptr, 0, n_blocks, 0, FB)
     counts = tl.zeros([NB], tl.int32)
     for c in range(0, (numel + CH - 1) // CH):
-        counts += _chunk_hist(ids_ptr, map_ptr, c, numel, num_experts, HAS_MAP, CH, NB)
+        counts += _chunk_hist(ids_ptr, map_ptr, c, numel, num_ids, num_experts, HAS_MAP, CH, NB)
     tl.debug_barrier()  # fills visible to every thread of the program
     start, padded = _bucket_layout(counts, block_size)
     _write_expert_ids(eid_ptr, ntp_ptr, start, padded, num_experts, block_size, n_blocks, NB, FB)
-    _scatter_range(ids_ptr, map_ptr, sorted_ptr, 0, numel, num_experts, start, HAS_MAP, NB, SUB)
+    _scatter_range(ids_ptr, map_ptr, sorted_ptr, 0, numel, num_ids, num_experts, start, HAS_MAP, NB, SUB)
 
 
 @triton.jit
 def _align_count_kernel(ids_ptr, map_ptr, sorted_ptr, eid_ptr, hist_ptr,
-                        numel, num_experts, cap, n_blocks,
+                        numel, num_ids, num_experts, cap, n_blocks,
                         HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr, FB: tl.constexpr):
     """Launch 1: histogram of chunk pid; fill slice pid of the outputs (pads, zeros)."""
     pid = tl.program_id(0)
     if pid * CH < numel:
-        h = _chunk_hist(ids_ptr, map_ptr, pid, numel, num_experts, HAS_MAP, CH, NB)
+        h = _chunk_hist(ids_ptr, map_ptr, pid, numel, num_ids, num_experts, HAS_MAP, CH, NB)
         tl.store(hist_ptr + pid * NB + tl.arange(0, NB), h)
     offs = pid * FB + tl.arange(0, FB)
     tl.store(sorted_ptr + offs, tl.zeros([FB], tl.int32) + numel, mask=offs < cap)
@@ -309,7 +310,7 @@ def _align_count_kernel(ids_ptr, map_ptr, sorted_ptr, eid_ptr, hist_ptr,
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, map_ptr, sorted_ptr, eid_ptr, ntp_ptr, hist_ptr,
-                          numel, num_experts, block_size, n_blocks, n_chunks,
+                          numel, num_ids, num_experts, block_size, n_blocks, n_chunks,
                           HAS_MAP: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
                           SUB: tl.constexpr, HB: tl.constexpr, EB: tl.constexpr):
     """Launch 2: programs < n_chunks scatter their chunk; the last one writes expert_ids."""
@@ -325,7 +326,8 @@ def _align_scatter_kernel(ids_ptr, map_ptr, sorted_ptr, eid_ptr, ntp_ptr, hist_p
     start, padded = _bucket_layout(counts, block_size)
     if pid < n_chunks:
         hi = tl.minimum(pid * CH + CH, numel)
-        _scatter_range(ids_ptr, map_ptr, sorted_ptr, pid * CH, hi, num_experts, start + seen, HAS_MAP, NB, SUB)
+        _scatter_range(ids_ptr, map_ptr, sorted_ptr, pid * CH, hi, num_ids, num_experts, start + seen, HAS_MAP, NB,
+                       SUB)
     else:
         _write_expert_ids(eid_ptr, ntp_ptr, start, padded, num_experts, block_size, n_blocks, NB, EB)
 
@@ -389,28 +391,42 @@ def moe_align_block_size_launch(topk_ids, block_size, num_experts, expert_map, p
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
+    cap, n_blocks = _meta.align_sizes(ids.numel(), num_experts, block_size, pad_sorted_ids)
+    emap = expert_map.contiguous() if expert_map is not None else None
+    return align_launch(ids, block_size, num_experts, num_experts, emap, cap, n_blocks)
+
+
+def align_launch(ids, block_size, num_ids, num_experts, expert_map, cap, n_blocks, fused=None):
+    """The alignment into ``sorted_ids [cap]`` (every slot written: pairs, then the pad value
+    ``numel``), ``expert_ids [n_blocks]`` (-1 past the used blocks and for the skip bucket) and
+    the padded total, from contiguous int ids. ``num_ids``: ids ``expert_map`` covers (ids
+    outside it, like -1, go to the skip bucket); ``num_experts``: local experts (buckets).
+    ``fused``: one program (default: ``_align_config``'s rule by size) or the two-launch table
+    path (per-chunk histograms, no atomics)."""
     numel = ids.numel()
-    cap, n_blocks = _meta.align_sizes(numel, num_experts, block_size, pad_sorted_ids)
-    dev = topk_ids.device
+    dev = ids.device
     sorted_ids = torch.empty((cap,), dtype=torch.int32, device=dev)
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
     cfg = _align_config(numel)
-    emap = expert_map.contiguous() if expert_map is not None else ids
+    emap = expert_map if expert_map is not None else ids
     common = dict(HAS_MAP=expert_map is not None, CH=cfg["CH"], NB=max(32, triton.next_power_of_2(num_experts + 1)),
                   num_warps=cfg["num_warps"])
-    if cfg["fused"] or numel == 0:
-        _align_fused_kernel[(1,)](ids, emap, sorted_ids, expert_ids, ntp, numel, num_experts, block_size,
+    if (cfg["fused"] if fused is None else fused) or numel == 0:
+        common["CH"] = 1024
+        _align_fused_kernel[(1,)](ids, emap, sorted_ids, expert_ids, ntp, numel, num_ids, num_experts, block_size,
                                   cap, n_blocks, SUB=_SUB, FB=_FILL, **common)
         return sorted_ids, expert_ids, ntp
-    n_chunks = triton.cdiv(numel, cfg["CH"])
+    if cfg["fused"]:  # a small input sent down the table path (tests): the smallest chunk
+        common["CH"] = 256
+    n_chunks = triton.cdiv(numel, common["CH"])
     hist = torch.empty((n_chunks, common["NB"]), dtype=torch.int32, device=dev)
     grid1 = (max(n_chunks, triton.cdiv(cap, _FILL)),)
-    _align_count_kernel[grid1](ids, emap, sorted_ids, expert_ids, hist, numel, num_experts, cap, n_blocks,
+    _align_count_kernel[grid1](ids, emap, sorted_ids, expert_ids, hist, numel, num_ids, num_experts, cap, n_blocks,
                                FB=_FILL, **common)
-    _align_scatter_kernel[(n_chunks + 1,)](ids, emap, sorted_ids, expert_ids, ntp, hist, numel, num_experts,
-                                           block_size, n_blocks, n_chunks, SUB=_SUB, HB=_HIST_ROWS, EB=1024,
-                                           **common)
+    _align_scatter_kernel[(n_chunks + 1,)](ids, emap, sorted_ids, expert_ids, ntp, hist, numel, num_ids,
+                                           num_experts, block_size, n_blocks, n_chunks, SUB=_SUB, HB=_HIST_ROWS,
+                                           EB=1024, **common)
     return sorted_ids, expert_ids, ntp
 
 
