@@ -11,7 +11,7 @@ from torch_flashops.ops import moe as ops
 from torch_flashops.ops import moe_routing as rops
 
 SHAPES = (("Qwen3", 128, 8, (1024, 4096, 16384)), ("DeepSeek", 256, 8, (4096, 16384)),
-          ("Mixtral", 8, 2, (4096, 16384)))
+          ("Mixtral", 8, 2, (1024, 4096, 16384)))
 
 
 def main():
@@ -55,7 +55,7 @@ def main():
 
 
 def layers(points=(("DeepSeek-4GPU", 4096), ("DeepSeek-4GPU", 16384), ("Qwen3-4GPU", 4096), ("Qwen3-4GPU", 1024),
-                   ("Mixtral-2GPU", 4096)), rounds=2):
+                   ("Mixtral-2GPU", 1024), ("Mixtral-2GPU", 4096), ("Mixtral-2GPU", 256)), rounds=2):
     """Whole fused_moe layers (CUDA-graph replays), the atomic align path vs the table path, alternating."""
     from benchmarks.suites.moe import MODELS, make_batches, make_layer
     from torch_flashops.fused_moe import fused_moe

@@ -778,7 +778,7 @@ def test_decode_barrier_slot_per_stream(monkeypatch):
     assert ops._decode_sync(0) is None and state["allocs"] == 0
     state["capturing"] = False
     a = ops._decode_sync(0)
-    assert a.shape == (2,) and a.dtype == torch.int32 and state["allocs"] == 1
+    assert a.shape == (3,) and a.dtype == torch.int32 and state["allocs"] == 1
     assert ops._decode_sync(0) is a
     buf = ops._DECODE_SYNC[0]
     state["stream"], state["capturing"] = 22, True
@@ -824,11 +824,9 @@ def test_gpu_cuda_graph_replay_new_ids():
 
 
 def _barrier_idle(sync: torch.Tensor) -> bool:
-    """Whether every slot's barrier state is as a launch must find it: both counters 0 (count and
-    leave form), or the arrival count 0 (generation form; its generation word moves on)."""
-    if ops.DECODE_GEN_BARRIER:
-        return not sync[0::ops._SLOT_INTS].any()
-    return not sync.any()
+    """Whether every slot's barrier state is as a launch of either form must find it: both
+    counters 0 (the generation form's word, sync[2] of a slot, moves on)."""
+    return not sync[0::ops._SLOT_INTS].any() and not sync[1::ops._SLOT_INTS].any()
 
 
 @pytest.mark.gpu
@@ -869,7 +867,7 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch, gen_barrier):
             assert torch.equal(fused_moe(x, w1, w2, tw, ids), first)
     torch.cuda.synchronize()
     assert _barrier_idle(sync)  # every slot's counters
-    assert bool((sync[1::ops._SLOT_INTS] != 0).any()) == gen_barrier  # the generation form moved its word
+    assert bool((sync[2::ops._SLOT_INTS] != 0).any()) == gen_barrier  # the generation form moved its word
     assert ops._DECODE_COOP[(torch.cuda.current_device(), ops.DECODE_PROGRAMS_PER_SM * sm)] is True  # cooperative
     x, w1, w2, tw, ids = layers[1]
     g2 = torch.cuda.CUDAGraph()
@@ -881,6 +879,24 @@ def test_gpu_decode_one_launch_grid_barrier(monkeypatch, gen_barrier):
         torch.cuda.synchronize()
         assert torch.equal(out_g2, firsts[1])
     assert _barrier_idle(sync)  # every slot's counters
+
+
+@pytest.mark.gpu
+def test_gpu_decode_barrier_forms_alternate(monkeypatch):
+    """The two barrier forms one after the other on one stream's slot (each leaves the words the
+    other reads at their launch values): results bitwise equal, counters back at 0."""
+    monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)
+    for var in ("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        monkeypatch.delenv(var, raising=False)
+    layer = make_moe(2, 2048, 192, 128, 8, torch.bfloat16, "cuda", seed=61)
+    monkeypatch.setattr(ops, "DECODE_GEN_BARRIER", False)
+    want = fused_moe(*layer)
+    check_layer("alternating forms", want, *layer, pipeline=False)
+    for i in range(12):
+        monkeypatch.setattr(ops, "DECODE_GEN_BARRIER", i % 3 != 0)
+        assert torch.equal(fused_moe(*layer), want)
+    torch.cuda.synchronize()
+    assert _barrier_idle(ops._DECODE_SYNC[torch.cuda.current_device()])
 
 
 @pytest.mark.gpu

@@ -337,7 +337,8 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
     [KP, BH, BJ] tiles (all k experts of a token at once), in fp32, j in fixed order. PHASE 0
     runs both with a grid barrier between them: every program must be resident at once (the
     launcher sizes the grid from the SM count), and ``sync_ptr`` holds two int32 counters that
-    are 0 at launch and that the last program out resets (so graph replays find them at 0).
+    are 0 at launch and that the last program out resets (so graph replays find them at 0),
+    and with GEN_BARRIER a generation word (sync[2]) that the last arrival advances.
     Pairs with expert -1 (skipped rows, remote experts) contribute 0; h is rounded to x's
     dtype, as the unfused path rounds its intermediate. PREFETCH (one launch, I <= BJ, at most
     one phase-2 tile a program): each program requests its phase-2 weight tile before phase 1,
@@ -380,12 +381,14 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
     if PHASE == 0:  # grid barrier: every h row is written before any program reads one
         tl.debug_barrier()
         if GEN_BARRIER:  # one arrival atomic; waiters poll a generation word with plain loads
-            gen = tl.load(sync_ptr + 1, volatile=True)  # read before arriving: it moves only after all arrive
+            # its own word (sync[2]): the other form's leave counter (sync[1]) stays 0 between
+            # launches, so the two forms may follow each other on one slot
+            gen = tl.load(sync_ptr + 2, volatile=True)  # read before arriving: it moves only after all arrive
             if tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
                 tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")  # 0 for the next launch
-                tl.atomic_xchg(sync_ptr + 1, gen + 1, sem="release", scope="gpu")
+                tl.atomic_xchg(sync_ptr + 2, gen + 1, sem="release", scope="gpu")
             else:  # (an acquire add of 0 compiles to an acquire load: no read-modify-write in the poll)
-                while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") == gen:
+                while tl.atomic_add(sync_ptr + 2, 0, sem="acquire", scope="gpu") == gen:
                     pass
         else:
             tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
@@ -884,8 +887,8 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
 DECODE_ONE_LAUNCH = True
 DECODE_MAX_ELEMS = 1 << 24  # numel * I * H up to which CUDA layers take it (decode_one_launch)
 # The grid barrier's form: False, arrive + spin on the count (atomics) + leave; True, one arrival
-# atomic and a poll of a generation word (sync[1]) with plain loads, which only the last arrival
-# writes (so sync[1] is not 0 between launches; sync[0] is).
+# atomic and an acquire poll of a generation word (sync[2]), which only the last arrival writes
+# (so sync[2] is not 0 between launches; sync[0] and sync[1] are, in both forms).
 DECODE_GEN_BARRIER = False
 DECODE_PROGRAMS_PER_SM = 2  # 4-warp programs: two always fit an SM's registers (2 x 128 x 255 < 64K)
 
@@ -931,7 +934,7 @@ def _mps_limited() -> bool:
 
 
 _DECODE_SYNC: dict = {}  # device index -> int32 [_DECODE_SLOTS * _SLOT_INTS]: every stream's barrier counters
-_DECODE_SLOT: dict = {}  # (device index, raw stream handle) -> that stream's int32[2] counters (a view)
+_DECODE_SLOT: dict = {}  # (device index, raw stream handle) -> that stream's int32[3] barrier words (a view)
 _DECODE_LOCK = threading.Lock()
 _DECODE_SLOTS = 64  # streams per device with counters of their own; past that, two launches
 _SLOT_INTS = 32  # one 128-byte line per slot
@@ -956,8 +959,8 @@ def _zeros_int32(n: int, idx: int) -> torch.Tensor:
 
 
 def _decode_sync(idx: int):
-    """The grid barrier's counters for the current stream of CUDA device ``idx``: two int32, 0
-    between launches. Each stream gets a slot of its own in one per-device buffer, so decode
+    """The grid barrier's words for the current stream of CUDA device ``idx``: two int32
+    counters, 0 between launches, and a generation word (``DECODE_GEN_BARRIER``). Each stream gets a slot of its own in one per-device buffer, so decode
     layers running at once on two streams never count on each other's barrier. The buffer is
     made on first use outside graph capture; inside a capture a new stream takes a free slot
     (no allocation). None (the caller then launches the two phases): capturing before any
@@ -978,7 +981,7 @@ def _decode_sync(idx: int):
         slot = sum(1 for key in list(_DECODE_SLOT) if key[0] == idx)
         if slot >= _DECODE_SLOTS:
             return None
-        view = _DECODE_SLOT[(idx, stream)] = buf[slot * _SLOT_INTS:slot * _SLOT_INTS + 2]
+        view = _DECODE_SLOT[(idx, stream)] = buf[slot * _SLOT_INTS:slot * _SLOT_INTS + 3]
         return view
 
 
