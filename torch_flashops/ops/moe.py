@@ -960,10 +960,10 @@ def _zeros_int32(n: int, idx: int) -> torch.Tensor:
 
 def _decode_sync(idx: int):
     """The grid barrier's words for the current stream of CUDA device ``idx``: two int32
-    counters, 0 between launches, and a generation word (``DECODE_GEN_BARRIER``). Each stream gets a slot of its own in one per-device buffer, so decode
-    layers running at once on two streams never count on each other's barrier. The buffer is
-    made on first use outside graph capture; inside a capture a new stream takes a free slot
-    (no allocation). None (the caller then launches the two phases): capturing before any
+    counters, 0 between launches, and a generation word (``DECODE_GEN_BARRIER``). Each stream
+    gets a slot of its own in one per-device buffer, so decode layers running at once on two
+    streams never count on each other's barrier. The buffer is made on first use outside graph
+    capture; inside a capture a new stream takes a free slot (no allocation). None (the caller then launches the two phases): capturing before any
     eager call on the device, or every slot taken."""
     stream = torch._C._cuda_getCurrentRawStream(idx)
     view = _DECODE_SLOT.get((idx, stream))
@@ -1027,8 +1027,9 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     if one_launch:
         prefetch1 = bool(prefetch and I <= cfg["BJ"] and n_out <= programs)
         try:
-            _moe_decode_kernel[(programs,)](*args, PHASE=0, PREFETCH=prefetch1, PIPE1=pipe1, GEN_BARRIER=DECODE_GEN_BARRIER,
-                                            launch_cooperative_grid=not interp, **meta)
+            _moe_decode_kernel[(programs,)](*args, PHASE=0, PREFETCH=prefetch1, PIPE1=pipe1,
+                                            GEN_BARRIER=DECODE_GEN_BARRIER, launch_cooperative_grid=not interp,
+                                            **meta)
             _DECODE_COOP[(idx, programs)] = True
             return out
         except RuntimeError as e:  # the driver refused the cooperative grid (checked at launch)
@@ -1057,7 +1058,9 @@ def align_one_program(numel: int, nb: int) -> bool:
 
 
 # Pairs from which fused_align takes the table path (moe_routing.align_launch) instead of its
-# atomic two-launch path; off until the two are timed side by side (scripts/ab_align.py).
+# atomic two-launch path. Off: on an H100 (2026-12-06, scripts/ab_align.py) the table path
+# aligned DeepSeek T=4096 / 16384 in 16.8 / 38.8 us against 21.4 / 63.0, but was slower for E=128
+# and no whole layer moved beyond noise (the align hides behind the GEMM chain).
 ALIGN_TABLE_MIN = 1 << 62
 ALIGN_ONE_PROGRAM_WORK = 1 << 16  # numel * max(buckets, 64): 1024 pairs of 8 experts, 256 of 128, 128 of 256
 
