@@ -748,7 +748,7 @@ def test_decode_kernel_compiles_for_sm90_without_gpu():
     assert ops.DECODE_PROGRAMS_PER_SM * one["shared"] <= 64 * 1024, one
     assert "atom.global.gpu.release.add.u32" in one["atomics"], one
     assert "atom.global.gpu.relaxed.exch.b32" in one["atomics"], one
-    gen = info["gen"]  # the generation form: one acq_rel arrival, a volatile poll, release of the new generation
+    gen = info["gen"]  # generation form: volatile read, acq_rel arrival, acquire poll, release of the next one
     assert gen["cubin_bytes"] > 0 and gen["volatile_loads"] >= 1 and gen["acquire_loads"] >= 1, gen
     assert "atom.global.gpu.acq_rel.add.u32" in gen["atomics"], gen
     assert "atom.global.gpu.release.exch.b32" in gen["atomics"], gen

@@ -380,7 +380,7 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                 _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
     if PHASE == 0:  # grid barrier: every h row is written before any program reads one
         tl.debug_barrier()
-        if GEN_BARRIER:  # one arrival atomic; waiters poll a generation word with plain loads
+        if GEN_BARRIER:  # one arrival atomic; waiters poll a generation word with acquire loads
             # its own word (sync[2]): the other form's leave counter (sync[1]) stays 0 between
             # launches, so the two forms may follow each other on one slot
             gen = tl.load(sync_ptr + 2, volatile=True)  # read before arriving: it moves only after all arrive
