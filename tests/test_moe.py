@@ -298,6 +298,49 @@ def test_fused_moe_weight_descriptor_path(device, monkeypatch, T, sort_x):
     check_layer("fused_moe tma", out, x, w1, w2, tw, ids, pipeline=False)
 
 
+@pytest.mark.parametrize("what", ["plain", "tma-sort-x", "skips-map"])
+def test_fused_moe_half_tail(device, monkeypatch, what):
+    """BLOCK_M 32 with HALF_TAIL_MIN_BLOCK_M 32: an expert's last block whose second half is
+    all padding multiplies only its first 16 rows (its own code path, A by a half-height
+    descriptor with "tma"). The routing gives experts tails of 1..16 rows (the half path),
+    17..31 (the full path) and exact multiples of 32; against the dense oracle, with
+    poisoned allocations (the half path leaves the intermediate's padding rows unwritten)."""
+    monkeypatch.setattr(ops, "HALF_TAIL_MIN_BLOCK_M", 32)
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+    real = ops.moe_config
+
+    def cfg32(*a):
+        cfg = real(*a)
+        g1, g2 = dict(cfg["gemm1"]), dict(cfg["gemm2"])
+        if what == "tma-sort-x":
+            g1.update(tma=True, sort_x=True)
+            g2.update(tma=True)
+        return {**cfg, "block_m": 32, "pairs": False, "gemm1": g1, "gemm2": g2}
+
+    monkeypatch.setattr(ops, "moe_config", cfg32)
+    T, H, I, E, k = 50, 40, 24, 5, 2
+    dtype = torch.bfloat16 if what == "tma-sort-x" else torch.float32
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=31)
+    # pairs per expert: 0 -> 5 (tail 5), 1 -> 40 (tail 8), 2 -> 23 (tail 23), 3 -> 32, 4 -> 0
+    first = torch.tensor([0] * 5 + [1] * 40 + [2] * 5)
+    second = torch.tensor([2] * 18 + [3] * 32)
+    second = torch.where(second == first, 3, second)
+    ids = torch.stack([first, second], 1).int().to(device)
+    kw, call = {}, {}
+    if what == "skips-map":
+        ids[[3, 44]] = -1
+        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
+        ids = ids.clamp(max=E - 1)
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
+        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+    counts = torch.bincount(ids[ids >= 0].long().cpu(), minlength=E)
+    assert any(0 < c % 32 <= 16 for c in counts.tolist()) and any(c % 32 > 16 for c in counts.tolist())
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, **call)
+    check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
+
+
 DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
     "plain": (1, 32, 16, 8, 2, torch.float32, None),
     "bf16-T2-H-not-pow2": (2, 40, 24, 16, 2, torch.bfloat16, None),
