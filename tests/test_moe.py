@@ -341,6 +341,47 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
+@pytest.mark.parametrize("what", ["gemm2", "both", "both-skips-map"])
+def test_fused_moe_persistent_gemm(device, monkeypatch, what):
+    """Configs with "persistent" (and "tma"; GEMM1 also "sort_x"): the aligned GEMMs as a grid
+    of persistent programs walking the live tiles (3 programs under the interpreter, so each
+    takes several tiles). Skipped blocks (ids -1, remote experts) store zeros without an MMA.
+    H and I not multiples of the tiles; against the dense oracle with poisoned allocations."""
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+    real = ops.moe_config
+
+    def persistent(*a):
+        cfg = real(*a)
+        g1, g2 = dict(cfg["gemm1"]), {**cfg["gemm2"], "tma": True, "persistent": True}
+        if what != "gemm2":
+            g1.update(tma=True, sort_x=True, persistent=True)
+        return {**cfg, "pairs": False, "gemm1": g1, "gemm2": g2}
+
+    monkeypatch.setattr(ops, "moe_config", persistent)
+    launched = []
+    real_kernel = ops._moe_gemm_persistent_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real_kernel[grid]
+
+    monkeypatch.setattr(ops, "_moe_gemm_persistent_kernel", Spy())
+    T, H, I, E, k = 37, 40, 24, 6, 2
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.bfloat16, device, seed=41)
+    kw, call = {}, {}
+    if what == "both-skips-map":
+        ids[[0, 5, 20]] = -1
+        emap = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32)  # experts 1 and 4 are remote
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
+        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, **call)
+    check_layer(f"fused_moe persistent {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
+    assert len(launched) == (1 if what == "gemm2" else 2), launched
+
+
 DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
     "plain": (1, 32, 16, 8, 2, torch.float32, None),
     "bf16-T2-H-not-pow2": (2, 40, 24, 16, 2, torch.bfloat16, None),

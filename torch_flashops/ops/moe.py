@@ -245,6 +245,89 @@ def _moe_gemm_kernel(
                        A_TMA, C_SORTED, DOT_F32, PRECISION)
 
 
+@triton.jit(do_not_specialize=["num_valid", "num_slots"])
+def _moe_gemm_persistent_kernel(
+    a_desc, w_desc, c_ptr, sorted_ids_ptr, expert_ids_ptr, ntp_ptr, topk_w_ptr,
+    N, K, num_valid, num_slots, up_offset, stride_cm, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
+    C_SORTED: tl.constexpr, FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
+):
+    """The aligned grouped GEMM as NUM_PROGS persistent programs, A (slot-ordered rows) and the
+    weights through tensor descriptors. Each program walks the tiles of the blocks up to the
+    last block of a local expert with a stride of NUM_PROGS; with FLATTEN the compiler pipelines
+    that tile loop and the K loop as one, so the next tile's loads are in flight during this
+    tile's epilogue (a short K, e.g. GEMM2 with I = 192..512, otherwise spends much of each
+    program in its prologue and store). Blocks past the last local one (the skip bucket, which
+    the alignment puts last) only store zeros (WRITE_SKIP); a skip block among them would run
+    its MMA on expert 0 and store zeros too."""
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
+    if PDL_WAIT:
+        gdc_wait()
+    m_blocks = tl.cdiv(tl.load(ntp_ptr), BLOCK_M)
+    # m_live: one past the last block with a local expert
+    m_live = 0
+    for c0 in range(0, m_blocks, 1024):
+        i = c0 + tl.arange(0, 1024)
+        e = tl.load(expert_ids_ptr + i, mask=i < m_blocks, other=-1)
+        m_live = tl.maximum(m_live, tl.max(tl.where(e >= 0, i + 1, 0), axis=0))
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    r = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), m_live * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, m_live, num_pid_n, GROUP_M)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
+        e = tl.maximum(expert, 0)
+        row0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, k_tiles):  # a bound the tile loop does not change: FLATTEN needs it
+            a = a_desc.load([row0, kk * BLOCK_K])
+            b = w_desc.load([e, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if FUSE_SILU:
+                bu = w_desc.load([e, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+                if DOT_F32:
+                    bu = bu.to(tl.float32)
+                acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+        pos = row0 + r
+        slot = tl.load(sorted_ids_ptr + pos, mask=pos < num_slots, other=num_valid).to(tl.int64)
+        valid = slot < num_valid
+        if MUL_WEIGHT:
+            wt = tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * wt[:, None]
+            if FUSE_SILU:
+                acc_up = acc_up * wt[:, None]
+        if FUSE_SILU:
+            acc = _silu(acc) * acc_up
+        offs_n = n0 + cols
+        if C_SORTED:
+            c_ptrs = c_ptr + pos.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            c_mask = (pos < num_slots)[:, None] & (offs_n[None, :] < N)
+        else:
+            c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
+            c_mask = valid[:, None] & (offs_n[None, :] < N)
+        tl.store(c_ptrs, tl.where(expert >= 0, acc * scale, 0.0).to(c_ptr.dtype.element_ty), mask=c_mask)
+    if WRITE_SKIP:
+        for tile in range(m_live * num_pid_n + tl.program_id(0), m_blocks * num_pid_n, NUM_PROGS):
+            pos = (tile // num_pid_n) * BLOCK_M + r
+            offs_n = (tile % num_pid_n) * BLOCK_N + cols
+            slot = tl.load(sorted_ids_ptr + pos, mask=pos < num_slots, other=num_valid).to(tl.int64)
+            ok = (slot < num_valid)[:, None] & (offs_n[None, :] < N)
+            if C_SORTED:
+                c_ptrs = c_ptr + pos.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            else:
+                c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -758,6 +841,22 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
     a_tma = use_tma and a_sorted and _tma_ok(a.unsqueeze(0))
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, bk]) if a_tma else a
+    if align is not None and cfg.get("persistent") and a_tma and use_tma:
+        n_tiles = num_m_blocks * _cdiv(n_out, bn)
+        per_sm = cfg.get("progs_per_sm", 1)
+        progs = min(n_tiles, 3 if interp else per_sm * _config.sm_count(a.device.index or 0))
+        _moe_gemm_persistent_kernel[(progs,)](
+            a_desc, w_desc, c, sorted_ids, expert_ids, ntp, topk_w if topk_w is not None else c,
+            n_out, K, num_valid, num_slots, n_out, c.stride(0), float(scale),
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], NUM_PROGS=progs,
+            MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip, C_SORTED=c_sorted,
+            FLATTEN=bool(cfg.get("flatten", True)),
+            DOT_F32=interp and a.dtype != torch.float32,
+            PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
+            PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, launch_pdl=pdl_wait,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return
     half = align is not None and (half_tail_on(block_m) if half_tail is None else half_tail) and block_m >= 32
     a_desc_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m // 2, bk]) if a_tma and half else a
     grid = (num_m_blocks * _cdiv(n_out, bn),)
