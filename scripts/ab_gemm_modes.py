@@ -1,0 +1,86 @@
+"""A/B of grouped-GEMM variants on whole fused_moe layers, alternating in one process (CUDA-graph
+replays of one routing per point): the shipped configs, half-tail blocks
+(``ops.HALF_TAIL_MIN_BLOCK_M``), and the persistent GEMM ("persistent" config key; GEMM2 only,
+or both with GEMM1 reading x sorted). Outputs compared with the shipped path's; the
+torch._grouped_mm forward of the same inputs timed once per point for the ratio.
+
+    PYTHONPATH=. python scripts/ab_gemm_modes.py [--rounds 2] [--points Qwen3-4GPU:4096,...] [--modes base,half]
+"""
+import argparse
+import time
+
+import torch
+
+from benchmarks.harness import time_fn
+from benchmarks.suites.moe import MODELS, grouped_mm_forward, make_batches, make_layer
+from torch_flashops.fused_moe import fused_moe
+from torch_flashops.ops import moe as ops
+
+POINTS = ("Qwen3-4GPU:4096,Qwen3-4GPU:1024,Mixtral-2GPU:1024,Mixtral-2GPU:4096,DeepSeek-4GPU:4096,"
+          "DeepSeek-4GPU:16384")
+
+
+def _pers(g, **extra):
+    return {**g, "tma": True, "persistent": True, **extra}
+
+
+MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M)
+    "base": (lambda c: c, 1 << 30),
+    "half": (lambda c: c, 64),
+    "pers2": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 1 << 30),
+    "pers2-noflat": (lambda c: {**c, "gemm2": _pers(c["gemm2"], flatten=False)}, 1 << 30),
+    "pers12": (lambda c: {**c, "gemm1": _pers(c["gemm1"], sort_x=True), "gemm2": _pers(c["gemm2"])}, 1 << 30),
+    "pers2+half1": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 64),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--points", default=POINTS)
+    p.add_argument("--modes", default=",".join(MODES))
+    a = p.parse_args()
+    modes = {m: MODES[m] for m in a.modes.split(",")}
+    real_config, real_half = ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M
+
+    def use(mode):
+        fn, half = modes[mode]
+        ops.moe_config = lambda *args, **kw: fn(real_config(*args, **kw))
+        ops.HALF_TAIL_MIN_BLOCK_M = half
+
+    try:
+        for point in a.points.split(","):
+            t0 = time.time()
+            name, T = point.split(":")
+            T = int(T)
+            cfg = MODELS[name]
+            w1, w2, bias = make_layer(cfg, "cuda", torch.bfloat16)
+            x, _, tw, ids = make_batches(cfg, T, 1, "cuda", torch.bfloat16, bias)[0]
+            args = [(x, w1, w2, tw, ids)]
+            flops = 6 * cfg["H"] * cfg["I"] * ids.numel()
+            shipped = real_config(T, cfg["k"], cfg["E"], cfg["I"], cfg["H"], torch.bfloat16, x.device)
+            outs, times = {}, {m: [] for m in modes}
+            for m in modes:
+                use(m)
+                outs[m] = fused_moe(*args[0])
+            for _ in range(a.rounds):
+                for m in modes:
+                    use(m)
+                    times[m].append(time_fn(fused_moe, args, device="cuda", graph=True) * 1e3)
+            ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M = real_config, real_half
+            gmm = time_fn(grouped_mm_forward, args, device="cuda", graph=True) * 1e3
+            ref = outs[next(iter(modes))].float()
+            print(f"[modes] {name} T={T} block_m={shipped['block_m']} grouped_mm {gmm:.1f} us"
+                  f" ({time.time() - t0:.0f} s)", flush=True)
+            for m, ts in times.items():
+                print(f"    {m:13s} " + " ".join(f"{t:8.1f}" for t in ts) + f" us  {flops / min(ts) / 1e6:6.1f} TFLOP/s"
+                      f"  {gmm / min(ts):.3f}x grouped_mm  max diff {(outs[m].float() - ref).abs().max().item():.2e}",
+                      flush=True)
+            del w1, w2, x, outs
+            torch.cuda.empty_cache()
+    finally:
+        ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M = real_config, real_half
+
+
+if __name__ == "__main__":
+    main()
