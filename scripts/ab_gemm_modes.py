@@ -1,7 +1,7 @@
 """A/B of grouped-GEMM variants on whole fused_moe layers, alternating in one process (CUDA-graph
 replays of one routing per point): the shipped configs, half-tail blocks
 (``ops.HALF_TAIL_MIN_BLOCK_M``), and the persistent GEMM ("persistent" config key; GEMM2 only,
-or both with GEMM1 reading x sorted). Outputs compared with the shipped path's; the
+or both, GEMM1 gathering x rows or reading them sorted). Outputs compared with the shipped path's; the
 torch._grouped_mm forward of the same inputs timed once per point for the ratio.
 
     PYTHONPATH=. python scripts/ab_gemm_modes.py [--rounds 2] [--points Qwen3-4GPU:4096,...] [--modes base,half]
@@ -29,16 +29,18 @@ MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M)
     "half": (lambda c: c, 64),
     "pers2": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 1 << 30),
     "pers2-noflat": (lambda c: {**c, "gemm2": _pers(c["gemm2"], flatten=False)}, 1 << 30),
-    "pers12": (lambda c: {**c, "gemm1": _pers(c["gemm1"], sort_x=True), "gemm2": _pers(c["gemm2"])}, 1 << 30),
+    "pers12": (lambda c: {**c, "gemm1": _pers(c["gemm1"]), "gemm2": _pers(c["gemm2"])}, 1 << 30),
+    "pers12-sortx": (lambda c: {**c, "gemm1": _pers(c["gemm1"], sort_x=True), "gemm2": _pers(c["gemm2"])}, 1 << 30),
     "pers2+half1": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 64),
 }
+DEFAULT_MODES = "base,half,pers2,pers12,pers2+half1"
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--points", default=POINTS)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=DEFAULT_MODES)
     a = p.parse_args()
     modes = {m: MODES[m] for m in a.modes.split(",")}
     real_config, real_half = ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M

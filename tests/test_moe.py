@@ -341,12 +341,13 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
-@pytest.mark.parametrize("what", ["gemm2", "both", "both-skips-map"])
+@pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
 def test_fused_moe_persistent_gemm(device, monkeypatch, what):
-    """Configs with "persistent" (and "tma"; GEMM1 also "sort_x"): the aligned GEMMs as a grid
-    of persistent programs walking the live tiles (3 programs under the interpreter, so each
-    takes several tiles). Skipped blocks (ids -1, remote experts) store zeros without an MMA.
-    H and I not multiples of the tiles; against the dense oracle with poisoned allocations."""
+    """Configs with "persistent" (and "tma"): the aligned GEMMs as a grid of persistent programs
+    walking the live tiles (3 programs under the interpreter, so each takes several tiles).
+    GEMM1 reads x sorted by a descriptor ("sort_x") or gathers its rows by pointers. Skipped
+    blocks (ids -1, remote experts) store zeros without an MMA. H and I not multiples of the
+    tiles; against the dense oracle with poisoned allocations."""
     monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
     real = ops.moe_config
 
@@ -354,7 +355,8 @@ def test_fused_moe_persistent_gemm(device, monkeypatch, what):
         cfg = real(*a)
         g1, g2 = dict(cfg["gemm1"]), {**cfg["gemm2"], "tma": True, "persistent": True}
         if what != "gemm2":
-            g1.update(tma=True, sort_x=True, persistent=True)
+            g1.update(tma=True, persistent=True, **({"sort_x": True} if what == "both-sort-x" else {}))
+            g1.pop("sort_x", None) if what != "both-sort-x" else None
         return {**cfg, "pairs": False, "gemm1": g1, "gemm2": g2}
 
     monkeypatch.setattr(ops, "moe_config", persistent)

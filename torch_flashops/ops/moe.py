@@ -247,15 +247,17 @@ def _moe_gemm_kernel(
 
 @triton.jit(do_not_specialize=["num_valid", "num_slots"])
 def _moe_gemm_persistent_kernel(
-    a_desc, w_desc, c_ptr, sorted_ids_ptr, expert_ids_ptr, ntp_ptr, topk_w_ptr,
-    N, K, num_valid, num_slots, up_offset, stride_cm, scale,
+    a_ptr, a_desc, w_desc, c_ptr, sorted_ids_ptr, expert_ids_ptr, ntp_ptr, topk_w_ptr,
+    N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_cm, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
-    C_SORTED: tl.constexpr, FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    A_SORTED: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, C_SORTED: tl.constexpr,
+    FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
-    """The aligned grouped GEMM as NUM_PROGS persistent programs, A (slot-ordered rows) and the
-    weights through tensor descriptors. Each program walks the tiles of the blocks up to the
+    """The aligned grouped GEMM as NUM_PROGS persistent programs, the weights through a tensor
+    descriptor, A by one too (A_TMA: slot-ordered rows) or gathered by pointers (rows
+    slot // top_k of x, or slot positions with A_SORTED). Each program walks the tiles of the blocks up to the
     last block of a local expert with a stride of NUM_PROGS; with FLATTEN the compiler pipelines
     that tile loop and the K loop as one, so the next tile's loads are in flight during this
     tile's epilogue (a short K, e.g. GEMM2 with I = 192..512, otherwise spends much of each
@@ -277,16 +279,31 @@ def _moe_gemm_persistent_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     r = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     for tile in tl.range(tl.program_id(0), m_live * num_pid_n, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = _grouped_tile(tile, m_live, num_pid_n, GROUP_M)
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
         e = tl.maximum(expert, 0)
         row0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
+        pos = row0 + r
+        slot = tl.load(sorted_ids_ptr + pos, mask=pos < num_slots, other=num_valid).to(tl.int64)
+        valid = slot < num_valid
+        if not A_TMA:
+            if A_SORTED:
+                a_row = pos.to(tl.int64)
+            else:
+                a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
+            a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, k_tiles):  # a bound the tile loop does not change: FLATTEN needs it
-            a = a_desc.load([row0, kk * BLOCK_K])
+            if A_TMA:
+                a = a_desc.load([row0, kk * BLOCK_K])
+            elif EVEN_K:
+                a = tl.load(a_ptrs + kk * BLOCK_K)
+            else:
+                a = tl.load(a_ptrs + kk * BLOCK_K, mask=(offs_k < K - kk * BLOCK_K)[None, :], other=0.0)
             b = w_desc.load([e, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
             if DOT_F32:
                 a = a.to(tl.float32)
@@ -297,9 +314,6 @@ def _moe_gemm_persistent_kernel(
                 if DOT_F32:
                     bu = bu.to(tl.float32)
                 acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
-        pos = row0 + r
-        slot = tl.load(sorted_ids_ptr + pos, mask=pos < num_slots, other=num_valid).to(tl.int64)
-        valid = slot < num_valid
         if MUL_WEIGHT:
             wt = tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)
             acc = acc * wt[:, None]
@@ -841,15 +855,16 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
     a_tma = use_tma and a_sorted and _tma_ok(a.unsqueeze(0))
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, bk]) if a_tma else a
-    if align is not None and cfg.get("persistent") and a_tma and use_tma:
+    if align is not None and cfg.get("persistent") and use_tma:
         n_tiles = num_m_blocks * _cdiv(n_out, bn)
         per_sm = cfg.get("progs_per_sm", 1)
         progs = min(n_tiles, 3 if interp else per_sm * _config.sm_count(a.device.index or 0))
         _moe_gemm_persistent_kernel[(progs,)](
-            a_desc, w_desc, c, sorted_ids, expert_ids, ntp, topk_w if topk_w is not None else c,
-            n_out, K, num_valid, num_slots, n_out, c.stride(0), float(scale),
+            a, a_desc, w_desc, c, sorted_ids, expert_ids, ntp, topk_w if topk_w is not None else c,
+            n_out, K, num_valid, num_slots, top_k, n_out, a.stride(0), c.stride(0), float(scale),
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], NUM_PROGS=progs,
-            MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip, C_SORTED=c_sorted,
+            MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip, A_SORTED=a_sorted, A_TMA=a_tma,
+            EVEN_K=K % bk == 0, C_SORTED=c_sorted,
             FLATTEN=bool(cfg.get("flatten", True)),
             DOT_F32=interp and a.dtype != torch.float32,
             PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
