@@ -30,6 +30,14 @@ layers of up to ``DECODE_MAX_ELEMS`` touched weight elements per matrix (Qwen3-s
 measured on an H100, see ``decode_one_launch``); under the interpreter it serves every
 pair-path layer.
 
+Two variants of the aligned GEMM, chosen per config and off in the shipped tables until an
+H100 run times them: half-tail blocks (``HALF_TAIL_MIN_BLOCK_M``): an expert's last block whose
+second half holds only padding multiplies only its first half, which cuts the padded share of
+the MMA work (random routing at BLOCK_M 128: 20% -> 11% for Qwen3-30B at T=4096); and the
+persistent GEMM (config key ``"persistent"``, weights by TMA): one program per SM walks the
+tiles with the tile loop and the K loop flattened into one software pipeline, so the next
+tile's loads overlap this tile's epilogue, which matters where K is short (GEMM2, K = I).
+
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
 ``gemm_config``: a shipped table per (E, N=I, K=H, device, dtype) in ``configs/moe/`` picked by
