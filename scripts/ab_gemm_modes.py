@@ -24,7 +24,21 @@ def _pers(g, **extra):
     return {**g, "tma": True, "persistent": True, **extra}
 
 
-MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M)
+def _legacy(c):  # the thirteenth session's path: no persistent GEMM (half tails off below)
+    return {**c, "gemm1": {k: v for k, v in c["gemm1"].items() if k != "persistent"},
+            "gemm2": {k: v for k, v in c["gemm2"].items() if k != "persistent"}}
+
+
+def _bm64(c):  # BLOCK_M 64 with 64x(2x128) GEMM1 and 64x256 GEMM2 TMA tiles (big-N layers)
+    return {**c, "block_m": 64, "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                                          "num_stages": 4, "tma": True},
+            "gemm2": {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "tma": True}}
+
+
+MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M; None: as shipped)
+    "shipped": (lambda c: c, None),
+    "legacy": (_legacy, 1 << 30),
+    "bm64-half": (_bm64, 64),
     "base": (lambda c: c, 1 << 30),
     "half": (lambda c: c, 64),
     "pers2": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 1 << 30),
@@ -48,7 +62,7 @@ def main():
     def use(mode):
         fn, half = modes[mode]
         ops.moe_config = lambda *args, **kw: fn(real_config(*args, **kw))
-        ops.HALF_TAIL_MIN_BLOCK_M = half
+        ops.HALF_TAIL_MIN_BLOCK_M = real_half if half is None else half
 
     try:
         for point in a.points.split(","):

@@ -821,8 +821,11 @@ def _tma_ok(w) -> bool:
 # Aligned blocks of at least this many rows multiply only their first half when the second half
 # is all padding (an expert's last block): the expected share of padded rows in random routing
 # at BLOCK_M=128 falls from 20% to 11% at Qwen3-30B T=4096 and from 16% to 9% at Mixtral
-# T=1024. Set to a huge value to turn it off.
-HALF_TAIL_MIN_BLOCK_M = 1 << 30
+# T=1024. Set to a huge value to turn it off. H100, 2026-12-06, whole layers (CUDA-graph
+# replays, shipped tiles), off -> on: Qwen3 T=4096 379.5 -> 363.3 us, T=1024 180.0 -> 173.8;
+# Mixtral T=1024 814.3 -> 798.0, T=4096 2533.0 -> 2535.3; DeepSeek-V3 T=4096 2745.3 -> 2607.8,
+# T=16384 7122.0 -> 7008.6 (scripts/ab_gemm_modes.py, best of two rounds).
+HALF_TAIL_MIN_BLOCK_M = 64
 
 
 def half_tail_on(block_m: int) -> bool:
