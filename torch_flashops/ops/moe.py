@@ -1067,7 +1067,9 @@ DECODE_ONE_LAUNCH = True
 DECODE_MAX_ELEMS = 1 << 24  # numel * I * H up to which CUDA layers take it (decode_one_launch)
 # The grid barrier's form: False, arrive + spin on the count (atomics) + leave; True, one arrival
 # atomic and an acquire poll of a generation word (sync[2]), which only the last arrival writes
-# (so sync[2] is not 0 between launches; sync[0] and sync[1] are, in both forms).
+# (so sync[2] is not 0 between launches; sync[0] and sync[1] are, in both forms). H100,
+# 2026-12-06, CUDA-graph replays, Qwen3 T=1 / 2 / 4: 13.24 / 20.47 / 33.89 us (count) against
+# 13.79 / 21.17 / 34.55 (generation), so the count form stays.
 DECODE_GEN_BARRIER = False
 DECODE_PROGRAMS_PER_SM = 2  # 4-warp programs: two always fit an SM's registers (2 x 128 x 255 < 64K)
 
