@@ -1321,7 +1321,12 @@ _CANDIDATES = {
 
 
 def gemm_candidates(block_m: int, fused: bool) -> list[dict]:
-    return [dict(c) for c in _CANDIDATES["small" if block_m <= 32 else block_m][0 if fused else 1]]
+    """Tile configs to time; for GEMM2 at BLOCK_M >= 64 also the persistent form of each
+    TMA config (it paid at short K, I <= 512, on an H100: RESULTS.md, fourteenth session)."""
+    cands = [dict(c) for c in _CANDIDATES["small" if block_m <= 32 else block_m][0 if fused else 1]]
+    if not fused and block_m >= 64:
+        cands += [{**c, "persistent": True} for c in cands if c.get("tma")]
+    return cands
 
 
 def block_m_choices(T: int, k: int, E: int) -> tuple:
