@@ -39,6 +39,7 @@ MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M; None: as shipped)
     "shipped": (lambda c: c, None),
     "legacy": (_legacy, 1 << 30),
     "bm64-half": (_bm64, 64),
+    "g2-bn128": (lambda c: {**c, "gemm2": {**c["gemm2"], "BLOCK_N": 128}}, None),
     "base": (lambda c: c, 1 << 30),
     "half": (lambda c: c, 64),
     "pers2": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 1 << 30),
