@@ -30,13 +30,14 @@ layers of up to ``DECODE_MAX_ELEMS`` touched weight elements per matrix (Qwen3-s
 measured on an H100, see ``decode_one_launch``); under the interpreter it serves every
 pair-path layer.
 
-Two variants of the aligned GEMM, chosen per config and off in the shipped tables until an
-H100 run times them: half-tail blocks (``HALF_TAIL_MIN_BLOCK_M``): an expert's last block whose
-second half holds only padding multiplies only its first half, which cuts the padded share of
-the MMA work (random routing at BLOCK_M 128: 20% -> 11% for Qwen3-30B at T=4096); and the
-persistent GEMM (config key ``"persistent"``, weights by TMA): one program per SM walks the
-tiles with the tile loop and the K loop flattened into one software pipeline, so the next
-tile's loads overlap this tile's epilogue, which matters where K is short (GEMM2, K = I).
+Two variants of the aligned GEMM (timed on an H100: benchmarks/RESULTS.md, fourteenth
+session). Half-tail blocks (``HALF_TAIL_MIN_BLOCK_M``, on from BLOCK_M 64): an expert's last
+block whose second half holds only padding multiplies only its first half, which cuts the
+padded share of the MMA work (random routing at BLOCK_M 128: 20% -> 11% for Qwen3-30B at
+T=4096). The persistent GEMM (config key ``"persistent"``, weights by TMA; in the H100 tables
+for GEMM2 where it paid): one program per SM walks the tiles with the tile loop and the K loop
+flattened into one software pipeline, so the next tile's loads overlap this tile's epilogue,
+which matters where K is short (GEMM2, K = I). It has no half tails.
 
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
@@ -120,7 +121,7 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
     valid = slot < num_valid
     pos = (row0 + tl.arange(0, BM)).to(tl.int64)  # slot position: row of a sorted intermediate
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if C_SORTED:  # every row of the block, pads too (never read back as results)
+    if C_SORTED:  # every one of the BM rows, pads too (pad rows are never read back as results)
         c_ptrs = c_ptr + pos[:, None] * stride_cm + offs_n[None, :]
         c_mask = (pos < num_slots)[:, None] & (offs_n[None, :] < N)
     else:
@@ -231,7 +232,9 @@ def _moe_gemm_kernel(
         slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
         if HALF_TAIL:
             # An expert's last block is partly padding: when its second half holds no pair, only
-            # the first half is multiplied (half the MMA work and A reads of a full block).
+            # the first half is multiplied (half the MMA work and A reads of a full block). Its
+            # other rows of a sorted intermediate stay unwritten: pads, whose GEMM2 rows are
+            # never stored (and GEMM2 takes the half path on the same block).
             HALF: tl.constexpr = BLOCK_M // 2
             r = tl.arange(0, BLOCK_M)
             if tl.max(((r >= HALF) & (slot < num_valid)).to(tl.int32), axis=0) == 0:
