@@ -298,13 +298,14 @@ def test_fused_moe_weight_descriptor_path(device, monkeypatch, T, sort_x):
     check_layer("fused_moe tma", out, x, w1, w2, tw, ids, pipeline=False)
 
 
-@pytest.mark.parametrize("what", ["plain", "tma-sort-x", "skips-map"])
+@pytest.mark.parametrize("what", ["plain", "tma-sort-x", "skips-map", "persistent-gemm2"])
 def test_fused_moe_half_tail(device, monkeypatch, what):
     """BLOCK_M 32 with HALF_TAIL_MIN_BLOCK_M 32: an expert's last block whose second half is
     all padding multiplies only its first 16 rows (its own code path, A by a half-height
     descriptor with "tma"). The routing gives experts tails of 1..16 rows (the half path),
     17..31 (the full path) and exact multiples of 32; against the dense oracle, with
-    poisoned allocations (the half path leaves the intermediate's padding rows unwritten)."""
+    poisoned allocations (the half path leaves the intermediate's padding rows unwritten, and a
+    persistent GEMM2, which has no half path, reads them as pads)."""
     monkeypatch.setattr(ops, "HALF_TAIL_MIN_BLOCK_M", 32)
     monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
     real = ops.moe_config
@@ -315,11 +316,13 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
         if what == "tma-sort-x":
             g1.update(tma=True, sort_x=True)
             g2.update(tma=True)
+        elif what == "persistent-gemm2":
+            g2.update(tma=True, persistent=True)
         return {**cfg, "block_m": 32, "pairs": False, "gemm1": g1, "gemm2": g2}
 
     monkeypatch.setattr(ops, "moe_config", cfg32)
     T, H, I, E, k = 50, 40, 24, 5, 2
-    dtype = torch.bfloat16 if what == "tma-sort-x" else torch.float32
+    dtype = torch.bfloat16 if what in ("tma-sort-x", "persistent-gemm2") else torch.float32
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=31)
     # pairs per expert: 0 -> 5 (tail 5), 1 -> 40 (tail 8), 2 -> 23 (tail 23), 3 -> 32, 4 -> 0
     first = torch.tensor([0] * 5 + [1] * 40 + [2] * 5)
