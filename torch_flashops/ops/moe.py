@@ -890,7 +890,8 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     a_desc_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m // 2, bk]) if a_tma and half else a
     grid = (num_m_blocks * _cdiv(n_out, bn),)
     _moe_gemm_kernel[grid](
-        a, a_desc, a_desc_half, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap, topk_w if topk_w is not None else c,
+        a, a_desc, a_desc_half, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap,
+        topk_w if topk_w is not None else c,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
         _num_ids(pairs[1] if pairs is not None else None, w.shape[0]), w.shape[0],
         a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
