@@ -110,6 +110,33 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _c_tile(c_ptr, pos, slot, offs_n, N, num_valid, num_slots, stride_cm, C_SORTED: tl.constexpr):
+    """Pointers and mask of a block's output tile: rows at slot positions ``pos`` (C_SORTED: a
+    sorted intermediate, every row of the block, pads too, which are never read back as
+    results) or at the pairs' own rows ``slot`` (valid slots only)."""
+    if C_SORTED:
+        c_ptrs = c_ptr + pos.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        c_mask = (pos < num_slots)[:, None] & (offs_n[None, :] < N)
+    else:
+        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
+        c_mask = (slot < num_valid)[:, None] & (offs_n[None, :] < N)
+    return c_ptrs, c_mask
+
+
+@triton.jit
+def _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr):
+    """The routing weight per row (MUL_WEIGHT), then silu(gate) * up (FUSE_SILU), in fp32."""
+    if MUL_WEIGHT:
+        wt = tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+        if FUSE_SILU:
+            acc_up = acc_up * wt[:, None]
+    if FUSE_SILU:
+        acc = _silu(acc) * acc_up
+    return acc
+
+
+@triton.jit
 def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -121,12 +148,7 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
     valid = slot < num_valid
     pos = (row0 + tl.arange(0, BM)).to(tl.int64)  # slot position: row of a sorted intermediate
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if C_SORTED:  # every one of the BM rows, pads too (pad rows are never read back as results)
-        c_ptrs = c_ptr + pos[:, None] * stride_cm + offs_n[None, :]
-        c_mask = (pos < num_slots)[:, None] & (offs_n[None, :] < N)
-    else:
-        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
-        c_mask = valid[:, None] & (offs_n[None, :] < N)
+    c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, offs_n, N, num_valid, num_slots, stride_cm, C_SORTED)
     if expert < 0:
         if WRITE_SKIP:
             tl.store(c_ptrs, tl.zeros((BM, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
@@ -172,13 +194,7 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
 
-        if MUL_WEIGHT:
-            wt = tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)
-            acc = acc * wt[:, None]
-            if FUSE_SILU:
-                acc_up = acc_up * wt[:, None]
-        if FUSE_SILU:
-            acc = _silu(acc) * acc_up
+        acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
         tl.store(c_ptrs, (acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -325,32 +341,16 @@ def _moe_gemm_persistent_kernel(
                 if DOT_F32:
                     bu = bu.to(tl.float32)
                 acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
-        if MUL_WEIGHT:
-            wt = tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)
-            acc = acc * wt[:, None]
-            if FUSE_SILU:
-                acc_up = acc_up * wt[:, None]
-        if FUSE_SILU:
-            acc = _silu(acc) * acc_up
-        offs_n = n0 + cols
-        if C_SORTED:
-            c_ptrs = c_ptr + pos.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            c_mask = (pos < num_slots)[:, None] & (offs_n[None, :] < N)
-        else:
-            c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
-            c_mask = valid[:, None] & (offs_n[None, :] < N)
+        acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
+        c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, n0 + cols, N, num_valid, num_slots, stride_cm, C_SORTED)
         tl.store(c_ptrs, tl.where(expert >= 0, acc * scale, 0.0).to(c_ptr.dtype.element_ty), mask=c_mask)
     if WRITE_SKIP:
         for tile in range(m_live * num_pid_n + tl.program_id(0), m_blocks * num_pid_n, NUM_PROGS):
             pos = (tile // num_pid_n) * BLOCK_M + r
             offs_n = (tile % num_pid_n) * BLOCK_N + cols
             slot = tl.load(sorted_ids_ptr + pos, mask=pos < num_slots, other=num_valid).to(tl.int64)
-            ok = (slot < num_valid)[:, None] & (offs_n[None, :] < N)
-            if C_SORTED:
-                c_ptrs = c_ptr + pos.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            else:
-                c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=ok)
+            c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, offs_n, N, num_valid, num_slots, stride_cm, C_SORTED)
+            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
