@@ -7,6 +7,7 @@ torch._grouped_mm forward of the same inputs timed once per point for the ratio.
     PYTHONPATH=. python scripts/ab_gemm_modes.py [--rounds 2] [--points Qwen3-4GPU:4096,...] [--modes base,half]
 """
 import argparse
+import re
 import time
 
 import torch
@@ -49,6 +50,35 @@ MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M; None: as shipped)
     "pers2+half1": (lambda c: {**c, "gemm2": _pers(c["gemm2"])}, 64),
 }
 DEFAULT_MODES = "base,half,pers2,pers12,pers2+half1"
+_KEYS = {"BN": "BLOCK_N", "BK": "BLOCK_K", "G": "GROUP_M", "W": "num_warps", "S": "num_stages", "P": "progs_per_sm"}
+
+
+def _spec_mode(spec):
+    """A mode written inline: ``p2/BN128/BK64/S4/P2`` makes GEMM2 persistent (TMA) with those
+    overrides (BN, BK, G = GROUP_M, W = warps, S = stages, P = programs per SM, NF = no flatten);
+    ``p1/...`` the same for GEMM1; ``t2/...`` / ``t1/...`` keep the block GEMM but take TMA and the
+    overrides; ``b2/...`` / ``b1/...`` only the overrides. Several parts join with ``+`` (``p2/BN128+t1/BN64``)."""
+    parts = []
+    for part in spec.split("+"):
+        head, *toks = part.split("/")
+        which = "gemm" + head[1]
+        ov = {} if head[0] == "b" else {"tma": True}
+        if head[0] == "p":
+            ov["persistent"] = True
+        for t in toks:
+            if t == "NF":
+                ov["flatten"] = False
+            else:
+                k = re.match(r"[A-Z]+", t).group(0)
+                ov[_KEYS[k]] = int(t[len(k):])
+        parts.append((which, ov))
+
+    def fn(c):
+        c = dict(c)
+        for which, ov in parts:
+            c[which] = {**c[which], **ov}
+        return c
+    return fn, None
 
 
 def main():
@@ -57,7 +87,7 @@ def main():
     p.add_argument("--points", default=POINTS)
     p.add_argument("--modes", default=DEFAULT_MODES)
     a = p.parse_args()
-    modes = {m: MODES[m] for m in a.modes.split(",")}
+    modes = {m: MODES[m] if m in MODES else _spec_mode(m) for m in a.modes.split(",")}
     real_config, real_half = ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M
 
     def use(mode):
