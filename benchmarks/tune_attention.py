@@ -3,7 +3,6 @@
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid] [unique]
         [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
         [evict] [merge_programs] [pdl] [regs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile] [lean]
-        [slices]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -234,20 +233,6 @@ def lean(g):
             _prefill_row(g, 4, 4096, True, [("paged in place BM=128 (64,8,3)", 128, (64, 8, 3), False),
                                             ("default", None, None, True)])
             _prefill_row(g, 4, 4096, False, [("default", None, None, True)])
-
-
-def slices(g):
-    """Decode tiles as per-warp key slices (``DECODE_SLICES``, ``_attend_tile_sliced``) or the
-    one-state loop, alternating twice, at the heuristics' configs: little-KV, mid-sized and
-    KV >= 1 GB decode."""
-    cases = [(16, 512, 32, 8), (16, 512, 32, 4), (8, 256, 32, 8), (1, 128, 32, 8), (32, 64, 32, 8), (1, 512, 32, 8),
-             (1, 4096, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 4), (16, 1024, 32, 8), (16, 4096, 32, 8),
-             (128, 256, 32, 8), (64, 4096, 32, 8), (256, 2048, 32, 4)]
-    for B, L, Hq, Hkv in cases:
-        for flag in (True, False, True, False):
-            with mock.patch.object(A, "DECODE_SLICES", flag):
-                print(f"DECODE_SLICES={flag}", end=" ", flush=True)
-                _decode_rows(g, [(B, L, Hq, Hkv)], _DECODE_CFGS[:1])
 
 
 def split(g):

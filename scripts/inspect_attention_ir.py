@@ -11,8 +11,7 @@ Arguments: ``paged`` or ``ragged``, then BLOCK_M BLOCK_N num_warps num_stages (d
 BLOCK_M 16, prefill tiles 64/128). The kernel is specialised like a bf16 D=128 GQA-4 causal
 launch with 16-byte aligned pointers and strides, as the JIT would see it; ``PDL`` (default 1)
 sets where the attention programs allow the merge kernel's programmatic dependent launch (0
-never, 1 at their start, 2 after their key loop) and whether the merge kernel waits for it;
-``SLICES`` the key slices of a decode tile (default: ``decode_slices``; 1: the one-state loop).
+never, 1 at their start, 2 after their key loop) and whether the merge kernel waits for it.
 """
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
                  PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
                  KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma, PDL=int(os.environ.get("PDL", "1")),
-                 LEAN=os.environ.get("LEAN", "1") == "1", KV_SAME=os.environ.get("KV_SAME", "1") == "1",
-                 SLICES=int(os.environ.get("SLICES", A.decode_slices(block_m, block_n, warps, 0, False, tma))))
+                 LEAN=os.environ.get("LEAN", "1") == "1", KV_SAME=os.environ.get("KV_SAME", "1") == "1")
     return compile_sm90(A._attn_fwd_kernel, const, warps, stages, types)
 
 

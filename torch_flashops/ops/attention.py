@@ -246,101 +246,6 @@ def _attend_tile(
     return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
 
 
-@triton.jit
-def _attend_tile_sliced(
-    acc, m_i, l_i, q, start, page, slot, page1, slot1,
-    K, V, KV_INDICES,
-    kv_base, kv_hi, num_pages,
-    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    hk, r, pos, slope, qk_scale, sm_scale, soft_cap, window_left,
-    offs_d, d_mask, offs_dv, dv_mask,
-    SLICES: tl.constexpr, SLICE_N: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, POS: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_EVICT: tl.constexpr,
-    LEAN: tl.constexpr, KV_SAME: tl.constexpr,
-):
-    """``_attend_tile`` for a decode tile cut into SLICES key slices of SLICE_N keys: slice s
-    takes keys [start + s * SLICE_N, + SLICE_N) and keeps its own running state (``acc [S, M,
-    D_vo]``, ``m_i``/``l_i [S, M]``). Both products are batched over the slices, so the compiler
-    gives each warp its own slice: the row max, the row sum and the probabilities' operand
-    layout stay inside one warp, where a [M, BLOCK_N] tile spread over the warps along its keys
-    needs a shared-memory round trip and a barrier for each. The slices are folded once, after
-    the key loop (see ``decode_slices``). No custom mask, no RoPE on K, no TMA."""
-    offs_n = start + tl.arange(0, SLICES)[:, None] * SLICE_N + tl.arange(0, SLICE_N)[None, :]  # [S, SN]
-    n_valid = offs_n < kv_hi
-    if PAGED:
-        if PAGE_AHEAD == 2:
-            far_n = offs_n + 2 * SLICES * SLICE_N
-            far_page, far_slot = _kv_rows(KV_INDICES, kv_base, far_n, far_n < kv_hi, num_pages, PAGED, PAGE_SIZE,
-                                          LEAN)
-            nxt_page, nxt_slot = page1, slot1
-        else:
-            nxt_n = offs_n + SLICES * SLICE_N
-            nxt_page, nxt_slot = _kv_rows(KV_INDICES, kv_base, nxt_n, nxt_n < kv_hi, num_pages, PAGED, PAGE_SIZE,
-                                          LEAN)
-            far_page, far_slot = nxt_page, nxt_slot
-    else:
-        page, slot = _kv_rows(KV_INDICES, kv_base, offs_n, n_valid, num_pages, PAGED, PAGE_SIZE, LEAN)
-        nxt_page, nxt_slot = page, slot
-        far_page, far_slot = page, slot
-    k_off = _kv_offsets(page, slot, hk, stride_kp, stride_ks, stride_kh, LEAN)
-    if KV_SAME:
-        v_off = k_off
-    else:
-        v_off = _kv_offsets(page, slot, hk, stride_vp, stride_vs, stride_vh, LEAN)
-    k_ptrs = K + k_off[:, :, None] + offs_d[None, None, :]
-    if MASKED and PAD_D:
-        k = tl.load(k_ptrs, mask=n_valid[:, :, None] & d_mask[None, None, :], other=0.0, eviction_policy=KV_EVICT)
-    elif MASKED:
-        k = tl.load(k_ptrs, mask=n_valid[:, :, None], other=0.0, eviction_policy=KV_EVICT)
-    elif PAD_D:
-        k = tl.load(k_ptrs, mask=d_mask[None, None, :], other=0.0, eviction_policy=KV_EVICT)
-    else:
-        k = tl.load(k_ptrs, eviction_policy=KV_EVICT)
-    qk = _dot(q, tl.trans(k, (0, 2, 1)), UPCAST, PREC)  # [S, M, SN]
-    if (POS == 2) or SOFTCAP:
-        s = qk * sm_scale
-        if POS == 2:
-            s += slope[None, :, None] * (offs_n[:, None, :] - r[None, :, None]).to(tl.float32)
-        if SOFTCAP:
-            s = soft_cap * _tanh(s / soft_cap)
-        s = s * LOG2E
-    elif FOLD_SCALE:
-        s = qk
-    else:
-        s = qk * qk_scale
-    if MASKED:
-        keep = n_valid[:, None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[:, None, :] <= pos[None, :, None])
-        if WINDOW:
-            keep = keep & (offs_n[:, None, :] >= pos[None, :, None] - window_left)
-        s = tl.where(keep, s, float("-inf"))
-    if FOLD_SCALE:
-        m_new = tl.maximum(m_i, tl.max(s, 2) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 2))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if FOLD_SCALE:
-        p = tl.exp2(s * qk_scale - m_use[:, :, None])
-    else:
-        p = tl.exp2(s - m_use[:, :, None])
-    alpha = tl.exp2(m_i - m_use)
-    v_ptrs = V + v_off[:, :, None] + offs_dv[None, None, :]
-    if MASKED and PAD_DV:
-        v = tl.load(v_ptrs, mask=n_valid[:, :, None] & dv_mask[None, None, :], other=0.0, eviction_policy=KV_EVICT)
-    elif MASKED:
-        v = tl.load(v_ptrs, mask=n_valid[:, :, None], other=0.0, eviction_policy=KV_EVICT)
-    elif PAD_DV:
-        v = tl.load(v_ptrs, mask=dv_mask[None, None, :], other=0.0, eviction_policy=KV_EVICT)
-    else:
-        v = tl.load(v_ptrs, eviction_policy=KV_EVICT)
-    acc = acc * alpha[:, :, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
-    l_i = l_i * alpha + tl.sum(p, 2)
-    return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
-
-
 # ------------------------------------------------------------------------------ the kernels
 @triton.jit(do_not_specialize=["num_split_items", "num_pages", "num_q_rows", "single_qo_len", "single_kv_len", "single_chunk",
                                "single_n_split", "window_left"])
@@ -358,7 +263,7 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
     KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LEAN: tl.constexpr = False,
-    KV_SAME: tl.constexpr = False, SLICES: tl.constexpr = 1,
+    KV_SAME: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -454,66 +359,29 @@ def _attn_fwd_kernel(
         if CAUSAL:  # keys <= r_first + delta are visible to every row
             full_end = tl.minimum(full_end, r_first + delta + 1)
         c = a + tl.maximum(full_end - a, 0) // BLOCK_N * BLOCK_N
-    if SLICES > 1:  # decode tiles as SLICES key slices, one running state each (see _attend_tile_sliced)
-        SLICE_N: tl.constexpr = BLOCK_N // SLICES
-        q3 = tl.broadcast_to(q[None, :, :], (SLICES, BLOCK_M, BLOCK_DQK))
-        acc3 = tl.zeros([SLICES, BLOCK_M, BLOCK_DVO], dtype=tl.float32)
-        m3 = tl.full([SLICES, BLOCK_M], float("-inf"), dtype=tl.float32)
-        l3 = tl.zeros([SLICES, BLOCK_M], dtype=tl.float32)
-        tile_n = tl.arange(0, SLICES)[:, None] * SLICE_N + tl.arange(0, SLICE_N)[None, :]
-        for seg in tl.static_range(3):
-            if seg == 0:
-                lo, hi = kv_lo, a
-            elif seg == 1:
-                lo, hi = a, c
-            else:
-                lo, hi = c, kv_hi
-            offs_lo = lo + tile_n
-            kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE, LEAN)
-            kpage1, kslot1 = kpage, kslot
-            if PAGED and PAGE_AHEAD == 2:
-                offs_lo1 = offs_lo + BLOCK_N
-                kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED,
-                                          PAGE_SIZE, LEAN)
-            for start in range(lo, hi, BLOCK_N):
-                acc3, m3, l3, kpage, kslot, kpage1, kslot1 = _attend_tile_sliced(
-                    acc3, m3, l3, q3, start, kpage, kslot, kpage1, kslot1, K, V, KV_INDICES,
-                    kv_base, kv_hi, num_pages,
-                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                    hk, r, pos, slope, qk_scale, sm_scale, soft_cap, window_left,
-                    offs_d, d_mask, offs_dv, dv_mask,
-                    SLICES, SLICE_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, POS, SOFTCAP, UPCAST, PREC,
-                    BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, LEAN, KV_SAME)
-        # fold the slices: the largest running max, each slice's sum and accumulator rescaled to it
-        m_i = tl.max(m3, 0)
-        m_fold = tl.where(m_i == float("-inf"), 0.0, m_i)
-        sc = tl.exp2(m3 - m_fold[None, :])
-        l_i = tl.sum(l3 * sc, 0)
-        acc = tl.sum(acc3 * sc[:, :, None], 0)
-    else:
-        for seg in tl.static_range(3):  # unrolled: the middle range runs the unmasked tile
-            if seg == 0:
-                lo, hi = kv_lo, a
-            elif seg == 1:
-                lo, hi = a, c
-            else:
-                lo, hi = c, kv_hi
-            offs_lo = lo + tl.arange(0, BLOCK_N)
-            kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE, LEAN)
-            kpage1, kslot1 = kpage, kslot
-            if PAGED and PAGE_AHEAD == 2:
-                offs_lo1 = offs_lo + BLOCK_N
-                kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE,
-                                          LEAN)
-            for start in range(lo, hi, BLOCK_N):
-                acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
-                    acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
-                    kv_base, kv_hi, kv_len, num_pages, mask_base,
-                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                    hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
-                    offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
-                    BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                    BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME)
+    for seg in tl.static_range(3):  # unrolled: the middle range runs the unmasked tile
+        if seg == 0:
+            lo, hi = kv_lo, a
+        elif seg == 1:
+            lo, hi = a, c
+        else:
+            lo, hi = c, kv_hi
+        offs_lo = lo + tl.arange(0, BLOCK_N)
+        kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE, LEAN)
+        kpage1, kslot1 = kpage, kslot
+        if PAGED and PAGE_AHEAD == 2:
+            offs_lo1 = offs_lo + BLOCK_N
+            kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE,
+                                      LEAN)
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
+                acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
+                kv_base, kv_hi, kv_len, num_pages, mask_base,
+                stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
+                offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
+                BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME)
 
     if PDL == 2:  # the merge kernel may launch once every program is this far (see merge_pdl)
         gdc_launch_dependents()
@@ -682,18 +550,6 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
         return 2 * block_n, 8, 2
     few = small_grid and (keys_per_program is None or keys_per_program > 2 * block_n)
     return block_n, (8 if small_grid and not wide else 4), (3 if few and not wide else 2)
-
-
-DECODE_SLICES = True  # False: decode tiles always run the one-state key loop
-
-
-def decode_slices(block_m: int, block_n: int, num_warps: int, pos: int, has_mask: bool, tma: bool) -> int:
-    """Key slices of a decode tile (``_attend_tile_sliced``; 1: the one-state loop): one per
-    warp, each at least 16 keys (the MMA's smallest K), for tiles of at most 32 rows without a
-    custom mask, RoPE on K or TMA."""
-    if not DECODE_SLICES or block_m > 32 or has_mask or pos == 1 or tma:
-        return 1
-    return num_warps if block_n % num_warps == 0 and block_n // num_warps >= 16 else 1
 
 
 def page_ahead(block_m: int, num_stages: int, n_programs: int, keys_per_program: int, device) -> int:
@@ -1048,7 +904,6 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
         PDL=pdl, LEAN=lean_addressing(k, v), KV_SAME=k.stride()[:3] == v.stride()[:3],
-        SLICES=decode_slices(block_m, block_n, num_warps, pos, packed_mask is not None, tma),
         num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split:
