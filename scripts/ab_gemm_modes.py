@@ -39,7 +39,6 @@ def _bm64(c):  # BLOCK_M 64 with 64x(2x128) GEMM1 and 64x256 GEMM2 TMA tiles (bi
 MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M; None: as shipped)
     "shipped": (lambda c: c, None),
     "legacy": (_legacy, 1 << 30),
-    "nopers": (_legacy, None),  # shipped half tails, no persistent GEMM (which block streaming skips)
     "bm64-half": (_bm64, 64),
     "g2-bn128": (lambda c: {**c, "gemm2": {**c["gemm2"], "BLOCK_N": 128}}, None),
     "base": (lambda c: c, 1 << 30),
@@ -58,7 +57,7 @@ def _spec_mode(spec):
     """A mode written inline: ``p2/BN128/BK64/S4/P2`` makes GEMM2 persistent (TMA) with those
     overrides (BN, BK, G = GROUP_M, W = warps, S = stages, P = programs per SM, NF = no flatten);
     ``p1/...`` the same for GEMM1; ``t2/...`` / ``t1/...`` keep the block GEMM but take TMA and the
-    overrides; ``b2/...`` / ``b1/...`` only the overrides. Any mode may end in ``+stream``. Several parts join with ``+`` (``p2/BN128+t1/BN64``)."""
+    overrides; ``b2/...`` / ``b1/...`` only the overrides. Several parts join with ``+`` (``p2/BN128+t1/BN64``)."""
     parts = []
     for part in spec.split("+"):
         head, *toks = part.split("/")
@@ -88,19 +87,13 @@ def main():
     p.add_argument("--points", default=POINTS)
     p.add_argument("--modes", default=DEFAULT_MODES)
     a = p.parse_args()
-    def parse(m):  # a trailing "+stream" turns on GEMM2 block streaming (ops.stream_gemm2) for that mode
-        base = m[: -len("+stream")] if m.endswith("+stream") else m
-        fn, half = MODES[base] if base in MODES else _spec_mode(base)
-        return fn, half, m.endswith("+stream")
-
-    modes = {m: parse(m) for m in a.modes.split(",")}
-    real_config, real_half, real_stream = ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M, ops.STREAM_MIN_EXPERT_ELEMS
+    modes = {m: MODES[m] if m in MODES else _spec_mode(m) for m in a.modes.split(",")}
+    real_config, real_half = ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M
 
     def use(mode):
-        fn, half, stream = modes[mode]
+        fn, half = modes[mode]
         ops.moe_config = lambda *args, **kw: fn(real_config(*args, **kw))
         ops.HALF_TAIL_MIN_BLOCK_M = real_half if half is None else half
-        ops.STREAM_MIN_EXPERT_ELEMS = 0 if stream else 1 << 62
 
     try:
         for point in a.points.split(","):
@@ -121,7 +114,7 @@ def main():
                 for m in modes:
                     use(m)
                     times[m].append(time_fn(fused_moe, args, device="cuda", graph=True) * 1e3)
-            ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M, ops.STREAM_MIN_EXPERT_ELEMS = real_config, real_half, real_stream
+            ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M = real_config, real_half
             gmm = time_fn(grouped_mm_forward, args, device="cuda", graph=True) * 1e3
             ref = outs[next(iter(modes))].float()
             print(f"[modes] {name} T={T} block_m={shipped['block_m']} grouped_mm {gmm:.1f} us"
@@ -133,7 +126,7 @@ def main():
             del w1, w2, x, outs
             torch.cuda.empty_cache()
     finally:
-        ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M, ops.STREAM_MIN_EXPERT_ELEMS = real_config, real_half, real_stream
+        ops.moe_config, ops.HALF_TAIL_MIN_BLOCK_M = real_config, real_half
 
 
 if __name__ == "__main__":

@@ -344,58 +344,6 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
-@pytest.mark.parametrize("what", ["plain", "tma-sort-x", "skips-map", "many-waves"])
-def test_fused_moe_stream_gemm2(device, monkeypatch, what):
-    """Block streaming (``ops.stream_gemm2``): GEMM1 counts finished tiles per block and each
-    GEMM2 block waits for its own count instead of GEMM1's whole grid (on CUDA GEMM2 is then a
-    programmatic dependent of GEMM1 that runs beside it). A spy checks that GEMM1 signals and
-    GEMM2 waits for GEMM1's tiles per block; against the dense oracle with poisoned allocations.
-    "many-waves" (CUDA) gives GEMM1 several waves of tiles and GEMM2 more blocks than SMs, so
-    GEMM2 blocks start while GEMM1 still runs; the others cover A by TMA (h read by bulk copies
-    after the wait), half tails, skipped pairs and an expert map."""
-    if what == "many-waves" and device != "cuda":
-        pytest.skip("sizes for the GPU: the interpreter runs programs one by one")
-    monkeypatch.setattr(ops, "STREAM_MIN_EXPERT_ELEMS", 0)
-    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
-    real = ops.moe_config
-
-    def streamed(*a):
-        cfg = real(*a)
-        g1, g2 = dict(cfg["gemm1"]), dict(cfg["gemm2"])
-        g1.pop("persistent", None)
-        g2.pop("persistent", None)
-        if what in ("tma-sort-x", "many-waves"):
-            g1.update(tma=True, sort_x=True)
-            g2.update(tma=True)
-        return {**cfg, "block_m": 32 if what != "many-waves" else cfg["block_m"], "pairs": False,
-                "gemm1": g1, "gemm2": g2}
-
-    monkeypatch.setattr(ops, "moe_config", streamed)
-    monkeypatch.setattr(ops, "HALF_TAIL_MIN_BLOCK_M", 32)
-    calls = []
-    real_launch = ops._launch_gemm
-
-    def spy(*a, **kw):
-        n = real_launch(*a, **kw)
-        calls.append((bool(kw.get("signal")), kw.get("wait_block", 0), n))
-        return n
-
-    monkeypatch.setattr(ops, "_launch_gemm", spy)
-    T, H, I, E, k = (50, 40, 24, 5, 2) if what != "many-waves" else (4096, 1024, 1536, 8, 2)
-    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.bfloat16, device, seed=61)
-    kw, call = {}, {}
-    if what == "skips-map":
-        ids[[3, 44]] = -1
-        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
-    with poisoned_allocations():
-        out = fused_moe(x, w1, w2, tw, ids, **call)
-    assert len(calls) == 2 and calls[0][:2] == (True, 0) and not calls[1][0] and calls[1][1] == calls[0][2] > 0, calls
-    check_layer(f"fused_moe stream gemm2 {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
-
-
 @pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
 def test_fused_moe_persistent_gemm(device, monkeypatch, what):
     """Configs with "persistent" (and "tma"): the aligned GEMMs as a grid of persistent programs

@@ -203,25 +203,19 @@ def _moe_gemm_kernel(
     a_ptr, a_desc, a_desc_half, w_ptr, w_desc, c_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntp_ptr,      # alignment (unused in pair mode)
     topk_ids_ptr, expert_map_ptr,                 # pair mode routing
-    topk_w_ptr, done_ptr,
+    topk_w_ptr,
     N, K, num_valid, num_m_blocks, num_slots, top_k, up_offset, num_ids, num_local,
     stride_am, stride_we, stride_wn, stride_cm,
-    scale, done_target,
+    scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
-    SIGNAL: tl.constexpr = False, WAIT_BLOCK: tl.constexpr = False, PROXY_FENCE: tl.constexpr = False,
 ):
     # Programmatic dependent launch (sm_90+, see moe_pdl): PDL_TRIGGER lets the next kernel of
     # the chain launch now (its programs wait in gdc_wait until this grid has finished);
     # PDL_WAIT is this kernel's side: nothing the previous kernel writes is read before gdc_wait.
-    # Block streaming (aligned path, see stream_gemm2): SIGNAL (GEMM1) counts each finished tile
-    # on its block's counter done_ptr[pid_m] (release); WAIT_BLOCK (GEMM2, a programmatic
-    # dependent that never calls gdc_wait) reads its block's rows of h once that counter reaches
-    # done_target, GEMM1's tiles per block (acquire), so a block's GEMM2 tiles start while GEMM1
-    # still runs other blocks.
     if PDL_TRIGGER:
         gdc_launch_dependents()
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -249,13 +243,6 @@ def _moe_gemm_kernel(
         if row0 >= tl.load(ntp_ptr):
             return
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
-        if WAIT_BLOCK:
-            if expert >= 0:  # (a skipped block reads no h: it only stores zeros)
-                while tl.atomic_add(done_ptr + pid_m, 0, sem="acquire", scope="gpu") < done_target:
-                    pass
-                if PROXY_FENCE:  # h was written through the generic proxy; bulk copies read it through the async one
-                    tl.inline_asm_elementwise("fence.proxy.async.global; // $0", "=r", [], dtype=tl.int32,
-                                              is_pure=False, pack=1)
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] + w_rows
         s = row0 + tl.arange(0, BLOCK_M)
         slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
@@ -283,9 +270,6 @@ def _moe_gemm_kernel(
                        N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                        BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
                        A_TMA, C_SORTED, DOT_F32, PRECISION)
-        if SIGNAL:  # every thread's stores of this tile are issued; then one release count
-            tl.debug_barrier()
-            tl.atomic_add(done_ptr + pid_m, 1, sem="release", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["num_valid", "num_slots"])
@@ -853,7 +837,7 @@ def half_tail_on(block_m: int) -> bool:
 
 def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=None, topk_w=None,
                  mul=False, fuse_silu=False, write_skip=True, scale=1.0, a_sorted=False, c_sorted=False,
-                 pdl_trigger=False, pdl_wait=False, half_tail=None, done=None, signal=False, wait_block=0):
+                 pdl_trigger=False, pdl_wait=False, half_tail=None):
     """One grouped GEMM ``c = gather(a) @ w[e].T`` over aligned blocks (``align`` =
     (sorted_ids, expert_ids, ntp)) or single pairs (``pairs`` = (flat topk_ids, expert_map)).
     ``c_sorted``: rows of c are slot positions (the sorted intermediate [num_slots, N]);
@@ -861,13 +845,11 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     ``pdl_wait``: launched as a programmatic dependent of the previous kernel (which must
     trigger, or finish); ``pdl_trigger``: lets the next kernel launch early (see moe_pdl).
     ``half_tail``: blocks whose second half is all padding multiply only their first half
-    (aligned path; default: ``half_tail_on(block_m)``). Block streaming (``stream_gemm2``):
-    ``signal`` counts finished tiles per block on ``done``; ``wait_block`` (> 0: the count that
-    means a block is complete) makes each block wait for its count instead of the grid."""
+    (aligned path; default: ``half_tail_on(block_m)``)."""
     n_out = w.shape[1] // 2 if fuse_silu else w.shape[1]
     K = w.shape[2]
     if num_valid == 0 or n_out == 0:
-        return 0
+        return
     if align is not None:
         sorted_ids, expert_ids, ntp = align
         num_slots = sorted_ids.numel()
@@ -909,40 +891,19 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     grid = (num_m_blocks * _cdiv(n_out, bn),)
     _moe_gemm_kernel[grid](
         a, a_desc, a_desc_half, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap,
-        topk_w if topk_w is not None else c, done if done is not None else ntp,
+        topk_w if topk_w is not None else c,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
         _num_ids(pairs[1] if pairs is not None else None, w.shape[0]), w.shape[0],
-        a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale), int(wait_block),
+        a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip,
         PAIRS=pairs is not None, HAS_MAP=pairs is not None and pairs[1] is not None,
         EVEN_K=K % bk == 0, W_TMA=use_tma, A_SORTED=a_sorted, A_TMA=a_tma, C_SORTED=c_sorted, HALF_TAIL=half,
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
-        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait and not wait_block,
-        SIGNAL=bool(signal) and align is not None, WAIT_BLOCK=bool(wait_block) and align is not None,
-        PROXY_FENCE=bool(wait_block) and a_tma and not interp, launch_pdl=pdl_wait,
+        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, launch_pdl=pdl_wait,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return _cdiv(n_out, bn)
-
-
-# Block streaming of GEMM2 behind GEMM1 (stream_gemm2): aligned layers with I * H of at least
-# this many elements (large experts, whose GEMMs run many waves).
-STREAM_MIN_EXPERT_ELEMS = 1 << 62
-
-
-def stream_gemm2(cfg, T: int, k: int, E: int, I: int, H: int, device) -> bool:
-    """Whether GEMM2's blocks start as soon as GEMM1 has finished their rows of h, instead of
-    after GEMM1's whole grid: GEMM1 counts each finished tile on its block's counter (release),
-    and each GEMM2 block polls its counter (acquire). On CUDA GEMM2 is then a programmatic
-    dependent of GEMM1, launched once every GEMM1 program has started (so no GEMM2 program can
-    hold an SM a GEMM1 program still needs: nothing GEMM1 runs waits), and its programs fill
-    the SMs that GEMM1's last, partial wave leaves idle. Aligned path, block kernels only (a
-    persistent GEMM has no per-block count)."""
-    if cfg["pairs"] or cfg["gemm1"].get("persistent") or cfg["gemm2"].get("persistent"):
-        return False
-    return I * H >= STREAM_MIN_EXPERT_ELEMS
 
 
 def _intermediate(x, route, numel, I):
@@ -979,10 +940,9 @@ def moe_pdl(device, pairs: bool = True, I: int = 0, H: int = 0) -> bool:
     return _config.sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
 
-def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False, pdl_wait=False, done=None):
+def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False, pdl_wait=False):
     """GEMM1 with silu_and_mul fused: h = silu(x @ gate.T) * (x @ up.T) (times w if on_input).
-    Config "sort_x": copy x's rows into slot order first, so the GEMM reads A contiguously.
-    ``done``: count finished tiles per block there (``stream_gemm2``); returns the tiles per block."""
+    Config "sort_x": copy x's rows into slot order first, so the GEMM reads A contiguously."""
     numel = x.shape[0] * k
     a, a_sorted = x, False
     if cfg.get("sort_x") and "align" in route:
@@ -991,18 +951,16 @@ def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False
         a, a_sorted = x.new_empty((slots, H)), True
         _gather_rows_kernel[(_cdiv(slots, 16),)](x, a, sorted_ids, ntp, numel, k, H, x.stride(0), a.stride(0),
                                                 BLOCK_R=16, BLOCK_H=min(_pow2(H), 512), num_warps=4)
-    return _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
-                        mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True,
-                        pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, done=done, signal=done is not None, **route)
+    _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
+                 mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True,
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, **route)
 
 
-def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0, pdl_trigger=False, pdl_wait=False,
-           done=None, wait_block=0):
-    """GEMM2: y[pair] = (h @ w2[e].T) * (w unless on_input) * scale; zeros for skipped pairs.
-    ``wait_block``: each block waits until ``done`` counts that many GEMM1 tiles for it."""
+def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0, pdl_trigger=False, pdl_wait=False):
+    """GEMM2: y[pair] = (h @ w2[e].T) * (w unless on_input) * scale; zeros for skipped pairs."""
     _launch_gemm(h, w2, y, num_valid=numel, top_k=1, block_m=block_m, cfg=cfg, topk_w=flat_w,
                  mul=not on_input, write_skip=True, scale=scale, a_sorted=True,
-                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, done=done, wait_block=wait_block, **route)
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, **route)
 
 
 def moe_sum_config(T: int, k: int, H: int) -> tuple[int, int, int]:
@@ -1092,19 +1050,13 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
     flat_w = _flat(topk_weights)
     on_input = apply_router_weight_on_input
     h = _intermediate(x, route, numel, I)
-    stream = stream_gemm2(cfg, T, k, E, I, H, x.device)
-    # GEMM2 blocks wait for their own GEMM1 tiles, not for GEMM1's whole grid (CUDA: GEMM2 is a
-    # programmatic dependent of GEMM1, which lets it launch at its start)
-    dep = stream and x.is_cuda and not _config.interpreting()
-    done = torch.zeros((route["align"][1].numel(),), dtype=torch.int32, device=x.device) if stream else None
     # the pair path's GEMM1 opens the chain (a plain launch); after the align it is a dependent
-    n1 = _gemm1(x, w1, h, cfg["gemm1"], route, block_m, k, flat_w, on_input, pdl_trigger=pdl or dep,
-                pdl_wait=pdl and not cfg["pairs"], done=done)
+    _gemm1(x, w1, h, cfg["gemm1"], route, block_m, k, flat_w, on_input, pdl_trigger=pdl,
+           pdl_wait=pdl and not cfg["pairs"])
     # k == 1: GEMM2 writes the layer output itself (scaled), no finalize pass
     y = out if k == 1 else x.new_empty((numel, H))
     _gemm2(h, w2, y, cfg["gemm2"], route, block_m, numel, flat_w, on_input,
-           scale=routed_scaling_factor if k == 1 else 1.0, pdl_trigger=pdl and k > 1, pdl_wait=pdl or dep,
-           done=done, wait_block=n1 if stream else 0)
+           scale=routed_scaling_factor if k == 1 else 1.0, pdl_trigger=pdl and k > 1, pdl_wait=pdl)
     if k > 1:
         _launch_moe_sum(y.view(T, k, H), out, routed_scaling_factor, pdl_wait=pdl)
     return out
