@@ -344,6 +344,75 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
+@pytest.mark.parametrize("what", ["gemm2", "gemm1", "both-bf16", "skips-map", "many-waves"])
+def test_fused_moe_tail_split(device, monkeypatch, what):
+    """Config key "tail_split": the tiles of a GEMM's last, partial wave split along K into
+    pieces that store fp32 partial tiles; the last piece of a tile folds them in piece order and
+    runs the epilogue (routing weight in GEMM2, silu*up in GEMM1). 7 programs a wave under the
+    interpreter; the test checks on the host (``ops.tail_plan`` over the alignment's live blocks)
+    that the routing does split the GEMMs it configures, then compares with the dense oracle
+    under poisoned allocations. "many-waves" (CUDA) runs the real wave size: pieces of different
+    programs meet on the counters concurrently."""
+    if what == "many-waves" and device != "cuda":
+        pytest.skip("sizes for the GPU")
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+    real = ops.moe_config
+    s1 = 4 if what in ("gemm1", "both-bf16", "skips-map", "many-waves") else 0
+    s2 = 4 if what != "gemm1" else 0
+    bm = 16 if what != "many-waves" else 128
+
+    def split_cfg(*a):
+        cfg = real(*a)
+        g1 = {**cfg["gemm1"], "tma": True, "sort_x": True, "tail_split": s1}
+        g2 = {**cfg["gemm2"], "tma": True, "tail_split": s2}
+        for g in (g1, g2):
+            g.pop("persistent", None)
+            if what != "many-waves":
+                g.update(BLOCK_N=16, BLOCK_K=16)
+            else:
+                g.update(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return {**cfg, "block_m": bm, "pairs": False, "gemm1": g1, "gemm2": g2}
+
+    monkeypatch.setattr(ops, "moe_config", split_cfg)
+    # (sizes chosen so that under this seed both GEMMs have tail tiles of local experts, and every
+    # piece has K work)
+    T, H, I, E, k = ((29, 32, 32, 5, 2) if what == "skips-map" else (29, 96, 96, 5, 2) if what != "many-waves"
+                     else (2048, 1024, 3584, 8, 2))
+    dtype = torch.float32 if what in ("gemm2", "gemm1") else torch.bfloat16
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=71)
+    kw, call = {}, {}
+    num_local = E
+    if what == "skips-map":
+        ids[[3, 11]] = -1
+        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
+        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+        num_local = 4
+    slots = ops.TAIL_SLOTS_INTERP if device != "cuda" else torch.cuda.get_device_properties(0).multi_processor_count
+    _, expert_ids, ntp = ops.fused_align(ids, bm, num_local, kw.get("expert_map"))
+    live_m = -(-int(ntp.item()) // bm)
+    cfg = split_cfg(T, k, E, I, H, dtype, x.device)
+    splits = []
+    for s, g, n, kdim in ((s1, cfg["gemm1"], I, H), (s2, cfg["gemm2"], H, I)):
+        if s:  # the kernel's tail, on the host: some tail tile of a local expert, every piece with K work
+            n_pid_n = -(-n // g["BLOCK_N"])
+            full, tail, pieces = ops.tail_plan(live_m * n_pid_n, slots, s)
+            width = g["GROUP_M"] * n_pid_n
+            tail_m = []
+            for t in range(full, full + tail):  # ops._grouped_tile
+                first = t // width * g["GROUP_M"]
+                tail_m.append(first + (t % width) % min(live_m - first, g["GROUP_M"]))
+            k_tiles = -(-kdim // g["BLOCK_K"])
+            splits.append(tail > 0 and pieces > 1 and (pieces - 1) * -(-k_tiles // pieces) < k_tiles
+                          and any(expert_ids[m].item() >= 0 for m in tail_m))
+    # (the GPU's routing decides which of its GEMMs end in a partial wave: at least one)
+    assert (any if what == "many-waves" else all)(splits), (what, splits)
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, **call)
+    check_layer(f"fused_moe tail split {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
+
+
 @pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
 def test_fused_moe_persistent_gemm(device, monkeypatch, what):
     """Configs with "persistent" (and "tma"): the aligned GEMMs as a grid of persistent programs

@@ -198,20 +198,72 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
         tl.store(c_ptrs, (acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0, pid_n, expert,
+                      t, piece, n_split, N, K, num_valid, num_slots, up_offset, stride_cm, scale,
+                      BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, C_SORTED: tl.constexpr,
+                      DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Piece ``piece`` of ``n_split`` of tail tile ``t`` (``TAIL_SLOTS_INTERP``): the products over
+    its share of K (A and the weights by descriptor) into its fp32 scratch tile, then one
+    acq_rel count; the piece that completes the count folds every piece's tile in piece order
+    (so the sum does not depend on which piece ends last) and runs the epilogue and the store."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(k_tiles, n_split)
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    for kk in range(piece * per, tl.minimum(k_tiles, piece * per + per)):
+        a = a_desc.load([row0, kk * BLOCK_K])
+        b = w_desc.load([expert, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if FUSE_SILU:
+            bu = w_desc.load([expert, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            if DOT_F32:
+                bu = bu.to(tl.float32)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+    NP: tl.constexpr = 2 if FUSE_SILU else 1
+    e = tl.arange(0, BM)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    own = part_ptr + (t * n_split + piece).to(tl.int64) * (NP * BM * BLOCK_N)
+    tl.store(own + e, acc)
+    if FUSE_SILU:
+        tl.store(own + BM * BLOCK_N + e, acc_up)
+    tl.debug_barrier()  # every thread's partial stores are issued before the count releases them
+    if tl.atomic_add(count_ptr + t, 1, sem="acq_rel", scope="gpu") == n_split - 1:
+        tl.debug_barrier()
+        acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+        for p in range(0, n_split):
+            src = part_ptr + (t * n_split + p).to(tl.int64) * (NP * BM * BLOCK_N)
+            acc += tl.load(src + e, cache_modifier=".cg")
+            if FUSE_SILU:
+                acc_up += tl.load(src + BM * BLOCK_N + e, cache_modifier=".cg")
+        valid = slot < num_valid
+        pos = (row0 + tl.arange(0, BM)).to(tl.int64)
+        c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, n0 + tl.arange(0, BLOCK_N), N, num_valid, num_slots, stride_cm,
+                                 C_SORTED)
+        acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
+        tl.store(c_ptrs, (acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
 @triton.jit(do_not_specialize=["num_valid", "num_m_blocks", "num_slots"])
 def _moe_gemm_kernel(
     a_ptr, a_desc, a_desc_half, w_ptr, w_desc, c_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntp_ptr,      # alignment (unused in pair mode)
     topk_ids_ptr, expert_map_ptr,                 # pair mode routing
-    topk_w_ptr,
+    topk_w_ptr, part_ptr, count_ptr,
     N, K, num_valid, num_m_blocks, num_slots, top_k, up_offset, num_ids, num_local,
     stride_am, stride_we, stride_wn, stride_cm,
-    scale,
+    scale, tail_slots,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
+    TAIL_SPLIT: tl.constexpr = 0,
 ):
     # Programmatic dependent launch (sm_90+, see moe_pdl): PDL_TRIGGER lets the next kernel of
     # the chain launch now (its programs wait in gdc_wait until this grid has finished);
@@ -240,7 +292,45 @@ def _moe_gemm_kernel(
     else:
         if PDL_WAIT:
             gdc_wait()
-        if row0 >= tl.load(ntp_ptr):
+        ntp = tl.load(ntp_ptr)
+        if TAIL_SPLIT > 1:
+            # Tail split (config "tail_split", TAIL_SLOTS_INTERP): the live tiles in order; whole waves of tail_slots run
+            # as usual, the tiles of the last, partial wave are split along K into up to
+            # TAIL_SPLIT pieces (piece 0 at the tile's own program, the others at the programs
+            # past the static grid), so that wave is as long as a piece instead of a tile.
+            n_pid_n = tl.cdiv(N, BLOCK_N)
+            live_m = tl.cdiv(ntp, BLOCK_M)
+            live = live_m * n_pid_n
+            full = live // tail_slots * tail_slots
+            n_tail = live - full
+            n_split = tl.minimum(TAIL_SPLIT, tail_slots // tl.maximum(n_tail, 1))
+            pid = tl.program_id(0)
+            tile = pid
+            piece = pid * 0
+            static_tiles = num_m_blocks * n_pid_n
+            if pid >= static_tiles:  # pieces 1.. of the tail tiles, in tile order
+                others = tl.maximum(n_split - 1, 1)
+                t = (pid - static_tiles) // others
+                piece = (pid - static_tiles) % others + 1
+                tile = tl.where((n_split > 1) & (t < n_tail), full + t, live)
+            if tile >= live:
+                return
+            pid_m, pid_n = _grouped_tile(tile, live_m, n_pid_n, GROUP_M)
+            row0 = pid_m * BLOCK_M
+            w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn
+            if (n_split > 1) & (tile >= full):
+                expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
+                if expert >= 0:
+                    s = row0 + tl.arange(0, BLOCK_M)
+                    slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
+                    _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0, pid_n,
+                                      expert, tile - full, piece, n_split, N, K, num_valid, num_slots, up_offset,
+                                      stride_cm, scale, BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, C_SORTED,
+                                      DOT_F32, PRECISION)
+                    return
+                if piece > 0:  # a skipped block's tile: its piece 0 stores the zeros below
+                    return
+        if row0 >= ntp:
             return
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] + w_rows
@@ -835,6 +925,25 @@ def half_tail_on(block_m: int) -> bool:
     return block_m >= max(HALF_TAIL_MIN_BLOCK_M, 32)
 
 
+# Tail split (config key "tail_split": the most pieces a tile may split into; aligned path, A and
+# the weights by descriptor). A grid of many waves of equal tiles ends in a partial wave that
+# leaves most SMs idle for a whole tile (Mixtral GEMM2 at T=1024: about 2.4 waves of 128x256
+# tiles of K=7168). The kernel counts the live tiles from num_tokens_post_pad, runs the whole
+# waves (one program per SM) as usual and splits each tile of the last wave along K into as many
+# pieces as fill a wave (at most "tail_split"); the pieces store fp32 partial tiles, and the
+# last piece of a tile to finish folds them in piece order (deterministic) before the epilogue.
+# Programs of one wave under the interpreter: small CPU tests still split their tail.
+TAIL_SLOTS_INTERP = 7
+
+
+def tail_plan(live_tiles: int, slots: int, max_split: int) -> tuple[int, int, int]:
+    """(whole-wave tiles, tail tiles, pieces per tail tile) as the kernel derives them from the
+    live tiles (for tests and tuning; the kernel computes them on the device)."""
+    full = live_tiles // slots * slots
+    tail = live_tiles - full
+    return full, tail, min(max_split, slots // max(tail, 1))
+
+
 def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=None, topk_w=None,
                  mul=False, fuse_silu=False, write_skip=True, scale=1.0, a_sorted=False, c_sorted=False,
                  pdl_trigger=False, pdl_wait=False, half_tail=None):
@@ -889,19 +998,27 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     half = align is not None and (half_tail_on(block_m) if half_tail is None else half_tail) and block_m >= 32
     a_desc_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m // 2, bk]) if a_tma and half else a
     grid = (num_m_blocks * _cdiv(n_out, bn),)
+    split = int(cfg.get("tail_split", 0)) if align is not None and a_tma else 0
+    part = count = c
+    slots = 0
+    if split > 1:
+        slots = TAIL_SLOTS_INTERP if interp else _config.sm_count(a.device.index or 0)
+        count = torch.zeros((slots,), dtype=torch.int32, device=a.device)
+        part = torch.empty((slots * (2 if fuse_silu else 1) * block_m * bn,), dtype=torch.float32, device=a.device)
+        grid = (grid[0] + slots,)
     _moe_gemm_kernel[grid](
         a, a_desc, a_desc_half, w, w_desc, c, sorted_ids, expert_ids, ntp, ids, emap,
-        topk_w if topk_w is not None else c,
+        topk_w if topk_w is not None else c, part, count,
         n_out, K, num_valid, num_m_blocks, num_slots, top_k, n_out,
         _num_ids(pairs[1] if pairs is not None else None, w.shape[0]), w.shape[0],
-        a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale),
+        a.stride(0), w.stride(0), w.stride(1), c.stride(0), float(scale), slots,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip,
         PAIRS=pairs is not None, HAS_MAP=pairs is not None and pairs[1] is not None,
         EVEN_K=K % bk == 0, W_TMA=use_tma, A_SORTED=a_sorted, A_TMA=a_tma, C_SORTED=c_sorted, HALF_TAIL=half,
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
-        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, launch_pdl=pdl_wait,
+        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, TAIL_SPLIT=split if split > 1 else 0, launch_pdl=pdl_wait,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
