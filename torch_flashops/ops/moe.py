@@ -934,6 +934,7 @@ def half_tail_on(block_m: int) -> bool:
 # last piece of a tile to finish folds them in piece order (deterministic) before the epilogue.
 # Programs of one wave under the interpreter: small CPU tests still split their tail.
 TAIL_SLOTS_INTERP = 7
+TAIL_SLOTS: Optional[int] = None  # programs of one wave on CUDA (None: the SM count; tests set it)
 
 
 def tail_plan(live_tiles: int, slots: int, max_split: int) -> tuple[int, int, int]:
@@ -1002,7 +1003,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     part = count = c
     slots = 0
     if split > 1:
-        slots = TAIL_SLOTS_INTERP if interp else _config.sm_count(a.device.index or 0)
+        slots = TAIL_SLOTS_INTERP if interp else TAIL_SLOTS or _config.sm_count(a.device.index or 0)
         count = torch.zeros((slots,), dtype=torch.int32, device=a.device)
         part = torch.empty((slots * (2 if fuse_silu else 1) * block_m * bn,), dtype=torch.float32, device=a.device)
         grid = (grid[0] + slots,)
