@@ -932,6 +932,11 @@ def half_tail_on(block_m: int) -> bool:
 # waves (one program per SM) as usual and splits each tile of the last wave along K into as many
 # pieces as fill a wave (at most "tail_split"); the pieces store fp32 partial tiles, and the
 # last piece of a tile to finish folds them in piece order (deterministic) before the epilogue.
+# H100, 2026-12-06 (scripts/ab_phase.py, GEMM2 alone, CUDA-graph replays, five rounds, us):
+# Mixtral T=1024 263.3-278.2 -> 245.3-250.5 (shipped in its table: the layer 797.6 -> 765.9 at
+# best, 1.21x -> 1.26x torch._grouped_mm); Mixtral T=4096 806-831 -> 782-838 (noise); DeepSeek
+# T=4096 (K=512) 851-876 -> 891-932 (loses: short pieces, and the fold is a larger share).
+# GEMM1 at Mixtral T=1024 / 4096: within noise.
 # Programs of one wave under the interpreter: small CPU tests still split their tail.
 TAIL_SLOTS_INTERP = 7
 TAIL_SLOTS: Optional[int] = None  # programs of one wave on CUDA (None: the SM count; tests set it)
@@ -1444,10 +1449,14 @@ _CANDIDATES = {
 
 def gemm_candidates(block_m: int, fused: bool) -> list[dict]:
     """Tile configs to time; for GEMM2 at BLOCK_M >= 64 also the persistent form of each
-    TMA config (it paid at short K, I <= 512, on an H100: RESULTS.md, fourteenth session)."""
+    TMA config (it paid at short K, I <= 512, on an H100: RESULTS.md, fourteenth session), and
+    at BLOCK_M 128 its tail-split form (it paid at long K, Mixtral T=1024: fifteenth session)."""
     cands = [dict(c) for c in _CANDIDATES["small" if block_m <= 32 else block_m][0 if fused else 1]]
     if not fused and block_m >= 64:
-        cands += [{**c, "persistent": True} for c in cands if c.get("tma")]
+        tma = [c for c in cands if c.get("tma")]
+        cands += [{**c, "persistent": True} for c in tma]
+        if block_m >= 128:
+            cands += [{**c, "tail_split": 4} for c in tma]
     return cands
 
 
