@@ -204,7 +204,8 @@ def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, sl
                       BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, C_SORTED: tl.constexpr,
                       DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """Piece ``piece`` of ``n_split`` of tail tile ``t`` (``TAIL_SLOTS_INTERP``): the products over
+    """Piece ``piece`` of ``n_split`` of tail tile ``t`` (tail split, see the note above
+    ``TAIL_SLOTS_INTERP``): the products over
     its share of K (A and the weights by descriptor) into its fp32 scratch tile, then one
     acq_rel count; the piece that completes the count folds every piece's tile in piece order
     (so the sum does not depend on which piece ends last) and runs the epilogue and the store."""
@@ -294,10 +295,11 @@ def _moe_gemm_kernel(
             gdc_wait()
         ntp = tl.load(ntp_ptr)
         if TAIL_SPLIT > 1:
-            # Tail split (config "tail_split", TAIL_SLOTS_INTERP): the live tiles in order; whole waves of tail_slots run
-            # as usual, the tiles of the last, partial wave are split along K into up to
-            # TAIL_SPLIT pieces (piece 0 at the tile's own program, the others at the programs
-            # past the static grid), so that wave is as long as a piece instead of a tile.
+            # Tail split (config key "tail_split", see the note above TAIL_SLOTS_INTERP): the live
+            # tiles in order; whole waves of tail_slots run as usual, the tiles of the last,
+            # partial wave are split along K into up to TAIL_SPLIT pieces (piece 0 at the tile's
+            # own program, the others at the programs past the static grid), so that wave is as
+            # long as a piece instead of a tile.
             n_pid_n = tl.cdiv(N, BLOCK_N)
             live_m = tl.cdiv(ntp, BLOCK_M)
             live = live_m * n_pid_n
