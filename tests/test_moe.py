@@ -919,6 +919,55 @@ def test_decode_kernel_compiles_for_sm90_without_gpu():
     assert info["2"]["cg_loads"] >= 1 and info["1"]["vector_loads"] >= 1 and info["2"]["vector_loads"] >= 1, info
 
 
+def aot_compile_tail_split_sm90() -> dict:
+    """The aligned block GEMM for an H100 (sm_90) as Mixtral's layer launches it at T=1024
+    (128-row blocks, A and the weights by descriptor), with and without a tail split: PTX facts
+    the split's fold depends on. Needs the real JIT (run_without_interpreter)."""
+    import re
+
+    fn = ops._moe_gemm_kernel
+    info = {}
+    for role, split in (("gemm1", 4), ("gemm2", 4), ("gemm2", 0)):
+        bn = 128 if role == "gemm1" else 256
+        cst = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=16, MUL_WEIGHT=role == "gemm2",
+                   FUSE_SILU=role == "gemm1", WRITE_SKIP=role == "gemm2", PAIRS=False, HAS_MAP=False, EVEN_K=True,
+                   W_TMA=True, A_SORTED=True, A_TMA=True, C_SORTED=role == "gemm1", HALF_TAIL=True,
+                   DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False, PDL_WAIT=False, TAIL_SPLIT=split)
+        descs = {"a_desc": "tensordesc<bf16[128, 64]>", "a_desc_half": "tensordesc<bf16[64, 64]>",
+                 "w_desc": f"tensordesc<bf16[1, {bn}, 64]>"}
+        sig = {}
+        for n in fn.arg_names:
+            if n in cst:
+                continue
+            if n in descs:
+                sig[n] = descs[n]
+            elif n.endswith("_ptr"):
+                sig[n] = ("*bf16" if n in ("a_ptr", "w_ptr", "c_ptr") else
+                          "*fp32" if n in ("topk_w_ptr", "part_ptr") else "*i32")
+            else:
+                sig[n] = "fp32" if n == "scale" else "i32"
+        out = compile_sm90(fn, sig, cst, [n for n in sig if n.endswith("_ptr") or n.startswith("stride")], 8)
+        ptx = out["ptx"]
+        info[f"{role}-{split}"] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
+                                   "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
+                                   "cg_loads": len(re.findall(r"ld\.global\.cg", ptx))}
+    return info
+
+
+def test_tail_split_gemm_compiles_for_sm90_without_gpu():
+    """With a tail split each piece counts itself with one acq_rel atomic and the folding piece
+    reads the partial tiles past L1 (.cg: other SMs wrote them); without it the kernel has no
+    atomics. Shared memory stays the unsplit kernel's (the pieces reuse its pipeline)."""
+    info = run_without_interpreter("import json; from tests.test_moe import aot_compile_tail_split_sm90; "
+                                   "print(json.dumps(aot_compile_tail_split_sm90()))")
+    for key in ("gemm1-4", "gemm2-4"):
+        assert info[key]["cubin_bytes"] > 0 and info[key]["atomics"] == ["atom.global.gpu.acq_rel.add.u32"], info
+        assert info[key]["cg_loads"] >= 1, info
+    plain = info["gemm2-0"]
+    assert plain["cubin_bytes"] > 0 and not plain["atomics"], plain
+    assert info["gemm2-4"]["shared"] <= plain["shared"], info
+
+
 def test_decode_barrier_slot_per_stream(monkeypatch):
     """The one-launch decode kernel's barrier counters (``_decode_sync``), with CUDA's stream
     and capture queries faked on the CPU: one slot per (device, stream), 128 bytes apart in one
