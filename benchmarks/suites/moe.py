@@ -2,6 +2,7 @@
 
 Shapes (H, I per GPU, E, k), bf16:
   Mixtral-2GPU   4096, 7168 (14336 / TP 2),  8, 2   topk_softmax renorm
+  Mixtral-1GPU   4096, 14336,                 8, 2   topk_softmax renorm
   Qwen3-4GPU     2048,  192 (  768 / TP 4), 128, 8   topk_softmax renorm
   DeepSeek-4GPU  7168,  512 ( 2048 / TP 4), 256, 8   grouped_topk sigmoid+bias, 8 groups keep 4
 T from decode (1) to prefill (4096, and 16384 for DeepSeek).
@@ -33,10 +34,12 @@ import torch.nn.functional as F
 
 MODELS = {
     "Mixtral-2GPU": dict(H=4096, I=7168, E=8, k=2, routing="softmax"),
+    "Mixtral-1GPU": dict(H=4096, I=14336, E=8, k=2, routing="softmax"),
     "Qwen3-4GPU": dict(H=2048, I=192, E=128, k=8, routing="softmax"),
     "DeepSeek-4GPU": dict(H=7168, I=512, E=256, k=8, routing="grouped"),
 }
-TOKENS = {"Mixtral-2GPU": [1, 16, 64, 256, 1024, 4096], "Qwen3-4GPU": [1, 16, 64, 256, 1024, 4096],
+TOKENS = {"Mixtral-2GPU": [1, 16, 64, 256, 1024, 4096], "Mixtral-1GPU": [1, 16, 64, 256, 1024, 4096],
+          "Qwen3-4GPU": [1, 16, 64, 256, 1024, 4096],
           "DeepSeek-4GPU": [1, 16, 64, 256, 1024, 4096, 16384]}
 QUICK_MODELS = {"tiny": dict(H=64, I=32, E=8, k=2, routing="softmax")}
 QUICK_TOKENS = {"tiny": [1, 40]}
