@@ -12,7 +12,7 @@ import os
 import torch
 
 from benchmarks.harness import time_fn
-from benchmarks.suites.moe import MODELS, make_batches, make_layer
+from benchmarks.suites.moe import MODELS, _parse_points, make_batches, make_layer
 from torch_flashops.ops import moe as ops
 
 _spec = importlib.util.spec_from_file_location("ab_gemm_modes",
@@ -28,9 +28,7 @@ def main():
     p.add_argument("--gemm", type=int, default=2, choices=(1, 2))
     p.add_argument("--modes", default="shipped,b2/TS4")
     a = p.parse_args()
-    for point in a.points.split(","):
-        name, T = point.split(":")
-        T = int(T)
+    for name, T in _parse_points(a.points):
         m = MODELS[name]
         E, I, H, k = m["E"], m["I"], m["H"], m["k"]
         w1, w2, bias = make_layer(m, "cuda", torch.bfloat16)

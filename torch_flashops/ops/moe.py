@@ -199,6 +199,24 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
 
 
 @triton.jit
+def _w_desc_dots(a, w_desc, expert, n0, k0, up_offset, acc, acc_up, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FUSE_SILU: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """One K step with weight tiles by descriptor: acc += a @ w[expert, n0:+BLOCK_N, k0:+BLOCK_K].T
+    (and acc_up with the up half at n0 + up_offset when FUSE_SILU)."""
+    b = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FUSE_SILU:
+        bu = w_desc.load([expert, n0 + up_offset, k0]).reshape(BLOCK_N, BLOCK_K).T
+        if DOT_F32:
+            bu = bu.to(tl.float32)
+        acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+    return acc, acc_up
+
+
+@triton.jit
 def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0, pid_n, expert,
                       t, piece, n_split, N, K, num_valid, num_slots, up_offset, stride_cm, scale,
                       BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -215,17 +233,8 @@ def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, sl
     acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
     for kk in range(piece * per, tl.minimum(k_tiles, piece * per + per)):
-        a = a_desc.load([row0, kk * BLOCK_K])
-        b = w_desc.load([expert, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if FUSE_SILU:
-            bu = w_desc.load([expert, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
-            if DOT_F32:
-                bu = bu.to(tl.float32)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+        acc, acc_up = _w_desc_dots(a_desc.load([row0, kk * BLOCK_K]), w_desc, expert, n0, kk * BLOCK_K, up_offset,
+                                   acc, acc_up, BLOCK_N, BLOCK_K, FUSE_SILU, DOT_F32, PRECISION)
     NP: tl.constexpr = 2 if FUSE_SILU else 1
     e = tl.arange(0, BM)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     own = part_ptr + (t * n_split + piece).to(tl.int64) * (NP * BM * BLOCK_N)
@@ -423,16 +432,8 @@ def _moe_gemm_persistent_kernel(
                 a = tl.load(a_ptrs + kk * BLOCK_K)
             else:
                 a = tl.load(a_ptrs + kk * BLOCK_K, mask=(offs_k < K - kk * BLOCK_K)[None, :], other=0.0)
-            b = w_desc.load([e, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
-            if DOT_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if FUSE_SILU:
-                bu = w_desc.load([e, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
-                if DOT_F32:
-                    bu = bu.to(tl.float32)
-                acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+            acc, acc_up = _w_desc_dots(a, w_desc, e, n0, kk * BLOCK_K, up_offset, acc, acc_up, BLOCK_N, BLOCK_K,
+                                       FUSE_SILU, DOT_F32, PRECISION)
         acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
         c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, n0 + cols, N, num_valid, num_slots, stride_cm, C_SORTED)
         tl.store(c_ptrs, tl.where(expert >= 0, acc * scale, 0.0).to(c_ptr.dtype.element_ty), mask=c_mask)
