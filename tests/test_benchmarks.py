@@ -37,3 +37,17 @@ def test_cli_registration_quick(tmp_path):
 def test_cli_unknown_suite():
     with pytest.raises(SystemExit):
         main(["no-such-suite"])
+
+
+def test_moe_suite_model_filter(monkeypatch):
+    import pytest
+
+    from benchmarks.suites import moe
+
+    monkeypatch.delenv("FLASHOPS_BENCH_MOE", raising=False)
+    assert list(moe._selected_models()) == list(moe.MODELS)
+    monkeypatch.setenv("FLASHOPS_BENCH_MOE", "Mixtral-1GPU, Qwen3-4GPU")
+    assert list(moe._selected_models()) == ["Mixtral-1GPU", "Qwen3-4GPU"]
+    monkeypatch.setenv("FLASHOPS_BENCH_MOE", "Mixtral-3GPU")
+    with pytest.raises(ValueError, match="Mixtral-3GPU"):
+        moe._selected_models()

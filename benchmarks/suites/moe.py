@@ -19,6 +19,8 @@ flops = 6*H*I per routed pair; bytes = weights of the experts the ids touch (3*H
 x read + out written (what decode must move). T <= 256 is timed as CUDA-graph replays (launch
 gaps out) over 16 routings, so the touched experts change and come from HBM.
 
+Set ``FLASHOPS_BENCH_MOE=Mixtral-1GPU,Qwen3-4GPU`` (names from MODELS) to run only those models.
+
 ``python -m benchmarks.suites.moe --tune --out DIR`` times launch configs on the device and
 writes ``torch_flashops/configs/moe/*.json`` (the shipped tables) and a copy into DIR.
 """
@@ -128,6 +130,15 @@ def _work(cfg, batches, itemsize):
 
 
 # -------------------------------------------------------------------------------------- run
+def _selected_models():
+    """MODELS, or the ones named in FLASHOPS_BENCH_MOE (comma-separated); unknown names fail."""
+    names = [n.strip() for n in os.environ.get("FLASHOPS_BENCH_MOE", "").split(",") if n.strip()]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise ValueError(f"FLASHOPS_BENCH_MOE: unknown model(s) {bad}; known: {sorted(MODELS)}")
+    return {n: MODELS[n] for n in names} if names else MODELS
+
+
 def run(ctx):
     from torch_flashops import _config
     from torch_flashops.fused_moe import fused_moe as layer_fn
@@ -145,7 +156,7 @@ def run(ctx):
         return row
 
     ctx.record = loud_record
-    models, tokens = (QUICK_MODELS, QUICK_TOKENS) if ctx.quick else (MODELS, TOKENS)
+    models, tokens = (QUICK_MODELS, QUICK_TOKENS) if ctx.quick else (_selected_models(), TOKENS)
     has_gmm = dev == "cuda" and hasattr(torch, "_grouped_mm")
     for name, cfg in models.items():
         w1, w2, bias = make_layer(cfg, dev, dtype)
