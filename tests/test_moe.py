@@ -344,6 +344,27 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
+def _tail_case(device, monkeypatch, what, w1, w2, ids, E):
+    """Shared set-up of the tail-split and half-last cases: "skips-map" drops two pairs (ids -1)
+    and makes expert 2 remote through an expert map; the tail's wave is the interpreter's 7
+    programs (the GPU uses it too, so small cases split there as well) or, for "many-waves", the
+    GPU's SM count. Returns (w1, w2, ids, oracle kwargs, fused_moe kwargs, local experts, slots)."""
+    kw, call = {}, {}
+    num_local = E
+    if what == "skips-map":
+        ids[[3, 11]] = -1
+        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
+        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+        num_local = 4
+    slots = ops.TAIL_SLOTS_INTERP
+    if device == "cuda":
+        slots = torch.cuda.get_device_properties(0).multi_processor_count if what == "many-waves" else slots
+        monkeypatch.setattr(ops, "TAIL_SLOTS", slots)
+    return w1, w2, ids, kw, call, num_local, slots
+
+
 @pytest.mark.parametrize("what", ["gemm2", "gemm1", "both-bf16", "skips-map", "many-waves"])
 def test_fused_moe_tail_split(device, monkeypatch, what):
     """Config key "tail_split": the tiles of a GEMM's last, partial wave split along K into
@@ -380,19 +401,7 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
                      else (2048, 1024, 3584, 8, 2))
     dtype = torch.float32 if what in ("gemm2", "gemm1") else torch.bfloat16
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=71)
-    kw, call = {}, {}
-    num_local = E
-    if what == "skips-map":
-        ids[[3, 11]] = -1
-        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
-        num_local = 4
-    slots = ops.TAIL_SLOTS_INTERP
-    if device == "cuda":  # small cases: the interpreter's wave of 7 programs, so the GPU splits them too
-        slots = torch.cuda.get_device_properties(0).multi_processor_count if what == "many-waves" else slots
-        monkeypatch.setattr(ops, "TAIL_SLOTS", slots)
+    w1, w2, ids, kw, call, num_local, slots = _tail_case(device, monkeypatch, what, w1, w2, ids, E)
     _, expert_ids, ntp = ops.fused_align(ids, bm, num_local, kw.get("expert_map"))
     live_m = -(-int(ntp.item()) // bm)
     cfg = split_cfg(T, k, E, I, H, dtype, x.device)
@@ -453,19 +462,7 @@ def test_fused_moe_half_last(device, monkeypatch, what):
                            "many-waves": (1024, 1024, 3584, 8, 2, 71)}[what]
     dtype = torch.float32 if what in ("order", "order-split") else torch.bfloat16
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=seed)
-    kw, call = {}, {}
-    num_local = E
-    if what == "skips-map":
-        ids[[3, 11]] = -1
-        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
-        num_local = 4
-    slots = ops.TAIL_SLOTS_INTERP
-    if device == "cuda":
-        slots = torch.cuda.get_device_properties(0).multi_processor_count if what == "many-waves" else slots
-        monkeypatch.setattr(ops, "TAIL_SLOTS", slots)
+    w1, w2, ids, kw, call, num_local, slots = _tail_case(device, monkeypatch, what, w1, w2, ids, E)
     sorted_ids, expert_ids, ntp = ops.fused_align(ids, bm, num_local, kw.get("expert_map"))
     ntp = int(ntp.item())
     live_m = -(-ntp // bm)
