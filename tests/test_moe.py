@@ -344,27 +344,6 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
-def _tail_case(device, monkeypatch, what, w1, w2, ids, E):
-    """Shared set-up of the tail-split and half-last cases: "skips-map" drops two pairs (ids -1)
-    and makes expert 2 remote through an expert map; the tail's wave is the interpreter's 7
-    programs (the GPU uses it too, so small cases split there as well) or, for "many-waves", the
-    GPU's SM count. Returns (w1, w2, ids, oracle kwargs, fused_moe kwargs, local experts, slots)."""
-    kw, call = {}, {}
-    num_local = E
-    if what == "skips-map":
-        ids[[3, 11]] = -1
-        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
-        num_local = 4
-    slots = ops.TAIL_SLOTS_INTERP
-    if device == "cuda":
-        slots = torch.cuda.get_device_properties(0).multi_processor_count if what == "many-waves" else slots
-        monkeypatch.setattr(ops, "TAIL_SLOTS", slots)
-    return w1, w2, ids, kw, call, num_local, slots
-
-
 @pytest.mark.parametrize("what", ["gemm2", "gemm1", "both-bf16", "skips-map", "many-waves"])
 def test_fused_moe_tail_split(device, monkeypatch, what):
     """Config key "tail_split": the tiles of a GEMM's last, partial wave split along K into
@@ -401,7 +380,19 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
                      else (2048, 1024, 3584, 8, 2))
     dtype = torch.float32 if what in ("gemm2", "gemm1") else torch.bfloat16
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=71)
-    w1, w2, ids, kw, call, num_local, slots = _tail_case(device, monkeypatch, what, w1, w2, ids, E)
+    kw, call = {}, {}
+    num_local = E
+    if what == "skips-map":
+        ids[[3, 11]] = -1
+        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
+        kw["expert_map"] = emap.to(device)
+        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
+        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+        num_local = 4
+    slots = ops.TAIL_SLOTS_INTERP
+    if device == "cuda":  # small cases: the interpreter's wave of 7 programs, so the GPU splits them too
+        slots = torch.cuda.get_device_properties(0).multi_processor_count if what == "many-waves" else slots
+        monkeypatch.setattr(ops, "TAIL_SLOTS", slots)
     _, expert_ids, ntp = ops.fused_align(ids, bm, num_local, kw.get("expert_map"))
     live_m = -(-int(ntp.item()) // bm)
     cfg = split_cfg(T, k, E, I, H, dtype, x.device)
@@ -423,67 +414,6 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
     with poisoned_allocations():
         out = fused_moe(x, w1, w2, tw, ids, **call)
     check_layer(f"fused_moe tail split {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
-
-
-@pytest.mark.parametrize("what", ["order", "order-split", "order-split-bf16", "skips-map", "many-waves"])
-def test_fused_moe_half_last(device, monkeypatch, what):
-    """Config key "half_last": the aligned GEMMs take the live blocks with a pair in their second
-    half first and the half blocks (second half padding, half the work under half tails) last;
-    with "tail_split" too, the tail's half tiles split into half pieces. BLOCK_M 32 with half
-    tails from 32 (64 on the GPU's many-waves case). The test checks on the host
-    (``ops.half_last_order``, ``ops.tail_plan``) that the order differs from block order and, with
-    a split, that a tail tile is a half block of a local expert, then compares with the dense
-    oracle under poisoned allocations (a block computed twice and another never would show)."""
-    if what == "many-waves" and device != "cuda":
-        pytest.skip("sizes for the GPU")
-    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
-    monkeypatch.setattr(ops, "HALF_TAIL_MIN_BLOCK_M", 32)
-    real = ops.moe_config
-    split = 0 if what == "order" else 4
-    bm = 32 if what != "many-waves" else 128
-
-    def half_last_cfg(*a):
-        cfg = real(*a)
-        g1 = {**cfg["gemm1"], "tma": True, "sort_x": True, "tail_split": split, "half_last": True}
-        g2 = {**cfg["gemm2"], "tma": True, "tail_split": split, "half_last": True}
-        for g in (g1, g2):
-            g.pop("persistent", None)
-            if what != "many-waves":
-                g.update(BLOCK_N=16, BLOCK_K=16, GROUP_M=8)
-            else:
-                g.update(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-        return {**cfg, "block_m": bm, "pairs": False, "gemm1": g1, "gemm2": g2}
-
-    monkeypatch.setattr(ops, "moe_config", half_last_cfg)
-    # (sizes and seeds chosen so that the order moves blocks and, with a split, the tail holds a
-    # half block of a local expert under this seed)
-    T, H, I, E, k, seed = {"order": (40, 96, 96, 5, 2, 71), "order-split": (40, 96, 96, 5, 2, 71),
-                           "order-split-bf16": (46, 96, 96, 5, 2, 71), "skips-map": (43, 96, 96, 5, 2, 73),
-                           "many-waves": (1024, 1024, 3584, 8, 2, 71)}[what]
-    dtype = torch.float32 if what in ("order", "order-split") else torch.bfloat16
-    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=seed)
-    w1, w2, ids, kw, call, num_local, slots = _tail_case(device, monkeypatch, what, w1, w2, ids, E)
-    sorted_ids, expert_ids, ntp = ops.fused_align(ids, bm, num_local, kw.get("expert_map"))
-    ntp = int(ntp.item())
-    live_m = -(-ntp // bm)
-    order = ops.half_last_order(sorted_ids, ntp, ids.numel(), bm)
-    assert sorted(order) == list(range(live_m)) and order != list(range(live_m)), order
-    cfg = half_last_cfg(T, k, E, I, H, dtype, x.device)
-    if split:
-        half_tail = []
-        for g, n in ((cfg["gemm1"], I), (cfg["gemm2"], H)):
-            n_pid_n = -(-n // g["BLOCK_N"])
-            full, tail, pieces = ops.tail_plan(live_m * n_pid_n, slots, split)
-            width = g["GROUP_M"] * n_pid_n
-            for t in range(full, full + tail):  # ops._grouped_tile, then the half-last order
-                first = t // width * g["GROUP_M"]
-                b = order[first + (t % width) % min(live_m - first, g["GROUP_M"])]
-                half_tail.append(pieces > 1 and expert_ids[b].item() >= 0
-                                 and sorted_ids[b * bm + bm // 2].item() >= ids.numel())
-        assert any(half_tail), half_tail
-    with poisoned_allocations():
-        out = fused_moe(x, w1, w2, tw, ids, **call)
-    check_layer(f"fused_moe half last {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
 @pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
@@ -997,14 +927,12 @@ def aot_compile_tail_split_sm90() -> dict:
 
     fn = ops._moe_gemm_kernel
     info = {}
-    for role, split, half_last in (("gemm1", 4, False), ("gemm2", 4, False), ("gemm2", 0, False),
-                                   ("gemm1", 4, True), ("gemm2", 0, True)):
+    for role, split in (("gemm1", 4), ("gemm2", 4), ("gemm2", 0)):
         bn = 128 if role == "gemm1" else 256
         cst = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=16, MUL_WEIGHT=role == "gemm2",
                    FUSE_SILU=role == "gemm1", WRITE_SKIP=role == "gemm2", PAIRS=False, HAS_MAP=False, EVEN_K=True,
                    W_TMA=True, A_SORTED=True, A_TMA=True, C_SORTED=role == "gemm1", HALF_TAIL=True,
-                   DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False, PDL_WAIT=False, TAIL_SPLIT=split,
-                   HALF_LAST=half_last, HALF_LAST_MAX=ops.HALF_LAST_MAX_BLOCKS)
+                   DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False, PDL_WAIT=False, TAIL_SPLIT=split)
         descs = {"a_desc": "tensordesc<bf16[128, 64]>", "a_desc_half": "tensordesc<bf16[64, 64]>",
                  "w_desc": f"tensordesc<bf16[1, {bn}, 64]>"}
         sig = {}
@@ -1020,10 +948,9 @@ def aot_compile_tail_split_sm90() -> dict:
                 sig[n] = "fp32" if n == "scale" else "i32"
         out = compile_sm90(fn, sig, cst, [n for n in sig if n.endswith("_ptr") or n.startswith("stride")], 8)
         ptx = out["ptx"]
-        key = f"{role}-{split}" + ("-half-last" if half_last else "")
-        info[key] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
-                     "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
-                     "cg_loads": len(re.findall(r"ld\.global\.cg", ptx))}
+        info[f"{role}-{split}"] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
+                                   "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
+                                   "cg_loads": len(re.findall(r"ld\.global\.cg", ptx))}
     return info
 
 
@@ -1033,16 +960,12 @@ def test_tail_split_gemm_compiles_for_sm90_without_gpu():
     atomics. Shared memory stays the unsplit kernel's (the pieces reuse its pipeline)."""
     info = run_without_interpreter("import json; from tests.test_moe import aot_compile_tail_split_sm90; "
                                    "print(json.dumps(aot_compile_tail_split_sm90()))")
-    for key in ("gemm1-4", "gemm2-4", "gemm1-4-half-last"):
+    for key in ("gemm1-4", "gemm2-4"):
         assert info[key]["cubin_bytes"] > 0 and info[key]["atomics"] == ["atom.global.gpu.acq_rel.add.u32"], info
         assert info[key]["cg_loads"] >= 1, info
-    for key in ("gemm2-0", "gemm2-0-half-last"):
-        plain = info[key]
-        assert plain["cubin_bytes"] > 0 and not plain["atomics"], plain
-    assert info["gemm2-4"]["shared"] <= info["gemm2-0"]["shared"], info
-    # half blocks last: the block order's gather and prefix sums stay out of shared memory's
-    # pipeline budget (at most a reduction scratch beside it)
-    assert info["gemm2-0-half-last"]["shared"] <= info["gemm2-0"]["shared"] + 4096, info
+    plain = info["gemm2-0"]
+    assert plain["cubin_bytes"] > 0 and not plain["atomics"], plain
+    assert info["gemm2-4"]["shared"] <= plain["shared"], info
 
 
 def test_decode_barrier_slot_per_stream(monkeypatch):

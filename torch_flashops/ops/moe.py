@@ -110,24 +110,6 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _half_last_block(sorted_ids_ptr, v, live_m, num_valid, num_slots, BLOCK_M: tl.constexpr, MAX_BLOCKS: tl.constexpr):
-    """Block order with half blocks last (config key "half_last", see HALF_LAST_MAX_BLOCKS): the
-    v-th block of the order that takes every live block with a pair in its second half first, in
-    block order, then the blocks whose second half is padding (half the work under HALF_TAIL).
-    A bijection on [0, live_m); the identity past MAX_BLOCKS live blocks."""
-    b = tl.arange(0, MAX_BLOCKS)
-    pos = b * BLOCK_M + BLOCK_M // 2
-    live = b < live_m
-    sid = tl.load(sorted_ids_ptr + pos, mask=live & (pos < num_slots), other=num_valid)
-    full = (live & (sid < num_valid)).to(tl.int32)
-    half = (live & (sid >= num_valid)).to(tl.int32)
-    n_full = tl.sum(full, axis=0)
-    i_full = tl.sum((tl.cumsum(full, axis=0) <= v).to(tl.int32), axis=0)
-    i_half = tl.sum((tl.cumsum(half, axis=0) <= v - n_full).to(tl.int32), axis=0)
-    return tl.where(live_m <= MAX_BLOCKS, tl.where(v < n_full, i_full, i_half), v)
-
-
-@triton.jit
 def _c_tile(c_ptr, pos, slot, offs_n, N, num_valid, num_slots, stride_cm, C_SORTED: tl.constexpr):
     """Pointers and mask of a block's output tile: rows at slot positions ``pos`` (C_SORTED: a
     sorted intermediate, every row of the block, pads too, which are never read back as
@@ -237,16 +219,14 @@ def _w_desc_dots(a, w_desc, expert, n0, k0, up_offset, acc, acc_up, BLOCK_N: tl.
 @triton.jit
 def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0, pid_n, expert,
                       t, piece, n_split, N, K, num_valid, num_slots, up_offset, stride_cm, scale,
-                      BM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, C_SORTED: tl.constexpr,
                       DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """Piece ``piece`` of ``n_split`` of tail tile ``t`` (tail split, see the note above
     ``TAIL_SLOTS_INTERP``): the products over
     its share of K (A and the weights by descriptor) into its fp32 scratch tile, then one
     acq_rel count; the piece that completes the count folds every piece's tile in piece order
-    (so the sum does not depend on which piece ends last) and runs the epilogue and the store.
-    BM rows (BLOCK_M, or BLOCK_M // 2 for a half block); every tile's scratch is sized for
-    BLOCK_M rows, so tiles of either kind never share scratch."""
+    (so the sum does not depend on which piece ends last) and runs the epilogue and the store."""
     k_tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(k_tiles, n_split)
     n0 = pid_n * BLOCK_N
@@ -257,7 +237,7 @@ def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, sl
                                    acc, acc_up, BLOCK_N, BLOCK_K, FUSE_SILU, DOT_F32, PRECISION)
     NP: tl.constexpr = 2 if FUSE_SILU else 1
     e = tl.arange(0, BM)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    own = part_ptr + (t * n_split + piece).to(tl.int64) * (NP * BLOCK_M * BLOCK_N)
+    own = part_ptr + (t * n_split + piece).to(tl.int64) * (NP * BM * BLOCK_N)
     tl.store(own + e, acc)
     if FUSE_SILU:
         tl.store(own + BM * BLOCK_N + e, acc_up)
@@ -267,7 +247,7 @@ def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, sl
         acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
         for p in range(0, n_split):
-            src = part_ptr + (t * n_split + p).to(tl.int64) * (NP * BLOCK_M * BLOCK_N)
+            src = part_ptr + (t * n_split + p).to(tl.int64) * (NP * BM * BLOCK_N)
             acc += tl.load(src + e, cache_modifier=".cg")
             if FUSE_SILU:
                 acc_up += tl.load(src + BM * BLOCK_N + e, cache_modifier=".cg")
@@ -293,12 +273,11 @@ def _moe_gemm_kernel(
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
-    TAIL_SPLIT: tl.constexpr = 0, HALF_LAST: tl.constexpr = False, HALF_LAST_MAX: tl.constexpr = 512,
+    TAIL_SPLIT: tl.constexpr = 0,
 ):
     # Programmatic dependent launch (sm_90+, see moe_pdl): PDL_TRIGGER lets the next kernel of
     # the chain launch now (its programs wait in gdc_wait until this grid has finished);
     # PDL_WAIT is this kernel's side: nothing the previous kernel writes is read before gdc_wait.
-    HALF_S: tl.constexpr = BLOCK_M // 2
     if PDL_TRIGGER:
         gdc_launch_dependents()
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -324,70 +303,44 @@ def _moe_gemm_kernel(
         if PDL_WAIT:
             gdc_wait()
         ntp = tl.load(ntp_ptr)
-        if (TAIL_SPLIT > 1) | HALF_LAST:
-            # The live tiles in order (tiles past num_tokens_post_pad return at once). HALF_LAST:
-            # blocks whose second half is padding come last (_half_last_block), so the cheap
-            # tiles fill the final wave. Tail split (config key "tail_split", see the note above
-            # TAIL_SLOTS_INTERP): whole waves of tail_slots run as usual, the tiles of the last,
+        if TAIL_SPLIT > 1:
+            # Tail split (config key "tail_split", see the note above TAIL_SLOTS_INTERP): the live
+            # tiles in order; whole waves of tail_slots run as usual, the tiles of the last,
             # partial wave are split along K into up to TAIL_SPLIT pieces (piece 0 at the tile's
             # own program, the others at the programs past the static grid), so that wave is as
             # long as a piece instead of a tile.
             n_pid_n = tl.cdiv(N, BLOCK_N)
             live_m = tl.cdiv(ntp, BLOCK_M)
             live = live_m * n_pid_n
-            tile = tl.program_id(0)
-            piece = tile * 0
-            full = live
-            n_split = piece
-            if TAIL_SPLIT > 1:
-                full = live // tail_slots * tail_slots
-                n_tail = live - full
-                n_split = tl.minimum(TAIL_SPLIT, tail_slots // tl.maximum(n_tail, 1))
-                pid = tl.program_id(0)
-                static_tiles = num_m_blocks * n_pid_n
-                if pid >= static_tiles:  # pieces 1.. of the tail tiles, in tile order
-                    others = tl.maximum(n_split - 1, 1)
-                    t = (pid - static_tiles) // others
-                    piece = (pid - static_tiles) % others + 1
-                    tile = tl.where((n_split > 1) & (t < n_tail), full + t, live)
+            full = live // tail_slots * tail_slots
+            n_tail = live - full
+            n_split = tl.minimum(TAIL_SPLIT, tail_slots // tl.maximum(n_tail, 1))
+            pid = tl.program_id(0)
+            tile = pid
+            piece = pid * 0
+            static_tiles = num_m_blocks * n_pid_n
+            if pid >= static_tiles:  # pieces 1.. of the tail tiles, in tile order
+                others = tl.maximum(n_split - 1, 1)
+                t = (pid - static_tiles) // others
+                piece = (pid - static_tiles) % others + 1
+                tile = tl.where((n_split > 1) & (t < n_tail), full + t, live)
             if tile >= live:
                 return
             pid_m, pid_n = _grouped_tile(tile, live_m, n_pid_n, GROUP_M)
-            if HALF_LAST:
-                pid_m = _half_last_block(sorted_ids_ptr, pid_m, live_m, num_valid, num_slots, BLOCK_M, HALF_LAST_MAX)
             row0 = pid_m * BLOCK_M
             w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn
-            if TAIL_SPLIT > 1:
-                if (n_split > 1) & (tile >= full):
-                    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
-                    if expert >= 0:
-                        s = row0 + tl.arange(0, BLOCK_M)
-                        slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
-                        r = tl.arange(0, BLOCK_M)
-                        if HALF_TAIL:
-                            if tl.max(((r >= HALF_S) & (slot < num_valid)).to(tl.int32), axis=0) == 0:
-                                # a half block's pieces multiply its first half only (as _gemm_rows)
-                                s_half = row0 + tl.arange(0, HALF_S)
-                                slot_half = tl.load(sorted_ids_ptr + s_half, mask=s_half < num_slots,
-                                                    other=num_valid).to(tl.int64)
-                                _gemm_split_piece(a_desc_half, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr,
-                                                  slot_half, row0, pid_n, expert, tile - full, piece, n_split, N, K,
-                                                  num_valid, num_slots, up_offset, stride_cm, scale, HALF_S, BLOCK_M,
-                                                  BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, C_SORTED, DOT_F32,
-                                                  PRECISION)
-                            else:
-                                _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0,
-                                                  pid_n, expert, tile - full, piece, n_split, N, K, num_valid,
-                                                  num_slots, up_offset, stride_cm, scale, BLOCK_M, BLOCK_M, BLOCK_N,
-                                                  BLOCK_K, MUL_WEIGHT, FUSE_SILU, C_SORTED, DOT_F32, PRECISION)
-                        else:
-                            _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0,
-                                              pid_n, expert, tile - full, piece, n_split, N, K, num_valid, num_slots,
-                                              up_offset, stride_cm, scale, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
-                                              MUL_WEIGHT, FUSE_SILU, C_SORTED, DOT_F32, PRECISION)
-                        return
-                    if piece > 0:  # a skipped block's tile: its piece 0 stores the zeros below
-                        return
+            if (n_split > 1) & (tile >= full):
+                expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
+                if expert >= 0:
+                    s = row0 + tl.arange(0, BLOCK_M)
+                    slot = tl.load(sorted_ids_ptr + s, mask=s < num_slots, other=num_valid).to(tl.int64)
+                    _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0, pid_n,
+                                      expert, tile - full, piece, n_split, N, K, num_valid, num_slots, up_offset,
+                                      stride_cm, scale, BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, C_SORTED,
+                                      DOT_F32, PRECISION)
+                    return
+                if piece > 0:  # a skipped block's tile: its piece 0 stores the zeros below
+                    return
         if row0 >= ntp:
             return
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
@@ -987,26 +940,9 @@ def half_tail_on(block_m: int) -> bool:
 # best, 1.21x -> 1.26x torch._grouped_mm); Mixtral T=4096 806-831 -> 782-838 (noise); DeepSeek
 # T=4096 (K=512) 851-876 -> 891-932 (loses: short pieces, and the fold is a larger share).
 # GEMM1 at Mixtral T=1024 / 4096: within noise.
-# Half blocks last (config key "half_last"; aligned path with half tails): the tiles of blocks
-# whose second half is padding cost about half a tile, and the hardware hands tiles to SMs in
-# grid order, so putting them last makes the final wave out of cheap tiles (longest first). With
-# a tail split as well, the tail's half tiles split into half pieces. Each program finds its
-# block from the order of the first HALF_LAST_MAX_BLOCKS live blocks (one gather of a slot per
-# block, two prefix sums); past that many live blocks the order is unchanged.
-HALF_LAST_MAX_BLOCKS = 512
 # Programs of one wave under the interpreter: small CPU tests still split their tail.
 TAIL_SLOTS_INTERP = 7
 TAIL_SLOTS: Optional[int] = None  # programs of one wave on CUDA (None: the SM count; tests set it)
-
-
-def half_last_order(sorted_ids: torch.Tensor, ntp: int, num_valid: int, block_m: int) -> list[int]:
-    """The block order of "half_last" as the kernel derives it (_half_last_block; for tests and
-    tuning): the live blocks with a pair in their second half, then those without, each in order."""
-    live_m = _cdiv(ntp, block_m)
-    mid = sorted_ids[torch.arange(live_m, device=sorted_ids.device) * block_m + block_m // 2].tolist()
-    if live_m > HALF_LAST_MAX_BLOCKS:
-        return list(range(live_m))
-    return [b for b in range(live_m) if mid[b] < num_valid] + [b for b in range(live_m) if mid[b] >= num_valid]
 
 
 def tail_plan(live_tiles: int, slots: int, max_split: int) -> tuple[int, int, int]:
@@ -1072,7 +1008,6 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     a_desc_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m // 2, bk]) if a_tma and half else a
     grid = (num_m_blocks * _cdiv(n_out, bn),)
     split = int(cfg.get("tail_split", 0)) if align is not None and a_tma else 0
-    half_last = bool(cfg.get("half_last")) and half
     part = count = c
     slots = 0
     if split > 1:
@@ -1093,7 +1028,6 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
         PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, TAIL_SPLIT=split if split > 1 else 0, launch_pdl=pdl_wait,
-        HALF_LAST=half_last, HALF_LAST_MAX=HALF_LAST_MAX_BLOCKS,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
