@@ -57,7 +57,7 @@ _KEYS = {"BN": "BLOCK_N", "BK": "BLOCK_K", "G": "GROUP_M", "W": "num_warps", "S"
 def _spec_mode(spec):
     """A mode written inline: ``p2/BN128/BK64/S4/P2`` makes GEMM2 persistent (TMA) with those
     overrides (BN, BK, G = GROUP_M, W = warps, S = stages, P = programs per SM, TS = tail_split,
-    NF = no flatten, WO / WI = warp-specialized tile / K loop at 4 warps); ``p1/...`` the same for GEMM1; ``t2/...`` / ``t1/...`` keep the block GEMM
+    NF = no flatten); ``p1/...`` the same for GEMM1; ``t2/...`` / ``t1/...`` keep the block GEMM
     but take TMA and the overrides; ``b2/...`` / ``b1/...`` only the overrides. Several parts join
     with ``+`` (``p2/BN128+t1/BN64``)."""
     parts = []
@@ -70,8 +70,6 @@ def _spec_mode(spec):
         for t in toks:
             if t == "NF":
                 ov["flatten"] = False
-            elif t in ("WO", "WI"):  # warp specialization of the tile loop / the K loop (4 warps)
-                ov.update(ws="out" if t == "WO" else "in", flatten=False, num_warps=4)
             else:
                 k = re.match(r"[A-Z]+", t).group(0)
                 ov[_KEYS[k]] = int(t[len(k):])

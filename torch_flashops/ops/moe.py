@@ -381,7 +381,7 @@ def _moe_gemm_persistent_kernel(
     NUM_PROGS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, C_SORTED: tl.constexpr,
     FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr, WS_OUT: tl.constexpr = False, WS_IN: tl.constexpr = False,
+    PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
     """The aligned grouped GEMM as NUM_PROGS persistent programs, the weights through a tensor
     descriptor, A by one too (A_TMA: slot-ordered rows) or gathered by pointers (rows
@@ -408,7 +408,7 @@ def _moe_gemm_persistent_kernel(
     r = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), m_live * num_pid_n, NUM_PROGS, flatten=FLATTEN, warp_specialize=WS_OUT):
+    for tile in tl.range(tl.program_id(0), m_live * num_pid_n, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = _grouped_tile(tile, m_live, num_pid_n, GROUP_M)
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
         e = tl.maximum(expert, 0)
@@ -425,7 +425,7 @@ def _moe_gemm_persistent_kernel(
             a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in tl.range(0, k_tiles, warp_specialize=WS_IN):  # a bound the tile loop does not change: FLATTEN needs it
+        for kk in range(0, k_tiles):  # a bound the tile loop does not change: FLATTEN needs it
             if A_TMA:
                 a = a_desc.load([row0, kk * BLOCK_K])
             elif EVEN_K:
@@ -991,18 +991,13 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         n_tiles = num_m_blocks * _cdiv(n_out, bn)
         per_sm = cfg.get("progs_per_sm", 1)
         progs = min(n_tiles, 3 if interp else per_sm * _config.sm_count(a.device.index or 0))
-        # "ws": Triton's automatic warp specialization of the tile loop ("out") or the K loop
-        # ("in"): a producer warp group issues the descriptor loads, the others run the MMAs
-        # (sm_90: applies at num_warps 4; compiled code only)
-        ws = None if interp else cfg.get("ws")
         _moe_gemm_persistent_kernel[(progs,)](
             a, a_desc, w_desc, c, sorted_ids, expert_ids, ntp, topk_w if topk_w is not None else c,
             n_out, K, num_valid, num_slots, top_k, n_out, a.stride(0), c.stride(0), float(scale),
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], NUM_PROGS=progs,
             MUL_WEIGHT=mul, FUSE_SILU=fuse_silu, WRITE_SKIP=write_skip, A_SORTED=a_sorted, A_TMA=a_tma,
             EVEN_K=K % bk == 0, C_SORTED=c_sorted,
-            FLATTEN=bool(cfg.get("flatten", True)) and not ws,
-            WS_OUT=ws == "out", WS_IN=ws == "in",
+            FLATTEN=bool(cfg.get("flatten", True)),
             DOT_F32=interp and a.dtype != torch.float32,
             PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
             PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, launch_pdl=pdl_wait,
