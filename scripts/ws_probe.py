@@ -23,6 +23,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.harness import time_fn
+from benchmarks.suites.moe import MODELS, _parse_points
+from torch_flashops.ops.moe import _grouped_tile
 
 
 @triton.jit
@@ -33,11 +35,7 @@ def _probe_kernel(a_desc, w_desc, c_ptr, eid_ptr, ntp_ptr, N, K, stride_cm,
     n_pid_n = tl.cdiv(N, BN)
     m_live = tl.cdiv(ntp, BM)
     for tile in tl.range(tl.program_id(0), m_live * n_pid_n, NPROG, warp_specialize=WS_OUT):
-        width = GROUP_M * n_pid_n
-        first = tile // width * GROUP_M
-        rows = tl.minimum(m_live - first, GROUP_M)
-        pid_m = first + (tile % width) % rows
-        pid_n = (tile % width) // rows
+        pid_m, pid_n = _grouped_tile(tile, m_live, n_pid_n, GROUP_M)
         e = tl.load(eid_ptr + pid_m)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
@@ -56,9 +54,6 @@ def _probe_kernel(a_desc, w_desc, c_ptr, eid_ptr, ntp_ptr, N, K, stride_cm,
                  mask=offs_n[None, :] < N)
 
 
-SHAPES = {"Mixtral-2GPU": (4096, 7168, 8, 2), "Mixtral-1GPU": (4096, 14336, 8, 2), "DeepSeek-4GPU": (7168, 512, 256, 8)}
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="Mixtral-2GPU:1024,Mixtral-2GPU:4096")
@@ -75,10 +70,8 @@ def main():
                 (2, 128, 64, 4, 4, True, False)]
     if args.variants:
         variants = [tuple(int(v) if v.isdigit() else v == "T" for v in s.split("/")) for s in args.variants.split(",")]
-    for spec in args.shapes.split(","):
-        name, T = spec.split(":")
-        H, I, E, k = SHAPES[name]
-        T = int(T)
+    for name, T in _parse_points(args.shapes):
+        H, I, E, k = (MODELS[name][key] for key in ("H", "I", "E", "k"))
         counts = torch.bincount(torch.randint(0, E, (T * k,)), minlength=E).tolist()
         BM = 128
         blocks = [e for e, c in enumerate(counts) for _ in range(-(-c // BM))]
