@@ -51,3 +51,19 @@ def test_moe_suite_model_filter(monkeypatch):
     monkeypatch.setenv("FLASHOPS_BENCH_MOE", "Mixtral-3GPU")
     with pytest.raises(ValueError, match="Mixtral-3GPU"):
         moe._selected_models()
+
+
+def test_moe_suite_token_filter(monkeypatch):
+    import pytest
+
+    from benchmarks.suites import moe
+
+    monkeypatch.delenv("FLASHOPS_BENCH_MOE_T", raising=False)
+    assert moe._selected_tokens() == moe.TOKENS
+    assert all(ts[-1] == 16384 for ts in moe.TOKENS.values())  # the T list, every model
+    monkeypatch.setenv("FLASHOPS_BENCH_MOE_T", "16384, 1")
+    assert moe._selected_tokens() == {m: [1, 16384] for m in moe.MODELS}
+    for bad in ("5", "1,x", ","):
+        monkeypatch.setenv("FLASHOPS_BENCH_MOE_T", bad)
+        with pytest.raises(ValueError, match="FLASHOPS_BENCH_MOE_T"):
+            moe._selected_tokens()

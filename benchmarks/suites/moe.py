@@ -5,7 +5,7 @@ Shapes (H, I per GPU, E, k), bf16:
   Mixtral-1GPU   4096, 14336,                 8, 2   topk_softmax renorm
   Qwen3-4GPU     2048,  192 (  768 / TP 4), 128, 8   topk_softmax renorm
   DeepSeek-4GPU  7168,  512 ( 2048 / TP 4), 256, 8   grouped_topk sigmoid+bias, 8 groups keep 4
-T from decode (1) to prefill (4096, and 16384 for DeepSeek).
+T from decode (1) to prefill (16384), the issue's list.
 
 Rows per (model, T):
   case "<model> T=<T>": the whole layer from routing weights and ids to the output, impls
@@ -19,7 +19,8 @@ flops = 6*H*I per routed pair; bytes = weights of the experts the ids touch (3*H
 x read + out written (what decode must move). T <= 256 is timed as CUDA-graph replays (launch
 gaps out) over 16 routings, so the touched experts change and come from HBM.
 
-Set ``FLASHOPS_BENCH_MOE=Mixtral-1GPU,Qwen3-4GPU`` (names from MODELS) to run only those models.
+Set ``FLASHOPS_BENCH_MOE=Mixtral-1GPU,Qwen3-4GPU`` (names from MODELS) to run only those models,
+``FLASHOPS_BENCH_MOE_T=1024,16384`` to run only those T (values from TOKENS).
 
 ``python -m benchmarks.suites.moe --tune --out DIR`` times launch configs on the device and
 writes ``torch_flashops/configs/moe/*.json`` (the shipped tables) and a copy into DIR.
@@ -40,9 +41,7 @@ MODELS = {
     "Qwen3-4GPU": dict(H=2048, I=192, E=128, k=8, routing="softmax"),
     "DeepSeek-4GPU": dict(H=7168, I=512, E=256, k=8, routing="grouped"),
 }
-TOKENS = {"Mixtral-2GPU": [1, 16, 64, 256, 1024, 4096], "Mixtral-1GPU": [1, 16, 64, 256, 1024, 4096],
-          "Qwen3-4GPU": [1, 16, 64, 256, 1024, 4096],
-          "DeepSeek-4GPU": [1, 16, 64, 256, 1024, 4096, 16384]}
+TOKENS = {m: [1, 16, 64, 256, 1024, 4096, 16384] for m in MODELS}
 QUICK_MODELS = {"tiny": dict(H=64, I=32, E=8, k=2, routing="softmax")}
 QUICK_TOKENS = {"tiny": [1, 40]}
 DECODE_T = 256  # at or below: graph replay, TB/s over touched weights
@@ -139,6 +138,22 @@ def _selected_models():
     return {n: MODELS[n] for n in names} if names else MODELS
 
 
+def _selected_tokens():
+    """TOKENS, or per model only the T listed in FLASHOPS_BENCH_MOE_T (comma-separated ints,
+    each one of TOKENS' values); anything else fails."""
+    text = os.environ.get("FLASHOPS_BENCH_MOE_T", "").strip()
+    if not text:
+        return TOKENS
+    try:
+        want = {int(t) for t in text.split(",") if t.strip()}
+    except ValueError:
+        raise ValueError(f"FLASHOPS_BENCH_MOE_T: expected comma-separated integers, got {text!r}") from None
+    known = set().union(*TOKENS.values())
+    if not want or want - known:
+        raise ValueError(f"FLASHOPS_BENCH_MOE_T: unknown T {sorted(want - known)}; known: {sorted(known)}")
+    return {m: [t for t in ts if t in want] for m, ts in TOKENS.items()}
+
+
 def run(ctx):
     from torch_flashops import _config
     from torch_flashops.fused_moe import fused_moe as layer_fn
@@ -156,7 +171,7 @@ def run(ctx):
         return row
 
     ctx.record = loud_record
-    models, tokens = (QUICK_MODELS, QUICK_TOKENS) if ctx.quick else (_selected_models(), TOKENS)
+    models, tokens = (QUICK_MODELS, QUICK_TOKENS) if ctx.quick else (_selected_models(), _selected_tokens())
     has_gmm = dev == "cuda" and hasattr(torch, "_grouped_mm")
     for name, cfg in models.items():
         w1, w2, bias = make_layer(cfg, dev, dtype)
