@@ -1,70 +1,136 @@
-"""Where the cascade benchmark's shared level spends its time (one device call).
+"""Paged key tiles by pointer gathers vs page-sized bulk copies (``PAGED_TMA``), one device call.
 
     PYTHONPATH=. python scripts/cascade_probe.py time
     PYTHONPATH=. ncu --clock-control none --profile-from-start off --section SpeedOfLight \
-        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section Occupancy --section LaunchStats python scripts/cascade_probe.py ncu
+        --section ComputeWorkloadAnalysis --section WarpStateStats python scripts/cascade_probe.py ncu
 
-The shape is the attention suite's cascade case: a 32k-key prefix (page 16, shuffled pages)
-shared by B=128 single-token requests, 32 query / 8 KV heads, D=128, bf16. ``time`` prints the
-shared level's CUDA-graph replay time (TFLOP/s of its 4*B*Hq*D*prefix flops) as planned, and a
-ragged (contiguous, TMA key tiles) run of the same keys for comparison; ``ncu`` runs each once
-between cudaProfilerStart/Stop so Nsight Compute profiles only those kernels.
+Cases (bf16, D=128, 32 query / 8 KV heads, page 16 with shuffled pages):
+  * the attention suite's cascade shared level: a 32k-key prefix shared by B=128 single-token
+    requests (one non-causal paged prefill of 128 rows), and the same keys contiguous (ragged,
+    TMA key tiles) for comparison;
+  * the whole two-level cascade (shared level + 256 unique keys per request);
+  * the suite's causal paged prefill, B=4 x 4096: as planned (gathered K/V), in place with
+    pointer gathers, in place with page-sized bulk copies.
+Variants are planned and timed inside their switches (plan() decides the gathered path);
+CUDA-graph replays, two alternating rounds; outputs are checked against the first variant.
+``ncu`` runs each variant once between cudaProfilerStart/Stop.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 
 import torch_flashops as fo
 from benchmarks.harness import time_fn
+from torch_flashops import prefill as prefill_mod
+from torch_flashops.ops import attention as A
 
-B, PREFIX, HQ, HKV, D, PAGE = 128, 32768, 32, 8, 128, 16
+HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
 
 
-def build():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    n_pages = PREFIX // PAGE
-    cache = torch.empty(n_pages, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
-    pages = torch.randperm(n_pages, generator=g, device="cuda").int()
+@contextlib.contextmanager
+def switches(ptma: bool, gather: bool = True):
+    old = A.PAGED_TMA, prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
+    A.PAGED_TMA = ptma
+    if not gather:
+        prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
+    try:
+        yield
+    finally:
+        A.PAGED_TMA, prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = old
+
+
+def under(ptma: bool, gather: bool, fn):
+    """``fn`` run inside ``switches`` (the launcher reads PAGED_TMA at every run)."""
+    def run():
+        with switches(ptma, gather):
+            return fn()
+    return run
+
+
+def i32(x):
+    return torch.tensor(x, dtype=torch.int32, device="cuda")
+
+
+def cascade_cases(g):
+    B, prefix, uniq = 128, 32768, 256
+    n_pre, n_uq = prefix // PAGE, uniq // PAGE
+    P = n_pre + B * n_uq
+    cache = torch.empty(P, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
+    perm = torch.randperm(P, generator=g, device="cuda").int()
+    pre, uq = perm[:n_pre], perm[n_pre:].view(B, n_uq)
     q = torch.empty(B, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
-    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
-    paged = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
-    paged.plan(i32([0, B]), i32([0, n_pages]), pages, i32([PAGE]), HQ, HKV, D, PAGE, causal=False, q_data_type=DT)
-    kv = cache[pages.long()]  # [n, 2, PAGE, HKV, D] in key order
-    k = kv[:, 0].reshape(PREFIX, HKV, D).contiguous()
-    v = kv[:, 1].reshape(PREFIX, HKV, D).contiguous()
-    ws2 = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    ragged = fo.BatchPrefillWithRaggedKVCacheWrapper(ws2)
-    ragged.plan(i32([0, B]), i32([0, PREFIX]), HQ, HKV, D, causal=False, q_data_type=DT)
-    runs = {"paged in place": lambda: paged.run(q, cache, return_lse=True),
-            "ragged (same keys, contiguous)": lambda: ragged.run(q, k, v, return_lse=True)}
-    return runs, paged
+    flops = 4 * B * HQ * D * prefix
+    ar = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    shared, whole = {}, {}
+    for name, ptma in (("pointer gathers", False), ("page TMA", True)):
+        with switches(ptma):
+            w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+            w.plan(i32([0, B]), i32([0, n_pre]), pre, i32([PAGE]), HQ, HKV, D, PAGE, causal=False, q_data_type=DT)
+            shared[name] = under(ptma, True, lambda w=w: w.run(q, cache, return_lse=True)[0])
+            c = fo.MultiLevelCascadeAttentionWrapper(2, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+            c.plan([i32([0, B]), ar], [i32([0, n_pre]), ar * n_uq], [pre, uq.reshape(-1)],
+                   [i32([PAGE]), torch.full((B,), PAGE, dtype=torch.int32, device="cuda")], HQ, HKV, D, PAGE,
+                   q_data_type=DT)
+            whole[name] = under(ptma, True, lambda c=c: c.run(q, cache))
+    kv = cache[pre.long()]
+    k = kv[:, 0].reshape(prefix, HKV, D).contiguous()
+    v = kv[:, 1].reshape(prefix, HKV, D).contiguous()
+    r = fo.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    r.plan(i32([0, B]), i32([0, prefix]), HQ, HKV, D, causal=False, q_data_type=DT)
+    shared["ragged TMA (same keys, contiguous)"] = lambda: r.run(q, k, v)
+    return [("cascade shared level 128 x 32k", flops, shared), ("whole cascade (2 levels)", None, whole)]
+
+
+def prefill_case(g):
+    B, L = 4, 4096
+    per = L // PAGE
+    cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
+    ids = torch.randperm(B * per, generator=g, device="cuda").int()
+    q = torch.empty(B * L, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
+    indptr = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    flops = 4 * D * HQ * B * (L * (L + 1) // 2)
+    runs = {}
+    for name, ptma, gather in (("as planned (gathered K/V)", False, True), ("in place, pointer gathers", False, False),
+                               ("in place, page TMA", True, False)):
+        with switches(ptma, gather):
+            w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+            w.plan(indptr * L, indptr * per, ids, torch.full((B,), PAGE, dtype=torch.int32, device="cuda"), HQ, HKV,
+                   D, PAGE, causal=True, q_data_type=DT)
+            runs[name] = under(ptma, gather, lambda w=w: w.run(q, cache))
+    return [(f"causal paged prefill B={B} L={L}", flops, runs)]
 
 
 def main(argv):
     mode = argv[0] if argv else "time"
-    runs, paged = build()
-    outs = {n: f() for n, f in runs.items()}
-    (o0, s0), (o1, s1) = outs.values()
-    print(f"paged vs ragged: max |o| diff {(o0.float() - o1.float()).abs().max().item():.2e}, "
-          f"max |lse| diff {(s0 - s1).abs().max().item():.2e}; plan block_m {paged._plan.block_m}, "
-          f"split items {int((paged._t.split_work[::4] >= 0).sum())}", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = cascade_cases(g) + prefill_case(g)
+    for title, _, runs in cases:
+        outs = [f() for f in runs.values()]
+        errs = [(o.float() - outs[0].float()).abs().max().item() for o in outs[1:]]
+        print(f"{title}: max |o - first| {' / '.join(f'{e:.1e}' for e in errs)}", flush=True)
     torch.cuda.synchronize()
-    flops = 4 * B * HQ * D * PREFIX
     if mode == "ncu":
         torch.cuda.profiler.start()
-        for f in runs.values():
-            f()
+        for _, _, runs in cases:
+            for f in runs.values():
+                f()
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
         return
-    for n, f in runs.items():
-        t = time_fn(f, [()], device="cuda", graph=True)
-        print(f"{n}: {t * 1e3:.1f} us = {flops / t / 1e9:.0f} TFLOP/s", flush=True)
+    for title, flops, runs in cases:
+        times = {n: [] for n in runs}
+        for _ in range(2):
+            for n, f in runs.items():
+                times[n].append(time_fn(f, [()], device="cuda", graph=True))
+        row = [title]
+        for n, ts in times.items():
+            rate = f" = {flops / min(ts) / 1e9:.0f} TFLOP/s" if flops else ""
+            row.append(f"{n}: {' / '.join(f'{t * 1e3:.1f}' for t in ts)} us{rate}")
+        print("\n  ".join(row), flush=True)
 
 
 if __name__ == "__main__":
