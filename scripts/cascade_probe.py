@@ -18,6 +18,7 @@ CUDA-graph replays, two alternating rounds; outputs are checked against the firs
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -27,7 +28,8 @@ from benchmarks.harness import time_fn
 from torch_flashops import prefill as prefill_mod
 from torch_flashops.ops import attention as A
 
-HQ, HKV, D, PAGE = 32, 8, 128, 16
+HQ, HKV, D = 32, 8, 128
+PAGE = int(os.environ.get("PAGE", "16"))
 DT = torch.bfloat16
 
 
