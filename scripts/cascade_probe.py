@@ -1,4 +1,4 @@
-"""Paged key tiles by pointer gathers vs page-sized bulk copies (``PAGED_TMA``), one device call.
+"""Paged prefill tiles in place (pointer gathers through the page table) against contiguous keys.
 
     PYTHONPATH=. python scripts/cascade_probe.py time
     PYTHONPATH=. ncu --clock-control none --profile-from-start off --section SpeedOfLight \
@@ -9,11 +9,12 @@ Cases (bf16, D=128, 32 query / 8 KV heads, page 16 with shuffled pages):
     requests (one non-causal paged prefill of 128 rows), and the same keys contiguous (ragged,
     TMA key tiles) for comparison;
   * the whole two-level cascade (shared level + 256 unique keys per request);
-  * the suite's causal paged prefill, B=4 x 4096: as planned (gathered K/V), in place with
-    pointer gathers, in place with page-sized bulk copies.
-Variants are planned and timed inside their switches (plan() decides the gathered path);
-CUDA-graph replays, two alternating rounds; outputs are checked against the first variant.
-``ncu`` runs each variant once between cudaProfilerStart/Stop.
+  * the suite's causal paged prefill, B=4 x 4096: as planned (gathered K/V) and in place.
+``PAGE`` in the environment sets the page size (default 16). Variants are planned and timed
+inside their switches (plan() decides the gathered path); CUDA-graph replays, two alternating
+rounds; outputs are checked against the first variant. ``ncu`` runs each variant once between
+cudaProfilerStart/Stop. RESULTS.md (eighteenth session) has the H100 numbers, and those of
+page-sized TMA copies, which lost to the pointer gathers and were not kept.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import torch
 import torch_flashops as fo
 from benchmarks.harness import time_fn
 from torch_flashops import prefill as prefill_mod
-from torch_flashops.ops import attention as A
 
 HQ, HKV, D = 32, 8, 128
 PAGE = int(os.environ.get("PAGE", "16"))
@@ -34,23 +34,15 @@ DT = torch.bfloat16
 
 
 @contextlib.contextmanager
-def switches(ptma: bool, gather: bool = True):
-    old = A.PAGED_TMA, prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
-    A.PAGED_TMA = ptma
-    if not gather:
+def no_gather(on: bool):
+    """Paged prefill stays in place (no gathered-K/V copy) while ``on``."""
+    old = prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
+    if on:
         prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
     try:
         yield
     finally:
-        A.PAGED_TMA, prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = old
-
-
-def under(ptma: bool, gather: bool, fn):
-    """``fn`` run inside ``switches`` (the launcher reads PAGED_TMA at every run)."""
-    def run():
-        with switches(ptma, gather):
-            return fn()
-    return run
+        prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = old
 
 
 def i32(x):
@@ -67,17 +59,13 @@ def cascade_cases(g):
     q = torch.empty(B, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
     flops = 4 * B * HQ * D * prefix
     ar = torch.arange(B + 1, dtype=torch.int32, device="cuda")
-    shared, whole = {}, {}
-    for name, ptma in (("pointer gathers", False), ("page TMA", True)):
-        with switches(ptma):
-            w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-            w.plan(i32([0, B]), i32([0, n_pre]), pre, i32([PAGE]), HQ, HKV, D, PAGE, causal=False, q_data_type=DT)
-            shared[name] = under(ptma, True, lambda w=w: w.run(q, cache, return_lse=True)[0])
-            c = fo.MultiLevelCascadeAttentionWrapper(2, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-            c.plan([i32([0, B]), ar], [i32([0, n_pre]), ar * n_uq], [pre, uq.reshape(-1)],
-                   [i32([PAGE]), torch.full((B,), PAGE, dtype=torch.int32, device="cuda")], HQ, HKV, D, PAGE,
-                   q_data_type=DT)
-            whole[name] = under(ptma, True, lambda c=c: c.run(q, cache))
+    w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(i32([0, B]), i32([0, n_pre]), pre, i32([PAGE]), HQ, HKV, D, PAGE, causal=False, q_data_type=DT)
+    shared = {"paged in place": lambda: w.run(q, cache, return_lse=True)[0]}
+    c = fo.MultiLevelCascadeAttentionWrapper(2, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    c.plan([i32([0, B]), ar], [i32([0, n_pre]), ar * n_uq], [pre, uq.reshape(-1)],
+           [i32([PAGE]), torch.full((B,), PAGE, dtype=torch.int32, device="cuda")], HQ, HKV, D, PAGE, q_data_type=DT)
+    whole = {"as planned": lambda: c.run(q, cache)}
     kv = cache[pre.long()]
     k = kv[:, 0].reshape(prefix, HKV, D).contiguous()
     v = kv[:, 1].reshape(prefix, HKV, D).contiguous()
@@ -96,13 +84,12 @@ def prefill_case(g):
     indptr = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     flops = 4 * D * HQ * B * (L * (L + 1) // 2)
     runs = {}
-    for name, ptma, gather in (("as planned (gathered K/V)", False, True), ("in place, pointer gathers", False, False),
-                               ("in place, page TMA", True, False)):
-        with switches(ptma, gather):
+    for name, in_place in (("as planned (gathered K/V)", False), ("in place", True)):
+        with no_gather(in_place):
             w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
             w.plan(indptr * L, indptr * per, ids, torch.full((B,), PAGE, dtype=torch.int32, device="cuda"), HQ, HKV,
                    D, PAGE, causal=True, q_data_type=DT)
-            runs[name] = under(ptma, gather, lambda w=w: w.run(q, cache))
+        runs[name] = (lambda w=w: w.run(q, cache))
     return [(f"causal paged prefill B={B} L={L}", flops, runs)]
 
 

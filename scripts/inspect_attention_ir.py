@@ -58,21 +58,17 @@ def compile_sm90(fn, const: dict, warps: int, stages: int = 1, types: dict | Non
 
 
 def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int):
-    """The attention kernel; ``TMA=1`` in the environment loads key tiles through tensor
-    descriptors (ragged: one [BLOCK_N, 1, 128] box per tile; paged: one [1, 16, 1, 128] box
-    per page of 16 keys, ``PAGED_TMA``)."""
+    """The attention kernel; ``TMA=1`` in the environment (ragged only) loads key tiles through
+    tensor descriptors."""
     tma = not paged and os.environ.get("TMA", "0") == "1"
-    ptma = paged and os.environ.get("TMA", "0") == "1"
-    box = "1, 16, 1, 128" if ptma else f"{block_n}, 1, 128"
-    types = {n: f"tensordesc<bf16[{box}]>" for n in ("K_DESC", "V_DESC")} if tma or ptma else None
-    const = dict(K_DESC=None, V_DESC=None) if not (tma or ptma) else {}
+    types = {n: f"tensordesc<bf16[{block_n}, 1, 128]>" for n in ("K_DESC", "V_DESC")} if tma else None
+    const = dict(K_DESC=None, V_DESC=None) if not tma else {}
     const.update(GROUP=4, PAGE_SIZE=16 if paged else 1, D_QK=128, D_VO=128, BLOCK_DQK=128,
                  BLOCK_DVO=128, BLOCK_M=block_m, BLOCK_N=block_n, WORKLIST=True, PAGED=paged, CAUSAL=True,
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
                  PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
                  KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma, PDL=int(os.environ.get("PDL", "1")),
-                 LEAN=os.environ.get("LEAN", "1") == "1", KV_SAME=os.environ.get("KV_SAME", "1") == "1",
-                 PAGED_TMA=ptma)
+                 LEAN=os.environ.get("LEAN", "1") == "1", KV_SAME=os.environ.get("KV_SAME", "1") == "1")
     return compile_sm90(A._attn_fwd_kernel, const, warps, stages, types)
 
 
@@ -87,7 +83,6 @@ def compile_merge(block_m: int, group: int = 4, d_vo: int = 128):
 def report(k) -> str:
     ttgir = k.asm["ttgir"]
     waits = re.findall(r"async_wait[^\n]*\{num = (\d+)", ttgir)
-    tma_copies = ttgir.count("async_tma_copy_global_to_local")
     bufs = sorted(set(re.findall(r"memdesc<(\d+)x(\d+)x128xbf16", ttgir)))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
@@ -98,7 +93,7 @@ def report(k) -> str:
     except FileNotFoundError:
         regs = "ptxas not on PATH"
     return (f"griddepcontrol: {k.asm['ptx'].count('griddepcontrol.')}; "
-            f"async copies: {ttgir.count('async_copy_global_to_local')}; TMA copies: {tma_copies}; async_wait nums (in-loop, drain per loop): "
+            f"async copies: {ttgir.count('async_copy_global_to_local')}; async_wait nums (in-loop, drain per loop): "
             f"{' '.join(waits) or '-'}; K/V buffers (stages x keys): {' '.join('x'.join(b) for b in bufs) or '-'}; "
             f"shared memory {k.metadata.shared} B; {regs}")
 

@@ -269,71 +269,6 @@ def test_paged_prefill_custom_mask(backend, device):
     check_attention("packed mask + window", o, lse, ro, rl, torch.float32)
 
 
-def _poison_unowned(b: Batch):
-    """NaN into every cache slot no request owns: whole spare pages and the slots past each
-    request's last-page length (paged-TMA tiles copy whole pages, and pages past a request's
-    end fall back to page 0)."""
-    owned = torch.zeros(b.P, b.page_size, dtype=torch.bool)
-    for i in range(len(b.kv_lens)):
-        ids = b.kv_indices[int(b.kv_indptr[i]):int(b.kv_indptr[i + 1])].long()
-        for j, pid in enumerate(ids.tolist()):
-            n = b.page_size if j < len(ids) - 1 else int(b.last[i])
-            owned[pid, :n] = True
-    parts = [b.cache[:, 0], b.cache[:, 1]] if torch.is_tensor(b.cache) else list(b.cache)
-    for t in parts:  # [P, page, H, D] (NHD) or [P, H, page, D] (HND) views of the cache
-        free = (~owned).to(t.device)
-        if b.layout == "NHD":
-            t[free] = float("nan")
-        else:
-            t.transpose(1, 2)[free] = float("nan")
-
-
-@pytest.mark.parametrize("page_size,layout,form", [(16, "NHD", "5d"), (32, "HND", "5d"), (16, "HND", "tuple"),
-                                                   (64, "NHD", "tuple")])
-def test_paged_tma_pages(page_size, layout, form, device, monkeypatch):
-    """Paged key tiles by page-sized bulk copies (``use_paged_tma``, 1..4 pages a tile) against
-    the fp64 oracle, with every unowned cache slot NaN: ragged batches with an empty request
-    and a request with no keys, partly filled last pages, causal (bottom-right), a window whose
-    edge falls inside a page, soft cap, ALiBi, a custom mask, and split-KV chunks of one or two
-    pages (with a window, chunks start inside pages; the kernel rounds those starts down to the
-    page and masks the keys before them, which belong to the previous chunk)."""
-    from torch_flashops.ops import attention as A
-
-    # every eligible prefill-sized launch, on CUDA too (where fp32 and 64-row tiles would not take it)
-    monkeypatch.setattr(A, "use_paged_tma", lambda k, v, paged, ps, pos, bm: A.paged_tma_eligible(k, v, paged, ps, pos)
-                        and bm >= 32)
-    launched = []
-    real_kernel = A._attn_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launched.append((kw["PAGED_TMA"], kw["BLOCK_N"], kw["PAGE_SIZE"]))
-                return real_kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(A, "_attn_fwd_kernel", Spy())
-    b = Batch([9, 0, 17, 3, 5], [70, 20, 131, 0, 16 * 4 + 1], page_size=page_size, Hq=4, Hkv=2, D=32,
-              layout=layout, form=form, seed=page_size, device=device)
-    _poison_unowned(b)
-    masks = b.random_masks(3)
-    cases = [dict(causal=False), dict(causal=True), dict(causal=True, window_left=21),
-             dict(causal=True, logits_soft_cap=4.0), dict(causal=False, pos_encoding_mode="ALIBI"),
-             dict(custom_mask=torch.cat([m.reshape(-1) for m in masks])), dict(causal=True, fixed_split_size=1),
-             dict(causal=False, window_left=5, fixed_split_size=1), dict(causal=True, window_left=21, fixed_split_size=2)]
-    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), layout)
-    for kw in cases:
-        launched.clear()
-        mask = kw.pop("custom_mask", None)
-        split = kw.pop("fixed_split_size", None)
-        plan_paged(w, b, custom_mask=None if mask is None else mask.to(device), fixed_split_size=split, **kw)
-        o, lse = w.run(b.q, b.cache, return_lse=True)
-        ro, rl = b.oracle(masks=masks if mask is not None else None, **kw)
-        check_attention(f"paged tma page={page_size} {kw} mask={mask is not None} split={split}", o, lse, ro, rl,
-                        torch.float32)
-        assert launched and all(t and bn % page_size == 0 and ps == page_size for t, bn, ps in launched), launched
-
-
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_paged_prefill_half(dtype, device):
     b = Batch([3, 1, 6], [40, 5, 70], page_size=16, Hq=8, Hkv=2, D=32, dtype=DT[dtype], seed=11)
@@ -771,8 +706,7 @@ def test_model_head_dims(D, device):
 
 
 def test_kernels_compile_for_hopper():
-    """The attention kernel (decode and prefill tiles, ragged tiles by TMA, paged tiles by
-    page-sized TMA copies, each place of the
+    """The attention kernel (decode and prefill tiles, ragged tiles by TMA, each place of the
     programmatic-dependent-launch trigger) and the merge kernel (with and without its
     ``griddepcontrol.wait``) compile for sm_90 on this machine
     (``scripts/inspect_attention_ir.py``, outside the interpreter), with the PDL instruction
@@ -787,7 +721,6 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     for args, tma, pdl in ((["paged", "16", "64", "8", "3"], "0", "1"), (["ragged", "128", "64", "8", "3"], "0", "0"),
-                           (["paged", "128", "64", "8", "3"], "1", "0"),  # page-sized bulk copies (PAGED_TMA)
                            (["ragged", "128", "64", "8", "3"], "1", "2"), (["merge", "16"], "0", "1"),
                            (["merge", "128"], "0", "0")):
         r = subprocess.run([sys.executable, str(root / "scripts" / "inspect_attention_ir.py"), *args],

@@ -203,36 +203,6 @@ def _attend_tile(
         kp = _load_rows(k_row, partner_d, n_valid, d_mask, MASKED, PAD_D, KV_EVICT)
         k = _rope(k, kp, offs_n, freq_d, sign_d).to(q.dtype)
     qk = _dot(q, tl.trans(k), UPCAST, PREC)
-    s = _scores(qk, offs_n, n_valid, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left, MASK,
-                mask_base, kv_len, MASKED, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, FOLD_SCALE)
-    if FOLD_SCALE:  # qk_scale > 0, so max(s) * qk_scale is the max of the scaled logits
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
-    if FOLD_SCALE:
-        p = tl.exp2(s * qk_scale - m_use[:, None])
-    else:
-        p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    if TMA:
-        v = tl.reshape(V_DESC.load([kv_base + start, hk, 0]), [BLOCK_N, offs_dv.shape[0]])
-        if MASKED:  # rows past this request's keys belong to others (or to no one): p is 0 there, v must be finite
-            v = tl.where(n_valid[:, None], v, 0.0)
-    else:
-        v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV, KV_EVICT)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
-
-
-@triton.jit
-def _scores(qk, offs_n, n_valid, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left, MASK, mask_base,
-            kv_len, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-            POS: tl.constexpr, SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr):
-    """Base-2 logits of the raw products ``qk`` [rows, keys ``offs_n``] (FOLD_SCALE: still to be
-    multiplied by ``qk_scale``), -inf where MASKED drops the key: ``n_valid`` false, or outside
-    the causal / window / custom-mask keep set."""
     if (POS == 2) or SOFTCAP:
         s = qk * sm_scale
         if POS == 2:
@@ -255,97 +225,25 @@ def _scores(qk, offs_n, n_valid, r, pos, valid_m, slope, qk_scale, sm_scale, sof
             byte = tl.load(MASK + mask_base + bit // 8, mask=valid_m[:, None] & n_valid[None, :], other=0)
             keep = keep & (((byte.to(tl.int32) >> (bit % 8).to(tl.int32)) & 1) != 0)
         s = tl.where(keep, s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _probs(s, m_use, qk_scale, FOLD_SCALE: tl.constexpr):
-    """exp2 of the logits ``s`` (``_scores``) against the running row max ``m_use``."""
-    if FOLD_SCALE:
-        return tl.exp2(s * qk_scale - m_use[:, None])
+    if FOLD_SCALE:  # qk_scale > 0, so max(s) * qk_scale is the max of the scaled logits
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
-        return tl.exp2(s - m_use[:, None])
-
-
-@triton.jit
-def _page_part(q, start, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK, kv_base, kv_hi, kv_len, num_pages, mask_base,
-               hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
-               MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
-               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FOLD_SCALE: tl.constexpr):
-    """One page of a paged-TMA key tile: keys [start, start + PAGE_SIZE) (``start`` a multiple of
-    the page size) of head hk, K and V each one bulk copy of the page's [PAGE_SIZE, D] box.
-    Returns the page's logits (``_scores``) and V rows (zeroed where MASKED drops the key, so
-    a page that is not this request's, or unwritten memory, cannot turn p = 0 into NaN)."""
-    offs_n = start + tl.arange(0, PAGE_SIZE)
-    page = tl.load(KV_INDICES + kv_base + start // PAGE_SIZE, mask=start < kv_hi, other=0)
-    page = tl.where((page >= 0) & (page < num_pages), page, 0)  # ids outside the cache never address it
-    k = tl.reshape(K_DESC.load([page, 0, hk, 0]), [PAGE_SIZE, D_QK])
-    v = tl.reshape(V_DESC.load([page, 0, hk, 0]), [PAGE_SIZE, D_VO])
-    n_valid = (offs_n < kv_hi) & (offs_n >= lo_keep)
-    s = _scores(_dot(q, tl.trans(k), UPCAST, PREC), offs_n, n_valid, r, pos, valid_m, slope, qk_scale, sm_scale,
-                soft_cap, window_left, MASK, mask_base, kv_len, MASKED, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP,
-                FOLD_SCALE)
-    if MASKED:
-        v = tl.where(n_valid[:, None], v, 0.0)
-    return s, v
-
-
-@triton.jit
-def _attend_tile_pages(
-    acc, m_i, l_i, q, start, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK,
-    kv_base, kv_hi, kv_len, num_pages, mask_base, hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap,
-    window_left, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, D_QK: tl.constexpr,
-    D_VO: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FOLD_SCALE: tl.constexpr,
-):
-    """``_attend_tile`` for paged K/V by bulk copies (``PAGED_TMA``): a key tile of BLOCK_N = 1, 2
-    or 4 pages, each page its own K and V copy (the copy engine cannot gather rows of different
-    pages into one box), its own QK^T product and its own P*V product into the accumulator;
-    one online-softmax step over the whole tile. Keys below ``lo_keep`` (a range start that is
-    not page-aligned) are masked like keys past ``kv_hi``."""
-    s0, v0 = _page_part(q, start, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK, kv_base, kv_hi, kv_len, num_pages,
-                        mask_base, hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left, MASKED,
-                        PAGE_SIZE, D_QK, D_VO, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC, FOLD_SCALE)
-    mx = tl.max(s0, 1)
-    if BLOCK_N >= 2 * PAGE_SIZE:
-        s1, v1 = _page_part(q, start + PAGE_SIZE, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK, kv_base, kv_hi, kv_len,
-                            num_pages, mask_base, hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap,
-                            window_left, MASKED, PAGE_SIZE, D_QK, D_VO, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP,
-                            UPCAST, PREC, FOLD_SCALE)
-        mx = tl.maximum(mx, tl.max(s1, 1))
-    if BLOCK_N >= 4 * PAGE_SIZE:
-        s2, v2 = _page_part(q, start + 2 * PAGE_SIZE, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK, kv_base, kv_hi,
-                            kv_len, num_pages, mask_base, hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap,
-                            window_left, MASKED, PAGE_SIZE, D_QK, D_VO, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP,
-                            UPCAST, PREC, FOLD_SCALE)
-        s3, v3 = _page_part(q, start + 3 * PAGE_SIZE, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK, kv_base, kv_hi,
-                            kv_len, num_pages, mask_base, hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap,
-                            window_left, MASKED, PAGE_SIZE, D_QK, D_VO, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP,
-                            UPCAST, PREC, FOLD_SCALE)
-        mx = tl.maximum(mx, tl.maximum(tl.max(s2, 1), tl.max(s3, 1)))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
     if FOLD_SCALE:
-        m_new = tl.maximum(m_i, mx * qk_scale)
+        p = tl.exp2(s * qk_scale - m_use[:, None])
     else:
-        m_new = tl.maximum(m_i, mx)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
-    p = _probs(s0, m_use, qk_scale, FOLD_SCALE)
-    l_new = tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v0.dtype), v0, UPCAST, PREC)
-    if BLOCK_N >= 2 * PAGE_SIZE:
-        p = _probs(s1, m_use, qk_scale, FOLD_SCALE)
-        l_new += tl.sum(p, 1)
-        acc += _dot(p.to(v1.dtype), v1, UPCAST, PREC)
-    if BLOCK_N >= 4 * PAGE_SIZE:
-        p = _probs(s2, m_use, qk_scale, FOLD_SCALE)
-        l_new += tl.sum(p, 1)
-        acc += _dot(p.to(v2.dtype), v2, UPCAST, PREC)
-        p = _probs(s3, m_use, qk_scale, FOLD_SCALE)
-        l_new += tl.sum(p, 1)
-        acc += _dot(p.to(v3.dtype), v3, UPCAST, PREC)
-    l_i = l_i * alpha + l_new
-    return acc, m_new, l_i
+    if TMA:
+        v = tl.reshape(V_DESC.load([kv_base + start, hk, 0]), [BLOCK_N, offs_dv.shape[0]])
+        if MASKED:  # rows past this request's keys belong to others (or to no one): p is 0 there, v must be finite
+            v = tl.where(n_valid[:, None], v, 0.0)
+    else:
+        v = _load_rows(v_row, offs_dv, n_valid, dv_mask, MASKED, PAD_DV, KV_EVICT)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, m_new, l_i, nxt_page, nxt_slot, far_page, far_slot
 
 
 # ------------------------------------------------------------------------------ the kernels
@@ -365,7 +263,7 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
     KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LEAN: tl.constexpr = False,
-    KV_SAME: tl.constexpr = False, PAGED_TMA: tl.constexpr = False,
+    KV_SAME: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -415,9 +313,6 @@ def _attn_fwd_kernel(
     if WINDOW:
         kv_lo = tl.maximum(kv_lo, r_first + delta - window_left)
     kv_lo = tl.maximum(kv_lo, 0)
-    lo_keep = kv_lo
-    if PAGED_TMA:  # tiles start on page boundaries; keys below lo_keep are masked in the first tile
-        kv_lo = kv_lo // PAGE_SIZE * PAGE_SIZE
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     r = offs_m // GROUP
@@ -463,9 +358,6 @@ def _attn_fwd_kernel(
         full_end = kv_hi
         if CAUSAL:  # keys <= r_first + delta are visible to every row
             full_end = tl.minimum(full_end, r_first + delta + 1)
-        if PAGED_TMA:  # a range start inside a page: the first tile takes the masked path (defensive:
-            # plan() starts chunks inside a page only under a window, whose edge tile is masked anyway)
-            a = tl.where(lo_keep > kv_lo, tl.maximum(a, tl.minimum(kv_lo + BLOCK_N, kv_hi)), a)
         c = a + tl.maximum(full_end - a, 0) // BLOCK_N * BLOCK_N
     for seg in tl.static_range(3):  # unrolled: the middle range runs the unmasked tile
         if seg == 0:
@@ -474,30 +366,22 @@ def _attn_fwd_kernel(
             lo, hi = a, c
         else:
             lo, hi = c, kv_hi
-        if PAGED_TMA:
-            for start in range(lo, hi, BLOCK_N):
-                acc, m_i, l_i = _attend_tile_pages(
-                    acc, m_i, l_i, q, start, lo_keep, K_DESC, V_DESC, KV_INDICES, MASK,
-                    kv_base, kv_hi, kv_len, num_pages, mask_base, hk, r, pos, valid_m, slope, qk_scale, sm_scale,
-                    soft_cap, window_left, BLOCK_N, seg != 1, PAGE_SIZE, D_QK, D_VO, CAUSAL, WINDOW, HAS_MASK, POS,
-                    SOFTCAP, UPCAST, PREC, FOLD_SCALE)
-        else:
-            offs_lo = lo + tl.arange(0, BLOCK_N)
-            kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE, LEAN)
-            kpage1, kslot1 = kpage, kslot
-            if PAGED and PAGE_AHEAD == 2:
-                offs_lo1 = offs_lo + BLOCK_N
-                kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE,
-                                          LEAN)
-            for start in range(lo, hi, BLOCK_N):
-                acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
-                    acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
-                    kv_base, kv_hi, kv_len, num_pages, mask_base,
-                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                    hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
-                    offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
-                    BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                    BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME)
+        offs_lo = lo + tl.arange(0, BLOCK_N)
+        kpage, kslot = _kv_rows(KV_INDICES, kv_base, offs_lo, offs_lo < kv_hi, num_pages, PAGED, PAGE_SIZE, LEAN)
+        kpage1, kslot1 = kpage, kslot
+        if PAGED and PAGE_AHEAD == 2:
+            offs_lo1 = offs_lo + BLOCK_N
+            kpage1, kslot1 = _kv_rows(KV_INDICES, kv_base, offs_lo1, offs_lo1 < kv_hi, num_pages, PAGED, PAGE_SIZE,
+                                      LEAN)
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i, kpage, kslot, kpage1, kslot1 = _attend_tile(
+                acc, m_i, l_i, q, start, kpage, kslot, kpage1, kslot1, K, V, K_DESC, V_DESC, KV_INDICES, MASK, FREQS,
+                kv_base, kv_hi, kv_len, num_pages, mask_base,
+                stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
+                offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
+                BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME)
 
     if PDL == 2:  # the merge kernel may launch once every program is this far (see merge_pdl)
         gdc_launch_dependents()
@@ -736,24 +620,14 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int) -> boo
     (page == 1), power-of-two head dims of 16..256 (the copy box is the whole head), 16-byte
     aligned bases and row/head strides, no RoPE on K (its partner-half loads are pointer
     gathers), and an sm_90+ device or the interpreter."""
-    if paged or pos == 1:
-        return False
-    return _descriptors_ok(k, v, (0, 2))
-
-
-def _descriptors_ok(k: torch.Tensor, v: torch.Tensor, dims) -> bool:
-    """Tensor descriptors over the K/V views can be built and used: at least one row (a
-    descriptor needs a positive extent), power-of-two head dims of 16..256 (a copy box holds a
-    whole head), unit last stride, 16-byte aligned base and strides of ``dims``, and an sm_90+
-    device or the interpreter."""
-    if k.shape[0] == 0 or v.shape[0] == 0:
+    if paged or pos == 1 or k.shape[0] == 0 or v.shape[0] == 0:  # (no rows: a descriptor needs a positive extent)
         return False
     for t in (k, v):
         d = t.shape[-1]
         if d < 16 or d > 256 or d & (d - 1) or t.stride(-1) != 1:
             return False
         es = t.element_size()
-        if t.data_ptr() % 16 or any((t.stride(i) * es) % 16 for i in dims):
+        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(2) * es) % 16:
             return False
     if k.device.type == "cuda":
         return _sm_major(k.device.index) >= 9
@@ -782,38 +656,6 @@ def use_tma(k: torch.Tensor, v: torch.Tensor, paged: bool, pos: int, block_m: in
     if k.device.type != "cuda":
         return True
     return tma_pays(block_m, max(k.shape[-1], v.shape[-1]), k.element_size(), mean_kv_len)
-
-
-PAGED_TMA = True  # module switch: paged key tiles by page-sized bulk copies where use_paged_tma says so
-PAGED_TMA_MIN_BLOCK_M = 128  # CUDA: rows per tile from which they are taken (prefill tiles)
-
-
-def paged_tma_eligible(k: torch.Tensor, v: torch.Tensor, paged: bool, page_size: int, pos: int) -> bool:
-    """Whether paged K/V tiles *can* be loaded page by page through tensor descriptors over the
-    4-D views ``[P, page, H_kv, D]`` (one box = one page of one head, ``_attend_tile_pages``):
-    page sizes 16..128 (a page is one MMA's key dimension and one copy box), power-of-two head
-    dims of 16..256, unit last stride, 16-byte aligned base and strides, no RoPE on K, at least
-    one page, and an sm_90+ device or the interpreter."""
-    if not paged or pos == 1 or page_size not in (16, 32, 64, 128):
-        return False
-    return _descriptors_ok(k, v, (0, 1, 2))
-
-
-def use_paged_tma(k: torch.Tensor, v: torch.Tensor, paged: bool, page_size: int, pos: int, block_m: int) -> bool:
-    """Whether this paged launch takes its key tiles by page-sized bulk copies: under the
-    interpreter for every eligible launch of prefill-sized tiles (>= 32 rows; the CPU tests
-    cover the path there), on CUDA for 16-bit tiles of ``PAGED_TMA_MIN_BLOCK_M`` rows and head
-    dims up to 128. Decode tiles keep the pointer gathers."""
-    if not PAGED_TMA or not paged_tma_eligible(k, v, paged, page_size, pos):
-        return False
-    if k.device.type != "cuda":
-        return block_m >= 32
-    return block_m >= PAGED_TMA_MIN_BLOCK_M and k.element_size() == 2 and max(k.shape[-1], v.shape[-1]) <= 128
-
-
-def paged_tma_block_n(page_size: int) -> int:
-    """Keys per paged-TMA tile: 64 (4, 2 or 1 pages of 16, 32 or 64 keys), or one 128-key page."""
-    return max(64, page_size)
 
 
 def kv_eviction(has_split: bool, device) -> str:
@@ -1021,9 +863,6 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     tma = use_tma(k, v, paged, pos, block_m, keys / max(qo_indptr.shape[0] - 1 if worklist else 1, 1))
     block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
                                                  keys_per_program, split=has_split, tma=tma, group=group)
-    ptma = use_paged_tma(k, v, paged, page_size, pos, block_m)
-    if ptma:
-        block_n = paged_tma_block_n(page_size)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
     pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
@@ -1041,10 +880,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if tma:  # [rows, H_kv, D] views of the ragged K/V (page == 1), one key tile of one head per copy
         k_desc = TensorDescriptor(k, [k.shape[0], h_kv, d_qk], [k.stride(0), k.stride(2), 1], [block_n, 1, d_qk])
         v_desc = TensorDescriptor(v, [v.shape[0], h_kv, d_vo], [v.stride(0), v.stride(2), 1], [block_n, 1, d_vo])
-    elif ptma:  # [P, page, H_kv, D] views, one page of one head per copy
-        k_desc = TensorDescriptor(k, list(k.shape), [k.stride(0), k.stride(1), k.stride(2), 1], [1, page_size, 1, d_qk])
-        v_desc = TensorDescriptor(v, list(v.shape), [v.stride(0), v.stride(1), v.stride(2), 1], [1, page_size, 1, d_vo])
-    ahead = page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev) if paged and not ptma else 1
+    ahead = page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev) if paged else 1
     cap = register_cap(block_m, num_warps, ahead, dev)
     reg_cap = {} if cap is None else {"maxnreg": cap}
     _attn_fwd_kernel[(grid0, h_kv)](
@@ -1067,7 +903,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
-        PDL=pdl, LEAN=lean_addressing(k, v), KV_SAME=k.stride()[:3] == v.stride()[:3], PAGED_TMA=ptma,
+        PDL=pdl, LEAN=lean_addressing(k, v), KV_SAME=k.stride()[:3] == v.stride()[:3],
         num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split:
