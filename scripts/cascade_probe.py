@@ -10,9 +10,9 @@ Cases (bf16, D=128, 32 query / 8 KV heads, page 16 with shuffled pages):
     TMA key tiles) for comparison;
   * the whole two-level cascade (shared level + 256 unique keys per request);
   * the suite's causal paged prefill, B=4 x 4096: as planned (gathered K/V) and in place.
-``PAGE`` in the environment sets the page size (default 16). Variants are planned and timed
-inside their switches (plan() decides the gathered path); CUDA-graph replays, two alternating
-rounds; outputs are checked against the first variant. ``ncu`` runs each variant once between
+``PAGE`` in the environment sets the page size (default 16). The in-place prefill is planned
+with the gathered-K/V path switched off (plan() makes that choice); CUDA-graph replays, two
+alternating rounds; outputs are checked against the first variant of each case. ``ncu`` runs each variant once between
 cudaProfilerStart/Stop. RESULTS.md (eighteenth session) has the H100 numbers, and those of
 page-sized TMA copies, which lost to the pointer gathers and were not kept.
 """
