@@ -18,7 +18,6 @@ page-sized TMA copies, which lost to the pointer gathers and were not kept.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -26,23 +25,11 @@ import torch
 
 import torch_flashops as fo
 from benchmarks.harness import time_fn
-from torch_flashops import prefill as prefill_mod
+from benchmarks.tune_attention import _patched
 
 HQ, HKV, D = 32, 8, 128
 PAGE = int(os.environ.get("PAGE", "16"))
 DT = torch.bfloat16
-
-
-@contextlib.contextmanager
-def no_gather(on: bool):
-    """Paged prefill stays in place (no gathered-K/V copy) while ``on``."""
-    old = prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
-    if on:
-        prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = float("inf")
-    try:
-        yield
-    finally:
-        prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY = old
 
 
 def i32(x):
@@ -85,7 +72,7 @@ def prefill_case(g):
     flops = 4 * D * HQ * B * (L * (L + 1) // 2)
     runs = {}
     for name, in_place in (("as planned (gathered K/V)", False), ("in place", True)):
-        with no_gather(in_place):
+        with _patched(gather=not in_place):
             w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
             w.plan(indptr * L, indptr * per, ids, torch.full((B,), PAGE, dtype=torch.int32, device="cuda"), HQ, HKV,
                    D, PAGE, causal=True, q_data_type=DT)
