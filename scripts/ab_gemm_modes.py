@@ -51,13 +51,13 @@ MODES = {  # name -> (config transform, HALF_TAIL_MIN_BLOCK_M; None: as shipped)
 }
 DEFAULT_MODES = "base,half,pers2,pers12,pers2+half1"
 _KEYS = {"BN": "BLOCK_N", "BK": "BLOCK_K", "G": "GROUP_M", "W": "num_warps", "S": "num_stages", "P": "progs_per_sm",
-         "TS": "tail_split"}
+         "TS": "tail_split", "OD": "one_dot"}
 
 
 def _spec_mode(spec):
     """A mode written inline: ``p2/BN128/BK64/S4/P2`` makes GEMM2 persistent (TMA) with those
     overrides (BN, BK, G = GROUP_M, W = warps, S = stages, P = programs per SM, TS = tail_split,
-    NF = no flatten); ``p1/...`` the same for GEMM1; ``t2/...`` / ``t1/...`` keep the block GEMM
+    OD = one_dot, NF = no flatten); ``p1/...`` the same for GEMM1; ``t2/...`` / ``t1/...`` keep the block GEMM
     but take TMA and the overrides; ``b2/...`` / ``b1/...`` only the overrides. Several parts join
     with ``+`` (``p2/BN128+t1/BN64``)."""
     parts = []

@@ -98,8 +98,8 @@ def compile_sm90(fn, sig: dict, constexprs: dict, aligned, num_warps: int) -> di
     through Triton's bundled ptxas. ``sig``: Triton type per non-constexpr argument;
     ``aligned``: arguments specialised as 16-divisible (as a launch with aligned pointers and
     strides would be). Needs the real JIT, so call it in a process without TRITON_INTERPRET
-    (``run_without_interpreter``). Returns {"ptx": str, "cubin_bytes": int, "shared": bytes of
-    shared memory per program}."""
+    (``run_without_interpreter``). Returns {"ptx": str, "ttgir": str, "cubin_bytes": int, "shared":
+    bytes of shared memory per program}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -109,7 +109,8 @@ def compile_sm90(fn, sig: dict, constexprs: dict, aligned, num_warps: int) -> di
     src = ASTSource(fn, full, constexprs={(idx[k],): v for k, v in constexprs.items()},
                     attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned})
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    return {"ptx": out.asm["ptx"], "cubin_bytes": len(out.asm.get("cubin", b"")), "shared": out.metadata.shared}
+    return {"ptx": out.asm["ptx"], "ttgir": out.asm["ttgir"], "cubin_bytes": len(out.asm.get("cubin", b"")),
+            "shared": out.metadata.shared}
 
 
 def run_without_interpreter(code: str):

@@ -8,6 +8,7 @@ of ``reference.moe_routing``. Fresh outputs are poisoned through the allocator
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -416,6 +417,18 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
     check_layer(f"fused_moe tail split {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
+def _skips_and_remote(ids, w1, w2, emap: list, skip_rows: list):
+    """Expert parallelism in a test layer: rows ``skip_rows`` of ids become -1 (padding tokens),
+    ``emap`` maps global experts to local ones (-1: remote) and the weights keep the local ones.
+    Returns (ids, w1, w2, oracle kwargs, fused_moe kwargs)."""
+    ids = ids.clone()
+    ids[skip_rows] = -1
+    m = torch.tensor(emap, dtype=torch.int32, device=ids.device)
+    n = int((m >= 0).sum())
+    return (ids, w1[:n].contiguous(), w2[:n].contiguous(), {"expert_map": m},
+            {"expert_map": m, "global_num_experts": len(emap)})
+
+
 @pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
 def test_fused_moe_persistent_gemm(device, monkeypatch, what):
     """Configs with "persistent" (and "tma"): the aligned GEMMs as a grid of persistent programs
@@ -447,16 +460,65 @@ def test_fused_moe_persistent_gemm(device, monkeypatch, what):
     T, H, I, E, k = 37, 40, 24, 6, 2
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.bfloat16, device, seed=41)
     kw, call = {}, {}
-    if what == "both-skips-map":
-        ids[[0, 5, 20]] = -1
-        emap = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32)  # experts 1 and 4 are remote
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+    if what == "both-skips-map":  # experts 1 and 4 are remote
+        ids, w1, w2, kw, call = _skips_and_remote(ids, w1, w2, [0, -1, 1, 2, -1, 3], [0, 5, 20])
     with poisoned_allocations():
         out = fused_moe(x, w1, w2, tw, ids, **call)
     check_layer(f"fused_moe persistent {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
     assert len(launched) == (1 if what == "gemm2" else 2), launched
+
+
+@pytest.mark.parametrize("what", ["sort-x", "gather", "half-tail", "persistent", "skips-map", "tail-split"])
+def test_fused_moe_one_dot(device, monkeypatch, what):
+    """Config key "one_dot" (GEMM1 with "tma"): the gate and up tiles of w1 come as one box of
+    the [E, 2, I, H] view and go through one dot into a [BM, 2 * BLOCK_N] accumulator that is
+    split for the silu(gate) * up epilogue. I is not a multiple of BLOCK_N (the box's zero fill
+    past I, not the up rows, fills the last tile) nor H of BLOCK_K. A spy checks which kernel ran
+    GEMM1 and that it took the one-dot form (with "tail_split" it must not: pieces keep two
+    accumulators); against the dense oracle with poisoned allocations."""
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+    if what == "half-tail":
+        monkeypatch.setattr(ops, "HALF_TAIL_MIN_BLOCK_M", 32)
+    real = ops.moe_config
+
+    def one_dot(*a):
+        cfg = real(*a)
+        g1 = {**cfg["gemm1"], "tma": True, "one_dot": True, "BLOCK_N": 16, "BLOCK_K": 16}
+        g1.pop("persistent", None)
+        if what != "gather":
+            g1["sort_x"] = True
+        if what == "persistent":
+            g1["persistent"] = True
+        if what == "tail-split":
+            g1["tail_split"] = 4
+        return {**cfg, "block_m": 32 if what == "half-tail" else 16, "pairs": False, "gemm1": g1,
+                "gemm2": {**cfg["gemm2"], "tma": True}}
+
+    monkeypatch.setattr(ops, "moe_config", one_dot)
+    seen = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["FUSE_SILU"]:
+                    seen.append((self.name, kw["GU_ONE"]))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ops, "_moe_gemm_kernel", Spy("block", ops._moe_gemm_kernel))
+    monkeypatch.setattr(ops, "_moe_gemm_persistent_kernel", Spy("persistent", ops._moe_gemm_persistent_kernel))
+    T, H, I, E, k = 37, 40, 24, 5, 2
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.bfloat16, device, seed=43)
+    kw, call = {}, {}
+    if what == "skips-map":  # expert 1 is remote
+        ids, w1, w2, kw, call = _skips_and_remote(ids, w1, w2, [0, -1, 1, 2, 3], [0, 5, 20])
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, **call)
+    check_layer(f"fused_moe one_dot {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
+    assert seen == [("persistent" if what == "persistent" else "block", what != "tail-split")], seen
 
 
 DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
@@ -919,39 +981,81 @@ def test_decode_kernel_compiles_for_sm90_without_gpu():
     assert info["2"]["cg_loads"] >= 1 and info["1"]["vector_loads"] >= 1 and info["2"]["vector_loads"] >= 1, info
 
 
+def _compile_block_gemm_sm90(cst: dict, descs: dict) -> dict:
+    """``ops._moe_gemm_kernel`` for sm_90 with constexprs ``cst`` and descriptor types ``descs``:
+    bf16 operands, fp32 weights and partial tiles, int32 routing, aligned pointers and strides."""
+    sig = {}
+    for n in ops._moe_gemm_kernel.arg_names:
+        if n in cst:
+            continue
+        if n in descs:
+            sig[n] = descs[n]
+        elif n.endswith("_ptr"):
+            sig[n] = ("*bf16" if n in ("a_ptr", "w_ptr", "c_ptr") else
+                      "*fp32" if n in ("topk_w_ptr", "part_ptr") else "*i32")
+        else:
+            sig[n] = "fp32" if n == "scale" else "i32"
+    return compile_sm90(ops._moe_gemm_kernel, sig, cst, [n for n in sig if n.endswith("_ptr") or n.startswith("stride")],
+                        8)
+
+
 def aot_compile_tail_split_sm90() -> dict:
     """The aligned block GEMM for an H100 (sm_90) as Mixtral's layer launches it at T=1024
     (128-row blocks, A and the weights by descriptor), with and without a tail split: PTX facts
     the split's fold depends on. Needs the real JIT (run_without_interpreter)."""
     import re
 
-    fn = ops._moe_gemm_kernel
     info = {}
     for role, split in (("gemm1", 4), ("gemm2", 4), ("gemm2", 0)):
         bn = 128 if role == "gemm1" else 256
         cst = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=16, MUL_WEIGHT=role == "gemm2",
                    FUSE_SILU=role == "gemm1", WRITE_SKIP=role == "gemm2", PAIRS=False, HAS_MAP=False, EVEN_K=True,
                    W_TMA=True, A_SORTED=True, A_TMA=True, C_SORTED=role == "gemm1", HALF_TAIL=True,
-                   DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False, PDL_WAIT=False, TAIL_SPLIT=split)
+                   DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False, PDL_WAIT=False, TAIL_SPLIT=split,
+                   GU_ONE=False)
         descs = {"a_desc": "tensordesc<bf16[128, 64]>", "a_desc_half": "tensordesc<bf16[64, 64]>",
                  "w_desc": f"tensordesc<bf16[1, {bn}, 64]>"}
-        sig = {}
-        for n in fn.arg_names:
-            if n in cst:
-                continue
-            if n in descs:
-                sig[n] = descs[n]
-            elif n.endswith("_ptr"):
-                sig[n] = ("*bf16" if n in ("a_ptr", "w_ptr", "c_ptr") else
-                          "*fp32" if n in ("topk_w_ptr", "part_ptr") else "*i32")
-            else:
-                sig[n] = "fp32" if n == "scale" else "i32"
-        out = compile_sm90(fn, sig, cst, [n for n in sig if n.endswith("_ptr") or n.startswith("stride")], 8)
+        out = _compile_block_gemm_sm90(cst, descs)
         ptx = out["ptx"]
         info[f"{role}-{split}"] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
                                    "atomics": sorted(set(re.findall(r"atom\.[\w.]+", ptx))),
                                    "cg_loads": len(re.findall(r"ld\.global\.cg", ptx))}
     return info
+
+
+def aot_compile_one_dot_sm90() -> dict:
+    """GEMM1 of Mixtral's layer at T=4096 as the H100 table launches it (128-row blocks, 2 x 128
+    columns, A and w1 by descriptor, fused silu * up), in the two-dot and the one-dot ("one_dot")
+    form: MMA ops, layout conversions and shared memory of each."""
+    info = {}
+    for one in (False, True):
+        cst = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, MUL_WEIGHT=False, FUSE_SILU=True,
+                   WRITE_SKIP=False, PAIRS=False, HAS_MAP=False, EVEN_K=True, W_TMA=True, A_SORTED=True, A_TMA=True,
+                   C_SORTED=True, HALF_TAIL=True, DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False,
+                   PDL_WAIT=False, TAIL_SPLIT=0, GU_ONE=one)
+        descs = {"a_desc": "tensordesc<bf16[128, 64]>", "a_desc_half": "tensordesc<bf16[64, 64]>",
+                 "w_desc": "tensordesc<bf16[1, 2, 128, 64]>" if one else "tensordesc<bf16[1, 128, 64]>"}
+        out = _compile_block_gemm_sm90(cst, descs)
+        ttgir = out["ttgir"]
+        info[str(int(one))] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
+                               "dots": ttgir.count("ttng.warp_group_dot "),
+                               "converts": ttgir.count("ttg.convert_layout"),
+                               "mma_n": sorted(set(re.findall(r"-> tensor<\d+x(\d+)xf32, #mma", ttgir)))}
+    return info
+
+
+def test_one_dot_gemm1_compiles_for_sm90_without_gpu():
+    """The one-dot GEMM1 issues one 256-column MMA per K step where the two-dot form issues two
+    of 128 (per block and half block), and its gate/up split adds no layout conversion (columns
+    j and 128 + j sit in the same thread) and no shared memory."""
+    info = run_without_interpreter("import json; from tests.test_moe import aot_compile_one_dot_sm90; "
+                                   "print(json.dumps(aot_compile_one_dot_sm90()))")
+    two, one = info["0"], info["1"]
+    assert one["cubin_bytes"] > 0 and two["cubin_bytes"] > 0
+    assert one["dots"] * 2 == two["dots"], info
+    assert "256" in one["mma_n"] and "256" not in two["mma_n"], info
+    assert one["converts"] == two["converts"], info
+    assert one["shared"] <= two["shared"], info
 
 
 def test_tail_split_gemm_compiles_for_sm90_without_gpu():

@@ -142,9 +142,11 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
                BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr, EVEN_K: tl.constexpr,
                W_TMA: tl.constexpr, A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr,
-               DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GU_ONE: tl.constexpr = False):
     """BM rows of one block from slot position row0 (slots ``slot [BM]``) times weight columns
-    [pid_n * BLOCK_N, +BLOCK_N) of ``expert`` (-1: skipped block), stored to c."""
+    [pid_n * BLOCK_N, +BLOCK_N) of ``expert`` (-1: skipped block), stored to c. GU_ONE: the
+    gate and up tiles come as one [2, BLOCK_N, BLOCK_K] box of a 4-D descriptor (``_gate_up_view``)
+    and go through one dot into a [BM, 2 * BLOCK_N] accumulator, split after the K loop."""
     valid = slot < num_valid
     pos = (row0 + tl.arange(0, BM)).to(tl.int64)  # slot position: row of a sorted intermediate
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,7 +162,8 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
             a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
         up_step = tl.cast(up_offset, tl.int64) * stride_wn
-        acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+        GU: tl.constexpr = 2 if GU_ONE else 1
+        acc = tl.zeros((BM, GU * BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
         n0 = pid_n * BLOCK_N
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
@@ -171,7 +174,9 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
                 a = tl.load(a_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            if W_TMA:  # weight tiles by the copy engine (zero fill past N and K)
+            if GU_ONE:  # gate rows n0.. and up rows I + n0.. as one box
+                b = w_desc.load([expert, 0, n0, kk * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K).T
+            elif W_TMA:  # weight tiles by the copy engine (zero fill past N and K)
                 b = w_desc.load([expert, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
             elif EVEN_K:
                 b = tl.load(b_ptrs)
@@ -181,7 +186,7 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if FUSE_SILU:
+            if FUSE_SILU and not GU_ONE:
                 if W_TMA:
                     bu = w_desc.load([expert, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
                 elif EVEN_K:
@@ -193,22 +198,35 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
                 acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-
+        if GU_ONE:
+            acc, acc_up = _gu_split(acc, BM, BLOCK_N)
         acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
         tl.store(c_ptrs, (acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
+def _gu_split(acc, BM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BM, 2 * BLOCK_N] -> ([BM, BLOCK_N] gate, [BM, BLOCK_N] up): columns j and BLOCK_N + j
+    sit in the same thread of the MMA layout, so the split moves no data."""
+    return acc.reshape(BM, 2, BLOCK_N).permute(0, 2, 1).split()
+
+
+@triton.jit
 def _w_desc_dots(a, w_desc, expert, n0, k0, up_offset, acc, acc_up, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FUSE_SILU: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                 FUSE_SILU: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                 GU_ONE: tl.constexpr = False):
     """One K step with weight tiles by descriptor: acc += a @ w[expert, n0:+BLOCK_N, k0:+BLOCK_K].T
-    (and acc_up with the up half at n0 + up_offset when FUSE_SILU)."""
-    b = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    (and acc_up with the up half at n0 + up_offset when FUSE_SILU; with GU_ONE both halves as one
+    box of the 4-D gate/up descriptor into acc, [BM, 2 * BLOCK_N])."""
+    if GU_ONE:
+        b = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
+    else:
+        b = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
     if DOT_F32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if FUSE_SILU:
+    if FUSE_SILU and not GU_ONE:
         bu = w_desc.load([expert, n0 + up_offset, k0]).reshape(BLOCK_N, BLOCK_K).T
         if DOT_F32:
             bu = bu.to(tl.float32)
@@ -273,7 +291,7 @@ def _moe_gemm_kernel(
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
-    TAIL_SPLIT: tl.constexpr = 0,
+    TAIL_SPLIT: tl.constexpr = 0, GU_ONE: tl.constexpr = False,
 ):
     # Programmatic dependent launch (sm_90+, see moe_pdl): PDL_TRIGGER lets the next kernel of
     # the chain launch now (its programs wait in gdc_wait until this grid has finished);
@@ -298,7 +316,7 @@ def _moe_gemm_kernel(
         _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                    N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                    BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                   A_TMA, C_SORTED, DOT_F32, PRECISION)
+                   A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
     else:
         if PDL_WAIT:
             gdc_wait()
@@ -360,17 +378,17 @@ def _moe_gemm_kernel(
                 _gemm_rows(a_ptr, a_desc_half, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot_half, row0, pid_n, expert,
                            N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                            HALF, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                           A_TMA, C_SORTED, DOT_F32, PRECISION)
+                           A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
             else:
                 _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                            N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                            BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                           A_TMA, C_SORTED, DOT_F32, PRECISION)
+                           A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
         else:
             _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                        N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                        BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                       A_TMA, C_SORTED, DOT_F32, PRECISION)
+                       A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
 
 
 @triton.jit(do_not_specialize=["num_valid", "num_slots"])
@@ -381,7 +399,7 @@ def _moe_gemm_persistent_kernel(
     NUM_PROGS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, C_SORTED: tl.constexpr,
     FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr, GU_ONE: tl.constexpr = False,
 ):
     """The aligned grouped GEMM as NUM_PROGS persistent programs, the weights through a tensor
     descriptor, A by one too (A_TMA: slot-ordered rows) or gathered by pointers (rows
@@ -423,7 +441,8 @@ def _moe_gemm_persistent_kernel(
             else:
                 a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
             a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        GU: tl.constexpr = 2 if GU_ONE else 1
+        acc = tl.zeros((BLOCK_M, GU * BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, k_tiles):  # a bound the tile loop does not change: FLATTEN needs it
             if A_TMA:
@@ -433,7 +452,9 @@ def _moe_gemm_persistent_kernel(
             else:
                 a = tl.load(a_ptrs + kk * BLOCK_K, mask=(offs_k < K - kk * BLOCK_K)[None, :], other=0.0)
             acc, acc_up = _w_desc_dots(a, w_desc, e, n0, kk * BLOCK_K, up_offset, acc, acc_up, BLOCK_N, BLOCK_K,
-                                       FUSE_SILU, DOT_F32, PRECISION)
+                                       FUSE_SILU, DOT_F32, PRECISION, GU_ONE)
+        if GU_ONE:
+            acc, acc_up = _gu_split(acc, BLOCK_M, BLOCK_N)
         acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
         c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, n0 + cols, N, num_valid, num_slots, stride_cm, C_SORTED)
         tl.store(c_ptrs, tl.where(expert >= 0, acc * scale, 0.0).to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -908,6 +929,13 @@ def _fit_smem(cfg, block_m, fused, elem):
     return c
 
 
+def _gate_up_view(w):
+    """w1 [E, 2I, H] ([gate; up] rows) as [E, 2, I, H]: one descriptor box [1, 2, BN, BK] holds
+    gate rows n.. and up rows I + n.. of the same columns (config key "one_dot")."""
+    E, n2, K = w.shape
+    return w.as_strided((E, 2, n2 // 2, K), (w.stride(0), (n2 // 2) * w.stride(1), w.stride(1), w.stride(2)))
+
+
 def _tma_ok(w) -> bool:
     """The copy engine needs 16-byte aligned base and strides (and a unit last stride)."""
     e = w.element_size()
@@ -984,10 +1012,18 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         cfg = _fit_smem(cfg, block_m, fuse_silu, a.element_size())
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     use_tma = bool(cfg.get("tma")) and _tma_ok(w)
-    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
     a_tma = use_tma and a_sorted and _tma_ok(a.unsqueeze(0))
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, bk]) if a_tma else a
-    if align is not None and cfg.get("persistent") and use_tma:
+    persistent = align is not None and bool(cfg.get("persistent")) and use_tma
+    split = int(cfg.get("tail_split", 0)) if align is not None and a_tma and not persistent else 0
+    # config "one_dot": gate and up tiles by one 4-D box and one dot (not with tail-split pieces)
+    gu_one = fuse_silu and use_tma and bool(cfg.get("one_dot")) and split <= 1
+    if gu_one:
+        w4 = _gate_up_view(w)
+        w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [1, 2, bn, bk])
+    else:
+        w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
+    if persistent:
         n_tiles = num_m_blocks * _cdiv(n_out, bn)
         per_sm = cfg.get("progs_per_sm", 1)
         progs = min(n_tiles, 3 if interp else per_sm * _config.sm_count(a.device.index or 0))
@@ -1000,14 +1036,13 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
             FLATTEN=bool(cfg.get("flatten", True)),
             DOT_F32=interp and a.dtype != torch.float32,
             PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
-            PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, launch_pdl=pdl_wait,
+            PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, GU_ONE=gu_one, launch_pdl=pdl_wait,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return
     half = align is not None and (half_tail_on(block_m) if half_tail is None else half_tail) and block_m >= 32
     a_desc_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m // 2, bk]) if a_tma and half else a
     grid = (num_m_blocks * _cdiv(n_out, bn),)
-    split = int(cfg.get("tail_split", 0)) if align is not None and a_tma else 0
     part = count = c
     slots = 0
     if split > 1:
@@ -1027,7 +1062,8 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         EVEN_K=K % bk == 0, W_TMA=use_tma, A_SORTED=a_sorted, A_TMA=a_tma, C_SORTED=c_sorted, HALF_TAIL=half,
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
-        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, TAIL_SPLIT=split if split > 1 else 0, launch_pdl=pdl_wait,
+        PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, TAIL_SPLIT=split if split > 1 else 0, GU_ONE=gu_one,
+        launch_pdl=pdl_wait,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
