@@ -844,6 +844,11 @@ def test_shipped_configs_are_valid():
                 c = cfg[g]
                 assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(c), (f, t, g)
                 assert c["BLOCK_N"] >= 16 and c["BLOCK_K"] >= 16 and c["num_warps"] in (1, 2, 4, 8, 16)
+                extra = set(c) - {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+                assert extra <= {"tma", "sort_x", "persistent", "progs_per_sm", "flatten", "tail_split", "one_dot"}, \
+                    (f, t, g, extra)  # a misspelt key would be ignored silently
+                if c.get("one_dot"):  # GEMM1 only, weights by descriptor
+                    assert g == "gemm1" and c.get("tma"), (f, t, g)
 
 
 def test_config_tables_of_the_same_chip():

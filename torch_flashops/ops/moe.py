@@ -1489,8 +1489,11 @@ _CANDIDATES = {
 def gemm_candidates(block_m: int, fused: bool) -> list[dict]:
     """Tile configs to time; for GEMM2 at BLOCK_M >= 64 also the persistent form of each
     TMA config (it paid at short K, I <= 512, on an H100: RESULTS.md, fourteenth session), and
-    at BLOCK_M 128 its tail-split form (it paid at long K, Mixtral T=1024: fifteenth session)."""
+    at BLOCK_M 128 its tail-split form (it paid at long K, Mixtral T=1024: fifteenth session);
+    for GEMM1 at BLOCK_M >= 64 also the one-dot form ("one_dot") of each TMA config."""
     cands = [dict(c) for c in _CANDIDATES["small" if block_m <= 32 else block_m][0 if fused else 1]]
+    if fused and block_m >= 64:
+        cands += [{**c, "one_dot": True} for c in cands if c.get("tma") and c["BLOCK_N"] <= 128]
     if not fused and block_m >= 64:
         tma = [c for c in cands if c.get("tma")]
         cands += [{**c, "persistent": True} for c in tma]
