@@ -37,7 +37,11 @@ padded share of the MMA work (random routing at BLOCK_M 128: 20% -> 11% for Qwen
 T=4096). The persistent GEMM (config key ``"persistent"``, weights by TMA; in the H100 tables
 for GEMM2 where it paid): one program per SM walks the tiles with the tile loop and the K loop
 flattened into one software pipeline, so the next tile's loads overlap this tile's epilogue,
-which matters where K is short (GEMM2, K = I). It has no half tails.
+which matters where K is short (GEMM2, K = I). It has no half tails. GEMM1 with config key
+``"one_dot"`` reads w1 as [E, 2, I, H]: one descriptor box brings the gate and the up tile, one
+dot fills a [BM, 2 * BLOCK_N] accumulator, split in registers for the epilogue. In the block GEMM
+that is within noise; in the persistent GEMM it is what makes persistence pay for GEMM1 (two
+accumulators there lose), and Mixtral's large-T entries ship it (RESULTS.md, nineteenth session).
 
 Sizes that vary per call (token counts, numel, block counts) are runtime ints; tile sizes and
 mode switches are constexpr. Launch parameters come from one place, ``moe_config`` /
