@@ -888,6 +888,37 @@ def test_moe_config_selection():
     assert not cfg["pairs"] and cfg["block_m"] in ops.GEMM_BLOCK_SIZES
 
 
+def test_autotune_picks_fastest_candidate(device, monkeypatch):
+    """``autotune_moe_config`` runs every GEMM1 and GEMM2 candidate of a BLOCK_M once and keeps
+    the fastest by its timer. A fake timer ranks first the persistent one-dot GEMM1 and a
+    tail-split GEMM2 (forms only the candidate list adds to the base tiles); the tuner must
+    return those, cache the choice, and the layer must run correctly with it."""
+    monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
+    monkeypatch.setattr(ops, "_TUNED", {})
+    x, w1, w2, tw, ids = make_moe(40, 32, 32, 2, 2, torch.bfloat16, device, seed=5)
+    timed = []
+
+    def timer(fn):
+        g = (fn.__defaults__ or (None,))[0]  # the candidate runs are run(g=g); the align is not
+        if g is None:
+            return 0.01
+        timed.append(g)
+        return 0.1 if (g.get("persistent") and g.get("one_dot")) or g.get("tail_split") else 1.0
+
+    cfg = ops.autotune_moe_config(x, w1, w2, tw, ids, options=[(128, False)], timer=timer)
+    g1, g2 = cfg["gemm1"], cfg["gemm2"]
+    assert g1.get("persistent") and g1.get("one_dot") and g1.get("sort_x") and g1["num_stages"] <= 3, cfg
+    assert g2.get("tail_split") and not g2.get("persistent"), cfg
+    assert cfg["block_m"] == 128 and cfg["pairs"] is False and len(cfg["ms"]) == 3
+    n1, n2 = len(ops.gemm_candidates(128, True)), len(ops.gemm_candidates(128, False))
+    assert len(timed) == n1 + 1 + n2  # every candidate, plus GEMM1's best again with x sorted
+    assert ops.autotune_moe_config(x, w1, w2, tw, ids, options=[(128, False)], timer=timer) is cfg  # cached
+    monkeypatch.setattr(ops, "moe_config", lambda *a: cfg)
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids)
+    check_layer("fused_moe autotuned", out, x, w1, w2, tw, ids, pipeline=False)
+
+
 def test_launch_rules(monkeypatch):
     """The one-program align and the PDL chain go where they measured faster (see the rules'
     docstrings); PDL never off sm_90, on CPU or under the interpreter."""

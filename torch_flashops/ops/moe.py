@@ -1494,16 +1494,22 @@ def gemm_candidates(block_m: int, fused: bool) -> list[dict]:
     """Tile configs to time; for GEMM2 at BLOCK_M >= 64 also the persistent form of each
     TMA config (it paid at short K, I <= 512, on an H100: RESULTS.md, fourteenth session), and
     at BLOCK_M 128 its tail-split form (it paid at long K, Mixtral T=1024: fifteenth session);
-    for GEMM1 at BLOCK_M >= 64 also the one-dot form ("one_dot") of each TMA config."""
+    for GEMM1 at BLOCK_M >= 64 also the one-dot form ("one_dot") of each TMA config, and at
+    BLOCK_M 128 its persistent form reading x sorted (3 stages: the flattened loop holds one
+    more; it paid at Mixtral's large T, nineteenth session)."""
     cands = [dict(c) for c in _CANDIDATES["small" if block_m <= 32 else block_m][0 if fused else 1]]
     if fused and block_m >= 64:
-        cands += [{**c, "one_dot": True} for c in cands if c.get("tma") and c["BLOCK_N"] <= 128]
+        one = [{**c, "one_dot": True} for c in cands if c.get("tma") and c["BLOCK_N"] <= 128]
+        cands += one
+        if block_m >= 128:
+            cands += [{**c, "persistent": True, "sort_x": True, "num_stages": min(c["num_stages"], 3)} for c in one]
     if not fused and block_m >= 64:
         tma = [c for c in cands if c.get("tma")]
         cands += [{**c, "persistent": True} for c in tma]
         if block_m >= 128:
             cands += [{**c, "tail_split": 4} for c in tma]
-    return cands
+    unique = {json.dumps(c, sort_keys=True): c for c in cands}  # (the persistent forms can coincide)
+    return list(unique.values())
 
 
 def block_m_choices(T: int, k: int, E: int) -> tuple:
