@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -616,9 +617,38 @@ def test_fused_moe_hypothesis(data):
         drop = torch.rand(T, k, generator=torch.Generator().manual_seed(seed)) < 0.2
         ids = torch.where(drop.to(device), -1, ids).int()
     rsf = data.draw(st.sampled_from([1.0, 2.5]), label="rsf")
-    with poisoned_allocations():
-        out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
+    # GEMM forms beside the shape's own config: weights by descriptor, x sorted, one dot for gate
+    # and up, persistent programs, tail split (each falls back where its preconditions fail)
+    g1_form = data.draw(st.sampled_from(sorted(_HYP_GEMM1_FORMS)), label="gemm1 form")
+    g2_form = data.draw(st.sampled_from(sorted(_HYP_GEMM2_FORMS)), label="gemm2 form")
+    block_m = data.draw(st.sampled_from([None, 16, 32]), label="block_m")
+    real = ops.moe_config
+
+    def drawn(*a):
+        cfg = real(*a)
+        return {**cfg, "block_m": block_m or cfg["block_m"],
+                "gemm1": {**cfg["gemm1"], **_HYP_GEMM1_FORMS[g1_form]},
+                "gemm2": {**cfg["gemm2"], **_HYP_GEMM2_FORMS[g2_form]}}
+
+    ops.moe_config = drawn
+    try:
+        with poisoned_allocations(), warnings.catch_warnings():
+            # under the interpreter an integer division by zero (undefined on the GPU) warns
+            warnings.filterwarnings("error", message="divide by zero", category=RuntimeWarning)
+            out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
+    finally:
+        ops.moe_config = real
     check_layer("fused_moe (hypothesis)", out, x, w1, w2, tw, ids, pipeline=False, rsf=rsf)
+
+
+_HYP_GEMM1_FORMS = {
+    "as-config": {}, "tma": {"tma": True}, "tma-sort-x": {"tma": True, "sort_x": True},
+    "one-dot": {"tma": True, "one_dot": True}, "one-dot-sort-x": {"tma": True, "one_dot": True, "sort_x": True},
+    "persistent-one-dot": {"tma": True, "one_dot": True, "sort_x": True, "persistent": True},
+    "tail-split": {"tma": True, "sort_x": True, "tail_split": 4},
+}
+_HYP_GEMM2_FORMS = {"as-config": {}, "tma": {"tma": True}, "persistent": {"tma": True, "persistent": True},
+                    "tail-split": {"tma": True, "tail_split": 4}}
 
 
 # ------------------------------------------------------------------------------- cutlass shim

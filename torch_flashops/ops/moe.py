@@ -106,10 +106,12 @@ def _map_expert(map_ptr, e, num_ids, num_local, HAS_MAP: tl.constexpr):
 
 @triton.jit
 def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Program id -> (m block, n tile), GROUP_M m blocks per sweep over the n tiles."""
+    """Program id -> (m block, n tile), GROUP_M m blocks per sweep over the n tiles. Ids past
+    the grid of tiles (the tail split's extra programs) get a block past the last one, not a
+    modulo by zero."""
     width = GROUP_M * num_pid_n
     first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    size_m = tl.maximum(tl.minimum(num_pid_m - first_m, GROUP_M), 1)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
