@@ -8,6 +8,7 @@ of ``reference.moe_routing``. Fresh outputs are poisoned through the allocator
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import warnings
 
@@ -879,6 +880,28 @@ def test_shipped_configs_are_valid():
                     (f, t, g, extra)  # a misspelt key would be ignored silently
                 if c.get("one_dot"):  # GEMM1 only, weights by descriptor
                     assert g == "gemm1" and c.get("tma"), (f, t, g)
+
+
+def test_fit_smem():
+    """Shipped 16-bit persistent tiles launch with the stages they were tuned and compiled with
+    (no extra stage reserved for them); for wider elements the pipelined tiles, the persistent
+    loop's extra stage included, fit the budget."""
+    import glob
+    import json
+
+    for f in glob.glob(os.path.join(ops.CONFIG_DIR, "*.json")):
+        for t, cfg in json.load(open(f)).items():
+            for g, fused in (("gemm1", True), ("gemm2", False)):
+                if cfg[g].get("persistent"):
+                    plain = ops._fit_smem({**cfg[g], "persistent": False}, cfg["block_m"], fused, 2)
+                    fitted = ops._fit_smem(cfg[g], cfg["block_m"], fused, 2)
+                    assert fitted == {**plain, "persistent": True} and fitted["num_stages"] >= 3, (f, t, g)
+    for persistent in (False, True):
+        for fused in (False, True):
+            for bm in (16, 32, 64, 128):
+                c = ops._fit_smem({**ops._g(64, 128, 1, 4, 4), "tma": True, "persistent": persistent}, bm, fused, 4)
+                stages = c["num_stages"] + (1 if persistent else 0)
+                assert stages * (bm + (2 if fused else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * 4 <= ops._SMEM_BUDGET, c
 
 
 def test_config_tables_of_the_same_chip():

@@ -922,11 +922,16 @@ _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 K
 
 def _fit_smem(cfg, block_m, fused, elem):
     """Fewer stages, then a smaller BLOCK_K, until the pipelined A and weight tiles fit shared
-    memory (fp32 inputs, or a 16-bit config reused for a bigger element size)."""
+    memory (fp32 inputs, or a 16-bit config reused for a bigger element size). For elements
+    wider than 16 bits it also reserves the persistent GEMM's extra stage (its flattened loop
+    holds one more than ``num_stages``); 16-bit configs are the tuned ones and stay as compiled
+    and measured (their real footprint is below this estimate: Qwen3's and DeepSeek-V3's
+    persistent GEMM2 with 4 stages runs on an H100)."""
     c = dict(cfg)
+    extra = 1 if c.get("persistent") and c.get("flatten", True) and elem > 2 else 0
 
     def smem():
-        return c["num_stages"] * (block_m + (2 if fused else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * elem
+        return (c["num_stages"] + extra) * (block_m + (2 if fused else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * elem
 
     while smem() > _SMEM_BUDGET and c["num_stages"] > 2:
         c["num_stages"] -= 1
