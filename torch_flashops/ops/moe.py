@@ -808,7 +808,15 @@ def _pow2(n: int) -> int:
 
 # The one place where tile sizes, warps and stages are chosen. A config is
 # {"block_m": B, "pairs": bool, "gemm1": G, "gemm2": G} with
-# G = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}.
+# G = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} and optional keys (each falls
+# back to the plain form where its preconditions fail, e.g. unaligned strides for "tma"):
+#   "tma"         weight tiles (and slot-ordered A tiles) by tensor descriptors
+#   "sort_x"      GEMM1: copy x into slot order first, so A is read by descriptor
+#   "one_dot"     GEMM1 with "tma": gate and up tiles as one box, one dot (not in tail-split pieces)
+#   "persistent"  aligned path with "tma": one program per SM ("progs_per_sm"), loops flattened
+#                 ("flatten": False turns that off)
+#   "tail_split"  aligned block GEMM with A by descriptor: split the last partial wave along K
+# Tables may carry "ms" (the tuner's timings) and "note" (how an entry was chosen) beside them.
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "moe")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
