@@ -301,6 +301,18 @@ def test_fused_moe_weight_descriptor_path(device, monkeypatch, T, sort_x):
     check_layer("fused_moe tma", out, x, w1, w2, tw, ids, pipeline=False)
 
 
+def _skips_and_remote(ids, w1, w2, emap: list, skip_rows: list):
+    """Expert parallelism in a test layer: rows ``skip_rows`` of ids become -1 (padding tokens),
+    ``emap`` maps global experts to local ones (-1: remote) and the weights keep the local ones.
+    Returns (ids, w1, w2, oracle kwargs, fused_moe kwargs)."""
+    ids = ids.clone()
+    ids[skip_rows] = -1
+    m = torch.tensor(emap, dtype=torch.int32, device=ids.device)
+    n = int((m >= 0).sum())
+    return (ids, w1[:n].contiguous(), w2[:n].contiguous(), {"expert_map": m},
+            {"expert_map": m, "global_num_experts": len(emap)})
+
+
 @pytest.mark.parametrize("what", ["plain", "tma-sort-x", "skips-map", "persistent-gemm2"])
 def test_fused_moe_half_tail(device, monkeypatch, what):
     """BLOCK_M 32 with HALF_TAIL_MIN_BLOCK_M 32: an expert's last block whose second half is
@@ -333,13 +345,8 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     second = torch.where(second == first, 3, second)
     ids = torch.stack([first, second], 1).int().to(device)
     kw, call = {}, {}
-    if what == "skips-map":
-        ids[[3, 44]] = -1
-        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
-        ids = ids.clamp(max=E - 1)
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
+    if what == "skips-map":  # expert 2 is remote
+        ids, w1, w2, kw, call = _skips_and_remote(ids, w1, w2, [0, 1, -1, 2, 3], [3, 44])
     counts = torch.bincount(ids[ids >= 0].long().cpu(), minlength=E)
     assert any(0 < c % 32 <= 16 for c in counts.tolist()) and any(c % 32 > 16 for c in counts.tolist())
     with poisoned_allocations():
@@ -384,14 +391,9 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
     dtype = torch.float32 if what in ("gemm2", "gemm1") else torch.bfloat16
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=71)
     kw, call = {}, {}
-    num_local = E
-    if what == "skips-map":
-        ids[[3, 11]] = -1
-        emap = torch.tensor([0, 1, -1, 2, 3], dtype=torch.int32)  # expert 2 is remote
-        kw["expert_map"] = emap.to(device)
-        call = dict(expert_map=kw["expert_map"], global_num_experts=E)
-        w1, w2 = w1[:4].contiguous(), w2[:4].contiguous()
-        num_local = 4
+    if what == "skips-map":  # expert 2 is remote
+        ids, w1, w2, kw, call = _skips_and_remote(ids, w1, w2, [0, 1, -1, 2, 3], [3, 11])
+    num_local = w1.shape[0]
     slots = ops.TAIL_SLOTS_INTERP
     if device == "cuda":  # small cases: the interpreter's wave of 7 programs, so the GPU splits them too
         slots = torch.cuda.get_device_properties(0).multi_processor_count if what == "many-waves" else slots
@@ -417,18 +419,6 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
     with poisoned_allocations():
         out = fused_moe(x, w1, w2, tw, ids, **call)
     check_layer(f"fused_moe tail split {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
-
-
-def _skips_and_remote(ids, w1, w2, emap: list, skip_rows: list):
-    """Expert parallelism in a test layer: rows ``skip_rows`` of ids become -1 (padding tokens),
-    ``emap`` maps global experts to local ones (-1: remote) and the weights keep the local ones.
-    Returns (ids, w1, w2, oracle kwargs, fused_moe kwargs)."""
-    ids = ids.clone()
-    ids[skip_rows] = -1
-    m = torch.tensor(emap, dtype=torch.int32, device=ids.device)
-    n = int((m >= 0).sum())
-    return (ids, w1[:n].contiguous(), w2[:n].contiguous(), {"expert_map": m},
-            {"expert_map": m, "global_num_experts": len(emap)})
 
 
 @pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
