@@ -36,6 +36,10 @@ def i32(x):
     return torch.tensor(x, dtype=torch.int32, device="cuda")
 
 
+def workspace():
+    return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+
 def cascade_cases(g):
     B, prefix, uniq = 128, 32768, 256
     n_pre, n_uq = prefix // PAGE, uniq // PAGE
@@ -46,17 +50,17 @@ def cascade_cases(g):
     q = torch.empty(B, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
     flops = 4 * B * HQ * D * prefix
     ar = torch.arange(B + 1, dtype=torch.int32, device="cuda")
-    w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    w = fo.BatchPrefillWithPagedKVCacheWrapper(workspace())
     w.plan(i32([0, B]), i32([0, n_pre]), pre, i32([PAGE]), HQ, HKV, D, PAGE, causal=False, q_data_type=DT)
     shared = {"paged in place": lambda: w.run(q, cache, return_lse=True)[0]}
-    c = fo.MultiLevelCascadeAttentionWrapper(2, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    c = fo.MultiLevelCascadeAttentionWrapper(2, workspace())
     c.plan([i32([0, B]), ar], [i32([0, n_pre]), ar * n_uq], [pre, uq.reshape(-1)],
            [i32([PAGE]), torch.full((B,), PAGE, dtype=torch.int32, device="cuda")], HQ, HKV, D, PAGE, q_data_type=DT)
     whole = {"as planned": lambda: c.run(q, cache)}
     kv = cache[pre.long()]
     k = kv[:, 0].reshape(prefix, HKV, D).contiguous()
     v = kv[:, 1].reshape(prefix, HKV, D).contiguous()
-    r = fo.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    r = fo.BatchPrefillWithRaggedKVCacheWrapper(workspace())
     r.plan(i32([0, B]), i32([0, prefix]), HQ, HKV, D, causal=False, q_data_type=DT)
     shared["ragged TMA (same keys, contiguous)"] = lambda: r.run(q, k, v)
     return [("cascade shared level 128 x 32k", flops, shared), ("whole cascade (2 levels)", None, whole)]
@@ -73,7 +77,7 @@ def prefill_case(g):
     runs = {}
     for name, in_place in (("as planned (gathered K/V)", False), ("in place", True)):
         with _patched(gather=not in_place):
-            w = fo.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+            w = fo.BatchPrefillWithPagedKVCacheWrapper(workspace())
             w.plan(indptr * L, indptr * per, ids, torch.full((B,), PAGE, dtype=torch.int32, device="cuda"), HQ, HKV,
                    D, PAGE, causal=True, q_data_type=DT)
         runs[name] = (lambda w=w: w.run(q, cache))
