@@ -278,6 +278,11 @@ PLAN_ERRORS = [
     ("mask size", dict(custom_mask=torch.ones(5, dtype=torch.bool)), ValueError, "custom_mask"),
     ("pos mode", dict(pos_encoding_mode="ROPE"), KeyError, "pos_encoding_mode"),
     ("reserved", dict(block_tables=torch.zeros(2, 3, dtype=torch.int32)), NotImplementedError, "block_tables"),
+    ("float page ids", dict(paged_kv_indices=torch.arange(5, dtype=torch.float32) + 0.9), ValueError,
+     "^paged_kv_indices: expected an integer dtype"),
+    ("int o dtype", dict(o_data_type="int32"), ValueError, "^o_data_type: dtype torch.int32 not supported"),
+    ("int q dtype", dict(q_data_type=torch.int8), ValueError, "^q_data_type"),
+    ("no q dtype", dict(q_data_type=None), ValueError, "^q_data_type: must be given"),
 ]
 
 
@@ -291,6 +296,33 @@ def test_plan_errors(case, device):
     args.update(repl)
     with pytest.raises(exc, match=match):
         w.plan(**args)
+
+
+def test_failed_plan_keeps_the_previous_plan(device):
+    """A plan() that fails on its options (here q_data_type=None with no data_type) raises
+    before anything is committed: the previous plan still runs and gives the same result."""
+    b, w = _paged_setup(device)
+    plan_paged(w, b, q_data_type=torch.float32)
+    o = w.run(b.q, b.cache)
+    with pytest.raises(ValueError, match="^q_data_type"):
+        w.plan(b.qo_indptr, b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type=None)
+    with pytest.raises(ValueError, match="^o_data_type"):
+        w.plan(b.qo_indptr, b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32",
+               o_data_type=torch.int32)
+    assert torch.equal(w.run(b.q, b.cache), o)
+
+
+def test_custom_mask_any_shape_is_read_flat(device):
+    """As FlashInfer's plan() does, a custom_mask of any shape is read flat (row-major): a
+    [qo_len, kv_len] mask for one request equals its flattened form."""
+    b = Batch([3], [7], page_size=4, Hq=4, Hkv=2, D=16, seed=21, device=device)
+    mask = b.random_masks(2)[0]
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, custom_mask=mask.reshape(-1).to(device))
+    flat = w.run(b.q, b.cache)
+    plan_paged(w, b, custom_mask=mask.to(device))
+    assert mask.dim() == 2 and torch.equal(w.run(b.q, b.cache), flat)
+    check_attention("2-D mask", flat, None, *b.oracle(masks=[mask], window_left=-1), torch.float32)
 
 
 def test_run_errors_leave_outputs_untouched(device):
@@ -376,6 +408,8 @@ def test_decode_plan_errors(device):
         w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_len_per_req=3)
     with pytest.raises(NotImplementedError):
         w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, window_right=4)
+    with pytest.raises(ValueError, match="^indices: expected an integer dtype"):
+        w.plan(b.kv_indptr, b.kv_indices.double(), b.last, 4, 2, 16, 4, q_data_type="float32")
     w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
     with pytest.raises(ValueError, match="q_len_per_req"):
         w.run(b.q, b.cache, q_len_per_req=2)

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._checks import check_indptr_values, expect
+from ._checks import FLOAT_DTYPES, check_indptr_values, expect
 from .meta.attention import check_pos_encoding_mode
 from .ops import attention as attn_ops
 
@@ -45,6 +45,7 @@ __all__ = [
     "validate_paged_csr",
     "pack_custom_masks",
     "parse_dtype",
+    "check_page_ids",
     "check_backend",
     "reject",
     "resolve_sm_scale",
@@ -59,14 +60,19 @@ MIN_LIST_ROWS = 2
 
 # ------------------------------------------------------------------------- option parsing
 def parse_dtype(x, name: str) -> Optional[torch.dtype]:
-    """A ``torch.dtype`` or its string name (``"float16"``, ``"torch.bfloat16"``); None passes."""
-    if x is None or isinstance(x, torch.dtype):
+    """A floating ``torch.dtype`` the kernels take (float16, bfloat16, float32) or its string
+    name (``"float16"``, ``"torch.bfloat16"``); None passes. Anything else (an integer dtype
+    would silently truncate the attention output) raises ``ValueError`` naming ``name``."""
+    if x is None:
         return x
+    dt = x
     if isinstance(x, str):
         dt = getattr(torch, x.replace("torch.", ""), None)
-        if isinstance(dt, torch.dtype):
-            return dt
-    raise ValueError(f"{name}: expected a torch.dtype or its name, got {x!r}")
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"{name}: expected a torch.dtype or its name, got {x!r}")
+    if dt not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {dt} not supported (expected float16, bfloat16 or float32)")
+    return dt
 
 
 def check_backend(backend) -> None:
@@ -142,6 +148,14 @@ def to_host_int(t, name: str) -> np.ndarray:
     return np.asarray(t, dtype=np.int64).reshape(-1)
 
 
+def check_page_ids(t, name: str) -> None:
+    """A page table's ``indices``: a 1-D tensor of an integer dtype (float ids would be
+    truncated to other pages without a word)."""
+    expect(isinstance(t, torch.Tensor) and t.dim() == 1, name, "expected a 1-D int32 tensor")
+    expect(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool, name,
+           "expected an integer dtype, got {}", t.dtype)
+
+
 def check_indptr(h: np.ndarray, name: str, length: Optional[int] = None) -> None:
     """A host CSR indptr: the expected length (when given), starts at 0, non-decreasing."""
     if length is not None:
@@ -185,7 +199,7 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
                "has {} bytes, expected sum ceil(qo_len*kv_len/8) = {}", packed_custom_mask.shape[0], int(indptr[-1]))
         packed = packed_custom_mask.to(device).contiguous()
     elif custom_mask is not None:
-        expect(custom_mask.dim() == 1, "custom_mask", "expected a flat bool tensor, got shape {}", tuple(custom_mask.shape))
+        custom_mask = custom_mask.reshape(-1)  # any shape, read flat (row-major), as FlashInfer's plan() does
         expect(custom_mask.shape[0] == int(nbits.sum()), "custom_mask",
                "has {} elements, expected sum qo_len*kv_len = {}", custom_mask.shape[0], int(nbits.sum()))
         bits = custom_mask.detach().to("cpu").bool().numpy()

@@ -206,7 +206,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
             kv_data_type = data_type if kv_data_type is None else kv_data_type
         kv_indptr_h = P.to_host_int(indptr, "indptr")
         last_h = P.to_host_int(last_page_len, "last_page_len")
-        expect(isinstance(indices, torch.Tensor) and indices.dim() == 1, "indices", "expected a 1-D int32 tensor")
+        P.check_page_ids(indices, "indices")
         kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, indices.shape[0], int(page_size), indptr_name="indptr",
                                          last_name="last_page_len", indices_name="indices")
         B = last_h.size

@@ -449,6 +449,7 @@ class _BatchAttention:
         check_pos_encoding_mode(pos_encoding_mode)
         window = P.check_window_left(window_left)
         q_dt = P.parse_dtype(q_data_type, "q_data_type")
+        expect(q_dt is not None, "q_data_type", "must be given (or data_type), got None")
         kv_dt = P.parse_dtype(kv_data_type, "kv_data_type") or q_dt
         o_dt = P.parse_dtype(o_data_type, "o_data_type") or q_dt
         B = qo_h.size - 1
@@ -697,8 +698,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         last_h = P.to_host_int(paged_kv_last_page_len, "paged_kv_last_page_len")
         B = last_h.size
         P.validate_qo_indptr(qo_h, B)
-        expect(isinstance(paged_kv_indices, torch.Tensor) and paged_kv_indices.dim() == 1, "paged_kv_indices",
-               "expected a 1-D int32 tensor")
+        P.check_page_ids(paged_kv_indices, "paged_kv_indices")
         kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], int(page_size))
         self._plan_paged(qo_h, kv_indptr_h, kv_lens_h, paged_kv_indices, last_h,
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
