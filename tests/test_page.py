@@ -220,7 +220,20 @@ def test_batch_indices_positions_one_buffer_given(device):
     assert pos is positions and bi.tolist() == [0, 0, 1, -1, -1] and pos.tolist() == [0, 1, 3, 0, 0]
 
 
-@pytest.mark.parametrize("case", ["bi_dtype", "pos_shape", "seq_lens_len", "indptr_2d", "nnz_negative", "indptr_float"])
+def test_batch_indices_positions_int_like_nnz(device):
+    """nnz may be a NumPy integer or a one-element integer tensor (e.g. ``append_indptr[-1]``),
+    as FlashInfer's ``torch.empty((nnz,))`` takes them."""
+    ai = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
+    sl = torch.tensor([4, 1], dtype=torch.int32, device=device)
+    want = fi.get_batch_indices_positions(ai, sl, 3)
+    assert want[0].tolist() == [0, 0, 1] and want[1].tolist() == [2, 3, 0]
+    for nnz in (np.int64(3), np.int32(3), ai[-1], ai[-1:].long()):
+        got = fi.get_batch_indices_positions(ai, sl, nnz)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), type(nnz)
+
+
+@pytest.mark.parametrize("case", ["bi_dtype", "pos_shape", "seq_lens_len", "indptr_2d", "nnz_negative", "indptr_float",
+                                  "nnz_float", "nnz_bool", "nnz_float_tensor", "nnz_two_elements"])
 def test_batch_indices_positions_bad_input(case, device):
     ai = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
     sl = torch.tensor([2, 4], dtype=torch.int32, device=device)
@@ -233,6 +246,10 @@ def test_batch_indices_positions_bad_input(case, device):
         "indptr_2d": ((ai[None], sl, 4, bi, pos), "append_indptr"),
         "nnz_negative": ((ai, sl, -1, None, None), "nnz"),
         "indptr_float": ((ai.float(), sl, 4, bi, pos), "append_indptr"),
+        "nnz_float": ((ai, sl, 4.0, bi, pos), "nnz"),
+        "nnz_bool": ((ai, sl, True, bi, pos), "nnz"),
+        "nnz_float_tensor": ((ai, sl, torch.tensor(4.0), bi, pos), "nnz"),
+        "nnz_two_elements": ((ai, sl, ai[:2], bi, pos), "nnz"),
     }[case]
     with pytest.raises(ValueError, match=f"^{name}"):
         fi.get_batch_indices_positions(*args)

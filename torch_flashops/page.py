@@ -7,6 +7,7 @@ ordered ``[P, page_size, H_kv, D]`` plus the sizes and the tensors an op must re
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -167,7 +168,8 @@ def get_batch_indices_positions(
         int32 (or int64), shape ``[B]``: sequence lengths **after** the append (e.g. from
         ``get_seq_lens``), same device.
     nnz : int
-        Number of output slots (``>= append_indptr[-1]``).
+        Number of output slots (``>= append_indptr[-1]``); a NumPy integer or a one-element
+        integer tensor is read as an int.
     batch_indices, positions : torch.Tensor, optional
         Preallocated outputs, int32, shape ``[nnz]``, same device: filled in place and returned
         (a missing one is allocated).
@@ -186,7 +188,7 @@ def get_batch_indices_positions(
     expect(append_indptr.shape[0] >= 1, "append_indptr", lambda: "must have at least one element")
     device = append_indptr.device
     _check_index_tensor(seq_lens, "seq_lens", device, length=append_indptr.shape[0] - 1)
-    expect(isinstance(nnz, (int, torch.SymInt)) and not isinstance(nnz, bool), "nnz", lambda: f"expected an int, got {type(nnz).__name__}")
+    nnz = _as_count(nnz, "nnz")
     expect(nnz >= 0, "nnz", lambda: f"must be >= 0, got {nnz}")
     for buf, name in ((batch_indices, "batch_indices"), (positions, "positions")):
         if buf is not None:
@@ -207,6 +209,23 @@ def get_batch_indices_positions(
         positions = torch.empty_like(batch_indices)
     ops.batch_indices_positions_out(append_indptr, seq_lens, batch_indices, positions)
     return batch_indices, positions
+
+
+def _as_count(x, name: str):
+    """An int-like count as an int: a Python int or SymInt as is, a NumPy integer, or a
+    one-element integer tensor such as ``append_indptr[-1]`` (read on the host, as FlashInfer's
+    ``torch.empty((nnz,))`` does)."""
+    if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool):
+        return x
+    if isinstance(x, torch.Tensor):
+        expect(x.numel() == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool, name,
+               lambda: f"expected an int or a one-element integer tensor, got {x.dtype} of shape {tuple(x.shape)}")
+        return int(x.item())
+    expect(not isinstance(x, bool), name, lambda: "expected an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int, got {type(x).__name__}") from None
 
 
 def append_paged_kv_cache(
