@@ -77,7 +77,7 @@ def check_layer(name, out, x, w1, w2, tw, ids, *, pipeline=True, B=16, **kw):
 
 # ----------------------------------------------------------------------------- silu_and_mul
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("shape", [(7, 48), (2, 3, 20), (0, 16), (5, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 48), (2, 3, 20), (0, 16), (5, 2), (3, 0), (0,)], ids=lambda s: "x".join(map(str, s)))
 def test_silu_and_mul(device, backend, dtype, shape):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(*shape, generator=g) * 3).to(device, dtype)
@@ -730,6 +730,14 @@ def test_cutlass_fused_moe(device):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, tp_size=2)
     with pytest.raises(NotImplementedError, match="^activation_type: only SwiGLU"):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, activation_type=3)
+    # errors name this function's arguments, not fused_moe's
+    _bad("^fc2_expert_weights: shape", fo.cutlass_fused_moe, x, ids, tw, fc1, w2[:, :, :8], torch.float32)
+    _bad("^fc1_expert_weights: dtype", fo.cutlass_fused_moe, x, ids, tw, fc1.half(), w2, torch.float32)
+    _bad("^fc2_expert_weights: dtype", fo.cutlass_fused_moe, x, ids, tw, fc1, w2.half(), torch.float32)
+    _bad("^fc1_expert_weights: shape", fo.cutlass_fused_moe, x[:, :16], ids, tw, fc1, w2, torch.float32)
+    _bad("^token_final_scales: shape", fo.cutlass_fused_moe, x, ids, tw[:, :1], fc1, w2, torch.float32)
+    _bad("^token_selected_experts: has 8 rows", fo.cutlass_fused_moe, x, ids[:8], tw[:8], fc1, w2, torch.float32)
+    _bad("^token_selected_experts:", fo.cutlass_fused_moe, x, ids.float(), tw, fc1, w2, torch.float32)
 
 
 # ---------------------------------------------------------------------------------- opcheck

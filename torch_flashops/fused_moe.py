@@ -319,6 +319,23 @@ def cutlass_fused_moe(
     expect(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
     expect(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
     E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
+    # checked here so that errors name this function's arguments, not fused_moe's
+    check_tensor(input, "input", ndim=2, dtypes=_MOE_DTYPES)
+    H = input.shape[1]
+    for t, name in ((fc1_expert_weights, "fc1_expert_weights"), (fc2_expert_weights, "fc2_expert_weights")):
+        expect(t.dtype == input.dtype, name, lambda: f"dtype {t.dtype} must match input's {input.dtype}")
+    expect(fc1_expert_weights.shape[2] == H, "fc1_expert_weights",
+           lambda: f"shape {tuple(fc1_expert_weights.shape)} must be [E, 2I, H] with H = input.shape[1] = {H}")
+    check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=(input.dtype,), last_contiguous=False)
+    expect(tuple(fc2_expert_weights.shape) == (E_local, H, I), "fc2_expert_weights",
+           lambda: f"shape {tuple(fc2_expert_weights.shape)} must be [E, H, I] = {(E_local, H, I)}")
+    check_tensor(token_selected_experts, "token_selected_experts", ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(token_final_scales, "token_final_scales", ndim=2, dtypes=FLOAT_DTYPES, last_contiguous=False)
+    expect(token_final_scales.shape == token_selected_experts.shape, "token_final_scales",
+           lambda: f"shape {tuple(token_final_scales.shape)} must equal token_selected_experts' "
+                   f"{tuple(token_selected_experts.shape)}")
+    expect(token_selected_experts.shape[0] == input.shape[0], "token_selected_experts",
+           lambda: f"has {token_selected_experts.shape[0]} rows, input has {input.shape[0]} tokens")
     w1 = torch.cat([fc1_expert_weights[:, I:], fc1_expert_weights[:, :I]], dim=1)
     expert_map = None
     if ep_size > 1:

@@ -1186,12 +1186,16 @@ def _silu_and_mul_into(x2, y2):
 def silu_and_mul_cuda(input):
     d = input.shape[-1] // 2
     out = input.new_empty((*input.shape[:-1], d))
+    if out.numel() == 0:  # (a last dim of 0 cannot be flattened to [-1, 0])
+        return out
     _silu_and_mul_into(input.reshape(-1, 2 * d), out.view(-1, d))
     return out
 
 
 def silu_and_mul_out_cuda(input, out):
     d = input.shape[-1] // 2
+    if out.numel() == 0:
+        return
     x2 = input.reshape(-1, 2 * d)
     try:
         y2 = out.view(-1, d)
