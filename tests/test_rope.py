@@ -568,6 +568,37 @@ def test_bad_input(device):
         assert torch.equal(q, q0) and torch.equal(k, k0), f"{label}: q/k written despite the error"
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inplace_rejects_overlapping_memory(device, backend):
+    """In place, a q or k whose elements share memory (heads made by expand(), tokens with
+    stride 0) would be rotated once per alias (concurrently on a GPU): ValueError naming it,
+    and nothing written."""
+    if device == "cpu" and backend == "triton" and not _config.interpreting():
+        pytest.skip("the triton CPU backend needs the interpreter")
+    old = _config._cpu_backend
+    _config.set_cpu_backend(backend)
+    try:
+        g = torch.Generator().manual_seed(4)
+        pos = torch.tensor([1, 2, 3], device=device)
+        row = torch.randn(3, 1, 8, generator=g).to(device)
+        k = torch.randn(3, 2, 8, generator=g).to(device)
+        cache = torch.randn(16, 8, generator=g).to(device)
+        for q, name in ((row.expand(3, 4, 8), "q"), (row[:1].expand(3, 1, 8), "q")):
+            for call in (lambda: fo.apply_rope_pos_ids_inplace(q, k, pos),
+                         lambda: fo.apply_rope_pos_ids_inplace(k, q, pos),
+                         lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos, q, k, 8, cache)):
+                k0, row0 = k.clone(), row.clone()
+                with pytest.raises(ValueError, match="has internally overlapping memory"):
+                    call()
+                assert torch.equal(k, k0) and torch.equal(row, row0)
+        q = row.clone().expand(3, 4, 8).contiguous()  # the same values, own memory: rotated once per head
+        fo.apply_rope_pos_ids_inplace(q, k, pos)
+        want = fo.apply_rope_pos_ids(row, k[:, :1], pos)[0]
+        assert_close("contiguous copy", q, want.expand(3, 4, 8), atol=1e-5, rtol=1e-5)
+    finally:
+        _config.set_cpu_backend(old)
+
+
 @pytest.mark.parametrize(
     "label, lengths_indptr, arg",
     [("indptr-start", [1, 4], "indptr"), ("indptr-decreasing", [0, 3, 2, 4], "indptr"), ("indptr-end", [0, 3], "indptr")],

@@ -88,3 +88,10 @@ def check_range_values(t: torch.Tensor, name: str, lo: int, hi: int) -> None:
         return
     mn, mx = int(t.min()), int(t.max())
     expect(lo <= mn and mx < hi, name, f"values must lie in [{lo}, {hi}), got min {mn}, max {mx}")
+
+
+def check_writable(t, name: str) -> None:
+    """An in-place target must not have several elements sharing memory (e.g. from
+    ``expand()``): each would be updated more than once, and on a GPU concurrently."""
+    expect(torch._debug_has_internal_overlap(t) != 1, name,
+           "has internally overlapping memory (e.g. from expand()); it cannot be written in place")

@@ -5,7 +5,13 @@ Positions come from ``pos_ids [nnz]``, or from a ragged batch ``indptr [B+1]`` +
 ``cos_sin_cache`` (vLLM/SGLang). ``q [nnz, H_q, D]`` and ``k [nnz, H_k, D]`` may be views of one
 packed qkv buffer (any strides with ``stride(-1) == 1``); the ``*_inplace`` functions write
 through those views. Shape, dtype and option checks always run; checks that read indptr or
-position values run in checked mode (``torch_flashops.set_checks(True)``).
+position values run in checked mode (``torch_flashops.set_checks(True)``). The in-place
+functions reject a q or k whose elements share memory (e.g. heads made by ``expand()``).
+
+Under ``torch.compile`` the float options (``rope_scale``, ``rope_theta``, the Llama-3.1
+factors) are compile-time constants: pass them as Python numbers fixed by the model config. A
+value that changes from call to call compiles a new graph for each value (and fails once
+dynamo's recompile limit is reached with ``fullgraph=True``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same, check_tensor, expect
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same, check_tensor, check_writable, expect
 
 MASK_DTYPES = (torch.bool, torch.uint8)
 
@@ -23,12 +23,6 @@ def _lse_shape(s, v, s_name: str, v_name: str, k: int) -> None:
             f"{s_name}: shape {tuple(s.shape)} does not match {v_name}'s leading dims "
             f"{tuple(v.shape[:k])} (expected {v_name}.shape[:{k}])"
         )
-
-
-def _writable(t, name: str) -> None:
-    """An in-place target must not have several elements sharing memory (e.g. from expand)."""
-    expect(torch._debug_has_internal_overlap(t) != 1, name,
-           "has internally overlapping memory (e.g. from expand()); it cannot be written in place")
 
 
 # --------------------------------------------------------------------------- validation
@@ -68,8 +62,8 @@ def check_merge_state_in_place(v, s, v_other, s_other, mask=None, *, storage: bo
         if mask.shape[0] != v.shape[0]:
             raise ValueError(f"mask: shape {tuple(mask.shape)} must be [N] = [{v.shape[0]}] (one flag per row of v)")
     if storage:
-        _writable(v, "v")
-        _writable(s, "s")
+        check_writable(v, "v")
+        check_writable(s, "s")
 
 
 def check_merge_states(v, s) -> None:

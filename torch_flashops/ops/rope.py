@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import _config
+from .._checks import check_writable
 from .._registry import register_op
 from ..meta import rope as meta
 from ..reference import rope as ref
@@ -336,16 +337,27 @@ _ROPE_ARGS = ("Tensor q, Tensor k, Tensor pos_ids, int rotary_dim, bool interlea
               "float old_context_len")
 _CACHE_ARGS = "Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, bool interleave"
 
+def _in_place(fn):
+    """``fn`` (an in-place implementation) after rejecting q/k with elements that share memory
+    (checked inside the op, on real tensors only, so compiled graphs never trace it)."""
+    def checked(q, k, *args):
+        check_writable(q, "q")
+        check_writable(k, "k")
+        return fn(q, k, *args)
+    return checked
+
+
 rope = register_op(f"rope({_ROPE_ARGS}) -> (Tensor, Tensor)",
                    cuda=_rope_cuda, reference=ref.rope_cpu, fake=meta.rope_fake)
 rope_inplace = register_op(f"rope_inplace({_ROPE_ARGS}) -> ()",
-                           cuda=_rope_inplace_cuda, reference=ref.rope_inplace_cpu, mutates=("q", "k"))
+                           cuda=_in_place(_rope_inplace_cuda), reference=_in_place(ref.rope_inplace_cpu),
+                           mutates=("q", "k"))
 rope_cos_sin_cache = register_op(f"rope_cos_sin_cache({_CACHE_ARGS}) -> (Tensor, Tensor)",
                                  cuda=_rope_cos_sin_cache_cuda, reference=ref.rope_cos_sin_cache_cpu,
                                  fake=meta.rope_cos_sin_cache_fake)
 rope_cos_sin_cache_inplace = register_op(f"rope_cos_sin_cache_inplace({_CACHE_ARGS}) -> ()",
-                                         cuda=_rope_cos_sin_cache_inplace_cuda,
-                                         reference=ref.rope_cos_sin_cache_inplace_cpu, mutates=("q", "k"))
+                                         cuda=_in_place(_rope_cos_sin_cache_inplace_cuda),
+                                         reference=_in_place(ref.rope_cos_sin_cache_inplace_cpu), mutates=("q", "k"))
 rope_positions = register_op("rope_positions(Tensor indptr, Tensor offsets, SymInt nnz) -> Tensor",
                              cuda=_rope_positions_cuda, reference=ref.rope_positions_cpu,
                              fake=meta.rope_positions_fake)
