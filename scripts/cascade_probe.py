@@ -1,6 +1,6 @@
 """Paged prefill tiles in place (pointer gathers through the page table) against contiguous keys.
 
-    PYTHONPATH=. python scripts/cascade_probe.py time
+    PYTHONPATH=. python scripts/cascade_probe.py time [cascade|prefill]
     PYTHONPATH=. ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section WarpStateStats python scripts/cascade_probe.py ncu
 
@@ -8,7 +8,8 @@ Cases (bf16, D=128, 32 query / 8 KV heads, page 16 with shuffled pages):
   * the attention suite's cascade shared level: a 32k-key prefix shared by B=128 single-token
     requests (one non-causal paged prefill of 128 rows), and the same keys contiguous (ragged,
     TMA key tiles) for comparison;
-  * the whole two-level cascade (shared level + 256 unique keys per request);
+  * the whole two-level cascade (shared level + 256 unique keys per request), as planned and
+    with the two levels launched on two streams (either one on the side stream);
   * the suite's causal paged prefill, B=4 x 4096: as planned (gathered K/V) and in place.
 ``PAGE`` in the environment sets the page size (default 16). The in-place prefill is planned
 with the gathered-K/V path switched off (plan() makes that choice); CUDA-graph replays, two
@@ -57,6 +58,27 @@ def cascade_cases(g):
     c.plan([i32([0, B]), ar], [i32([0, n_pre]), ar * n_uq], [pre, uq.reshape(-1)],
            [i32([PAGE]), torch.full((B,), PAGE, dtype=torch.int32, device="cuda")], HQ, HKV, D, PAGE, q_data_type=DT)
     whole = {"as planned": lambda: c.run(q, cache)}
+    # the same two levels on two streams (own workspaces): the memory-bound unique level can run
+    # beside the compute-bound shared level instead of after it
+    lv = [fo.BatchPrefillWithPagedKVCacheWrapper(workspace()) for _ in range(2)]
+    lv[0].plan(i32([0, B]), i32([0, n_pre]), pre, i32([PAGE]), HQ, HKV, D, PAGE, causal=False, q_data_type=DT)
+    lv[1].plan(ar, ar * n_uq, uq.reshape(-1), torch.full((B,), PAGE, dtype=torch.int32, device="cuda"), HQ, HKV, D,
+               PAGE, causal=False, q_data_type=DT)
+    side = torch.cuda.Stream()
+
+    def two_streams(first_on_side):
+        cur = torch.cuda.current_stream()
+        side.wait_stream(cur)
+        a, b = (lv[0], lv[1]) if first_on_side == 0 else (lv[1], lv[0])
+        with torch.cuda.stream(side):
+            o_side, s_side = a.run(q, cache, return_lse=True)
+        o, s = b.run(q, cache, return_lse=True)
+        cur.wait_stream(side)
+        fo.merge_state_in_place(o, s, o_side, s_side)
+        return o
+
+    whole["two streams, shared level on the side"] = lambda: two_streams(0)
+    whole["two streams, unique level on the side"] = lambda: two_streams(1)
     kv = cache[pre.long()]
     k = kv[:, 0].reshape(prefix, HKV, D).contiguous()
     v = kv[:, 1].reshape(prefix, HKV, D).contiguous()
@@ -87,7 +109,8 @@ def prefill_case(g):
 def main(argv):
     mode = argv[0] if argv else "time"
     g = torch.Generator(device="cuda").manual_seed(0)
-    cases = cascade_cases(g) + prefill_case(g)
+    only = argv[1] if len(argv) > 1 else ""  # "cascade" or "prefill": one family of cases
+    cases = (cascade_cases(g) if only != "prefill" else []) + (prefill_case(g) if only != "cascade" else [])
     for title, _, runs in cases:
         outs = [f() for f in runs.values()]
         errs = [(o.float() - outs[0].float()).abs().max().item() for o in outs[1:]]

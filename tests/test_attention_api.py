@@ -283,6 +283,7 @@ PLAN_ERRORS = [
     ("int o dtype", dict(o_data_type="int32"), ValueError, "^o_data_type: dtype torch.int32 not supported"),
     ("int q dtype", dict(q_data_type=torch.int8), ValueError, "^q_data_type"),
     ("no q dtype", dict(q_data_type=None), ValueError, "^q_data_type: must be given"),
+    ("mixed kv dtype", dict(kv_data_type="float16"), ValueError, "^kv_data_type: torch.float16 differs"),
 ]
 
 

@@ -451,6 +451,8 @@ class _BatchAttention:
         q_dt = P.parse_dtype(q_data_type, "q_data_type")
         expect(q_dt is not None, "q_data_type", "must be given (or data_type), got None")
         kv_dt = P.parse_dtype(kv_data_type, "kv_data_type") or q_dt
+        expect(kv_dt == q_dt, "kv_data_type", "{} differs from q_data_type {}: q, k and v share one dtype here",
+               kv_dt, q_dt)
         o_dt = P.parse_dtype(o_data_type, "o_data_type") or q_dt
         B = qo_h.size - 1
         dev = self.device
