@@ -244,6 +244,9 @@ def test_aliases_forward_and_deprecated_positional_plan(device):
     assert torch.equal(w.run(b.q, b.cache), o3) and (w._window_left, w._logits_soft_cap) == (-1, 0.0)
     o4 = w.forward(b.q, b.cache, logits_soft_cap=1.0, sm_scale=0.3)
     check_attention("forward(soft cap, scale)", o4, None, *b.oracle(logits_soft_cap=1.0, sm_scale=0.3), torch.float32)
+    # positionally, in the order of FlashInfer's decode forward(): pos_encoding_mode, q/k/v scales, window_left,
+    # logits_soft_cap, sm_scale
+    assert torch.equal(w.forward(b.q, b.cache, "NONE", None, None, None, -1, 1.0, 0.3), o4)
     with pytest.raises(ValueError, match="^causal"):
         w.forward(b.q, b.cache, causal=True)  # not an argument of decode's forward
     w.end_forward()
@@ -817,6 +820,20 @@ def test_forward_replaces_plan_options_as_flashinfer(device):
                            causal=True, logits_soft_cap=5.0)
     o, lse = r.forward_return_lse(b.q, k, v, causal=True, logits_soft_cap=5.0)
     check_attention("ragged forward causal", o, lse, ro, rl, torch.float32)
+    # FlashInfer's forward() takes its options positionally too, in its own order per wrapper
+    o2, lse2 = r.forward_return_lse(b.q, k, v, True, "NONE", False, -1, 5.0)  # causal, ..., logits_soft_cap
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    o, lse = w.forward_return_lse(b.q, b.cache, causal=True, sm_scale=0.2, v_scale=2.0)
+    o2, lse2 = w.forward_return_lse(b.q, b.cache, True, "NONE", False, None, 2.0, -1, None, 0.2)
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    check_attention("paged forward, v_scale", o / 2, lse, *b.oracle(causal=True, sm_scale=0.2), torch.float32)
+    assert torch.equal(w.forward(b.q, b.cache, True, "NONE", False, None, 2.0, -1, None, 0.2), o)
+    with pytest.raises(TypeError, match="multiple values for argument 'causal'"):
+        w.forward(b.q, b.cache, True, causal=True)
+    with pytest.raises(TypeError, match="at most 12 positional arguments"):
+        w.forward(b.q, b.cache, *([None] * 11))
+    with pytest.raises(TypeError, match="at most 11 positional arguments"):
+        r.forward(b.q, k, v, *([None] * 9))
 
 
 def test_ragged_hnd_layout(device):

@@ -130,6 +130,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
     """
 
     _forward_takes_causal = False  # FlashInfer's decode forward() has no causal: it follows q_len_per_req
+    _FORWARD_POSITIONAL = ("pos_encoding_mode", "q_scale", "k_scale", "v_scale", "window_left", "logits_soft_cap",
+                           "sm_scale", "rope_scale", "rope_theta")
 
     _name = "BatchDecodeWithPagedKVCacheWrapper"
 

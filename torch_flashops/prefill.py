@@ -367,25 +367,42 @@ class _BatchAttention:
         return (bool(pl.causal), pl.window_left, scale, soft_cap, pl.pos_encoding_mode, rope_scale, rope_theta,
                 P.scalar_scale(v_scale, "v_scale"), lse_ln)
 
-    def forward(self, q: torch.Tensor, *kv, **kwargs):
+    def forward(self, q: torch.Tensor, *args, **kwargs):
         """Deprecated alias of ``run(q, paged_kv_cache)`` / ``run(q, k, v)`` with FlashInfer's
         semantics: its plan-time keywords (``causal``, ``pos_encoding_mode``, ``window_left``,
         ``logits_soft_cap``, ``sm_scale``, ``rope_scale``, ``rope_theta``) replace the plan's, each
         at forward's own default when not given (so ``forward(q, kv)`` after ``plan(causal=True)``
         is not causal, as in FlashInfer), and stay for later runs; run keywords pass through. The
         schedule is kept where it covers the new options (causal or a narrower window only clip
-        it) and rebuilt from the plan's page table otherwise."""
-        return self._forward(q, kv, kwargs, False)
+        it) and rebuilt from the plan's page table otherwise. Options after the KV arguments may
+        be given positionally, in the order of FlashInfer's ``forward`` for this wrapper
+        (``_FORWARD_POSITIONAL``)."""
+        return self._forward(q, args, kwargs, False)
 
-    def forward_return_lse(self, q: torch.Tensor, *kv, **kwargs):
+    def forward_return_lse(self, q: torch.Tensor, *args, **kwargs):
         """Deprecated alias of ``run(..., return_lse=True)`` (see ``forward``)."""
-        return self._forward(q, kv, kwargs, True)
+        return self._forward(q, args, kwargs, True)
 
     _forward_takes_causal = True
+    _FORWARD_KV_ARGS = 1  # paged_kv_cache (the ragged wrapper: k, v)
+    # FlashInfer's forward()/forward_return_lse() parameters after the KV arguments, in order
+    _FORWARD_POSITIONAL = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "k_scale", "v_scale", "window_left",
+                           "logits_soft_cap", "sm_scale", "rope_scale", "rope_theta")
 
-    def _forward(self, q, kv, kwargs, return_lse):
+    def _forward(self, q, args, kwargs, return_lse):
         if self._plan is None:
             raise RuntimeError(f"{self._name}.forward() called before a successful plan()")
+        n = self._FORWARD_KV_ARGS
+        kv, rest = args[:n], args[n:]
+        names = self._FORWARD_POSITIONAL
+        if len(rest) > len(names):
+            raise TypeError(f"{self._name}.forward() takes at most {1 + n + len(names)} positional arguments "
+                            f"(q, {n} KV, then {', '.join(names)}), got {1 + len(args)}")
+        kwargs = dict(kwargs)
+        for name, value in zip(names, rest):
+            if name in kwargs:
+                raise TypeError(f"{self._name}.forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
         opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _FORWARD_PLAN_KEYS}
         opts.pop("use_fp16_qk_reduction", None)
         defaults = dict(_FORWARD_DEFAULTS)
@@ -754,6 +771,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
 
     _paged = False
     _name = "BatchPrefillWithRaggedKVCacheWrapper"
+    _FORWARD_KV_ARGS = 2  # k, v
+    _FORWARD_POSITIONAL = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "window_left", "logits_soft_cap",
+                           "sm_scale", "rope_scale", "rope_theta")
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf: Optional[torch.Tensor] = None, kv_indptr_buf: Optional[torch.Tensor] = None,
