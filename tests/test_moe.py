@@ -730,6 +730,14 @@ def test_cutlass_fused_moe(device):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, tp_size=2)
     with pytest.raises(NotImplementedError, match="^activation_type: only SwiGLU"):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, activation_type=3)
+    # FlashInfer 0.7's keywords: no-ops where they cannot change the result, refused otherwise
+    same = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, use_fused_finalize=False,
+                                workspace_buffer=torch.empty(64, dtype=torch.uint8, device=device))[0]
+    assert_close("use_fused_finalize=False", same, fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0],
+                 atol=0, rtol=0)
+    for kw in (dict(profile_ids=[0, 1]), dict(use_wfp4afp8_humming=True)):
+        with pytest.raises(NotImplementedError, match=next(iter(kw))):
+            fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, **kw)
     # errors name this function's arguments, not fused_moe's
     _bad("^fc2_expert_weights: shape", fo.cutlass_fused_moe, x, ids, tw, fc1, w2[:, :, :8], torch.float32)
     _bad("^fc1_expert_weights: dtype", fo.cutlass_fused_moe, x, ids, tw, fc1.half(), w2, torch.float32)

@@ -266,6 +266,12 @@ def cutlass_fused_moe(
     tune_max_num_tokens: int = 8192,
     enable_pdl: Optional[bool] = None,
     activation_type=None,
+    *,
+    swizzled_input_sf: bool = True,
+    use_fused_finalize: bool = True,
+    profile_ids: Optional[List[int]] = None,
+    workspace_buffer: Optional[torch.Tensor] = None,
+    use_wfp4afp8_humming: bool = False,
 ) -> List[torch.Tensor]:
     """FlashInfer's CUTLASS MoE entry point, mapped onto ``fused_moe`` (spec §7).
 
@@ -291,7 +297,11 @@ def cutlass_fused_moe(
         ``[T, H]`` of ``output_dtype``; written and returned.
     Only unquantized weights, ``tp_size == 1``, no biases and the SwiGLU activation are
     supported; the other options raise ``NotImplementedError`` when set. ``enable_pdl``,
-    ``tune_max_num_tokens``: accepted, no effect.
+    ``tune_max_num_tokens``: accepted, no effect. Keyword-only, from FlashInfer 0.7:
+    ``use_fused_finalize`` (either value: the finalize here is always deterministic),
+    ``swizzled_input_sf`` (only matters with ``input_sf``) and ``workspace_buffer`` (scratch
+    is allocated here) are accepted with no effect; ``profile_ids`` and
+    ``use_wfp4afp8_humming=True`` raise ``NotImplementedError``.
 
     Returns
     -------
@@ -307,6 +317,7 @@ def cutlass_fused_moe(
         use_w4_group_scaling=use_w4_group_scaling, use_mxfp8_act_scaling=use_mxfp8_act_scaling,
         min_latency_mode=min_latency_mode, use_packed_weights=use_packed_weights,
         activation_type=activation_type is not None and getattr(activation_type, "name", activation_type) != "Swiglu",
+        profile_ids=profile_ids is not None, use_wfp4afp8_humming=use_wfp4afp8_humming,
     )
     if activation_type is not None and not hasattr(activation_type, "name"):
         raise NotImplementedError(f"activation_type: only SwiGLU is supported; leave it at its default or pass an "
