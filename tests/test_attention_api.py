@@ -75,19 +75,19 @@ flashops::single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, st
 
     def test_paged_attention(self):
         self.assertExpectedInline(str(OPS.paged_attention.default._schema), """\
-flashops::paged_attention(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+flashops::paged_attention(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
 
     def test_paged_attention_out(self):
         self.assertExpectedInline(str(OPS.paged_attention_out.default._schema), """\
-flashops::paged_attention_out(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
+flashops::paged_attention_out(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
 
     def test_ragged_attention(self):
         self.assertExpectedInline(str(OPS.ragged_attention.default._schema), """\
-flashops::ragged_attention(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+flashops::ragged_attention(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
 
     def test_ragged_attention_out(self):
         self.assertExpectedInline(str(OPS.ragged_attention_out.default._schema), """\
-flashops::ragged_attention_out(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, int block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
+flashops::ragged_attention_out(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -100,8 +100,11 @@ def _no_duck_sizing():
 
 
 def _steps():
-    # (kv lens after the append, append lens): one batch size and set of lengths per step
-    return [([7, 12, 3], [1, 1, 1]), ([8, 13, 4, 20, 2], [1, 1, 1, 1, 1]), ([9, 30, 6, 5, 11, 16], [1, 2, 1, 1, 3, 1])]
+    # (kv lens after the append, append lens): one batch size and set of lengths per step. The
+    # longest append sets the plan's tile height (4 query heads per KV head: 1-3 rows -> 16,
+    # longest 7 -> 32, 9 -> 64, 21 -> 128), which must not recompile either.
+    return [([7, 12, 3], [1, 1, 1]), ([8, 13, 4, 20, 2], [1, 1, 1, 1, 1]), ([9, 30, 6, 5, 11, 16], [1, 2, 1, 1, 3, 1]),
+            ([25, 40, 12], [9, 21, 1]), ([14, 7], [7, 2]), ([30, 9], [9, 2])]
 
 
 def test_compile_append_then_attend_dynamic(device):
@@ -120,6 +123,7 @@ def test_compile_append_then_attend_dynamic(device):
         return w.run(q, cache)
 
     cc = CompileCounter(step, dynamic=True)
+    heights = set()
     with _no_duck_sizing():
         for i, (kv_lens, app) in enumerate(_steps()):
             npg = [(n + page - 1) // page for n in kv_lens]
@@ -130,6 +134,7 @@ def test_compile_append_then_attend_dynamic(device):
             n = int(app_indptr[-1])
             q, k_new, v_new = (torch.randn(n, h, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
             w.plan(app_indptr, kv_indptr, kv_indices, last, Hq, Hkv, D, page, causal=True, q_data_type="float32")
+            heights.add(w._plan.block_m)
             to = lambda t: t.to(device)  # noqa: E731
             o = cc(q, k_new, v_new, cache, to(app_indptr), to(kv_indices), to(kv_indptr), to(last))
             ro, _ = ref_attention(q.cpu(), cache[:, 0].cpu(), cache[:, 1].cpu(), app_indptr, kv_indptr, kv_indices,
@@ -140,8 +145,36 @@ def test_compile_append_then_attend_dynamic(device):
                 j = kv_lens[b] - 1
                 pg = int(kv_indices[int(kv_indptr[b]) + j // page])
                 assert torch.equal(cache[pg, 0, j % page].cpu(), k_new[int(app_indptr[b + 1]) - 1].cpu())
+    assert heights == {16, 32, 64, 128}  # the steps cover every tile height
     assert cc.frames == 1, f"{cc.frames} frames (graph break or recompile)"
     assert "flashops.paged_attention.default" in cc.graph_ops()
+
+
+def test_compile_cascade_batch_grows(device):
+    """A batch sharing a prefix: the shared level's tile height follows the batch size (one
+    request of N rows). Growing N re-plans with 16..128-row tiles and must not recompile, with
+    the default duck sizing too (the tile height reaches the op as an unbacked size)."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(100, 2, 4, 2, 16, generator=g).to(device)
+    w = fi.MultiLevelCascadeAttentionWrapper(2, workspace(device))
+    cc = CompileCounter(lambda q, c: w.run(q, c), dynamic=True)
+    heights = []
+    for N in (5, 11, 23, 40):  # N single-row requests share 2 pages, then 2 pages each
+        w.plan([i32([0, N]), i32(list(range(N + 1)))], [i32([0, 2]), i32(list(range(0, 2 * N + 1, 2)))],
+               [i32([0, 1]), i32(list(range(2, 2 + 2 * N)))], [i32([3]), i32([2] * N)], 4, 2, 16, 4,
+               causal=True, q_data_type="float32")
+        heights.append(w._batch_prefill_wrappers[0]._plan.block_m)
+        q = torch.randn(N, 4, 16, generator=g).to(device)
+        o = cc(q, cache)
+        c = cache.double().cpu()
+        for b in range(N):  # oracle: softmax over the request's 7 prefix + 6 own keys, 2 query heads per KV head
+            kv = torch.cat([c[0], c[1, :, :3], c[2 + 2 * b], c[3 + 2 * b, :, :2]], dim=1).repeat_interleave(2, dim=2)
+            p = torch.softmax(torch.einsum("hd,lhd->hl", q[b].double().cpu(), kv[0]) / 4.0, dim=-1)
+            assert_close(f"N={N} row {b}", o[b], torch.einsum("hl,lhd->hd", p, kv[1]).float())
+        assert torch.equal(o, w.run(q, cache))
+    assert heights == [16, 32, 64, 128]
+    assert cc.frames == 1, f"{cc.frames} frames (graph break or recompile)"
 
 
 def test_compile_decode_out_variant_and_single(device):

@@ -46,6 +46,7 @@ __all__ = [
     "pack_custom_masks",
     "parse_dtype",
     "check_page_ids",
+    "tile_tensor",
     "check_backend",
     "reject",
     "resolve_sm_scale",
@@ -335,6 +336,23 @@ class PlanTensors:
     merge: torch.Tensor
     packed_mask: Optional[torch.Tensor] = None
     mask_indptr: Optional[torch.Tensor] = None
+    tile: Optional[torch.Tensor] = None  # [block_m], never read: its size carries block_m (``tile_tensor``)
+
+
+def tile_tensor(cache: dict, block_m: int, device) -> torch.Tensor:
+    """An (uninitialised, never read) ``[block_m]`` tensor whose *size* hands the plan's tile
+    height to ``run()``. A plan-time Python int read inside a compiled ``run()`` becomes a guard,
+    and a later plan with another tile height (a longer prefill, a bigger batch sharing a cascade
+    prefix) would recompile; a size marked unbacked reaches the op as a symbol instead, with no
+    guard and no duck-sizing against equal sizes. ``cache`` is the wrapper's own (one tensor
+    per value: plans allocate once per height, and two wrappers never share one, which would
+    add an aliasing guard)."""
+    t = cache.get(int(block_m))
+    if t is None:
+        t = torch.empty((int(block_m),), dtype=torch.uint8, device=device)
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+        cache[int(block_m)] = t
+    return t
 
 
 def check_list_sizes(sched: Schedule, bounds: Bounds) -> None:

@@ -236,6 +236,7 @@ class _BatchAttention:
         self.device = float_workspace_buffer.device
         self._plan: Optional[_Plan] = None
         self._t: Optional[P.PlanTensors] = None
+        self._tiles: dict = {}  # block_m -> its size-carrier tensor (P.tile_tensor)
         self._bounds: Optional[P.Bounds] = None
         self._frozen_block_m: Optional[int] = None
         self._kv_lens_buf: Optional[torch.Tensor] = None
@@ -497,7 +498,7 @@ class _BatchAttention:
             qo_t = P.device_int32(qo_h, dev)
         packed, mask_indptr = self._commit_masks(packed, mask_indptr)
         self._set_lists(sched, freeze, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr,
-                        **index_tensors(self, dev))
+                        tile=P.tile_tensor(self._tiles, block_m, dev), **index_tensors(self, dev))
         self._plan = _Plan(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                            head_dim_vo=head_dim_vo, page_size=page_size, causal=bool(causal),
                            pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft_cap,
@@ -570,11 +571,11 @@ class _BatchAttention:
         if self._gather is not None:  # contiguous copies of the planned K/V rows, ragged kernel
             k, v = _gather_kv(kv, self._kv_layout, self._gather)
             args = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, self._gather.kv_indptr,
-                    t.packed_mask, t.mask_indptr, pl.block_m, *opts)
+                    t.packed_mask, t.mask_indptr, t.tile.shape[0], *opts)
             functional, out_op = attn_ops.ragged_attention_op, attn_ops.ragged_attention_out_op
         else:
             args = (q, kv.op_args[0], kv.op_args[1], self._kv_layout, t.work, t.split_work, t.merge, t.qo_indptr,
-                    t.kv_indptr, t.kv_indices, t.kv_lens, t.packed_mask, t.mask_indptr, pl.block_m, *opts)
+                    t.kv_indptr, t.kv_indices, t.kv_lens, t.packed_mask, t.mask_indptr, t.tile.shape[0], *opts)
             functional, out_op = attn_ops.paged_attention_op, attn_ops.paged_attention_out_op
         out, lse = self._outputs(q, out, lse)
         if out is None:
@@ -861,7 +862,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
                    "has {} rows, kv_indptr[-1] is {}", k.shape[0], self._total_kv_rows)
         t, pl = self._t, self._plan
         a = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.packed_mask, t.mask_indptr,
-             pl.block_m, *self._opts(q_scale, k_scale, v_scale, lse_ln))
+             t.tile.shape[0], *self._opts(q_scale, k_scale, v_scale, lse_ln))
         out, lse = self._outputs(q, out, lse)
         if out is None:
             out, lse = attn_ops.ragged_attention_op(*a, pl.o_dtype)

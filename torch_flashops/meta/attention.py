@@ -92,7 +92,8 @@ def check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_m
     if kv_lens is not None:
         _check_index(kv_lens, "kv_lens", dev)
         expect(kv_lens.shape[0] + 1 >= qo_indptr.shape[0], "kv_lens", "needs one length per request")
-    expect(block_m in TILE_M_VALUES, "block_m", "must be one of {}, got {}", TILE_M_VALUES, block_m)
+    if not isinstance(block_m, torch.SymInt):  # (a symbol from a compiled run(): checked when the op runs)
+        expect(block_m in TILE_M_VALUES, "block_m", "must be one of {}, got {}", TILE_M_VALUES, block_m)
     expect((packed_mask is None) == (mask_indptr is None), "mask_indptr", "packed_mask and mask_indptr go together")
     if packed_mask is not None:
         _check_packed_mask(packed_mask, dev)

@@ -1042,9 +1042,9 @@ _OPTS = ("bool causal, int window_left, float sm_scale, float logits_soft_cap, s
          "float rope_scale, float rope_theta, float v_scale, bool lse_ln")
 _PAGED = ("Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, "
           "Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, "
-          "Tensor? mask_indptr, int block_m, " + _OPTS)
+          "Tensor? mask_indptr, SymInt block_m, " + _OPTS)
 _RAGGED = ("Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, "
-           "Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, int block_m, " + _OPTS)
+           "Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, " + _OPTS)
 
 single_attention_op = register_op(
     "single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, str kv_layout, " + _OPTS
