@@ -209,6 +209,47 @@ def test_compile_decode_out_variant_and_single(device):
     assert cs.frames == 1
 
 
+def test_compile_run_return_lse(device):
+    """``run_return_lse`` (FlashInfer's alias) compiles with fullgraph=True on the three
+    wrappers: it was a functools.partialmethod, which dynamo cannot trace."""
+    b = Batch([1, 1, 1], [9, 3, 20], page_size=4, Hq=4, Hkv=2, D=16, seed=8, device=device)
+    ro, rl = b.oracle()
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
+    p = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(p, b, q_data_type=torch.float32)
+    for wrapper in (w, p):
+        cc = CompileCounter(lambda q, c: wrapper.run_return_lse(q, c))
+        o, lse = cc(b.q, b.cache)
+        check_attention(type(wrapper).__name__, o, lse, ro, rl, torch.float32)
+        assert cc.frames == 1
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(n, h, 16, generator=g).to(device) for n, h in ((5, 4), (11, 2), (11, 2)))
+    r = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    r.plan(torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0, 11], dtype=torch.int32), 4, 2, 16, causal=True,
+           q_data_type="float32")
+    cc = CompileCounter(lambda q, k, v: r.run_return_lse(q, k, v))
+    o, lse = cc(q, k, v)
+    ro, rl = ref_attention(q.cpu(), k.cpu().unsqueeze(1), v.cpu().unsqueeze(1), [0, 5], [0, 11], torch.arange(11),
+                           [1], causal=True)
+    check_attention("ragged", o, lse, ro, rl, torch.float32)
+    assert cc.frames == 1
+    assert r.run_return_lse(q, k, v, return_lse=False).shape == o.shape  # an explicit keyword still wins
+
+
+def test_tensor_scale_eager_only(device):
+    """A one-element tensor scale is read on the host: accepted in eager (equal to the float),
+    refused with a message naming it inside torch.compile (it was a SymFloat type error)."""
+    b = Batch([1, 1], [9, 3], page_size=4, Hq=4, Hkv=2, D=16, seed=9, device=device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
+    want = w.run(b.q, b.cache, k_scale=0.5)
+    assert torch.equal(w.run(b.q, b.cache, k_scale=torch.tensor(0.5, device=device)), want)
+    f = torch.compile(lambda q, c, s: w.run(q, c, k_scale=s), fullgraph=True, dynamic=True)
+    with pytest.raises(Exception, match="k_scale: a tensor scale is read on the host"):
+        f(b.q, b.cache, torch.tensor(0.5, device=device))
+
+
 # --------------------------------------------------------------------------- CUDA-graph mode
 
 

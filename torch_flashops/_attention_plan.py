@@ -98,12 +98,18 @@ def resolve_sm_scale(sm_scale, head_dim: int, q_scale=None, k_scale=None) -> flo
 
 def scalar_scale(x, name: str) -> float:
     """A scalar scale as float (None -> 1). Tensors with more than one element (per-head
-    scales) are reserved: ``NotImplementedError``."""
+    scales) are reserved: ``NotImplementedError``. A one-element tensor is read on the host
+    (a device sync), so it is refused where that cannot happen: inside ``torch.compile`` and
+    during CUDA-graph capture; pass a Python float there."""
     if x is None:
         return 1.0
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise NotImplementedError(f"{name}: per-head scale tensors are not supported (scalar scales only)")
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing:
+            raise ValueError(f"{name}: a tensor scale is read on the host, which cannot happen inside torch.compile "
+                             f"or a CUDA-graph capture; pass a Python float (e.g. layer.k_scale_float)")
         return float(x)
     return float(x)
 

@@ -9,7 +9,6 @@ the batch alone cannot fill the GPU, then merged deterministically.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from typing import Any, Optional, Tuple, Union
@@ -22,7 +21,7 @@ from ._checks import check_tensor, expect
 from .meta.attention import check_pos_encoding_mode
 from .meta.page import check_kv_layout
 from .ops import attention as attn_ops
-from .prefill import _BatchAttention, _check_graph_buf
+from .prefill import _BatchAttention, _check_graph_buf, _return_lse_alias
 
 __all__ = [
     "single_decode_with_kv_cache",
@@ -253,7 +252,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         return self._run_paged(q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out,
                                lse, return_lse, check_q)
 
-    run_return_lse = functools.partialmethod(run, return_lse=True)
+    run_return_lse = _return_lse_alias(run)
 
 
 

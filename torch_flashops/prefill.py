@@ -10,6 +10,7 @@ the index arrays once, validates them and builds the kernel's work lists on the 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -216,6 +217,21 @@ _FORWARD_PLAN_KEYS = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "w
 # FlashInfer's deprecated forward() sets every one of these to its own default when not given
 _FORWARD_DEFAULTS = dict(causal=False, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, sm_scale=None,
                          rope_scale=None, rope_theta=None)
+
+
+def _return_lse_alias(run):
+    """``run_return_lse``: ``run(..., return_lse=True)``, with the signature FlashInfer's
+    ``functools.partialmethod(run, return_lse=True)`` has. A plain function, because dynamo
+    cannot trace a partialmethod's ``__get__`` (``fullgraph=True`` failed on it)."""
+    def run_return_lse(self, *args, **kwargs):
+        return run(self, *args, **{"return_lse": True, **kwargs})
+
+    class _Probe:
+        alias = functools.partialmethod(run, return_lse=True)
+
+    run_return_lse.__signature__ = inspect.signature(_Probe.alias)
+    run_return_lse.__doc__ = "``run(..., return_lse=True)``: returns ``(out, lse)``."
+    return run_return_lse
 
 
 class _BatchAttention:
@@ -749,7 +765,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         return self._run_paged(q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out,
                                lse, return_lse)
 
-    run_return_lse = functools.partialmethod(run, return_lse=True)
+    run_return_lse = _return_lse_alias(run)
 
 
 
@@ -870,7 +886,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
             attn_ops.ragged_attention_out_op(*a, out, lse)
         return (out, lse) if return_lse else out
 
-    run_return_lse = functools.partialmethod(run, return_lse=True)
+    run_return_lse = _return_lse_alias(run)
 
 
 
