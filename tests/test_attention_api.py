@@ -177,6 +177,28 @@ def test_compile_cascade_batch_grows(device):
     assert cc.frames == 1, f"{cc.frames} frames (graph break or recompile)"
 
 
+def test_compile_replans_default_duck_sizing(device):
+    """With dynamo's default duck sizing, the plan's own list lengths (work, split_work, merge)
+    coincide now and then; as unbacked sizes they are never tied, so re-plans across batch sizes
+    and lengths (split and unsplit schedules) keep one graph."""
+    g = torch.Generator().manual_seed(5)
+    page, P = 9, 120  # (sizes of q, the cache and qo_indptr chosen apart: those may be tied, and a batch of 1 specialised)
+    cache = torch.randn(P, 2, page, 2, 16, generator=g).to(device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    cc = CompileCounter(lambda q, c: w.run(q, c), dynamic=True)
+    for lens in ([37, 5, 90], [120, 7, 7, 64, 2], [3, 3, 50, 11], [9, 18, 27, 36, 45, 54]):
+        npg = [(n + page - 1) // page for n in lens]
+        kv_indptr = torch.tensor([0] + torch.tensor(npg).cumsum(0).tolist(), dtype=torch.int32)
+        kv_indices = torch.randperm(P, generator=g)[: int(kv_indptr[-1])].int()
+        last = torch.tensor([(n - 1) % page + 1 for n in lens], dtype=torch.int32)
+        w.plan(kv_indptr, kv_indices, last, 8, 2, 16, page, q_data_type="float32", fixed_split_size=3)
+        q = torch.randn(len(lens), 8, 16, generator=g).to(device)
+        ro, rl = ref_attention(q.cpu(), cache[:, 0].cpu(), cache[:, 1].cpu(), torch.arange(len(lens) + 1), kv_indptr,
+                               kv_indices, last)
+        assert_close(f"lens {lens}", cc(q, cache), ro.float())
+    assert cc.frames == 1, f"{cc.frames} frames (graph break or recompile)"
+
+
 def test_compile_decode_out_variant_and_single(device):
     """Decode wrapper with out=/lse= under fullgraph (the in-place write reaches the caller's
     buffers), and the plan-free single functions compiled."""

@@ -47,6 +47,7 @@ __all__ = [
     "parse_dtype",
     "check_page_ids",
     "tile_tensor",
+    "unbacked_indices",
     "check_backend",
     "reject",
     "resolve_sm_scale",
@@ -379,21 +380,40 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
     else:
         rows = [bounds.work, bounds.split_work, bounds.merge]
         check_list_sizes(sched, bounds)
-    host = [torch.from_numpy(padded(a, n).reshape(-1)) for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
+    host = [torch.from_numpy(np.ascontiguousarray(padded(a, n).reshape(-1)))  # (no view: dynamo guards a view's base)
+            for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
     if into is not None:
         into.work.copy_(host[0], non_blocking=False)
         into.split_work.copy_(host[1])
         into.merge.copy_(host[2])
         return into.work, into.split_work, into.merge
-    return tuple(h.reshape(-1).to(device) for h in host)
+    return tuple(_unbacked(h.to(device)) for h in host)
 
 
-def device_int32(a, device, min_len: int = 0) -> torch.Tensor:
-    """Host array or tensor -> contiguous int32 device tensor of at least ``min_len`` entries."""
+def _unbacked(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` (a tensor the plan owns) with its length marked unbacked for dynamo. The lengths
+    of one plan's tensors coincide now and then with each other or with the caller's sizes
+    (work and split_work both 8 long, 16 pages and head_dim 16), and dynamo's default duck
+    sizing would tie them and recompile when a later plan separates them. Unbacked sizes are
+    never tied nor specialised; the fakes check them with ``torch._check`` (``check_len``)."""
+    if t is not None:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    return t
+
+
+def unbacked_indices(t: "PlanTensors") -> None:
+    """Mark the plan-owned index tensors of a (non-CUDA-graph) plan unbacked (``_unbacked``)."""
+    for x in (t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_lens):
+        _unbacked(x)
+
+
+def device_int32(a, device, min_len: int = 0, copy: bool = False) -> torch.Tensor:
+    """Host array or tensor -> contiguous int32 device tensor of at least ``min_len`` entries
+    (the given tensor itself where it already is one, unless ``copy``)."""
     if isinstance(a, torch.Tensor):
         t = a.detach()
         if t.device == torch.device(device) and t.dtype == torch.int32 and t.is_contiguous() and t.numel() >= min_len:
-            return t
+            return t.clone() if copy else t
         t = t.to(torch.int32)
     else:
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))

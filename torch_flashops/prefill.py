@@ -315,6 +315,8 @@ class _BatchAttention:
         into = self._t if (self._use_cuda_graph and self._t is not None) else None
         work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into)
         self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
+        if not self._use_cuda_graph:  # (graph mode: the caller's buffers, sizes frozen)
+            P.unbacked_indices(self._t)
 
     def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
         """The packed masks of a plan; in CUDA-graph mode also checks that they fit the buffers
@@ -550,7 +552,7 @@ class _BatchAttention:
         def index_tensors(w, dev):
             if not w._use_cuda_graph:
                 return dict(kv_indptr=P.device_int32(kv_indptr_h, dev),
-                            kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS),
+                            kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS, copy=True),
                             kv_lens=P.device_int32(kv_lens_h, dev, P.MIN_LIST_ROWS))
             P.copy_into(w._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr")
             P.copy_into(w._paged_kv_indices_buf, kv_indices, "paged_kv_indices")

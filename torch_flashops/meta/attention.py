@@ -48,6 +48,16 @@ def _check_qkv(q, K, V, pos_encoding_mode) -> None:
     check_pos_encoding_mode(pos_encoding_mode)
 
 
+def check_len(cond, name: str, msg) -> None:
+    """A relation between list lengths: ``expect`` on ints; on symbolic lengths (a plan's
+    index tensors reach compiled code with unbacked sizes) a ``torch._check``, which becomes a
+    runtime assertion rather than a guard."""
+    if isinstance(cond, torch.SymBool):
+        torch._check(cond, lambda: f"{name}: {msg()}")
+    else:
+        expect(cond, name, msg)
+
+
 def _check_index(t, name: str, device, ndim: int = 1) -> None:
     check_tensor(t, name, ndim=ndim, dtypes=(torch.int32,), device=device)
     expect(t.is_contiguous(), name, "must be contiguous")
@@ -85,21 +95,21 @@ def check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_m
         _check_index(t, name, dev)  # flat [4 * n]: no constant dim for dynamo to duck-size against
     _check_index(qo_indptr, "qo_indptr", dev)
     _check_index(kv_indptr, "kv_indptr", dev)
-    expect(kv_indptr.shape[0] == qo_indptr.shape[0], "kv_indptr",
-           "length {} does not match qo_indptr's {}", kv_indptr.shape[0], qo_indptr.shape[0])
+    check_len(kv_indptr.shape[0] == qo_indptr.shape[0], "kv_indptr",
+              lambda: f"length {kv_indptr.shape[0]} does not match qo_indptr's {qo_indptr.shape[0]}")
     if kv_indices is not None:
         _check_index(kv_indices, "kv_indices", dev)
     if kv_lens is not None:
         _check_index(kv_lens, "kv_lens", dev)
-        expect(kv_lens.shape[0] + 1 >= qo_indptr.shape[0], "kv_lens", "needs one length per request")
+        check_len(kv_lens.shape[0] + 1 >= qo_indptr.shape[0], "kv_lens", lambda: "needs one length per request")
     if not isinstance(block_m, torch.SymInt):  # (a symbol from a compiled run(): checked when the op runs)
         expect(block_m in TILE_M_VALUES, "block_m", "must be one of {}, got {}", TILE_M_VALUES, block_m)
     expect((packed_mask is None) == (mask_indptr is None), "mask_indptr", "packed_mask and mask_indptr go together")
     if packed_mask is not None:
         _check_packed_mask(packed_mask, dev)
         _check_index(mask_indptr, "mask_indptr", dev)
-        expect(mask_indptr.shape[0] == qo_indptr.shape[0], "mask_indptr",
-               "length {} does not match qo_indptr's {}", mask_indptr.shape[0], qo_indptr.shape[0])
+        check_len(mask_indptr.shape[0] == qo_indptr.shape[0], "mask_indptr",
+                  lambda: f"length {mask_indptr.shape[0]} does not match qo_indptr's {qo_indptr.shape[0]}")
     if o is not None:
         check_out(o, lse, q, V.shape[-1], o.dtype)
 
