@@ -53,7 +53,13 @@ def main(argv=None) -> int:
     if failed:
         print("FAILED suites:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
-    print(f"\nwrote {os.path.abspath(a.out)}/<suite>.{{json,png,md}}")
+    try:
+        import matplotlib  # noqa: F401
+        kinds = "json,png,md"
+    except ImportError:
+        kinds = "json,md"
+        print("\nno plots: matplotlib is not installed (pip install -e .[bench])")
+    print(f"\nwrote {os.path.abspath(a.out)}/<suite>.{{{kinds}}}")
     return 0
 
 

@@ -53,8 +53,12 @@ def flashops_paged_attention(module, query, key, value, attention_mask, scaling=
 def register(name: str = "fops_paged") -> str:
     """Register the attention function with transformers; returns the name to pass as
     ``attn_implementation``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as e:
+        raise SystemExit(f"this example needs Hugging Face transformers with AttentionInterface and masking_utils "
+                         f"(pip install transformers): {e}") from None
 
     AttentionInterface.register(name, flashops_paged_attention)
     # Ask for SDPA-style masks (bool, True = attend; None when plain causal suffices): without

@@ -20,6 +20,9 @@ def _check(device: str) -> int:
 
     if device == "cpu":
         backend = "triton (interpreter)" if fo.cpu_backend() == "triton" else "reference (plain PyTorch)"
+        if fo.cpu_backend() != "triton":
+            print("note: on CPU this checks the plain-PyTorch reference path; set FLASHOPS_INTERPRET=1 (before "
+                  "Python starts) to check the Triton kernels in Triton's interpreter")
     else:
         backend = f"triton ({torch.cuda.get_device_name()})"
     print(f"torch_flashops self-check on {device}, backend: {backend}")
@@ -52,7 +55,9 @@ def main(argv=None) -> int:
         return demo.main(argv)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     a = p.parse_args(argv)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .demo import check_device
+
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return _check(device)
 
 

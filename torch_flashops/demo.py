@@ -41,25 +41,50 @@ def _progress(it, desc):
         return it
 
 
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _count(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it, else ``SystemExit`` with what to pass instead."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device}: only cpu and cuda are supported")
+    return device
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--hidden", type=int, default=256)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--kv-heads", type=int, default=2)
-    g.add_argument("--head-dim", type=int, default=32)
-    g.add_argument("--intermediate", type=int, default=512)
-    g.add_argument("--vocab", type=int, default=512)
+    g.add_argument("--layers", type=_positive, default=4)
+    g.add_argument("--hidden", type=_positive, default=256)
+    g.add_argument("--heads", type=_positive, default=8)
+    g.add_argument("--kv-heads", type=_positive, default=2)
+    g.add_argument("--head-dim", type=_positive, default=32)
+    g.add_argument("--intermediate", type=_positive, default=512)
+    g.add_argument("--vocab", type=_positive, default=512)
     g.add_argument("--moe", action="store_true", help="MoE MLP (topk_softmax + fused_moe) instead of dense")
-    g.add_argument("--experts", type=int, default=8)
-    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--experts", type=_positive, default=8)
+    g.add_argument("--top-k", type=_positive, default=2)
     g = p.add_argument_group("serving")
-    g.add_argument("--batch", type=int, default=4, help="number of requests")
-    g.add_argument("--min-prompt", type=int, default=3)
-    g.add_argument("--max-prompt", type=int, default=40)
-    g.add_argument("--steps", type=int, default=16, help="decode steps")
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--batch", type=_positive, default=4, help="number of requests")
+    g.add_argument("--min-prompt", type=_positive, default=3)
+    g.add_argument("--max-prompt", type=_positive, default=40)
+    g.add_argument("--steps", type=_count, default=16, help="decode steps")
+    g.add_argument("--page-size", type=_positive, default=16)
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--no-compile", action="store_true", help="run the step eagerly")
     g.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     g.add_argument("--seed", type=int, default=0)
@@ -81,7 +106,9 @@ def run(a) -> dict:
 
 
 def _run(a) -> dict:
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.min_prompt > a.max_prompt:
+        raise SystemExit(f"--min-prompt {a.min_prompt} is larger than --max-prompt {a.max_prompt}")
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                       num_kv_heads=a.kv_heads, head_dim=a.head_dim, intermediate_size=a.intermediate,
@@ -156,20 +183,28 @@ def _run(a) -> dict:
     breaks = sum(counters["graph_break"].values())
     graphs = counters["stats"]["unique_graphs"]
     skips = counters["inductor"].get("cudagraph_skips", 0)
-    # steady-state decode rate: the first decode call includes compilation
+    expected = 2 if a.steps else 1  # prefill + decode graphs
     res = dict(
         device=device, dtype=str(dtype), max_rel_err=max_rel, tol=tol, ok=max_rel <= tol,
-        graph_breaks=breaks, graphs=graphs, recompiles=max(0, graphs - 2) if not a.no_compile else 0,
+        graph_breaks=breaks, graphs=graphs, recompiles=max(0, graphs - expected) if not a.no_compile else 0,
         cudagraph_skips=skips, prefill_s=prefill_s, decode_s=decode_s,
         decode_tok_s=a.batch * a.steps / decode_s if decode_s else float("nan"),
         generated=torch.stack(generated, 1).tolist(),
     )
-    print(f"prefill (incl. compile) {prefill_s:.2f} s; decode {a.steps} steps x {a.batch} requests in {decode_s:.2f} s "
-          f"= {res['decode_tok_s']:.1f} tokens/s (incl. the first step's compile)")
+    compiling = "" if a.no_compile else " (incl. compile)"
+    line = f"prefill{compiling} {prefill_s:.2f} s"
+    if a.steps:
+        first = "" if a.no_compile else " (incl. the first step's compile)"
+        line += (f"; decode {a.steps} steps x {a.batch} requests in {decode_s:.2f} s = {res['decode_tok_s']:.1f} "
+                 f"tokens/s{first}")
+    print(line)
     print(f"max relative logit error vs plain PyTorch (SDPA, dense KV): {max_rel:.2e} (tol {tol:.0e}) -> "
           f"{'OK' if res['ok'] else 'MISMATCH'}")
-    print(f"graph breaks: {breaks}; compiled graphs: {graphs} (prefill + decode = 2 expected); recompiles: "
-          f"{res['recompiles']}; cudagraph skips: {skips}")
+    if a.no_compile:
+        print("eager run (--no-compile): nothing compiled")
+    else:
+        print(f"graph breaks: {breaks}; compiled graphs: {graphs} ({'prefill + decode' if a.steps else 'prefill'} = "
+              f"{expected} expected); recompiles: {res['recompiles']}; cudagraph skips: {skips}")
     print("first request's tokens:", res["generated"][0])
     if a.compare:
         res.update(_compare(a, model, step, weights, cfg, decode_w, t, tokens, device, dtype, mode))
@@ -199,7 +234,8 @@ def _compare(a, model, step, weights, cfg, decode_w, t, tokens, device, dtype, m
         eager = _time_steps(lambda: model(*args), device)
         compiled = _time_steps(lambda: step(*args), device)
         out = dict(eager_step_s=eager, compiled_step_s=compiled)
-        line = (f"decode step (batch {B}): eager {eager * 1e3:.2f} ms, compiled ({mode}) {compiled * 1e3:.2f} ms "
+        line = (f"decode step (batch {B}): eager {eager * 1e3:.2f} ms, compiled ({mode or 'default mode'}) "
+                f"{compiled * 1e3:.2f} ms "
                 f"-> {eager / compiled:.1f}x; {B / compiled:.0f} tokens/s")
         if not cfg.num_experts:
             max_len = a.max_prompt + a.steps + 8
@@ -209,6 +245,9 @@ def _compare(a, model, step, weights, cfg, decode_w, t, tokens, device, dtype, m
             ps = _time_steps(lambda: peer_c(tokens, pos), device)
             out["sdpa_static_step_s"] = ps
             line += f"; SDPA over dense static KV, compiled: {ps * 1e3:.2f} ms = {B / ps:.0f} tokens/s"
+    if device == "cpu":
+        line += ("\n(CPU: the ops run their plain-PyTorch reference, or the Triton interpreter; these timings say "
+                 "nothing about GPU speed)")
     print(line)
     return out
 
@@ -216,8 +255,10 @@ def _compare(a, model, step, weights, cfg, decode_w, t, tokens, device, dtype, m
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m torch_flashops demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="other command: python -m torch_flashops check [--device cpu|cuda] runs every "
+                                       "op's self-check against its plain-PyTorch oracle")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_args(p)
     res = run(p.parse_args(argv))
     return 0 if res["ok"] and res["graph_breaks"] == 0 and res["recompiles"] == 0 else 1
