@@ -434,7 +434,8 @@ def test_run_errors_leave_outputs_untouched(device):
     bad = [
         (lambda: w.run(b.q.half(), b.cache, out=out, lse=lse), ValueError, "q"),
         (lambda: w.run(b.q, b.cache.half(), out=out, lse=lse), ValueError, "paged_kv_cache"),
-        (lambda: w.run(b.q, b.cache[:, :, :2], out=out, lse=lse), ValueError, "page_size"),
+        (lambda: w.run(b.q, b.cache[:, :, :2], out=out, lse=lse), ValueError, r"page_size .* \(read as kv_layout NHD\)"),
+        (lambda: w.run(b.q, b.cache.to("meta"), out=out, lse=lse), ValueError, "^paged_kv_cache: on meta"),
         (lambda: w.run(b.q, b.cache, out=out[:2], lse=lse), ValueError, "out"),
         (lambda: w.run(b.q, b.cache, out=out, lse=lse.double()), ValueError, "lse"),
         (lambda: w.run(b.q, b.cache, out=out, lse=lse, lse_base="e"), ValueError, "lse_base"),

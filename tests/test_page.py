@@ -471,7 +471,8 @@ def _bad_append_case(case, device):
              batch_indices=i32([0, 0, 1]), positions=i32([0, 1, 0]), paged_kv_cache=cache,
              kv_indices=i32([2, 0, 1]), kv_indptr=i32([0, 2, 3]), kv_last_page_len=i32([4, 1]), kv_layout="NHD")
     changes = {
-        "key_dtype": ("append_key", dict(append_key=a["append_key"].half())),
+        "key_dtype": ("append_key: dtype torch.float16 must match paged_kv_cache's torch.float32",
+                      dict(append_key=a["append_key"].half())),
         "key_heads": ("append_key", dict(append_key=torch.randn(3, 3, 16, device=device))),
         "key_dim": ("append_key", dict(append_key=torch.randn(3, 2, 8, device=device))),
         "key_rank": ("append_key", dict(append_key=torch.randn(3, 32, device=device))),

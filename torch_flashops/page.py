@@ -285,6 +285,9 @@ def append_paged_kv_cache(
     """
     cache = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
     device = cache.k.device
+    for t, name in ((append_key, "append_key"), (append_value, "append_value")):
+        expect(not isinstance(t, torch.Tensor) or t.dtype == cache.k.dtype, name,
+               lambda: f"dtype {t.dtype} must match paged_kv_cache's {cache.k.dtype}")
     check_tensor(append_key, "append_key", ndim=3, dtypes=(cache.k.dtype,), device=device)
     check_tensor(append_value, "append_value", ndim=3, dtypes=(cache.k.dtype,), device=device)
     nnz = append_key.shape[0]

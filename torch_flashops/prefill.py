@@ -355,7 +355,8 @@ class _BatchAttention:
                "shape {} does not match the plan (num_qo_heads {}, head_dim {})", tuple(q.shape), pl.num_qo_heads, pl.head_dim_qk)
         name = "paged_kv_cache" if self._paged else "k"
         if page_size is not None:
-            expect(page_size == pl.page_size, name, "page_size {} does not match the planned {}", page_size, pl.page_size)
+            expect(page_size == pl.page_size, name, "page_size {} does not match the planned {} (read as kv_layout {})",
+                   page_size, pl.page_size, self._kv_layout)
         expect(num_kv_heads == pl.num_kv_heads, name, "num_kv_heads {} does not match the planned {}", num_kv_heads, pl.num_kv_heads)
         expect(head_dim_qk == pl.head_dim_qk, name, "head dim {} does not match the planned {}", head_dim_qk, pl.head_dim_qk)
         expect(head_dim_vo == pl.head_dim_vo, "v" if not self._paged else name,
@@ -581,6 +582,7 @@ class _BatchAttention:
         kv = _unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         lse_ln = self._check_run(q, kv.k.dtype, kv.page_size, kv.num_kv_heads, kv.head_dim, kv.head_dim_vo,
                                  window_left, reserved, lse_base)
+        expect(kv.k.device == q.device, "paged_kv_cache", "on {}, q is on {}", kv.k.device, q.device)
         if check_q is not None:
             check_q(q)
         self._checked_page_ids(kv)
