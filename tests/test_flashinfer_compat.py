@@ -4,7 +4,7 @@ runs by changing only its import.
 1. Signatures: every covered FlashInfer function and wrapper method is compared, by
    ``inspect.signature``, with the signature the specs give (parameter names, order, kinds,
    defaults; annotations ignored). The expected signatures are data below, copied from
-   /work/shared/spec/{attention,rope,moe}.md; where moe.md §7 abbreviates a FlashInfer signature
+   docs/spec/{attention,rope,moe}.md; where moe.md §7 abbreviates a FlashInfer signature
    with "...", the full FlashInfer parameter list is given and ours must accept every call it
    accepts (``COMPATIBLE``).
 2. Module paths: ``import torch_flashops as flashinfer`` serves ``flashinfer.<module>.<name>``

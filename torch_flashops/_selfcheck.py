@@ -6,6 +6,7 @@ on small random inputs on ``device`` and compares against the ``reference/`` ora
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 import torch
@@ -48,7 +49,11 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def run_checks(device: str) -> list[tuple[str, CheckResult]]:
     out = []
-    for fam, fn in _CHECKS.items():
-        for r in fn(device):
-            out.append((fam, r))
+    with warnings.catch_warnings():
+        # Triton's interpreter evaluates log2(0) = -inf in NumPy (the LSE of an empty request), which
+        # NumPy reports as a warning; the value is the intended one, and the table says what matters
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log2", category=RuntimeWarning)
+        for fam, fn in _CHECKS.items():
+            for r in fn(device):
+                out.append((fam, r))
     return out
