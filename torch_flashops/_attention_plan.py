@@ -107,8 +107,8 @@ def scalar_scale(x, name: str) -> float:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise NotImplementedError(f"{name}: per-head scale tensors are not supported (scalar scales only)")
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if torch.compiler.is_compiling() or capturing:
+        # (is_compiling first: dynamo cannot trace is_current_stream_capturing)
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             raise ValueError(f"{name}: a tensor scale is read on the host, which cannot happen inside torch.compile "
                              f"or a CUDA-graph capture; pass a Python float (e.g. layer.k_scale_float)")
         return float(x)
