@@ -583,12 +583,12 @@ def test_inplace_rejects_overlapping_memory(device, backend):
         row = torch.randn(3, 1, 8, generator=g).to(device)
         k = torch.randn(3, 2, 8, generator=g).to(device)
         cache = torch.randn(16, 8, generator=g).to(device)
-        for q, name in ((row.expand(3, 4, 8), "q"), (row[:1].expand(3, 1, 8), "q")):
-            for call in (lambda: fo.apply_rope_pos_ids_inplace(q, k, pos),
-                         lambda: fo.apply_rope_pos_ids_inplace(k, q, pos),
-                         lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos, q, k, 8, cache)):
+        for q in (row.expand(3, 4, 8), row[:1].expand(3, 1, 8)):  # heads sharing a row; tokens sharing one
+            for call, arg in ((lambda: fo.apply_rope_pos_ids_inplace(q, k, pos), "q"),
+                              (lambda: fo.apply_rope_pos_ids_inplace(k, q, pos), "k"),
+                              (lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos, q, k, 8, cache), "q")):
                 k0, row0 = k.clone(), row.clone()
-                with pytest.raises(ValueError, match="has internally overlapping memory"):
+                with pytest.raises(ValueError, match=f"^{arg}: has internally overlapping memory"):
                     call()
                 assert torch.equal(k, k0) and torch.equal(row, row0)
         q = row.clone().expand(3, 4, 8).contiguous()  # the same values, own memory: rotated once per head
