@@ -1023,7 +1023,7 @@ def test_selfcheck(device):
     from torch_flashops import _selfcheck
 
     results = _selfcheck._CHECKS["moe"](device)
-    assert {r.op for r in results} == {"silu_and_mul", "moe_sum", "moe_grouped_gemm", "fused_moe"}
+    assert {r.op for r in results} == {"silu_and_mul", "silu_and_mul_out", "moe_sum", "moe_grouped_gemm", "fused_moe"}
     for r in results:
         assert r.ok, r
 

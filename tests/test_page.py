@@ -794,7 +794,7 @@ def test_selfcheck(device):
 
     results = _CHECKS["page"](device)
     assert {r.op for r in results} == {"batch_indices_positions", "batch_indices_positions_out", "get_seq_lens",
-                                      "append_paged_kv_cache"}
+                                      "append_paged_kv_cache", "gather_paged_kv"}
     bad = [(r.op, r.note, r.max_err) for r in results if not r.ok]
     assert not bad, bad
 

@@ -383,6 +383,10 @@ def _moe_selfcheck(device) -> list[CheckResult]:
     # (outputs of O(1): one bf16 rounding step stays under the tolerance)
     h = rnd(T, k, 2 * I, scale=0.5)
     res.append(CheckResult("silu_and_mul", max_abs_err(silu_and_mul(h), ref.ref_silu_and_mul(h.cpu())), tol))
+    out = torch.full((T, k, I), float("nan"), dtype=dt, device=device)
+    silu_and_mul(h, out=out)
+    res.append(CheckResult("silu_and_mul_out", max_abs_err(out, ref.ref_silu_and_mul(h.cpu())), tol,
+                           note="into a NaN-filled out="))
     y = rnd(T, k, H, scale=0.25)
     res.append(CheckResult("moe_sum", max_abs_err(moe_sum(y, 2.5), ref.ref_moe_sum(y.cpu(), 2.5)), tol))
     # the grouped GEMM on a hand-made alignment: block b holds pair b, pair 3's block skipped

@@ -369,4 +369,12 @@ def _page_selfcheck(device) -> list[CheckResult]:
             got_k, got_v = (cache[:, 0], cache[:, 1]) if form == "5-D" else cache
             err = max(max_abs_err(got_k, exp_k), max_abs_err(got_v, exp_v))
             results.append(CheckResult("append_paged_kv_cache", err, 0.0, note=f"{layout} {form} bf16 page_size={page_size}"))
+            # the inverse copy: every planned key's row back out of the cache, K and V contiguous
+            page = kv_indices[(kv_indptr[:-1].long()[rbi[:-3].long()] + rpos[:-3].long() // page_size)].long()
+            slot = (rpos[:-3] % page_size).long()
+            gk, gv = ops.gather_paged_kv(*(cache if form == "tuple" else (cache, None)), layout, page.to(device),
+                                         slot.to(device))
+            want_k, want_v = nhd(exp_k)[page, slot], nhd(exp_v)[page, slot]
+            results.append(CheckResult("gather_paged_kv", max(max_abs_err(gk, want_k), max_abs_err(gv, want_v)), 0.0,
+                                       note=f"{layout} {form} bf16"))
     return results
