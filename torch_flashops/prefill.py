@@ -684,6 +684,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
     run) and attend with the ragged kernel: the copy costs a few percent of such a run and
     the paged kernel's page-table lookups cost about a fifth (H100, causal B=4 x 4096: 381
     TFLOP/s = 1.16x SDPA flash, against 0.98x in place). Results equal the in-place path's.
+    The choice is made at ``plan()`` and is a Python branch in ``run()``: a compiled ``run()``
+    whose plans cross that line keeps two graphs, one per path (every other re-plan reuses one).
     """
 
     _name = "BatchPrefillWithPagedKVCacheWrapper"
