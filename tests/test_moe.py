@@ -1032,8 +1032,6 @@ def test_selfcheck(device):
 def aot_compile_decode_sm90() -> dict:
     """The decode kernel for an H100 (sm_90), specialised as the Qwen3 layer's launch, in each
     phase: PTX facts the grid barrier depends on. Needs the real JIT (run_without_interpreter)."""
-    import re
-
     fn = ops._moe_decode_kernel
     ptrs = {"ids_ptr": "*i32", "map_ptr": "*i32", "sync_ptr": "*i32", "tw_ptr": "*fp32"}
     info = {}
@@ -1098,8 +1096,6 @@ def aot_compile_tail_split_sm90() -> dict:
     """The aligned block GEMM for an H100 (sm_90) as Mixtral's layer launches it at T=1024
     (128-row blocks, A and the weights by descriptor), with and without a tail split: PTX facts
     the split's fold depends on. Needs the real JIT (run_without_interpreter)."""
-    import re
-
     info = {}
     for role, split in (("gemm1", 4), ("gemm2", 4), ("gemm2", 0)):
         bn = 128 if role == "gemm1" else 256

@@ -47,7 +47,7 @@ __all__ = [
     "parse_dtype",
     "check_page_ids",
     "tile_tensor",
-    "unbacked_indices",
+    "unbacked_plan",
     "check_backend",
     "reject",
     "resolve_sm_scale",
@@ -356,8 +356,7 @@ def tile_tensor(cache: dict, block_m: int, device) -> torch.Tensor:
     add an aliasing guard)."""
     t = cache.get(int(block_m))
     if t is None:
-        t = torch.empty((int(block_m),), dtype=torch.uint8, device=device)
-        torch._dynamo.decorators.mark_unbacked(t, 0)
+        t = _unbacked(torch.empty((int(block_m),), dtype=torch.uint8, device=device))
         cache[int(block_m)] = t
     return t
 
@@ -387,7 +386,7 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
         into.split_work.copy_(host[1])
         into.merge.copy_(host[2])
         return into.work, into.split_work, into.merge
-    return tuple(_unbacked(h.to(device)) for h in host)
+    return tuple(h.to(device) for h in host)
 
 
 def _unbacked(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -401,9 +400,10 @@ def _unbacked(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t
 
 
-def unbacked_indices(t: "PlanTensors") -> None:
-    """Mark the plan-owned index tensors of a (non-CUDA-graph) plan unbacked (``_unbacked``)."""
-    for x in (t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_lens):
+def unbacked_plan(t: "PlanTensors") -> None:
+    """Mark the tensors a (non-CUDA-graph) plan owns, its work lists and its index copies,
+    unbacked (``_unbacked``); CUDA-graph plans keep frozen sizes, which never change."""
+    for x in (t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_lens):
         _unbacked(x)
 
 

@@ -333,11 +333,11 @@ def cutlass_fused_moe(
     # checked here so that errors name this function's arguments, not fused_moe's
     check_tensor(input, "input", ndim=2, dtypes=_MOE_DTYPES)
     H = input.shape[1]
+    check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=_MOE_DTYPES, last_contiguous=False)
     for t, name in ((fc1_expert_weights, "fc1_expert_weights"), (fc2_expert_weights, "fc2_expert_weights")):
         expect(t.dtype == input.dtype, name, lambda: f"dtype {t.dtype} must match input's {input.dtype}")
     expect(fc1_expert_weights.shape[2] == H, "fc1_expert_weights",
            lambda: f"shape {tuple(fc1_expert_weights.shape)} must be [E, 2I, H] with H = input.shape[1] = {H}")
-    check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=(input.dtype,), last_contiguous=False)
     expect(tuple(fc2_expert_weights.shape) == (E_local, H, I), "fc2_expert_weights",
            lambda: f"shape {tuple(fc2_expert_weights.shape)} must be [E, H, I] = {(E_local, H, I)}")
     check_tensor(token_selected_experts, "token_selected_experts", ndim=2, dtypes=INDEX_DTYPES)

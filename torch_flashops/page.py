@@ -286,10 +286,8 @@ def append_paged_kv_cache(
     cache = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
     device = cache.k.device
     for t, name in ((append_key, "append_key"), (append_value, "append_value")):
-        expect(not isinstance(t, torch.Tensor) or t.dtype == cache.k.dtype, name,
-               lambda: f"dtype {t.dtype} must match paged_kv_cache's {cache.k.dtype}")
-    check_tensor(append_key, "append_key", ndim=3, dtypes=(cache.k.dtype,), device=device)
-    check_tensor(append_value, "append_value", ndim=3, dtypes=(cache.k.dtype,), device=device)
+        check_tensor(t, name, ndim=3, device=device)
+        expect(t.dtype == cache.k.dtype, name, lambda: f"dtype {t.dtype} must match paged_kv_cache's {cache.k.dtype}")
     nnz = append_key.shape[0]
     expect(tuple(append_key.shape[1:]) == (cache.num_kv_heads, cache.head_dim), "append_key",
            lambda: f"shape {tuple(append_key.shape)} must be [nnz, {cache.num_kv_heads}, {cache.head_dim}] (the cache's H_kv, D)")
@@ -354,6 +352,10 @@ def _page_selfcheck(device) -> list[CheckResult]:
     last = (seq_lens - (pages_per_req - 1).clamp(min=0) * page_size).int()
     seq = get_seq_lens(kv_indptr.to(device), last.to(device), page_size)
     results.append(CheckResult("get_seq_lens", max_abs_err(seq, torch.tensor(reference.ref_seq_lens(kv_indptr, last, page_size))), 0.0))
+    # each appended key's (page, slot), for reading the rows back with gather_paged_kv
+    n_app = int(append_indptr[-1])
+    page = kv_indices[kv_indptr[:-1].long()[rbi[:n_app].long()] + rpos[:n_app].long() // page_size].long()
+    slot = (rpos[:n_app] % page_size).long()
     for layout in ("NHD", "HND"):
         for form in ("5-D", "tuple"):
             shape = (P, page_size, H, D) if layout == "NHD" else (P, H, page_size, D)
@@ -369,9 +371,7 @@ def _page_selfcheck(device) -> list[CheckResult]:
             got_k, got_v = (cache[:, 0], cache[:, 1]) if form == "5-D" else cache
             err = max(max_abs_err(got_k, exp_k), max_abs_err(got_v, exp_v))
             results.append(CheckResult("append_paged_kv_cache", err, 0.0, note=f"{layout} {form} bf16 page_size={page_size}"))
-            # the inverse copy: every planned key's row back out of the cache, K and V contiguous
-            page = kv_indices[(kv_indptr[:-1].long()[rbi[:-3].long()] + rpos[:-3].long() // page_size)].long()
-            slot = (rpos[:-3] % page_size).long()
+            # the inverse copy: every appended row back out of the cache, K and V contiguous
             gk, gv = ops.gather_paged_kv(*(cache if form == "tuple" else (cache, None)), layout, page.to(device),
                                          slot.to(device))
             want_k, want_v = nhd(exp_k)[page, slot], nhd(exp_v)[page, slot]

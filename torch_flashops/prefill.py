@@ -316,7 +316,7 @@ class _BatchAttention:
         work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into)
         self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
         if not self._use_cuda_graph:  # (graph mode: the caller's buffers, sizes frozen)
-            P.unbacked_indices(self._t)
+            P.unbacked_plan(self._t)
 
     def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
         """The packed masks of a plan; in CUDA-graph mode also checks that they fit the buffers
