@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import torch_flashops as fi
 from torch_flashops import prefill as prefill_mod
+from torch_flashops.ops import attention as attn_ops
 from torch_flashops.reference.attention import ref_attention
 
 from .helpers import CompileCounter, assert_close, poison
@@ -302,6 +303,36 @@ def test_split_kv_matches_unsplit_and_is_deterministic(device):
     w0 = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
     plan_paged(w0, b0, causal=True, fixed_split_size=3)
     assert torch.equal(w0.run(b0.q, b0.cache), o1[:1])
+
+
+@pytest.mark.parametrize("split", [dict(fixed_split_size=2), dict(disable_split_kv=True)])
+@pytest.mark.parametrize("causal,window", [(True, -1), (True, 9), (False, 9)])
+def test_fixed_split_is_batch_invariant_with_taller_requests(split, causal, window, device):
+    """With fixed_split_size or disable_split_kv a request's bits do not depend on its batch even
+    when another request is much taller: the plan's tile height (which sets the tile's key range
+    and the merge steps) must not come from the batch's longest request, as it does otherwise."""
+    b = Batch([3, 40], [47, 60], page_size=4, Hq=4, Hkv=2, D=16, seed=23)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=causal, window_left=window, **split)
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    ro, rl = b.oracle(causal=causal, window_left=window)
+    check_attention("batched", o, lse, ro, rl, torch.float32)
+    b0 = Batch([3], [47], page_size=4, Hq=4, Hkv=2, D=16, seed=23)
+    b0.cache, b0.kv_indices, b0.q = b.cache, b.kv_indices[: int(b.kv_indptr[1])], b.q[:3]
+    w0 = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w0, b0, causal=causal, window_left=window, **split)
+    o0, lse0 = w0.run(b0.q, b0.cache, return_lse=True)
+    assert w0._plan.block_m == w._plan.block_m == 128
+    assert torch.equal(o0, o[:3]) and torch.equal(lse0, lse[:3])
+
+
+def test_fixed_config_ignores_launch_size():
+    """Under a fixed split the CUDA launch configuration depends on the tile only: the rules that
+    read the grid (whole requests, 128-key tiles for short unsplit programs, warps and stages for
+    small grids) would change a row's summation order with the batch."""
+    seen = {attn_ops.attn_config(bm, 128, 128, torch.bfloat16, "cuda", n, keys, split=sp, group=4, fixed=True)
+            for bm in (16,) for n in (1, 64, 128, 4096) for keys in (100, 512, 4096) for sp in (False, True)}
+    assert seen == {(64, 4, 2)}
 
 
 # --------------------------------------------------------------------------- batch: decode
@@ -609,7 +640,8 @@ def test_paged_fuzz(c):
     flat = torch.cat([m.reshape(-1) for m in masks]).to(DEVICE) if masks else None
     with gather_threshold(0 if c["gather"] else None):  # the gathered-K/V path on small batches too
         plan_paged(w, b, causal=c["causal"], custom_mask=flat, fixed_split_size=c["split"], **opts)
-    assert (w._gather is not None) == (c["gather"] and sum(c["kv"]) > 0)
+    # (a fixed split asks for batch invariance: never the gathered path, whose choice reads the batch)
+    assert (w._gather is not None) == (c["gather"] and sum(c["kv"]) > 0 and c["split"] is None)
     o, lse = w.run(b.q, b.cache, return_lse=True)
     ro, rl = b.oracle(causal=c["causal"], masks=masks, **opts)
     check_attention("fuzz", o, lse, ro, rl, torch.float32)

@@ -30,9 +30,9 @@ def _op_samples(device):
     w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
     plan_paged(w, b, causal=True, fixed_split_size=1)
     t = w._t
-    opts = (True, -1, 0.25, 0.0, "NONE", 1.0, 1e4, 1.0, False)
+    opts = (True, -1, 0.25, 0.0, "NONE", 1.0, 1e4, 1.0, False)  # + fixed_config for the batch ops
     paged = (b.q, b.cache, None, "NHD", t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.kv_indices,
-             t.kv_lens, None, None, w._plan.block_m) + opts
+             t.kv_lens, None, None, w._plan.block_m) + opts + (True,)
     N = b.q.shape[0]
     g = torch.Generator().manual_seed(3)
     k, v = (torch.randn(11, 2, 16, generator=g).to(device) for _ in range(2))
@@ -41,7 +41,7 @@ def _op_samples(device):
            q_data_type="float32")
     rt = r._t
     ragged = (b.q, k, v, rt.work, rt.split_work, rt.merge, rt.qo_indptr, rt.kv_indptr, None, None,
-              r._plan.block_m) + opts[:1] + (3,) + opts[2:]
+              r._plan.block_m) + opts[:1] + (3,) + opts[2:] + (False,)
     mask = torch.tensor([0b10110101, 0b1], dtype=torch.uint8, device=device)
     single = (b.q[:3], k[:3].transpose(0, 1).contiguous(), v[:3].transpose(0, 1).contiguous(), mask, "HND") + opts
     outs = lambda: (torch.zeros(N, 4, 16, device=device), torch.zeros(N, 4, device=device))  # noqa: E731
@@ -75,19 +75,19 @@ flashops::single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, st
 
     def test_paged_attention(self):
         self.assertExpectedInline(str(OPS.paged_attention.default._schema), """\
-flashops::paged_attention(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+flashops::paged_attention(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, bool fixed_config, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
 
     def test_paged_attention_out(self):
         self.assertExpectedInline(str(OPS.paged_attention_out.default._schema), """\
-flashops::paged_attention_out(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
+flashops::paged_attention_out(Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, bool fixed_config, Tensor(a!) o, Tensor(b!) lse) -> ()""")
 
     def test_ragged_attention(self):
         self.assertExpectedInline(str(OPS.ragged_attention.default._schema), """\
-flashops::ragged_attention(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
+flashops::ragged_attention(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, bool fixed_config, ScalarType? o_dtype=None) -> (Tensor, Tensor)""")
 
     def test_ragged_attention_out(self):
         self.assertExpectedInline(str(OPS.ragged_attention_out.default._schema), """\
-flashops::ragged_attention_out(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, Tensor(a!) o, Tensor(b!) lse) -> ()""")
+flashops::ragged_attention_out(Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, bool causal, int window_left, float sm_scale, float logits_soft_cap, str pos_encoding_mode, float rope_scale, float rope_theta, float v_scale, bool lse_ln, bool fixed_config, Tensor(a!) o, Tensor(b!) lse) -> ()""")
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -443,6 +443,9 @@ def test_run_errors_leave_outputs_untouched(device):
         (lambda: w.run(b.q, b.cache, 1.0, out=out, lse=lse), NotImplementedError, "args"),
         (lambda: w.run(b.q, b.cache, out=out, lse=lse, window_left=2), ValueError, "window_left"),
         (lambda: w.run(b.q[:2], b.cache, out=out, lse=lse), ValueError, "q"),
+        # rows sharing memory (expand()) would each be written by another program
+        (lambda: w.run(b.q, b.cache, out=out[:1, :1].expand(3, 4, 16), lse=lse), ValueError, "^out: has internally"),
+        (lambda: w.run(b.q, b.cache, out=out, lse=lse[:1].expand(3, 4)), ValueError, "^lse: has internally"),
     ]
     for fn, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -617,6 +620,41 @@ def test_gpu_model_shapes(page, layout, dtype):
         o, lse = w.run(b.q, b.cache, return_lse=True)
         ro, rl = b.oracle(causal=True)
         check_attention(f"gpu {qo}", o, lse, ro, rl, dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [dict(fixed_split_size=8), dict(disable_split_kv=True)])
+def test_gpu_fixed_split_batch_invariant(split):
+    """On the GPU the launch rules read the grid (whole requests in 128-key tiles, 8 warps for
+    small grids, TMA or gathered K/V for long prefills): under a fixed split none may apply, so a
+    request's bits are the same alone as in a batch that would trigger them."""
+    kw = dict(page_size=16, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda", seed=5)
+    # decode: request 0 alone (8 programs) vs in a batch of 16 x ~700 keys (128 programs)
+    lens = [700 + 13 * i for i in range(16)]
+    b = Batch([1] * 16, lens, **kw)
+    b0 = Batch([1], lens[:1], **kw)
+    b0.cache, b0.kv_indices, b0.q = b.cache, b.kv_indices[: int(b.kv_indptr[1])], b.q[:1]
+    outs = []
+    for bb in (b, b0):
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace("cuda", 128 << 20))
+        w.plan(bb.dev(bb.kv_indptr), bb.dev(bb.kv_indices), bb.dev(bb.last), 32, 8, 128, 16,
+               q_data_type=torch.bfloat16, **split)
+        outs.append(w.run(bb.q, bb.cache, return_lse=True))
+    assert torch.equal(outs[0][0][:1], outs[1][0]) and torch.equal(outs[0][1][:1], outs[1][1])
+    # prefill: a 3-row request alone vs beside a 4096-row one (gathered K/V otherwise)
+    b = Batch([3, 4096], [3000, 4096], **kw)
+    b0 = Batch([3], [3000], **kw)
+    b0.cache, b0.kv_indices, b0.q = b.cache, b.kv_indices[: int(b.kv_indptr[1])], b.q[:3]
+    b0.k_nhd, b0.v_nhd = b.k_nhd, b.v_nhd  # (the oracle's copy of the shared cache)
+    outs = []
+    for bb in (b, b0):
+        w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace("cuda", 128 << 20))
+        plan_paged(w, bb, causal=True, **split)
+        assert w._gather is None
+        outs.append(w.run(bb.q, bb.cache, return_lse=True))
+    assert torch.equal(outs[0][0][:3], outs[1][0]) and torch.equal(outs[0][1][:3], outs[1][1])
+    ro, rl = b0.oracle(causal=True)
+    check_attention("alone", outs[1][0], outs[1][1], ro, rl, torch.bfloat16)
 
 
 @pytest.mark.gpu

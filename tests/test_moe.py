@@ -746,6 +746,13 @@ def test_cutlass_fused_moe(device):
     _bad("^token_final_scales: shape", fo.cutlass_fused_moe, x, ids, tw[:, :1], fc1, w2, torch.float32)
     _bad("^token_selected_experts: has 8 rows", fo.cutlass_fused_moe, x, ids[:8], tw[:8], fc1, w2, torch.float32)
     _bad("^token_selected_experts:", fo.cutlass_fused_moe, x, ids.float(), tw, fc1, w2, torch.float32)
+    _bad("^fc2_expert_weights: last dimension", fo.cutlass_fused_moe, x, ids, tw, fc1,
+         w2.transpose(1, 2).contiguous().transpose(1, 2), torch.float32)
+    _bad("^token_final_scales: on meta", fo.cutlass_fused_moe, x, ids, tw.to("meta"), fc1, w2, torch.float32)
+    _bad("^fc2_expert_weights: on meta", fo.cutlass_fused_moe, x, ids, tw, fc1, w2.to("meta"), torch.float32)
+    # ids strided as fused_moe accepts them
+    strided = fo.cutlass_fused_moe(x, ids.t().contiguous().t(), tw, fc1, w2, torch.float32)[0]
+    assert_close("strided ids", strided, fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0], atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------- opcheck

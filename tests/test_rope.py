@@ -293,6 +293,20 @@ def test_cos_sin_cache_equivalence(device, nan_empty, is_neox, layout):
     assert torch.equal(qkv[:, (hq + hk) * hs :], before[:, (hq + hk) * hs :])
 
 
+@pytest.mark.parametrize("layout", ["2d", "3d"])
+def test_cos_sin_cache_empty_batch(device, nan_empty, layout):
+    """nnz = 0 (spec §7): op and oracle both give empty outputs of the input shapes."""
+    hs, rd = 16, 8
+    cache = torch.randn(32, rd).to(device)
+    pos = torch.zeros(0, dtype=torch.int64, device=device)
+    query, key = ((torch.randn(0, 2 * hs), torch.randn(0, hs)) if layout == "2d"
+                  else (torch.randn(0, 2, hs), torch.randn(0, 1, hs)))
+    query, key = query.to(device), key.to(device)
+    q_out, k_out = fo.apply_rope_with_cos_sin_cache(pos, query, key, hs, cache, True)
+    exp_q, exp_k = ref.ref_rope_cos_sin_cache(pos.cpu(), query.cpu(), key.cpu(), hs, cache.cpu(), True)
+    assert q_out.shape == exp_q.shape == query.shape and k_out.shape == exp_k.shape == key.shape
+
+
 def test_cos_sin_cache_out_of_range_gives_nan(device, nan_empty):
     """Unchecked mode never reads outside the cache: such rows come out NaN (not garbage)."""
     _, q, k = packed_qk(3, 1, 1, 8, torch.float32, device)

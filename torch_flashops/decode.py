@@ -133,6 +133,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
                            "sm_scale", "rope_scale", "rope_theta")
 
     _name = "BatchDecodeWithPagedKVCacheWrapper"
+    _uniform_rows = True
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  use_tensor_cores: bool = False, paged_kv_indptr_buffer: Optional[torch.Tensor] = None,

@@ -333,15 +333,18 @@ def cutlass_fused_moe(
     # checked here so that errors name this function's arguments, not fused_moe's
     check_tensor(input, "input", ndim=2, dtypes=_MOE_DTYPES)
     H = input.shape[1]
-    check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=_MOE_DTYPES, last_contiguous=False)
+    check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, device=input.device, last_contiguous=False)
+    check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
     for t, name in ((fc1_expert_weights, "fc1_expert_weights"), (fc2_expert_weights, "fc2_expert_weights")):
         expect(t.dtype == input.dtype, name, lambda: f"dtype {t.dtype} must match input's {input.dtype}")
     expect(fc1_expert_weights.shape[2] == H, "fc1_expert_weights",
            lambda: f"shape {tuple(fc1_expert_weights.shape)} must be [E, 2I, H] with H = input.shape[1] = {H}")
     expect(tuple(fc2_expert_weights.shape) == (E_local, H, I), "fc2_expert_weights",
            lambda: f"shape {tuple(fc2_expert_weights.shape)} must be [E, H, I] = {(E_local, H, I)}")
-    check_tensor(token_selected_experts, "token_selected_experts", ndim=2, dtypes=INDEX_DTYPES)
-    check_tensor(token_final_scales, "token_final_scales", ndim=2, dtypes=FLOAT_DTYPES, last_contiguous=False)
+    check_tensor(token_selected_experts, "token_selected_experts", ndim=2, dtypes=INDEX_DTYPES, device=input.device,
+                 last_contiguous=False)
+    check_tensor(token_final_scales, "token_final_scales", ndim=2, dtypes=FLOAT_DTYPES, device=input.device,
+                 last_contiguous=False)
     expect(token_final_scales.shape == token_selected_experts.shape, "token_final_scales",
            lambda: f"shape {tuple(token_final_scales.shape)} must equal token_selected_experts' "
                    f"{tuple(token_selected_experts.shape)}")

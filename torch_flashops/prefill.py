@@ -185,6 +185,13 @@ def _check_mask_bufs(custom_mask_buf, mask_indptr_buf, B: int) -> None:
         _check_graph_buf(mask_indptr_buf, "mask_indptr_buf", B + 1)
 
 
+def _fixed_config(disable_split_kv: bool, fixed_split_keys: Optional[int]) -> bool:
+    """Whether a plan asked for batch-invariant results (``fixed_split_size`` or
+    ``disable_split_kv``): then nothing about its launches may depend on the rest of the batch
+    (tile height, key-tile width, warps, TMA or gathered K/V), only on the request itself."""
+    return bool(disable_split_kv) or fixed_split_keys is not None
+
+
 def _fixed_split(fixed_split_size) -> Optional[int]:
     """``fixed_split_size`` as FlashInfer reads it: None, 0 or negative (vLLM passes -1) mean off."""
     if fixed_split_size is None or int(fixed_split_size) <= 0:
@@ -204,7 +211,8 @@ class _Plan:
     _FLOATS = ("sm_scale", "soft_cap", "rope_scale", "rope_theta")
     __slots__ = ("num_qo_heads", "num_kv_heads", "head_dim_qk", "head_dim_vo", "page_size", "causal",
                  "pos_encoding_mode", "window_left", "soft_cap", "sm_scale", "rope_scale", "rope_theta",
-                 "q_dtype", "kv_dtype", "o_dtype", "block_m", "nnz_pages", "total_rows", "batch", "float_reprs")
+                 "q_dtype", "kv_dtype", "o_dtype", "block_m", "nnz_pages", "total_rows", "batch", "fixed_config",
+                 "float_reprs")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -239,6 +247,7 @@ class _BatchAttention:
 
     _paged = True
     _name = "wrapper"
+    _uniform_rows = False  # every request has the same number of query rows (decode: q_len_per_req)
 
     def _init_common(self, float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs=None):
         _check_workspace(float_workspace_buffer)
@@ -278,7 +287,11 @@ class _BatchAttention:
         plan that fails leaves the previous one intact."""
         qo_lens = np.diff(qo_h)
         group = num_qo_heads // num_kv_heads
-        block_m = self._frozen_block_m or attn_ops.tile_m(group, int(qo_lens.max(initial=1)))
+        # a fixed split (batch invariance) must not take its tile height from the batch's longest
+        # request: prefill plans then use the tallest tile (decode's rows per request are fixed)
+        rows = 128 if _fixed_config(disable_split_kv, fixed_split_keys) and not self._uniform_rows \
+            else int(qo_lens.max(initial=1))
+        block_m = self._frozen_block_m or attn_ops.tile_m(group, rows)
         block_n = attn_ops.attn_config(block_m, head_dim_qk, head_dim_vo, dtype, self.device)[0]
         ws = self._float_workspace_buffer.numel()
         bounds, freeze = self._bounds, None
@@ -385,7 +398,7 @@ class _BatchAttention:
         sm_scale, soft_cap, rope_scale, rope_theta = (float(x) for x in pl.float_reprs)
         scale = sm_scale * P.scalar_scale(q_scale, "q_scale") * P.scalar_scale(k_scale, "k_scale")
         return (bool(pl.causal), pl.window_left, scale, soft_cap, pl.pos_encoding_mode, rope_scale, rope_theta,
-                P.scalar_scale(v_scale, "v_scale"), lse_ln)
+                P.scalar_scale(v_scale, "v_scale"), lse_ln, pl.fixed_config)
 
     def forward(self, q: torch.Tensor, *args, **kwargs):
         """Deprecated alias of ``run(q, paged_kv_cache)`` / ``run(q, k, v)`` with FlashInfer's
@@ -523,7 +536,8 @@ class _BatchAttention:
                            pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft_cap,
                            sm_scale=sm, rope_scale=rs, rope_theta=rt,
                            q_dtype=q_dt, kv_dtype=kv_dt, o_dtype=o_dt, block_m=block_m, nnz_pages=nnz_pages,
-                           total_rows=int(qo_h[-1]), batch=B)
+                           total_rows=int(qo_h[-1]), batch=B,
+                           fixed_config=_fixed_config(disable_split_kv, fixed_split_keys))
         self._set_flashinfer_attrs(causal, pos_encoding_mode, window, logits_soft_cap, sm_scale, rope_scale,
                                    rope_theta)
         # forward() re-plans from the same page table when new options need keys this schedule skips
@@ -573,7 +587,8 @@ class _BatchAttention:
         self._plan_common(qo_h, kv_lens_h, index_tensors, page_size=page_size, fixed_split_keys=fixed_keys,
                           nnz_pages=int(kv_indptr_h[-1]), index_check=index_check, **options)
         self._gather = None
-        if not self._use_cuda_graph and _gather_pays(qo_h, kv_lens_h, bool(options.get("causal")), self._plan):
+        if not self._use_cuda_graph and not self._plan.fixed_config and \
+                _gather_pays(qo_h, kv_lens_h, bool(options.get("causal")), self._plan):
             self._gather = _gather_rows(kv_lens_h, page_size, self._t, self.device)
 
     def _run_paged(self, q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out, lse,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_tensor, expect
+from .._checks import FLOAT_DTYPES, check_tensor, check_writable, expect
 from .page import check_kv_layout, paged_kv_views
 
 POS_ENCODING_NAMES = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -110,8 +110,10 @@ def check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_m
         _check_index(mask_indptr, "mask_indptr", dev)
         check_len(mask_indptr.shape[0] == qo_indptr.shape[0], "mask_indptr",
                   lambda: f"length {mask_indptr.shape[0]} does not match qo_indptr's {qo_indptr.shape[0]}")
-    if o is not None:
+    if o is not None:  # (only the real _out impls pass o: their fakes compute nothing)
         check_out(o, lse, q, V.shape[-1], o.dtype)
+        check_writable(o, "out")
+        check_writable(lse, "lse")
 
 
 def check_out(o, lse, q, d_vo, o_dtype) -> None:
@@ -147,7 +149,7 @@ def single_attention_fake(q, k, v, packed_mask, kv_layout, causal, window_left, 
 
 def paged_attention_fake(q, k_cache, v_cache, kv_layout, work, split_work, merge, qo_indptr, kv_indptr, kv_indices,
                          kv_lens, packed_mask, mask_indptr, block_m, causal, window_left, sm_scale, logits_soft_cap,
-                         pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o_dtype=None):
+                         pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, fixed_config, o_dtype=None):
     K, V = paged_kv_views(k_cache, v_cache, kv_layout)
     check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
                 pos_encoding_mode, kv_indices=kv_indices, kv_lens=kv_lens)
@@ -156,7 +158,7 @@ def paged_attention_fake(q, k_cache, v_cache, kv_layout, work, split_work, merge
 
 def ragged_attention_fake(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
                           causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta,
-                          v_scale, lse_ln, o_dtype=None):
+                          v_scale, lse_ln, fixed_config, o_dtype=None):
     check_batch(q, k.unsqueeze(1), v.unsqueeze(1), work, split_work, merge, qo_indptr, kv_indptr, packed_mask,
                 mask_indptr, block_m, pos_encoding_mode)
     return attention_outputs(q, v.shape[-1], o_dtype)

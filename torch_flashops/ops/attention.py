@@ -510,7 +510,7 @@ def wide_tiles(dtype: torch.dtype, d_qk: int, d_vo: int) -> bool:
 
 def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
                 n_programs: Optional[int] = None, keys_per_program: Optional[int] = None,
-                split: bool = False, tma: bool = False, group: int = 1) -> tuple[int, int, int]:
+                split: bool = False, tma: bool = False, group: int = 1, fixed: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the attention kernel: the one place it is tuned.
     Measured on an H100 (benchmarks/tune_attention.py, bf16, D=128, 2026-11-25): prefill tiles
     (64/128 rows) run best with 64-key tiles and 3 stages; decode tiles (16/32 rows) with 2
@@ -531,7 +531,9 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     2026-12-04, causal bf16 D=128: ragged B=4 x 4096 426-427 TFLOP/s against 410-411 with the
     pointer loads' 64-key tiles, B=1 x 16384 471-476 against 442-444; TMA at 64-key tiles 400-401,
     at 2 stages 403). ``n_programs``, ``keys_per_program`` (an average), ``split`` (the plan has
-    split-KV items) and ``tma`` come from the launch."""
+    split-KV items) and ``tma`` come from the launch. ``fixed`` (plans with ``fixed_split_size``
+    or ``disable_split_kv``): ignore the launch's size, so the key-tile width and warp count, and
+    with them a row's summation order, are the same whatever the batch (bitwise batch invariance)."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
@@ -541,6 +543,8 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     if block_m >= 64:
         return (32 if wide else 64), 4, (2 if wide else 3)
     block_n = 32 if wide else 64
+    if fixed:
+        return block_n, 4, 2
     if not split and n_programs is not None and keys_per_program is not None and \
             whole_requests(n_programs, keys_per_program, block_m, wide, device, group):
         return 128, 8, 3
@@ -835,7 +839,8 @@ def _rope_freqs(pos: int, d_qk: int, rope_scale: float, rope_theta: float, devic
 def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, block_m,
             work=None, split_work=None, merge=None, qo_indptr=None, kv_indptr=None, kv_indices=None, kv_lens=None,
             packed_mask=None, mask_indptr=None, single=None,
-            causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln):
+            causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln,
+            fixed_config=False):
     """Launch the attention kernel (and the merge kernel when KV is split) on 4-D K/V views
     ``[P, page, H_kv, D]`` (ragged/single: page == 1, P = rows)."""
     R, Hq, d_qk = q.shape
@@ -860,9 +865,13 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
                       triton.cdiv(R * group, block_m))
     keys = single[1] if not worklist else (kv_indices.shape[0] * page_size if paged else k.shape[0])
     keys_per_program = keys // max(live, 1)
-    tma = use_tma(k, v, paged, pos, block_m, keys / max(qo_indptr.shape[0] - 1 if worklist else 1, 1))
+    # fixed_config: a configuration from the tile height, head dims and dtype alone (no TMA tiles,
+    # whose choice reads the batch's mean length), so a request's bits do not depend on its batch
+    tma = not (fixed_config and q.device.type == "cuda") and \
+        use_tma(k, v, paged, pos, block_m, keys / max(qo_indptr.shape[0] - 1 if worklist else 1, 1))
     block_n, num_warps, num_stages = attn_config(block_m, d_qk, d_vo, q.dtype, q.device, live * h_kv,
-                                                 keys_per_program, split=has_split, tma=tma, group=group)
+                                                 keys_per_program, split=has_split, tma=tma, group=group,
+                                                 fixed=fixed_config)
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
     pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
@@ -957,7 +966,7 @@ def single_attention_cuda(q, k, v, packed_mask, kv_layout, causal, window_left, 
 
 def paged_attention_out_cuda(q, k_cache, v_cache, kv_layout, work, split_work, merge, qo_indptr, kv_indptr, kv_indices,
                              kv_lens, packed_mask, mask_indptr, block_m, causal, window_left, sm_scale, logits_soft_cap,
-                             pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o, lse):
+                             pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, fixed_config, o, lse):
     K, V = paged_kv_views(k_cache, v_cache, kv_layout)
     meta.check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
                      pos_encoding_mode, o=o, lse=lse, kv_indices=kv_indices, kv_lens=kv_lens)
@@ -966,12 +975,12 @@ def paged_attention_out_cuda(q, k_cache, v_cache, kv_layout, work, split_work, m
             qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
             packed_mask=packed_mask, mask_indptr=mask_indptr, causal=causal, window_left=window_left,
             sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, pos_encoding_mode=pos_encoding_mode,
-            rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale, lse_ln=lse_ln)
+            rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale, lse_ln=lse_ln, fixed_config=fixed_config)
 
 
 def ragged_attention_out_cuda(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr,
                               block_m, causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale,
-                              rope_theta, v_scale, lse_ln, o, lse):
+                              rope_theta, v_scale, lse_ln, fixed_config, o, lse):
     K, V = k.unsqueeze(1), v.unsqueeze(1)
     meta.check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
                      pos_encoding_mode, o=o, lse=lse)
@@ -980,7 +989,7 @@ def ragged_attention_out_cuda(q, k, v, work, split_work, merge, qo_indptr, kv_in
             qo_indptr=qo_indptr, kv_indptr=kv_indptr, packed_mask=packed_mask, mask_indptr=mask_indptr,
             causal=causal, window_left=window_left, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
             pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale,
-            lse_ln=lse_ln)
+            lse_ln=lse_ln, fixed_config=fixed_config)
 
 
 def _functional(out_impl, d_vo):
@@ -1018,7 +1027,7 @@ def _single_attention_cpu(q, k, v, packed_mask, kv_layout, causal, window_left, 
 
 def _paged_attention_out_cpu(q, k_cache, v_cache, kv_layout, work, split_work, merge, qo_indptr, kv_indptr, kv_indices,
                              kv_lens, packed_mask, mask_indptr, block_m, causal, window_left, sm_scale, logits_soft_cap,
-                             pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, o, lse):
+                             pos_encoding_mode, rope_scale, rope_theta, v_scale, lse_ln, fixed_config, o, lse):
     K, V = paged_kv_views(k_cache, v_cache, kv_layout)
     meta.check_batch(q, K, V, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr, block_m,
                      pos_encoding_mode, o=o, lse=lse, kv_indices=kv_indices, kv_lens=kv_lens)
@@ -1029,7 +1038,7 @@ def _paged_attention_out_cpu(q, k_cache, v_cache, kv_layout, work, split_work, m
 
 def _ragged_attention_out_cpu(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr,
                               block_m, causal, window_left, sm_scale, logits_soft_cap, pos_encoding_mode, rope_scale,
-                              rope_theta, v_scale, lse_ln, o, lse):
+                              rope_theta, v_scale, lse_ln, fixed_config, o, lse):
     meta.check_batch(q, k.unsqueeze(1), v.unsqueeze(1), work, split_work, merge, qo_indptr, kv_indptr, packed_mask,
                      mask_indptr, block_m, pos_encoding_mode, o=o, lse=lse)
     ref.ragged_attention_out_cpu(q, k, v, work, split_work, merge, qo_indptr, kv_indptr, packed_mask, mask_indptr,
@@ -1042,9 +1051,10 @@ _OPTS = ("bool causal, int window_left, float sm_scale, float logits_soft_cap, s
          "float rope_scale, float rope_theta, float v_scale, bool lse_ln")
 _PAGED = ("Tensor q, Tensor k_cache, Tensor? v_cache, str kv_layout, Tensor work, Tensor split_work, Tensor merge, "
           "Tensor qo_indptr, Tensor kv_indptr, Tensor kv_indices, Tensor kv_lens, Tensor? packed_mask, "
-          "Tensor? mask_indptr, SymInt block_m, " + _OPTS)
+          "Tensor? mask_indptr, SymInt block_m, " + _OPTS + ", bool fixed_config")
 _RAGGED = ("Tensor q, Tensor k, Tensor v, Tensor work, Tensor split_work, Tensor merge, Tensor qo_indptr, "
-           "Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, " + _OPTS)
+           "Tensor kv_indptr, Tensor? packed_mask, Tensor? mask_indptr, SymInt block_m, " + _OPTS
+           + ", bool fixed_config")
 
 single_attention_op = register_op(
     "single_attention(Tensor q, Tensor k, Tensor v, Tensor? packed_mask, str kv_layout, " + _OPTS

@@ -91,7 +91,8 @@ def ref_rope_cos_sin_cache(positions, query, key, head_size: int, cache: torch.T
     cos, sin = cs[:, : rd // 2], cs[:, rd // 2 :]
 
     def one(x):
-        return rotate(x.reshape(x.shape[0], -1, head_size), cos, sin, rd, not is_neox).reshape(x.shape)
+        heads = x.shape[-1] // head_size if x.dim() == 2 else x.shape[1]  # (not -1: nnz may be 0)
+        return rotate(x.reshape(x.shape[0], heads, head_size), cos, sin, rd, not is_neox).reshape(x.shape)
 
     return one(query), one(key)
 
