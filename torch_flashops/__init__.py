@@ -27,6 +27,7 @@ from .decode import *  # noqa: E402,F401,F403
 from .cascade_wrapper import *  # noqa: E402,F401,F403
 from .moe_routing import *  # noqa: E402,F401,F403
 from .fused_moe import *  # noqa: E402,F401,F403
+from . import activation, moe_utils, triton  # noqa: E402,F401  (FlashInfer's module paths, as attributes)
 
 # FlashInfer has a *module* flashinfer.fused_moe (cutlass_fused_moe, ...): keep the name bound to
 # our module so `import torch_flashops as flashinfer` works; the vLLM-style layer function is
