@@ -889,7 +889,9 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if tma:  # [rows, H_kv, D] views of the ragged K/V (page == 1), one key tile of one head per copy
         k_desc = TensorDescriptor(k, [k.shape[0], h_kv, d_qk], [k.stride(0), k.stride(2), 1], [block_n, 1, d_qk])
         v_desc = TensorDescriptor(v, [v.shape[0], h_kv, d_vo], [v.stride(0), v.stride(2), 1], [block_n, 1, d_vo])
-    ahead = page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev) if paged else 1
+    # (fixed_config: one compiled loop whatever the batch; the two forms' bits differ on an H100)
+    ahead = (1 if fixed_config and dev.type == "cuda" else
+             page_ahead(block_m, num_stages, live * h_kv, keys_per_program, dev)) if paged else 1
     cap = register_cap(block_m, num_warps, ahead, dev)
     reg_cap = {} if cap is None else {"maxnreg": cap}
     _attn_fwd_kernel[(grid0, h_kv)](
