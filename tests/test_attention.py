@@ -305,6 +305,45 @@ def test_split_kv_matches_unsplit_and_is_deterministic(device):
     assert torch.equal(w0.run(b0.q, b0.cache), o1[:1])
 
 
+def _single_vs_oracle(qo, kv, device, seed, Hq=2, Hkv=1, D=16, **kw):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(qo, Hq, D, generator=g), torch.randn(kv, Hkv, D, generator=g), torch.randn(kv, Hkv, D, generator=g)
+    o, lse = fi.single_prefill_with_kv_cache(q.to(device), k.to(device), v.to(device), return_lse=True, **kw)
+    ref_kw = {n: kw[n] for n in ("causal", "window_left", "k_scale", "v_scale") if n in kw}
+    ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), torch.tensor([0, qo]), torch.tensor([0, kv]),
+                           torch.arange(kv), [1], **ref_kw)
+    check_attention(f"single qo={qo} kv={kv} {kw}", o, lse, ro, rl, torch.float32)
+
+
+@pytest.mark.parametrize("qo", [2, 5])
+@pytest.mark.parametrize("delta", [61, 62, 63, 64, 126])
+def test_causal_full_tile_boundary(qo, delta, device):
+    """kv_len - qo_len near a key-tile edge (64 keys here): where the tiles every row of a query
+    tile sees end and the diagonal tiles (masked per row) begin. One key off there gives a row
+    a key it must not see; keys in one tile (the fuzz's sizes) never reach that split."""
+    _single_vs_oracle(qo, qo + delta, device, seed=qo * 1000 + delta, causal=True)
+
+
+@pytest.mark.parametrize("qo,kv,window,causal", [(8, 200, 100, True), (40, 300, 150, False), (64, 200, 130, True)])
+def test_window_over_several_key_tiles(qo, kv, window, causal, device):
+    """Sliding windows wider than a key tile over multi-row query tiles: the first key tile a
+    tile's last row still sees is a rounded-down tile start (rounding up drops keys)."""
+    _single_vs_oracle(qo, kv, device, seed=qo + kv, causal=causal, window_left=window)
+
+
+def test_scales_on_the_split_path(device):
+    """k_scale and v_scale where the keys are split and merged (the merge kernel applies
+    v_scale), single request and a wrapper with a fixed split."""
+    _single_vs_oracle(3, 300, device, seed=31, k_scale=0.5, v_scale=2.0)
+    b = Batch([1, 3], [150, 90], page_size=4, Hq=4, Hkv=2, D=16, seed=32)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    plan_paged(w, b, causal=True, fixed_split_size=4)
+    assert int((w._t.split_work[::4] >= 0).sum()) >= 4  # really split
+    o, lse = w.run(b.q, b.cache, return_lse=True, k_scale=0.5, v_scale=2.0)
+    ro, rl = b.oracle(causal=True, k_scale=0.5, v_scale=2.0)
+    check_attention("wrapper split scales", o, lse, ro, rl, torch.float32)
+
+
 @pytest.mark.parametrize("split", [dict(fixed_split_size=2), dict(disable_split_kv=True)])
 @pytest.mark.parametrize("causal,window", [(True, -1), (True, 9), (False, 9)])
 def test_fixed_split_is_batch_invariant_with_taller_requests(split, causal, window, device):
@@ -754,7 +793,7 @@ def test_kernels_compile_for_hopper():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHOPS_INTERPRET")}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     for args, tma, pdl in ((["paged", "16", "64", "8", "3"], "0", "1"), (["ragged", "128", "64", "8", "3"], "0", "0"),
                            (["ragged", "128", "64", "8", "3"], "1", "2"), (["merge", "16"], "0", "1"),

@@ -235,6 +235,27 @@ def test_interleave_vs_complex_form(device, nan_empty, rd):
         assert_rope_close(name, out, exp, pos)
 
 
+@pytest.mark.parametrize("rope_scale,rope_theta", [(2.0, 1e4), (0.5, 5e5)])
+def test_rope_scale_with_independent_frequencies(device, nan_empty, rope_scale, rope_theta):
+    """rope_scale / rope_theta against frequencies built here (``theta^(-2i/rd) / scale``), not
+    with the reference's ``rope_freqs``, which the kernels share: a wrong scale in that table
+    would otherwise pass every oracle comparison."""
+    nnz, hq, hk, d, rd = 9, 2, 1, 32, 24
+    _, q, k = packed_qk(nnz, hq, hk, d, torch.float32, device)
+    pos = torch.randint(0, 5000, (nnz,), generator=torch.Generator().manual_seed(8)).to(device)
+    q_out, k_out = fo.apply_rope_pos_ids(q, k, pos, rd, rope_scale=rope_scale, rope_theta=rope_theta)
+    i = torch.arange(rd // 2, dtype=torch.float64)
+    freqs = (rope_theta ** (-2.0 * i / rd) / rope_scale).float()
+    ang = (pos.cpu().float()[:, None] * freqs[None, :]).double()[:, None, :]
+    for name, x, out in (("q", q, q_out), ("k", k, k_out)):
+        x = x.cpu().double()
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2 : rd]
+        exp = x.clone()
+        exp[..., : rd // 2] = x1 * ang.cos() - x2 * ang.sin()
+        exp[..., rd // 2 : rd] = x2 * ang.cos() + x1 * ang.sin()
+        assert_rope_close(name, out, exp, pos)
+
+
 def _llama31_freqs_by_wavelength(rd, theta, scale, lf, hf, old_len):
     """Meta's/HF's "llama3" rope scaling, written with the wavelength branches (spec §1)."""
     out = []
