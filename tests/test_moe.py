@@ -513,12 +513,24 @@ def test_fused_moe_one_dot(device, monkeypatch, what):
     assert seen == [("persistent" if what == "persistent" else "block", what != "tail-split")], seen
 
 
+def test_fused_moe_k1_weight_on_output(device):
+    """k = 1 with the routing weight applied in GEMM2's epilogue (the default), random weights,
+    on the aligned path: a dropped or doubled weight must show (weights of 1 would hide it)."""
+    x, w1, w2, tw, ids = make_moe(17, 32, 16, 6, 1, torch.float32, device, seed=41)
+    assert not ops._pairs_rule(17, 1, 6)
+    assert (tw - 1).abs().min() > 1e-3
+    with poisoned_allocations():
+        out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=1.5)
+    check_layer("k=1 weight on output", out, x, w1, w2, tw, ids, rsf=1.5)
+
+
 DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
     "plain": (1, 32, 16, 8, 2, torch.float32, None),
     "bf16-T2-H-not-pow2": (2, 40, 24, 16, 2, torch.bfloat16, None),
     "fp16-k5-skips": (3, 48, 20, 64, 5, torch.float16, "skips"),
     "map-remote": (2, 32, 16, 16, 2, torch.float32, "map"),
     "on-input-k1": (1, 32, 16, 4, 1, torch.float32, "on_input"),
+    "k1-on-output": (1, 32, 16, 4, 1, torch.float32, None),
     "H-in-chunks": (1, 2304, 16, 8, 2, torch.float32, None),  # phase 1 loops over 9 chunks of 256
 }
 

@@ -570,6 +570,19 @@ def test_align_out_of_range_ids_unchecked_stay_in_bounds(device):
     assert_align_equal(got, ref.ref_moe_align_block_size(as_skipped, 2, 4))
 
 
+def test_align_expert_map_out_of_range_unchecked_stays_in_bounds(device, align_path):
+    """Unchecked mode: expert_map entries past the expert count (out of contract) must not index
+    the per-expert counters; those pairs land in the skip bucket, as remote experts do."""
+    g = torch.Generator().manual_seed(3)
+    E, B = 8, 4
+    ids = torch.randint(0, E, (9, 3), generator=g).int()
+    emap = torch.tensor([0, 1, 100, 3, -1, 5, 2 ** 20, 7], dtype=torch.int32)
+    as_remote = torch.where((emap >= 0) & (emap < E), emap, torch.full_like(emap, -1))
+    got = fo.moe_align_block_size(ids.to(device), B, E, emap.to(device))
+    check_align_invariants(ids, B, E, as_remote, False, *got)
+    assert_align_equal(got, ref.ref_moe_align_block_size(ids, B, E, as_remote))
+
+
 def test_fused_topk_deepseek_bad_input_writes_nothing(device):
     x = _logits(device, E=64)
     vals = torch.full((3, 4), 5.0, device=device)
