@@ -451,17 +451,25 @@ def test_bad_input_variable_length(device):
         fo.set_checks(old)
 
 
-def test_poisoned_output_buffers_are_overwritten(device):
-    """Fresh outputs come from torch.empty; fill the caching allocator with NaN first so an
-    unwritten element would show (and compare against the reference)."""
-    N, H, D = 6, 3, 40
-    for _ in range(3):
-        del_me = poison(N * H * D * 4, device=device)
-        del del_me
+@pytest.mark.parametrize("D", [40, 600], ids=["D40", "D600-chunked"])
+def test_poisoned_output_buffers_are_overwritten(device, nan_empty, D):
+    """Fresh outputs come from torch.empty, poisoned (``nan_empty``), so an element an op forgot
+    to write shows; every op against the reference. D = 600 takes the merge kernels' loop over
+    512-column chunks, which the fixed CPU cases reach only here."""
+    N, H, S = 6, 3, 3
     va, sa = make_states((N,), H, D, torch.float32, device, special=False)
     vb, sb = make_states((N,), H, D, torch.float32, device, seed=1, special=False)
-    v, s = fo.merge_state(va, sa, vb, sb)
-    assert not torch.isnan(v).any() and not torch.isnan(s).any()
+    check_pair("merge_state", fo.merge_state(va, sa, vb, sb),
+               ref.ref_merge_state(va.cpu(), sa.cpu(), vb.cpu(), sb.cpu()), torch.float32)
+    v, s = make_states((N, S), H, D, torch.float32, device, seed=2, special=False)
+    check_pair("merge_states", fo.merge_states(v, s), ref.ref_merge_stacked(v.cpu(), s.cpu()), torch.float32)
+    indptr = torch.tensor([0, 2, 2, 7, 18], dtype=torch.int32)
+    vv, sv = v.reshape(N * S, H, D), s.reshape(N * S, H)
+    check_pair("variable_length_merge_states", fo.variable_length_merge_states(vv, sv, indptr.to(device)),
+               ref.ref_variable_length_merge_states(vv.cpu(), sv.cpu(), indptr), torch.float32)
+    exp = ref.ref_merge_state(va.cpu(), sa.cpu(), vb.cpu(), sb.cpu())
+    fo.merge_state_in_place(va, sa, vb, sb)
+    check_pair("merge_state_in_place", (va, sa), exp, torch.float32)
 
 
 # ------------------------------------------------------------- kernels compile for the GPU
