@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import torch_flashops as fi
 from torch_flashops import prefill as prefill_mod
@@ -671,8 +671,18 @@ def batches(draw):
     )
 
 
+_FUZZ_BASE = dict(page=4, heads=(4, 2), D=16, layout="NHD", form="5d", causal=True, window=-1, cap=0.0, pos="NONE",
+                  mask=False, split=None, seed=7, strided=False, shared=False, gather=False)
+
+
 @settings(deadline=None)
 @given(batches())
+# fixed draws of what 8 derandomized examples may miss: keys over several 64-key tiles (the
+# full/diagonal tile split), RoPE inside attention, ALiBi with a mask and a fixed split, HND tuples
+@example(dict(_FUZZ_BASE, qo=[3, 5], kv=[150, 70], window=70, pos="ROPE_LLAMA", strided=True))
+@example(dict(_FUZZ_BASE, qo=[2, 0, 4], kv=[131, 5, 66], layout="HND", form="tuple", causal=False, pos="ALIBI",
+              mask=True, split=2, cap=6.0, heads=(7, 1), page=5))
+@example(dict(_FUZZ_BASE, qo=[5, 1], kv=[133, 200], gather=True, heads=(8, 1), shared=True))
 def test_paged_fuzz(c):
     Hq, Hkv = c["heads"]
     b = Batch(c["qo"], c["kv"], page_size=c["page"], Hq=Hq, Hkv=Hkv, D=c["D"], layout=c["layout"], form=c["form"],
