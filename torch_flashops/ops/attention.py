@@ -875,6 +875,8 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     dev = q.device
     n_merge = (merge.shape[0] // WORK_FIELDS if worklist else n_tiles) if has_split else 0
     pdl = merge_pdl(n_split_items, n_merge, dev) if has_split else 0
+    if fixed_config and pdl:  # (where the launch is allowed shapes the compiled kernel: one place)
+        pdl = 2
     scratch = n_split_items * partial_item_bytes(h_kv, block_m, d_vo) // 4 if has_split else 0
     po = torch.empty(max(scratch, 1), dtype=torch.float32, device=dev)
     n_po = n_split_items * h_kv * block_m * d_vo
