@@ -762,6 +762,7 @@ def test_cutlass_fused_moe(device):
          w2.transpose(1, 2).contiguous().transpose(1, 2), torch.float32)
     _bad("^token_final_scales: on meta", fo.cutlass_fused_moe, x, ids, tw.to("meta"), fc1, w2, torch.float32)
     _bad("^fc2_expert_weights: on meta", fo.cutlass_fused_moe, x, ids, tw, fc1, w2.to("meta"), torch.float32)
+    _bad("^fc1_expert_weights: on meta", fo.cutlass_fused_moe, x, ids, tw, fc1.to("meta"), w2, torch.float32)
     # ids strided as fused_moe accepts them
     strided = fo.cutlass_fused_moe(x, ids.t().contiguous().t(), tw, fc1, w2, torch.float32)[0]
     assert_close("strided ids", strided, fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0], atol=0, rtol=0)

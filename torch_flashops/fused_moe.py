@@ -326,14 +326,13 @@ def cutlass_fused_moe(
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU, tp_size 1 only)")
-    check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, dtypes=_MOE_DTYPES)
-    expect(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
-    expect(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
-    E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
     # checked here so that errors name this function's arguments, not fused_moe's
     check_tensor(input, "input", ndim=2, dtypes=_MOE_DTYPES)
     H = input.shape[1]
-    check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, device=input.device, last_contiguous=False)
+    check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
+    expect(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
+    expect(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
+    E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
     check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
     for t, name in ((fc1_expert_weights, "fc1_expert_weights"), (fc2_expert_weights, "fc2_expert_weights")):
         expect(t.dtype == input.dtype, name, lambda: f"dtype {t.dtype} must match input's {input.dtype}")
