@@ -607,7 +607,6 @@ def test_fused_moe_deterministic_and_no_alias(device):
 @settings(deadline=None)
 @given(data=st.data())
 def test_fused_moe_hypothesis(data):
-    device = DEVICE  # (a function-scoped fixture would not be reset between examples)
     E = data.draw(st.integers(1, 12), label="E")
     k = data.draw(st.integers(1, min(E, 4)), label="k")
     T = data.draw(st.integers(0, 20), label="T")
@@ -615,16 +614,36 @@ def test_fused_moe_hypothesis(data):
     I = data.draw(st.sampled_from([8, 16, 20]), label="I")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=seed)
-    if T:
-        drop = torch.rand(T, k, generator=torch.Generator().manual_seed(seed)) < 0.2
-        ids = torch.where(drop.to(device), -1, ids).int()
     rsf = data.draw(st.sampled_from([1.0, 2.5]), label="rsf")
     # GEMM forms beside the shape's own config: weights by descriptor, x sorted, one dot for gate
     # and up, persistent programs, tail split (each falls back where its preconditions fail)
     g1_form = data.draw(st.sampled_from(sorted(_HYP_GEMM1_FORMS)), label="gemm1 form")
     g2_form = data.draw(st.sampled_from(sorted(_HYP_GEMM2_FORMS)), label="gemm2 form")
     block_m = data.draw(st.sampled_from([None, 16, 32]), label="block_m")
+    _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m)
+
+
+# Draws the ci profile's 8 examples can miss (st.data() tests take no @example): every GEMM form
+# with T > 0, tokens over several blocks, k = E, a lone expert, dropped ids and both rsf values.
+@pytest.mark.parametrize("E,k,T,H,I,g1_form,g2_form,block_m", [
+    (8, 2, 20, 40, 20, "tail-split", "tail-split", 16),
+    (6, 3, 17, 24, 16, "persistent-one-dot", "persistent", None),
+    (4, 4, 13, 16, 8, "one-dot-sort-x", "tma", 32),
+    (1, 1, 19, 40, 20, "tma-sort-x", "as-config", 16),
+    (12, 4, 11, 24, 20, "one-dot", "persistent", 16),
+    (5, 2, 9, 16, 16, "tma", "tail-split", None),
+])
+def test_fused_moe_gemm_forms(E, k, T, H, I, g1_form, g2_form, block_m):
+    for i, dtype in enumerate(DTYPES):
+        _fused_moe_case(E, k, T, H, I, dtype, 100 + i, (1.0, 2.5)[i % 2], g1_form, g2_form, block_m)
+
+
+def _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m):
+    device = DEVICE  # (a function-scoped fixture would not be reset between hypothesis examples)
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=seed)
+    if T:
+        drop = torch.rand(T, k, generator=torch.Generator().manual_seed(seed)) < 0.2
+        ids = torch.where(drop.to(device), -1, ids).int()
     real = ops.moe_config
 
     def drawn(*a):
@@ -641,7 +660,7 @@ def test_fused_moe_hypothesis(data):
             out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
     finally:
         ops.moe_config = real
-    check_layer("fused_moe (hypothesis)", out, x, w1, w2, tw, ids, pipeline=False, rsf=rsf)
+    check_layer("fused_moe (%s / %s)" % (g1_form, g2_form), out, x, w1, w2, tw, ids, pipeline=False, rsf=rsf)
 
 
 _HYP_GEMM1_FORMS = {
