@@ -641,14 +641,15 @@ def test_gpu_fixed_split_batch_invariant(split):
                q_data_type=torch.bfloat16, **split)
         outs.append(w.run(bb.q, bb.cache, return_lse=True))
     assert torch.equal(outs[0][0][:1], outs[1][0]) and torch.equal(outs[0][1][:1], outs[1][1])
-    # prefill: a 3-row request alone vs beside a 4096-row one (gathered K/V otherwise)
+    # prefill: a 3-row request alone vs beside a 4096-row one (gathered K/V otherwise); 128-row
+    # tiles of 8-page chunks: 552 partial tiles of 528 KB (a fixed split is never coarsened)
     b = Batch([3, 4096], [3000, 4096], **kw)
     b0 = Batch([3], [3000], **kw)
     b0.cache, b0.kv_indices, b0.q = b.cache, b.kv_indices[: int(b.kv_indptr[1])], b.q[:3]
     b0.k_nhd, b0.v_nhd = b.k_nhd, b.v_nhd  # (the oracle's copy of the shared cache)
     outs = []
     for bb in (b, b0):
-        w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace("cuda", 128 << 20))
+        w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace("cuda", 512 << 20))
         plan_paged(w, bb, causal=True, **split)
         assert w._gather is None
         outs.append(w.run(bb.q, bb.cache, return_lse=True))
@@ -878,6 +879,42 @@ def test_ragged_without_key_rows(device):
     assert (o == 0).all() and torch.isneginf(lse).all()
     o1 = fi.single_decode_with_kv_cache(q[0], k, v)
     assert (o1 == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_fixed_split_is_never_coarsened(kind, device):
+    """A fixed split is never coarsened to fit: that would make a request's bits depend on its
+    batch. Chunks beyond the workspace are refused at plan() with the bytes they need (a default
+    plan on the same workspace coarsens its own chunks and runs), and in CUDA-graph mode the frozen
+    split list takes what the workspace holds, so a later plan with longer requests than the
+    first keeps every request's bits equal to the request planned alone."""
+    kw = dict(page_size=4, Hq=4, Hkv=2, D=16, seed=21, device=device, spare_pages=8)
+    qo = [1, 1, 1] if kind == "decode" else [1, 3, 2]
+    big = Batch(qo, [150, 37, 90], **kw)
+    for fs in (1, None):
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1 << 15)) if kind == "decode" else \
+            fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1 << 15))
+        if fs is None:
+            _plan_kind(w, big, kind)
+            check_attention("coarsened default plan", w.run(big.q, big.cache), None,
+                            *big.oracle(causal=kind != "decode"), torch.float32)
+        else:
+            with pytest.raises(ValueError, match=r"fixed_split_size: this batch splits into \d+ partial tiles.*"
+                                                 r"float_workspace_buffer of 32768 bytes"):
+                _plan_kind(w, big, kind, fixed_split_size=fs)
+    g = _graph_wrapper(device, 3, 80, kind)
+    _plan_kind(g, Batch(qo, [5, 6, 7], **kw), kind, fixed_split_size=1)  # freezes the lists
+    _plan_kind(g, big, kind, fixed_split_size=1)
+    assert int((g._t.split_work[::4] >= 0).sum()) >= 60  # one-page chunks: 38 + 10 + 23 tiles' worth
+    o = g.run(big.q, big.cache)
+    n0 = big.qo_indptr[1]
+    alone = Batch(qo[:1], [150], **kw)
+    alone.cache, alone.kv_indices, alone.q = big.cache, big.kv_indices[: int(big.kv_indptr[1])], big.q[:n0]
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device)) if kind == "decode" else \
+        fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    _plan_kind(w, alone, kind, fixed_split_size=1)
+    assert torch.equal(o[:n0], w.run(alone.q, alone.cache))
+    check_attention("graph-mode fixed split", o, None, *big.oracle(causal=kind != "decode"), torch.float32)
 
 
 # ------------------------------------------------------------- how serving engines call plan()

@@ -280,6 +280,17 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
         if fixed_split_keys is not None:  # fixed keys per chunk: a request's chunks ignore the batch
             step = np.full_like(length, max(1, int(fixed_split_keys)))
             n_s = np.maximum(1, -(-length // step))
+            need = int(n_s[n_s > 1].sum())
+            if need > max_split_items:  # coarser chunks would tie a request's bits to its batch
+                item = attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo)
+                held = (f"the split list frozen by the first CUDA-graph plan holds {max_split_items}"
+                        if bounds is not None and bounds.split_work == max_split_items
+                        else f"a float_workspace_buffer of {workspace_bytes} bytes holds {max_split_items}")
+                raise ValueError(
+                    f"fixed_split_size: this batch splits into {need} partial tiles of {item} bytes "
+                    f"({need * item} bytes of float_workspace_buffer), but {held}; a fixed split is never "
+                    f"coarsened to fit, since that would make a request's result depend on its batch. Pass "
+                    f"a larger float_workspace_buffer or fixed_split_size, or disable_split_kv=True")
         else:
             target = attn_ops.split_target(tb.size * num_kv_heads, block_m, device)
             if target:  # one full wave: chunks per tile in proportion to its keys, rounded down
@@ -291,9 +302,6 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
                 n_s = np.where(length > attn_ops.split_min_keys(*floors), n_s, 1)
         while int(n_s[n_s > 1].sum()) > max_split_items:  # workspace (or frozen list) too small
             n_s = np.where(n_s > 1, np.maximum(1, n_s // 2), 1)
-            if fixed_split_keys is not None:
-                step = step * 2
-                n_s = np.maximum(1, -(-length // step))
         if fixed_split_keys is None:  # balanced chunks, multiples of block_n
             step = np.maximum(1, -(-(-(-length // n_s)) // block_n) * block_n)
             n_s = np.maximum(1, -(-length // step))

@@ -300,7 +300,10 @@ class _BatchAttention:
             per_head = -(-attn_ops.num_sms(self.device) * attn_ops.resident_programs(block_m) // num_kv_heads)
             cap = ws // attn_ops.partial_item_bytes(num_kv_heads, block_m, head_dim_vo)
             lo = attn_ops.NO_SPLIT_ROWS + 1  # frozen split/merge lists always launch the merge kernel
-            bounds = P.Bounds(tiles, max(lo, min(cap, tiles + 2 * per_head)), max(lo, tiles))
+            # a fixed split's chunk count grows with later plans' lengths and is never coarsened,
+            # so its frozen split list takes all the workspace holds (idle rows exit at once)
+            split_rows = cap if _fixed_config(disable_split_kv, fixed_split_keys) else min(cap, tiles + 2 * per_head)
+            bounds = P.Bounds(tiles, max(lo, split_rows), max(lo, tiles))
             freeze = (bounds, block_m, int(qo_h[-1]))
         elif self._use_cuda_graph:
             expect(int(qo_h[-1]) <= self._frozen_rows, "qo_indptr",

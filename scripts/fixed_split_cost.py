@@ -1,0 +1,76 @@
+"""What batch-invariant plans cost: decode and prefill planned as usual, with ``fixed_split_size``
+and with ``disable_split_kv`` (spec §3), on the same pages.
+
+    PYTHONPATH=. python scripts/fixed_split_cost.py
+
+bf16, D=128, 32 query / 8 KV heads, page 16, shuffled pages; CUDA-graph replays, two alternating
+rounds. A fixed-split plan pins its launch (decode tiles of 64 keys, 4 warps, 2 stages; no TMA,
+no gathered K/V; 128-row prefill tiles), so it gives up the shape-tuned choices of a default plan.
+Outputs are checked against the default plan's.
+"""
+from __future__ import annotations
+
+import torch
+
+import torch_flashops as fo
+from benchmarks.harness import time_fn
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DT = torch.bfloat16
+
+
+def i32(x):
+    return torch.as_tensor(x, dtype=torch.int32, device="cuda")
+
+
+def main():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda") for _ in range(3)]
+    plans = (("default", {}), ("fixed_split_size=64", {"fixed_split_size": 64}),
+             ("disable_split_kv", {"disable_split_kv": True}))
+    for B, L in ((1, 32768), (16, 512), (16, 4096), (64, 4096), (256, 4096)):
+        per = L // PAGE
+        cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
+        ids = torch.randperm(B * per, generator=g, device="cuda").int()
+        q = torch.empty(B, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
+        runs = {}
+        for (name, kw), w in zip(plans, ws):
+            dw = fo.BatchDecodeWithPagedKVCacheWrapper(w)
+            dw.plan(i32(range(0, B * per + 1, per)), ids, torch.full((B,), PAGE, dtype=torch.int32, device="cuda"),
+                    HQ, HKV, D, PAGE, q_data_type=DT, **kw)
+            runs[name] = lambda dw=dw: dw.run(q, cache)
+        report(f"decode B={B} L={L}", cache.numel() * cache.element_size(), None, runs)
+        del cache
+    B, L = 4, 4096
+    per = L // PAGE
+    cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
+    ids = torch.randperm(B * per, generator=g, device="cuda").int()
+    q = torch.empty(B * L, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
+    ind = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    runs = {}
+    for (name, kw), w in zip(plans, ws):
+        pw = fo.BatchPrefillWithPagedKVCacheWrapper(w)
+        pw.plan(ind * L, ind * per, ids, torch.full((B,), PAGE, dtype=torch.int32, device="cuda"), HQ, HKV, D, PAGE,
+                causal=True, q_data_type=DT, **kw)
+        runs[name] = lambda pw=pw: pw.run(q, cache)
+    report(f"causal paged prefill B={B} L={L}", None, 4 * D * HQ * B * (L * (L + 1) // 2), runs)
+
+
+def report(title, nbytes, flops, runs):
+    outs = [f() for f in runs.values()]
+    errs = [(o.float() - outs[0].float()).abs().max().item() for o in outs[1:]]
+    times = {n: [] for n in runs}
+    for _ in range(2):
+        for n, f in runs.items():
+            times[n].append(time_fn(f, [()], device="cuda", graph=True))
+    row = [f"{title}: max |o - default| {' / '.join(f'{e:.1e}' for e in errs)}"]
+    base = min(times["default"])
+    for n, ts in times.items():
+        t = min(ts)
+        rate = f", {nbytes / t / 1e6:.0f} GB/s" if nbytes else f", {flops / t / 1e9:.0f} TFLOP/s"
+        row.append(f"{n}: {' / '.join(f'{x * 1e3:.1f}' for x in ts)} us{rate}, {t / base:.2f}x default time")
+    print("\n  ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
