@@ -697,9 +697,11 @@ def test_compile_multilevel_cascade(device):
     cache = torch.randn(12, 2, 4, 2, 16, generator=g).to(device)
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     w = fi.MultiLevelCascadeAttentionWrapper(2, workspace(device))
+    q = torch.randn(3, 4, 16, generator=g).to(device)
+    with pytest.raises(RuntimeError, match=r"^MultiLevelCascadeAttentionWrapper\.run\(\) called before"):
+        w.run(q, cache)
     w.plan([i32([0, 3]), i32([0, 1, 2, 3])], [i32([0, 2]), i32([0, 1, 3, 4])], [i32([5, 1]), i32([0, 7, 2, 9])],
            [i32([4]), i32([3, 1, 2])], 4, 2, 16, 4, causal=True, q_data_type="float32")
-    q = torch.randn(3, 4, 16, generator=g).to(device)
     cc = CompileCounter(lambda q, c: w.run(q, c))
     assert_close("compiled cascade", cc(q, cache), w.run(q, cache))
     assert cc.frames == 1

@@ -113,6 +113,8 @@ class MultiLevelCascadeAttentionWrapper:
         ``paged_kv_cache`` (one cache shared by all levels). Returns ``o [N, num_qo_heads,
         head_dim]`` in the planned output dtype."""
         wrappers = self._batch_prefill_wrappers
+        if any(w._plan is None for w in wrappers):  # (a Python attribute: traced as a constant)
+            raise RuntimeError("MultiLevelCascadeAttentionWrapper.run() called before a successful plan()")
         o, s = wrappers[-1].run(q, paged_kv_cache, return_lse=True)
         for w in wrappers[:-1]:
             o_i, s_i = w.run(q, paged_kv_cache, return_lse=True)
