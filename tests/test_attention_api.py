@@ -917,6 +917,10 @@ def test_fixed_split_is_never_coarsened(kind, device):
     _plan_kind(w, alone, kind, fixed_split_size=1)
     assert torch.equal(o[:n0], w.run(alone.q, alone.cache))
     check_attention("graph-mode fixed split", o, None, *big.oracle(causal=kind != "decode"), torch.float32)
+    g = _graph_wrapper(device, 3, 80, kind)
+    _plan_kind(g, Batch(qo, [5, 6, 7], **kw), kind)  # a default first plan freezes a short split list
+    with pytest.raises(ValueError, match="split list frozen by the first CUDA-graph plan"):
+        _plan_kind(g, big, kind, fixed_split_size=1)
 
 
 # ------------------------------------------------------------- how serving engines call plan()

@@ -272,7 +272,7 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
     length = hi - lo
 
     item_elems = attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo) // 4
-    max_split_items = max(0, min(workspace_bytes // (4 * item_elems), (2 ** 31 - 1) // item_elems))
+    max_split_items = ws_items = max(0, min(workspace_bytes // (4 * item_elems), (2 ** 31 - 1) // item_elems))
     if bounds is not None:
         max_split_items = min(max_split_items, bounds.split_work)
     n_s = np.ones_like(length)
@@ -284,7 +284,7 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
             if need > max_split_items:  # coarser chunks would tie a request's bits to its batch
                 item = attn_ops.partial_item_bytes(num_kv_heads, block_m, d_vo)
                 held = (f"the split list frozen by the first CUDA-graph plan holds {max_split_items}"
-                        if bounds is not None and bounds.split_work == max_split_items
+                        if max_split_items < ws_items
                         else f"a float_workspace_buffer of {workspace_bytes} bytes holds {max_split_items}")
                 raise ValueError(
                     f"fixed_split_size: this batch splits into {need} partial tiles of {item} bytes "

@@ -302,7 +302,7 @@ class _BatchAttention:
             lo = attn_ops.NO_SPLIT_ROWS + 1  # frozen split/merge lists always launch the merge kernel
             # a fixed split's chunk count grows with later plans' lengths and is never coarsened,
             # so its frozen split list takes all the workspace holds (idle rows exit at once)
-            split_rows = cap if _fixed_config(disable_split_kv, fixed_split_keys) else min(cap, tiles + 2 * per_head)
+            split_rows = cap if fixed_split_keys is not None and not disable_split_kv else min(cap, tiles + 2 * per_head)
             bounds = P.Bounds(tiles, max(lo, split_rows), max(lo, tiles))
             freeze = (bounds, block_m, int(qo_h[-1]))
         elif self._use_cuda_graph:
