@@ -165,6 +165,10 @@ def test_get_seq_lens_values():
 def test_get_seq_lens_bad_shape():
     with pytest.raises(ValueError, match="kv_last_page_len"):
         fi.get_seq_lens(torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([1], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="^kv_indptr"):  # index tensors are integers (spec §0.1)
+        fi.get_seq_lens(torch.tensor([0.0, 2.0, 3.0]), torch.tensor([1, 2], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="^kv_last_page_len"):
+        fi.get_seq_lens(torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([1.0, 2.0]), 4)
 
 
 # --------------------------------------------------------------------------- batch indices / positions

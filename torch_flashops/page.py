@@ -131,8 +131,8 @@ def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_s
     torch.Tensor
         shape ``[B]``, the promoted dtype of the inputs (int32 for int32 inputs), same device.
     """
-    check_tensor(kv_indptr, "kv_indptr", ndim=1)
-    check_tensor(kv_last_page_len, "kv_last_page_len", ndim=1)
+    check_tensor(kv_indptr, "kv_indptr", ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor(kv_last_page_len, "kv_last_page_len", ndim=1, dtypes=INDEX_DTYPES, device=kv_indptr.device)
     expect(kv_last_page_len.shape[0] + 1 == kv_indptr.shape[0], "kv_last_page_len",
            lambda: f"shape {tuple(kv_last_page_len.shape)} must be [len(kv_indptr) - 1] = [{kv_indptr.shape[0] - 1}]")
     return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
