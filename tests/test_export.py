@@ -16,8 +16,8 @@ Wrappers (decode/prefill ``run()``) are planned on host data before export: the 
 lists and index copies become lifted constants of the exported program and ``block_m``, the
 scale and the mask flags literals, so one export serves the plan it was traced with (a
 CUDA-graph-mode wrapper re-plans into the same buffers, which the exported module sees).
-Strict (dynamo) export of a wrapper's ``run()`` fails on torch 2.13: see
-``test_export_wrapper_strict``.
+Strict (dynamo) export works too: run() hands export the plan's tensors without the unbacked
+marks it gives torch.compile.
 """
 from __future__ import annotations
 
@@ -312,13 +312,14 @@ def _oracle(b: Batch, q, cache, **kw):
     return ref_attention(q.cpu(), k.cpu(), v.cpu(), b.qo_indptr, b.kv_indptr, b.kv_indices, b.last, **kw)
 
 
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("form", ["5d", "tuple"])
-def test_export_decode_run(form):
+def test_export_decode_run(form, strict):
     b = Batch([1, 1, 1, 1], [5, 2, 9, 13], page_size=4, Hq=4, Hkv=2, D=16, seed=7, form=form)
     w = fo.BatchDecodeWithPagedKVCacheWrapper(workspace(DEVICE))
     w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 2, 16, 4, q_data_type=torch.float32)
     m = Run(w, return_lse=True)
-    ep = export(m, (b.q, b.cache))
+    ep = export(m, (b.q, b.cache), strict=strict)
     check_graph(ep, ["paged_attention"])
     q, cache = _fresh(b, 8)
     out = run_poisoned(ep.module(), q, cache)
@@ -328,10 +329,14 @@ def test_export_decode_run(form):
     assert_close("decode lse", out[1], rl, **LSE_TOL)
 
 
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("path", ["paged", "gather"])
-def test_export_prefill_run(path, monkeypatch):
+def test_export_prefill_run(path, strict, monkeypatch):
     """Causal paged prefill; ``gather`` lowers the long-prefill threshold so plan() picks the
-    gathered-K/V path (``gather_paged_kv`` + the ragged kernel, a Python branch at run())."""
+    gathered-K/V path (``gather_paged_kv`` + the ragged kernel, a Python branch at run()).
+    Strict (dynamo) export too: the plan's tensors, marked unbacked for torch.compile, reach
+    export unmarked (``PlanTensors.unmarked``); a lifted constant with an unbacked size fails
+    there ("possible memo disaster")."""
     if path == "gather":
         monkeypatch.setattr(prefill_mod, "PAGED_GATHER_MIN_ROWS_PER_KEY", 0)
     b = Batch([3, 5, 1], [6, 9, 4], page_size=4, Hq=4, Hkv=2, D=16, seed=9)
@@ -340,7 +345,7 @@ def test_export_prefill_run(path, monkeypatch):
            q_data_type=torch.float32)
     assert (w._gather is not None) == (path == "gather")
     m = Run(w)
-    ep = export(m, (b.q, b.cache))
+    ep = export(m, (b.q, b.cache), strict=strict)
     check_graph(ep, ["paged_attention"] if path == "paged" else ["gather_paged_kv", "ragged_attention"])
     q, cache = _fresh(b, 10)
     out = run_poisoned(ep.module(), q, cache)
@@ -494,19 +499,3 @@ def test_export_append_then_decode_inputs(decompose):
     ro, _ = ref_attention(step[0].cpu(), k_exp, v_exp, torch.arange(B + 1, dtype=torch.int32), kv_indptr, kv_indices,
                           last)
     assert_close("append+decode o", out, ro.float())
-
-
-# --------------------------------------------------------------------------------- limitation
-
-
-@pytest.mark.xfail(reason="strict (dynamo) export of a planned wrapper's run() fails on torch 2.13: the plan's "
-                          "tensors are marked unbacked (_attention_plan._unbacked, for torch.compile) and reach "
-                          "the graph as get_attr constants -> 'AssertionError: u0 possible memo disaster' in "
-                          "rebind_unbacked. Non-strict export (the default) works.", strict=False)
-def test_export_wrapper_strict():
-    b = Batch([1, 1], [5, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=14)
-    w = fo.BatchDecodeWithPagedKVCacheWrapper(workspace(DEVICE))
-    w.plan(b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last), 4, 2, 16, 4, q_data_type=torch.float32)
-    ep = export(Run(w), (b.q, b.cache), strict=True)
-    check_graph(ep, ["paged_attention"])
-    assert_same("strict decode", ep.module()(b.q, b.cache), w.run(b.q, b.cache))

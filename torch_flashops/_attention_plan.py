@@ -353,6 +353,13 @@ class PlanTensors:
     mask_indptr: Optional[torch.Tensor] = None
     tile: Optional[torch.Tensor] = None  # [block_m], never read: its size carries block_m (``tile_tensor``)
 
+    def unmarked(self) -> "PlanTensors":
+        """The same tensors as new tensor objects (``detach()``: same storage, not views) without
+        the unbacked marks, for ``torch.export``: strict export lifts the plan's tensors into
+        constants and fails on an unbacked constant ("possible memo disaster")."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).detach()
+                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+
 
 def tile_tensor(cache: dict, block_m: int, device) -> torch.Tensor:
     """An (uninitialised, never read) ``[block_m]`` tensor whose *size* hands the plan's tile

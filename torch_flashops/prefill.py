@@ -261,6 +261,7 @@ class _BatchAttention:
         self.device = float_workspace_buffer.device
         self._plan: Optional[_Plan] = None
         self._t: Optional[P.PlanTensors] = None
+        self._t_export: Optional[P.PlanTensors] = None  # the same tensors without unbacked marks
         self._tiles: dict = {}  # block_m -> its size-carrier tensor (P.tile_tensor)
         self._bounds: Optional[P.Bounds] = None
         self._frozen_block_m: Optional[int] = None
@@ -333,6 +334,12 @@ class _BatchAttention:
         self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
         if not self._use_cuda_graph:  # (graph mode: the caller's buffers, sizes frozen)
             P.unbacked_plan(self._t)
+        self._t_export = self._t.unmarked()
+
+    def _tensors(self) -> P.PlanTensors:
+        """The plan's device tensors as run() hands them to the ops: marked unbacked for
+        torch.compile, unmarked under torch.export (whose strict mode rejects such constants)."""
+        return self._t_export if torch.compiler.is_exporting() else self._t
 
     def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
         """The packed masks of a plan; in CUDA-graph mode also checks that they fit the buffers
@@ -604,7 +611,7 @@ class _BatchAttention:
         if check_q is not None:
             check_q(q)
         self._checked_page_ids(kv)
-        t, pl = self._t, self._plan
+        t, pl = self._tensors(), self._plan
         opts = self._opts(q_scale, k_scale, v_scale, lse_ln)
         if self._gather is not None:  # contiguous copies of the planned K/V rows, ragged kernel
             k, v = _gather_kv(kv, self._kv_layout, self._gather)
@@ -625,7 +632,7 @@ class _BatchAttention:
     def _checked_page_ids(self, kv):
         if checks_enabled() and self._paged:
             n = self._plan.nnz_pages
-            check_range_values(self._t.kv_indices[:n], "paged_kv_indices", 0, kv.num_pages)
+            check_range_values(self._tensors().kv_indices[:n], "paged_kv_indices", 0, kv.num_pages)
 
 
 
@@ -900,7 +907,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         if not torch.compiler.is_compiling():
             expect(k.shape[0] >= self._total_kv_rows, "k",
                    "has {} rows, kv_indptr[-1] is {}", k.shape[0], self._total_kv_rows)
-        t, pl = self._t, self._plan
+        t, pl = self._tensors(), self._plan
         a = (q, k, v, t.work, t.split_work, t.merge, t.qo_indptr, t.kv_indptr, t.packed_mask, t.mask_indptr,
              t.tile.shape[0], *self._opts(q_scale, k_scale, v_scale, lse_ln))
         out, lse = self._outputs(q, out, lse)
