@@ -353,6 +353,53 @@ def test_export_prefill_run(path, strict, monkeypatch):
     assert_close("prefill o", out, _oracle(b, q, cache, causal=True)[0].float())
 
 
+class RunRagged(torch.nn.Module):
+    def __init__(self, wrapper):
+        super().__init__()
+        self.w = wrapper
+
+    def forward(self, q, k, v):
+        return self.w.run(q, k, v, return_lse=True)
+
+
+class RunCascade(RunRagged):
+    def forward(self, q, cache):  # (FlashInfer's cascade run() has no return_lse)
+        return self.w.run(q, cache)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_ragged_and_cascade_run(strict):
+    """The ragged wrapper's run() (its own access to the plan's tensors) and the two-level
+    cascade (two paged runs and an in-place merge), strict and not."""
+    g = torch.Generator().manual_seed(12)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    q, k, v = randn(8, 4, 16, g=g), randn(16, 2, 16, g=g), randn(16, 2, 16, g=g)
+    r = fo.BatchPrefillWithRaggedKVCacheWrapper(workspace(DEVICE))
+    r.plan(i32([0, 3, 4, 8]), i32([0, 5, 12, 16]), 4, 2, 16, causal=True, q_data_type=torch.float32)
+    m = RunRagged(r)
+    ep = export(m, (q, k, v), strict=strict)
+    check_graph(ep, ["ragged_attention"])
+    q2, k2, v2 = randn(8, 4, 16, g=g), randn(16, 2, 16, g=g), randn(16, 2, 16, g=g)
+    out = run_poisoned(ep.module(), q2, k2, v2)
+    assert_same("ragged run", out, m(q2, k2, v2))
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    ro, rl = ref_attention(q2.cpu(), k2.cpu()[:, None], v2.cpu()[:, None], t([0, 3, 4, 8]), t([0, 5, 12, 16]),
+                           torch.arange(16, dtype=torch.int32), t([1, 1, 1]), causal=True)  # (ragged: 1-key pages)
+    assert_close("ragged o", out[0], ro.float())
+    assert_close("ragged lse", out[1], rl, **LSE_TOL)
+
+    cache = randn(12, 2, 4, 2, 16, g=g)
+    c = fo.MultiLevelCascadeAttentionWrapper(2, workspace(DEVICE))
+    c.plan([i32([0, 3]), i32([0, 1, 2, 3])], [i32([0, 2]), i32([0, 1, 3, 4])], [i32([5, 1]), i32([0, 7, 2, 9])],
+           [i32([4]), i32([3, 1, 2])], 4, 2, 16, 4, causal=True, q_data_type=torch.float32)
+    mc = RunCascade(c)
+    qc = randn(3, 4, 16, g=g)
+    ep = export(mc, (qc, cache), strict=strict)
+    check_graph(ep, ["paged_attention", "paged_attention", "merge_state_in_place"])
+    qc2, cache2 = randn(3, 4, 16, g=g), randn(12, 2, 4, 2, 16, g=g)
+    assert_same("cascade run", run_poisoned(ep.module(), qc2, cache2), mc(qc2, cache2))
+
+
 def test_export_decode_cuda_graph_mode_replan():
     """A CUDA-graph-mode wrapper re-plans into its frozen buffers, which the exported program
     holds (lifted constants alias them): one export serves a later plan of the same batch size."""
