@@ -689,7 +689,8 @@ def test_paged_fuzz(c):
               seed=c["seed"], q_strided=c["strided"], shared_pages=c["shared"], pad_cache=c["strided"])
     masks = b.random_masks(c["seed"]) if c["mask"] else None
     opts = dict(window_left=c["window"], logits_soft_cap=c["cap"], pos_encoding_mode=c["pos"])
-    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(DEVICE), c["layout"])
+    # (a fixed split is never coarsened: one-key chunks of 4 x 24 keys at 5 KV heads need 8 MB)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(DEVICE, 32 << 20), c["layout"])
     flat = torch.cat([m.reshape(-1) for m in masks]).to(DEVICE) if masks else None
     with gather_threshold(0 if c["gather"] else None):  # the gathered-K/V path on small batches too
         plan_paged(w, b, causal=c["causal"], custom_mask=flat, fixed_split_size=c["split"], **opts)
