@@ -88,11 +88,26 @@ def cascade_cases(g):
     return [("cascade shared level 128 x 32k", flops, shared), ("whole cascade (2 levels)", None, whole)]
 
 
+def paged_batch(g, B, L):
+    """A 5-D NHD cache of B requests x L keys on shuffled pages: ``(cache, page ids)``."""
+    per = L // PAGE
+    cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
+    return cache, torch.randperm(B * per, generator=g, device="cuda").int()
+
+
+def time_rounds(runs, rounds=2):
+    """CUDA-graph replay times (ms) of every variant, the variants alternating, ``rounds`` times."""
+    times = {n: [] for n in runs}
+    for _ in range(rounds):
+        for n, f in runs.items():
+            times[n].append(time_fn(f, [()], device="cuda", graph=True))
+    return times
+
+
 def prefill_case(g):
     B, L = 4, 4096
     per = L // PAGE
-    cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
-    ids = torch.randperm(B * per, generator=g, device="cuda").int()
+    cache, ids = paged_batch(g, B, L)
     q = torch.empty(B * L, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
     indptr = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     flops = 4 * D * HQ * B * (L * (L + 1) // 2)
@@ -125,10 +140,7 @@ def main(argv):
         torch.cuda.profiler.stop()
         return
     for title, flops, runs in cases:
-        times = {n: [] for n in runs}
-        for _ in range(2):
-            for n, f in runs.items():
-                times[n].append(time_fn(f, [()], device="cuda", graph=True))
+        times = time_rounds(runs)
         row = [title]
         for n, ts in times.items():
             rate = f" = {flops / min(ts) / 1e9:.0f} TFLOP/s" if flops else ""

@@ -3,8 +3,9 @@ and with ``disable_split_kv`` (spec §3), on the same pages.
 
     PYTHONPATH=. python scripts/fixed_split_cost.py
 
-bf16, D=128, 32 query / 8 KV heads, page 16, shuffled pages; CUDA-graph replays, two alternating
-rounds. A fixed-split plan pins its launch (decode tiles of 64 keys, 4 warps, 2 stages; no TMA,
+bf16, D=128, 32 query / 8 KV heads, page 16 (``PAGE`` in the environment, as for
+``scripts/cascade_probe.py``, whose batch builder and timing rounds this script shares),
+shuffled pages; CUDA-graph replays, two alternating rounds. A fixed-split plan pins its launch (decode tiles of 64 keys, 4 warps, 2 stages; no TMA,
 no gathered K/V; 128-row prefill tiles), so it gives up the shape-tuned choices of a default plan.
 Outputs are checked against the default plan's.
 """
@@ -13,10 +14,7 @@ from __future__ import annotations
 import torch
 
 import torch_flashops as fo
-from benchmarks.harness import time_fn
-
-HQ, HKV, D, PAGE = 32, 8, 128, 16
-DT = torch.bfloat16
+from scripts.cascade_probe import D, DT, HKV, HQ, PAGE, paged_batch, time_rounds
 
 
 def i32(x):
@@ -31,8 +29,7 @@ def main():
              ("disable_split_kv", {"disable_split_kv": True}))
     for B, L in ((1, 32768), (16, 512), (16, 4096), (64, 4096), (256, 4096)):
         per = L // PAGE
-        cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
-        ids = torch.randperm(B * per, generator=g, device="cuda").int()
+        cache, ids = paged_batch(g, B, L)
         q = torch.empty(B, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
         runs = {}
         for (name, kw), w in zip(plans, ws):
@@ -44,8 +41,7 @@ def main():
         del cache
     B, L = 4, 4096
     per = L // PAGE
-    cache = torch.empty(B * per, 2, PAGE, HKV, D, dtype=DT, device="cuda").normal_(generator=g)
-    ids = torch.randperm(B * per, generator=g, device="cuda").int()
+    cache, ids = paged_batch(g, B, L)
     q = torch.empty(B * L, HQ, D, dtype=DT, device="cuda").normal_(generator=g)
     ind = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     runs = {}
@@ -60,10 +56,7 @@ def main():
 def report(title, nbytes, flops, runs):
     outs = [f() for f in runs.values()]
     errs = [(o.float() - outs[0].float()).abs().max().item() for o in outs[1:]]
-    times = {n: [] for n in runs}
-    for _ in range(2):
-        for n, f in runs.items():
-            times[n].append(time_fn(f, [()], device="cuda", graph=True))
+    times = time_rounds(runs)
     row = [f"{title}: max |o - default| {' / '.join(f'{e:.1e}' for e in errs)}"]
     base = min(times["default"])
     for n, ts in times.items():
