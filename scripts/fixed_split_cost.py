@@ -5,9 +5,10 @@ and with ``disable_split_kv`` (spec §3), on the same pages.
 
 bf16, D=128, 32 query / 8 KV heads, page 16 (``PAGE`` in the environment, as for
 ``scripts/cascade_probe.py``, whose batch builder and timing rounds this script shares),
-shuffled pages; CUDA-graph replays, two alternating rounds. A fixed-split plan pins its launch (decode tiles of 64 keys, 4 warps, 2 stages; no TMA,
-no gathered K/V; 128-row prefill tiles), so it gives up the shape-tuned choices of a default plan.
-Outputs are checked against the default plan's.
+shuffled pages; CUDA-graph replays, two alternating rounds. A fixed-split plan pins its launch
+(decode tiles of 64 keys, 4 warps, 2 stages; no TMA, no gathered K/V; 128-row prefill tiles), so
+it gives up the shape-tuned choices of a default plan. Outputs are checked against the default
+plan's.
 """
 from __future__ import annotations
 
