@@ -924,6 +924,41 @@ def test_fixed_split_is_never_coarsened(kind, device):
         _plan_kind(g, big, kind, fixed_split_size=1)
 
 
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_graph_fixed_split_list_bounded_by_page_buffer(kind, device):
+    """A CUDA-graph plan with ``fixed_split_size`` freezes a split list sized by the most chunks
+    its page-id buffer allows (not by the whole workspace, whose idle rows every replay would
+    launch), and every later batch that fits the buffers plans and keeps each request's bits:
+    all pages in one request, and every request ending one key into its last page."""
+    B, n_idx, fs = 3, 24, 2
+    kw = dict(page_size=4, Hq=4, Hkv=2, D=16, device=device, spare_pages=2)
+    qo = [1, 1, 1] if kind == "decode" else [1, 3, 2]
+    g = _graph_wrapper(device, B, n_idx, kind)
+    _plan_kind(g, Batch(qo, [5, 6, 7], seed=31, **kw), kind, fixed_split_size=fs)  # freezes the lists
+    rows = g._t.split_work.shape[0] // 4
+    item = g._plan.block_m * 2 * 17 * 4  # partial_item_bytes(2 KV heads, block_m, 16)
+    cap = g._float_workspace_buffer.numel() // item  # what the workspace holds (decode 1927, prefill 240)
+    # decode: one tile per request, ceil(24 / 2) chunks over the buffer + one per request;
+    # prefill: at most 3 tiles (6 rows), each with at most ceil(24 / 2) chunks
+    assert rows == (12 + B if kind == "decode" else 3 * 12) and rows < cap // 5
+    for seed, kv_lens in ((32, [96, 0, 0]), (33, [0, 0, 96]), (34, [29, 29, 29]), (35, [33, 0, 57])):
+        big = Batch(qo, kv_lens, seed=seed, **kw)
+        _plan_kind(g, big, kind, fixed_split_size=fs)
+        assert g._t.split_work.shape[0] // 4 == rows  # the frozen size
+        o = g.run(big.q, big.cache)
+        check_attention(f"graph-mode fixed split {kv_lens}", o, None, *big.oracle(causal=kind != "decode"),
+                        torch.float32)
+        b0 = next(i for i, n in enumerate(kv_lens) if n)
+        r0, r1 = int(big.qo_indptr[b0]), int(big.qo_indptr[b0 + 1])
+        alone = Batch(qo[b0:b0 + 1], kv_lens[b0:b0 + 1], seed=seed, **kw)
+        p0, p1 = int(big.kv_indptr[b0]), int(big.kv_indptr[b0 + 1])
+        alone.cache, alone.kv_indices, alone.q = big.cache, big.kv_indices[p0:p1], big.q[r0:r1]
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device)) if kind == "decode" else \
+            fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+        _plan_kind(w, alone, kind, fixed_split_size=fs)
+        assert torch.equal(o[r0:r1], w.run(alone.q, alone.cache)), kv_lens
+
+
 # ------------------------------------------------------------- how serving engines call plan()
 
 

@@ -244,6 +244,22 @@ def tile_bound(total_rows: int, batch: int, group: int, block_m: int) -> int:
     return max(MIN_LIST_ROWS, (total_rows * group + batch * (block_m - 1)) // block_m)
 
 
+def fixed_split_bound(tiles: int, batch: int, max_keys: Optional[int], step: int,
+                      tiles_per_request: Optional[int] = None) -> int:
+    """Most split items a fixed split of ``step`` keys per chunk can produce for any batch of
+    ``batch`` requests with at most ``tiles`` m tiles and ``max_keys`` keys in all (None: no
+    bound). A tile of request b has at most ``ceil(kv_b / step)`` chunks, so the items number at
+    most ``tiles * ceil(max_keys / step)``; when every request has ``tiles_per_request`` tiles
+    (decode), at most ``tiles_per_request * (ceil(max_keys / step) + batch)``."""
+    if max_keys is None:
+        return 2 ** 31 - 1
+    chunks = -(-int(max_keys) // max(1, int(step)))
+    bound = tiles * chunks
+    if tiles_per_request is not None:
+        bound = min(bound, tiles_per_request * (chunks + batch))
+    return bound
+
+
 def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, block_m: int, block_n: int,
                    num_kv_heads: int, d_vo: int, causal: bool, window_left: int, has_mask: bool, device,
                    workspace_bytes: int, disable_split_kv: bool = False, fixed_split_keys: Optional[int] = None,

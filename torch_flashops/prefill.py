@@ -282,7 +282,7 @@ class _BatchAttention:
 
     # -- plan ---------------------------------------------------------------------------
     def _schedule(self, qo_h, kv_lens_h, *, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, window_left,
-                  has_mask, disable_split_kv, fixed_split_keys, dtype, nnz_keys=None):
+                  has_mask, disable_split_kv, fixed_split_keys, dtype, nnz_keys=None, page_size=None):
         """Tile size and work lists for one plan, and in CUDA-graph mode the sizes its first plan
         freezes (``freeze``, applied by ``_set_lists``): nothing on the wrapper changes here, so a
         plan that fails leaves the previous one intact."""
@@ -301,9 +301,14 @@ class _BatchAttention:
             per_head = -(-attn_ops.num_sms(self.device) * attn_ops.resident_programs(block_m) // num_kv_heads)
             cap = ws // attn_ops.partial_item_bytes(num_kv_heads, block_m, head_dim_vo)
             lo = attn_ops.NO_SPLIT_ROWS + 1  # frozen split/merge lists always launch the merge kernel
-            # a fixed split's chunk count grows with later plans' lengths and is never coarsened,
-            # so its frozen split list takes all the workspace holds (idle rows exit at once)
-            split_rows = cap if fixed_split_keys is not None and not disable_split_kv else min(cap, tiles + 2 * per_head)
+            split_rows = min(cap, tiles + 2 * per_head)
+            if fixed_split_keys is not None and not disable_split_kv:
+                # a fixed split's chunk count grows with later plans' lengths and is never
+                # coarsened: the frozen list holds the most chunks any later plan can have (the
+                # page-id buffer bounds the keys), else all the workspace holds
+                max_keys = self._paged_kv_indices_buf.numel() * page_size if self._paged and page_size else None
+                uniform = -(-int(qo_lens.max(initial=1)) * group // block_m) if self._uniform_rows else None
+                split_rows = min(cap, P.fixed_split_bound(tiles, qo_lens.size, max_keys, fixed_split_keys, uniform))
             bounds = P.Bounds(tiles, max(lo, split_rows), max(lo, tiles))
             freeze = (bounds, block_m, int(qo_h[-1]))
         elif self._use_cuda_graph:
@@ -525,7 +530,8 @@ class _BatchAttention:
                                                 head_dim_vo=head_dim_vo, causal=bool(causal), window_left=window,
                                                 has_mask=has_mask, disable_split_kv=disable_split_kv,
                                                 fixed_split_keys=fixed_split_keys, dtype=q_dt,
-                                                nnz_keys=nnz_pages * page_size if page_size else None)
+                                                nnz_keys=nnz_pages * page_size if page_size else None,
+                                                page_size=page_size)
         packed, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, np.diff(qo_h), kv_lens_h)
         if self._use_cuda_graph:
             P.check_fits(self._qo_indptr_buf, qo_h.size, "qo_indptr")
