@@ -4,13 +4,24 @@
 in namespace ``torch.ops.flashops``; see ``torch_flashops.registered_ops()``.
 
 On a machine without a GPU, ops on CPU tensors run the plain-PyTorch reference
-implementations; with ``FLASHOPS_INTERPRET=1`` (or ``TRITON_INTERPRET=1``) set before import,
-they run the Triton kernels themselves in Triton's interpreter.
+implementations; with ``FLASHOPS_INTERPRET=1`` set before torch_flashops and triton are
+imported (or ``TRITON_INTERPRET=1`` in the environment), they run the Triton kernels themselves in
+Triton's interpreter.
 """
 import os as _os
 
 if _os.environ.get("FLASHOPS_INTERPRET", "0") not in ("", "0"):
-    # Must happen before any @triton.jit decorator runs (it reads the variable then).
+    # Must happen before any @triton.jit decorator runs (it reads the variable then), including
+    # those of triton.language's own helpers (tl.zeros, ...), which run when triton is imported.
+    import sys as _sys
+
+    if "triton" in _sys.modules and _os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        import warnings as _warnings
+
+        _warnings.warn("FLASHOPS_INTERPRET=1: triton was imported before torch_flashops (directly or through "
+                       "torch._dynamo / torch._inductor), so its own jit helpers were built for the GPU and some "
+                       "kernels will fail in the interpreter; import torch_flashops first, or set "
+                       "TRITON_INTERPRET=1 in the environment", RuntimeWarning, stacklevel=2)
     _os.environ["TRITON_INTERPRET"] = "1"
 
 from ._config import checks_enabled, cpu_backend, interpreting, set_checks, set_cpu_backend  # noqa: E402
