@@ -87,6 +87,29 @@ def test_cpu_backend_switch():
         _config._cpu_backend = old
 
 
+def test_interpret_after_triton_import_warns():
+    """FLASHOPS_INTERPRET=1 set after triton was imported cannot rebuild triton's own jit helpers
+    for the interpreter (tl.zeros then fails inside kernels): the import says so. Imported in
+    the right order, or with TRITON_INTERPRET=1 in the environment, it does not."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHOPS_INTERPRET")}
+    env.update(FLASHOPS_INTERPRET="1", PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+
+    def stderr(code, **extra):
+        p = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, **extra}, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stderr
+
+    assert "triton was imported before torch_flashops" in stderr("import triton, torch_flashops")
+    assert "RuntimeWarning" not in stderr("import torch_flashops, triton")
+    assert "RuntimeWarning" not in stderr("import triton, torch_flashops", TRITON_INTERPRET="1")
+
+
 def test_opcheck():
     x = torch.randn(7, 3)
     torch.library.opcheck(_OP, (x, 3.0))
