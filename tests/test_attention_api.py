@@ -383,6 +383,11 @@ PLAN_ERRORS = [
     ("int q dtype", dict(q_data_type=torch.int8), ValueError, "^q_data_type"),
     ("no q dtype", dict(q_data_type=None), ValueError, "^q_data_type: must be given"),
     ("mixed kv dtype", dict(kv_data_type="float16"), ValueError, "^kv_data_type: torch.float16 differs"),
+    ("fp8 kv dtype", dict(kv_data_type=torch.float8_e4m3fn), NotImplementedError, "^kv_data_type: fp8 KV"),
+    ("page_size 0", dict(page_size=0), ValueError, "^page_size: must be >= 1"),
+    ("last_page_len length", dict(paged_kv_last_page_len=torch.tensor([1], dtype=torch.int32)), ValueError,
+     "^paged_kv_last_page_len: length 1"),
+    ("empty kv_indptr", dict(paged_kv_indptr=torch.zeros(0, dtype=torch.int32)), ValueError, "^paged_kv_indptr"),
 ]
 
 
@@ -500,6 +505,16 @@ def test_constructor_and_single_errors(device):
         fi.single_decode_with_kv_cache(q[0], k, k, pos_encoding_mode="XPOS")
     with pytest.raises(ValueError, match="q"):
         fi.single_prefill_with_kv_cache(q, torch.randn(3, 3, 16, device=device), torch.randn(3, 3, 16, device=device))
+    k8 = k.to(torch.float8_e4m3fn)  # fp8 KV is reserved (spec §0.1)
+    with pytest.raises(NotImplementedError, match="^k: fp8 KV"):
+        fi.single_decode_with_kv_cache(q[0].half(), k8, k8)
+    with pytest.raises(NotImplementedError, match="^k: fp8 KV"):
+        fi.single_prefill_with_kv_cache(q.half(), k8, k8)
+    r = fi.BatchPrefillWithRaggedKVCacheWrapper(ws)
+    r.plan(torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), 2, 2, 16,
+           q_data_type="float16")
+    with pytest.raises(NotImplementedError, match="^k: fp8 KV"):
+        r.run(q.half(), k8, k8)
 
 
 def test_decode_plan_errors(device):
@@ -514,6 +529,10 @@ def test_decode_plan_errors(device):
         w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, window_right=4)
     with pytest.raises(ValueError, match="^indices: expected an integer dtype"):
         w.plan(b.kv_indptr, b.kv_indices.double(), b.last, 4, 2, 16, 4, q_data_type="float32")
+    with pytest.raises(ValueError, match="^page_size: must be >= 1"):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 0, q_data_type="float32")
+    with pytest.raises(NotImplementedError, match="^kv_data_type: fp8 KV"):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float16", kv_data_type="float8_e5m2")
     w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
     with pytest.raises(ValueError, match="q_len_per_req"):
         w.run(b.q, b.cache, q_len_per_req=2)

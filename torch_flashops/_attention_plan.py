@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._checks import FLOAT_DTYPES, check_indptr_values, expect
+from ._checks import FLOAT_DTYPES, check_indptr_values, expect, reject_fp8
 from .meta.attention import check_pos_encoding_mode
 from .ops import attention as attn_ops
 
@@ -72,6 +72,7 @@ def parse_dtype(x, name: str) -> Optional[torch.dtype]:
         dt = getattr(torch, x.replace("torch.", ""), None)
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"{name}: expected a torch.dtype or its name, got {x!r}")
+    reject_fp8(dt, name)
     if dt not in FLOAT_DTYPES:
         raise ValueError(f"{name}: dtype {dt} not supported (expected float16, bfloat16 or float32)")
     return dt
@@ -178,6 +179,7 @@ def validate_qo_indptr(qo_h: np.ndarray, batch: int, name: str = "qo_indptr") ->
 def validate_paged_csr(kv_indptr_h, last_h, n_indices: int, page_size: int, *, indptr_name="paged_kv_indptr",
                        last_name="paged_kv_last_page_len", indices_name="paged_kv_indices") -> np.ndarray:
     """§0.3 rules for a page table; returns ``kv_len`` per request (int64)."""
+    expect(page_size >= 1, "page_size", "must be >= 1, got {}", page_size)
     check_indptr(kv_indptr_h, indptr_name)
     B = kv_indptr_h.size - 1
     expect(last_h.size == B, last_name, "length {} does not match len({}) - 1 = {}", last_h.size, indptr_name, B)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import _attention_plan as P
-from ._checks import check_tensor, expect
+from ._checks import check_tensor, expect, reject_fp8
 from .meta.attention import check_pos_encoding_mode
 from .meta.page import check_kv_layout
 from .ops import attention as attn_ops
@@ -90,6 +90,8 @@ def single_decode_with_kv_cache(
     check_tensor(q, "q", ndim=2)
     check_tensor(k, "k", ndim=3)
     check_tensor(v, "v", ndim=3)
+    reject_fp8(k, "k")
+    reject_fp8(v, "v")
     expect(v.shape[-1] == k.shape[-1], "v", "head dim {} must equal k's {} for decode", v.shape[-1], k.shape[-1])
     window = P.check_window_left(window_left)
     cap = P.check_soft_cap(logits_soft_cap)

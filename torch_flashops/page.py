@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_tensor, expect
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_tensor, expect,
+                      reject_fp8)
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .meta.page import check_kv_layout, paged_kv_views
 from .ops import page as ops
@@ -22,10 +23,6 @@ from .reference import page as reference
 __all__ = ["append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens"]
 
 PagedKVCacheArg = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
-
-_FP8_DTYPES = tuple(
-    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
-)
 
 
 class PagedKV(NamedTuple):
@@ -101,8 +98,7 @@ def _unpack_paged_kv_cache(paged_kv_cache: PagedKVCacheArg, kv_layout: str = "NH
         op_args = (paged_kv_cache, None)
         nk = name
     dtype = op_args[0].dtype
-    if dtype in _FP8_DTYPES:
-        raise NotImplementedError(f"{name}: fp8 KV caches are not supported yet (dtype {dtype})")
+    reject_fp8(dtype, name)
     expect(dtype in FLOAT_DTYPES, nk, lambda: f"dtype {dtype} not supported (expected float16, bfloat16 or float32)")
     k, v = paged_kv_views(op_args[0], op_args[1], kv_layout)
     num_pages, page_size, num_kv_heads, head_dim = k.shape

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import _attention_plan as P
-from ._checks import check_range_values, check_tensor, expect
+from ._checks import check_range_values, check_tensor, expect, reject_fp8
 from ._config import checks_enabled
 from .meta.attention import check_head_dim, check_heads, check_out, check_pos_encoding_mode
 from .meta.page import check_kv_layout
@@ -139,6 +139,8 @@ def single_prefill_with_kv_cache(
     check_tensor(q, "q", ndim=3)
     check_tensor(k, "k", ndim=3)
     check_tensor(v, "v", ndim=3)
+    reject_fp8(k, "k")
+    reject_fp8(v, "v")
     kv_len = k.shape[0] if kv_layout == "NHD" else k.shape[1]
     if causal and custom_mask is None and packed_custom_mask is None:
         expect(kv_len >= q.shape[0], "causal", "needs kv_len >= qo_len, got kv_len {} < qo_len {}", kv_len, q.shape[0])
@@ -769,7 +771,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         qo_h = P.to_host_int(qo_indptr, "qo_indptr")
         kv_indptr_h = P.to_host_int(paged_kv_indptr, "paged_kv_indptr")
         last_h = P.to_host_int(paged_kv_last_page_len, "paged_kv_last_page_len")
-        B = last_h.size
+        P.check_indptr(kv_indptr_h, "paged_kv_indptr")
+        B = kv_indptr_h.size - 1  # (the page table's batch; qo_indptr and last_page_len must agree)
         P.validate_qo_indptr(qo_h, B)
         P.check_page_ids(paged_kv_indices, "paged_kv_indices")
         kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], int(page_size))
@@ -903,6 +906,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         num_qo_heads, head_dim_vo]`` and, with ``return_lse``, ``lse [R, num_qo_heads]``."""
         check_tensor(k, "k", ndim=3)
         check_tensor(v, "v", ndim=3)
+        reject_fp8(k, "k")
+        reject_fp8(v, "v")
         if self._kv_layout == "HND":
             k, v = k.transpose(0, 1), v.transpose(0, 1)
         expect(v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1], "v",
