@@ -603,6 +603,30 @@ def test_bad_input(device):
         assert torch.equal(q, q0) and torch.equal(k, k0), f"{label}: q/k written despite the error"
 
 
+def test_numpy_scalar_options(device):
+    """Options read from a config with numpy (np.float32 theta, np.int64 rotary_dim / head_size)
+    act as the Python numbers they hold; a non-number is still refused by name."""
+    import numpy as np
+
+    _, q, k = packed_qk(5, 2, 1, 16, torch.float32, device)
+    pos = torch.arange(3, 8, device=device)
+    want = fo.apply_rope_pos_ids(q, k, pos, rotary_dim=8, rope_scale=2.0, rope_theta=1e4)
+    got = fo.apply_rope_pos_ids(q, k, pos, rotary_dim=np.int64(8), rope_scale=np.float64(2.0),
+                                rope_theta=np.float32(1e4))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    cache = torch.rand(8, 8, device=device)
+    query, key = q.reshape(5, -1), k.reshape(5, -1)
+    want = fo.apply_rope_with_cos_sin_cache(pos, query, key, 16, cache)
+    got = fo.apply_rope_with_cos_sin_cache(pos, query, key, np.int32(16), cache)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="^rope_theta: must be a finite number"):
+        fo.apply_rope_pos_ids(q, k, pos, rope_theta="1e4")
+    with pytest.raises(ValueError, match=r"^positions: .*one position per token of query"):
+        fo.apply_rope_with_cos_sin_cache(pos[:4], query, key, 16, cache)
+    with pytest.raises(ValueError, match=r"^cos_sin_cache: shape\[1\] \(the rotary dim\)"):
+        fo.apply_rope_with_cos_sin_cache(pos, query, key, 16, torch.rand(8, 7, device=device))
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_inplace_rejects_overlapping_memory(device, backend):
     """In place, a q or k whose elements share memory (heads made by expand(), tokens with

@@ -16,6 +16,7 @@ dynamo's recompile limit is reached with ``fullgraph=True``).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Tuple
 
 import torch
@@ -42,9 +43,10 @@ __all__ = [
 # --------------------------------------------------------------------------- validation
 
 
-# torch.compile(dynamic=True) may pass Python ints and floats as SymInt / SymFloat
-_INT = (int, torch.SymInt)
-_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+# torch.compile(dynamic=True) may pass Python ints and floats as SymInt / SymFloat; numpy
+# scalars (a config read with numpy) are numbers.Integral / numbers.Real
+_INT = (numbers.Integral, torch.SymInt)
+_NUMBER = (numbers.Real, torch.SymInt, torch.SymFloat)
 
 
 def _check_positive(value, name: str):
@@ -66,7 +68,7 @@ def _check_rotary_dim(rotary_dim, head_dim: int, name: str = "rotary_dim") -> in
     rd = head_dim if rotary_dim is None else rotary_dim
     expect(isinstance(rd, _INT) and not isinstance(rd, bool), name, "must be an int or None, got {!r}", rotary_dim)
     expect(rd % 2 == 0 and 2 <= rd <= head_dim, name, "must be even and in [2, {}] (the head dim), got {}", head_dim, rd)
-    return rd
+    return rd if isinstance(rd, (int, torch.SymInt)) else int(rd)  # (numpy ints to int; SymInts kept)
 
 
 def _check_llama31(low_freq_factor, high_freq_factor, old_context_len) -> tuple:
@@ -76,9 +78,10 @@ def _check_llama31(low_freq_factor, high_freq_factor, old_context_len) -> tuple:
     return lf, hf, _check_positive(old_context_len, "old_context_len")
 
 
-def _check_pos_ids(pos_ids, q, name: str = "pos_ids") -> None:
+def _check_pos_ids(pos_ids, q, name: str = "pos_ids", qname: str = "q") -> None:
     check_tensor(pos_ids, name, ndim=1, dtypes=INDEX_DTYPES, device=q.device, last_contiguous=False)
-    expect(pos_ids.shape[0] == q.shape[0], name, "shape {} must be ({},) (one position per token of q)", tuple(pos_ids.shape), q.shape[0])
+    expect(pos_ids.shape[0] == q.shape[0], name, "shape {} must be ({},) (one position per token of {})",
+           tuple(pos_ids.shape), q.shape[0], qname)
 
 
 def _positions_from_indptr(q, indptr, offsets) -> torch.Tensor:
@@ -270,8 +273,10 @@ def _cache_views(positions, query, key, head_size, cos_sin_cache):
     _check_qk(q3, k3, "query", "key")
     check_tensor(cos_sin_cache, "cos_sin_cache", ndim=2, device=query.device, last_contiguous=False)
     expect(cos_sin_cache.dtype == torch.float32, "cos_sin_cache", "must be float32, got {}", cos_sin_cache.dtype)
-    _check_rotary_dim(cos_sin_cache.shape[1], head_size, "cos_sin_cache")
-    _check_pos_ids(positions, query, "positions")
+    expect(cos_sin_cache.shape[1] % 2 == 0 and 2 <= cos_sin_cache.shape[1] <= head_size, "cos_sin_cache",
+           "shape[1] (the rotary dim) must be even and in [2, {}] (head_size), got shape {}", head_size,
+           tuple(cos_sin_cache.shape))
+    _check_pos_ids(positions, query, "positions", "query")
     if checks_enabled():
         check_range_values(positions, "positions", 0, cos_sin_cache.shape[0])
     return q3, k3

@@ -63,7 +63,7 @@ def batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor,
     """CPU implementation of ``flashops::batch_indices_positions``."""
     B = append_indptr.shape[0] - 1
     t = torch.arange(nnz, device=append_indptr.device, dtype=torch.int64)
-    ends = append_indptr[1:].to(torch.int64)
+    ends = append_indptr[1:].to(torch.int64).contiguous()
     b = torch.searchsorted(ends, t, right=True)  # number of requests that end at or before t
     valid = b < B
     bc = b.clamp(max=max(B - 1, 0))

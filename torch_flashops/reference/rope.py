@@ -156,6 +156,6 @@ def rope_positions_cpu(indptr, offsets, nnz):
     if nb == 0 or nnz == 0:
         return out
     t = torch.arange(nnz, dtype=torch.int64, device=offsets.device)
-    ip = indptr.long()
+    ip = indptr.long().contiguous()  # (searchsorted warns on strided boundaries)
     b = (torch.searchsorted(ip, t, right=True) - 1).clamp(0, nb - 1)
     return (offsets.long()[b] + (t - ip[b])).to(offsets.dtype)
