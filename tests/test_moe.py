@@ -736,6 +736,9 @@ def test_out_of_range_ids_stay_in_bounds(path, device, monkeypatch):
     out = fused_moe(x, w1, w2, tw, gids, expert_map=emap)
     assert_close("mapped ids out of range skipped", out, ref.ref_fused_moe_dense(x, w1, w2, tw, local),
                  **MOE_TOL[torch.float32])
+    # an empty map (no expert on this rank, none in the batch): nothing read from it, output 0
+    out = fused_moe(x, w1, w2, tw, -torch.ones_like(ids), expert_map=torch.empty(0, dtype=torch.int32, device=device))
+    assert torch.equal(out, torch.zeros_like(x))
 
 
 def test_cutlass_fused_moe(device):
@@ -852,7 +855,7 @@ def test_fused_moe_bad_input(device):
     _bad("^w1:", fused_moe, x, w1[:, :, :8], w2, tw, ids)
     _bad("^w1:", fused_moe, x, w1[:, :15], w2, tw, ids)
     _bad("^w2:", fused_moe, x, w1, w2[:, :, :4], tw, ids)
-    _bad("^w2:", fused_moe, x, w1, w2.half(), tw, ids)
+    _bad("^w2: dtype torch.float16 must match hidden_states' torch.float32", fused_moe, x, w1, w2.half(), tw, ids)
     _bad("^topk_weights:", fused_moe, x, w1, w2, tw[:, :1], ids)
     _bad("^topk_ids:", fused_moe, x, w1, w2, tw[:3], ids[:3])
     _bad("^topk_ids:", fused_moe, x, w1, w2, tw, ids.float())
@@ -891,6 +894,10 @@ def test_grouped_gemm_and_helpers_bad_input(device):
         _bad("^expert_ids:", fo.moe_grouped_gemm, a, w, sid, torch.full_like(eid, 3), ntp, 16, 2)
         _bad("^num_tokens_post_pad:", fo.moe_grouped_gemm, a, w, sid, eid, ntp + 1, 16, 2)
         _bad("^sorted_token_ids:", fo.moe_grouped_gemm, a, w, sid + 100, eid, ntp, 16, 2)
+        # top_k other than the align call's: pairs missing (the pad value would read as one)
+        s1, e1, n1 = (t.to(device) for t in ref_moe_align_block_size(ids[:, :1], 16, 3))  # 4 pairs, pad 4
+        _bad("^sorted_token_ids: .* each of the a.shape\\[0\\] \\* top_k = 8 pairs", fo.moe_grouped_gemm, a, w,
+             s1, e1, n1, 16, 2)
     finally:
         _config.set_checks(old)
     h = torch.randn(3, 7, device=device)
@@ -899,6 +906,9 @@ def test_grouped_gemm_and_helpers_bad_input(device):
     _bad("^out:", fo.silu_and_mul, torch.randn(3, 10, device=device), out=out)
     assert torch.isnan(out).all()  # nothing written
     _bad("^out:", fo.silu_and_mul, torch.randn(3, 8, device=device), out=out.half())
+    _bad("^out: has internally overlapping", fo.silu_and_mul, torch.randn(3, 10, device=device),
+         out=poison(1, 5, device=device).expand(3, 5))
+    _bad("^w: dtype torch.float16 must match a's torch.float32", fo.moe_grouped_gemm, a, w.half(), sid, eid, ntp, 16, 2)
     _bad("^input:", fo.moe_sum, torch.randn(3, 8, device=device))
 
 

@@ -507,10 +507,11 @@ def test_selfcheck_passes(device):
 # --------------------------------------------------------------------------- bad input
 
 
-def _permute(device, top_k=2, tile_size=4):
+def _permute(device, top_k=2, tile_size=4, p2e_dtype=torch.int32, n_tiles=None, out=None):
     x = torch.randn(3, 4, device=device)
     z = torch.zeros(8, dtype=torch.int32, device=device)
-    fo.moe_permute(x, torch.empty(8, 4, device=device), z, z, z[:1], 8, top_k, tile_size)
+    out = torch.empty(8, 4, device=device) if out is None else out
+    fo.moe_permute(x, out, z, z.to(p2e_dtype), z[:1] if n_tiles is None else n_tiles, 8, top_k, tile_size)
 
 
 def _logits(device, T=3, E=16):
@@ -541,10 +542,24 @@ def _logits(device, T=3, E=16):
         (lambda d: fo.moe_unpermute(torch.randn(8, 4, device=d), torch.empty(2, 4, device=d),
                                     torch.zeros(2, 2, dtype=torch.int32, device=d),
                                     torch.ones(2, 2, dtype=torch.int64, device=d), 2, 2), "topk_scales"),
+        (lambda d: _permute(d, p2e_dtype=torch.float32), "permuted_idx_to_expanded_idx"),
+        (lambda d: _permute(d, n_tiles=torch.zeros(2, dtype=torch.int32, device=d)), "num_non_exiting_tiles"),
+        (lambda d: _permute(d, n_tiles=torch.zeros(1, dtype=torch.int32, device="meta")), "num_non_exiting_tiles"),
+        (lambda d: _permute(d, out=torch.zeros(1, 4, device=d).expand(8, 4)), "permuted_output"),
+        (lambda d: fo.moe_unpermute(torch.randn(8, 4, device=d), torch.empty(2, 4, dtype=torch.int32, device=d),
+                                    torch.zeros(2, 2, dtype=torch.int32, device=d),
+                                    torch.ones(2, 2, device=d), 2, 2), "output"),
+        (lambda d: fo.moe_unpermute(torch.randn(8, 4, device=d), torch.zeros(1, 4, device=d).expand(2, 4),
+                                    torch.zeros(2, 2, dtype=torch.int32, device=d),
+                                    torch.ones(2, 2, device=d), 2, 2), "output"),
+        (lambda d: fo.moe_sort(torch.zeros(3, 2, dtype=torch.int32, device=d), torch.ones(3, 2, device=d), 4, 2,
+                               tile_tokens_dim=0), "tile_tokens_dim"),
     ],
     ids=["k>E", "k=0", "sigmoid-k>E", "int-logits", "1d-logits", "E%n_group", "topk_group>n_group", "topk_group=0",
          "k>kept-experts", "scoring_func", "bias-shape", "bias-G1", "block_size", "float-ids", "expert_map-size",
-         "permute-top_k", "permute-tile_size", "unpermute-int-scales"],
+         "permute-top_k", "permute-tile_size", "unpermute-int-scales", "permute-float-p2e", "permute-n_tiles-size",
+         "permute-n_tiles-device", "permute-overlapping-out", "unpermute-int-output", "unpermute-overlapping-output",
+         "sort-tile_tokens_dim"],
 )
 def test_bad_input_names_argument(call, arg, device):
     with pytest.raises(ValueError, match=rf"^{arg}:"):

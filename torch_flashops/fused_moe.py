@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, expect
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .ops import moe as ops
 # FlashInfer keeps these routing entry points in flashinfer.fused_moe as well.
@@ -95,8 +95,9 @@ def fused_moe(
     check_tensor(x, "hidden_states", ndim=2, dtypes=_MOE_DTYPES)
     dev = x.device
     T, H = x.shape
-    check_tensor(w1, "w1", ndim=3, dtypes=(x.dtype,), device=dev)
-    check_tensor(w2, "w2", ndim=3, dtypes=(x.dtype,), device=dev)
+    for w, name in ((w1, "w1"), (w2, "w2")):
+        check_tensor(w, name, ndim=3, device=dev)
+        expect(w.dtype == x.dtype, name, "dtype {} must match hidden_states' {}", w.dtype, x.dtype)
     E = w1.shape[0]
     expect(w1.shape[2] == H and w1.shape[1] % 2 == 0 and w1.shape[1] > 0, "w1",
              lambda: f"shape {tuple(w1.shape)} must be [E, 2I, H] with H = {H}")
@@ -164,7 +165,8 @@ def moe_grouped_gemm(
     """
     check_tensor(a, "a", ndim=2, dtypes=_MOE_DTYPES)
     dev = a.device
-    check_tensor(w, "w", ndim=3, dtypes=(a.dtype,), device=dev)
+    check_tensor(w, "w", ndim=3, device=dev)
+    expect(w.dtype == a.dtype, "w", "dtype {} must match a's {}", w.dtype, a.dtype)
     expect(w.shape[2] == a.shape[1], "w", lambda: f"shape {tuple(w.shape)}: last dim must equal a's K = {a.shape[1]}")
     expect(block_size in ops.GEMM_BLOCK_SIZES, "block_size", lambda: f"must be one of {ops.GEMM_BLOCK_SIZES}, got {block_size}")
     expect(isinstance(top_k, int) and top_k >= 1, "top_k", lambda: f"must be a positive int, got {top_k!r}")
@@ -185,6 +187,12 @@ def moe_grouped_gemm(
         ntp = int(num_tokens_post_pad[0])
         expect(0 <= ntp <= sorted_token_ids.numel() and ntp % block_size == 0, "num_tokens_post_pad",
             lambda: f"{ntp} must be a multiple of block_size {block_size} in [0, {sorted_token_ids.numel()}]")
+        # every pair once (skipped ones too, in the skip bucket): else rows would stay unwritten,
+        # e.g. a top_k other than the align call's (whose pad value numel would read as a pair)
+        seen = torch.bincount(sorted_token_ids[:ntp].long(), minlength=numel + 1)[:numel]
+        expect(bool((seen == 1).all()), "sorted_token_ids",
+               lambda: f"its first num_tokens_post_pad = {ntp} entries must hold each of the a.shape[0] * top_k = "
+                       f"{numel} pairs exactly once (is top_k the align call's?)")
     return ops.moe_grouped_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, block_size, top_k,
                                 topk_weights, mul_routed_weight)
 
@@ -210,7 +218,8 @@ def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable
     expect(input.dim() >= 1 and input.shape[-1] % 2 == 0, "input", lambda: f"last dim must be even, got shape {tuple(input.shape)}")
     if out is None:
         return ops.silu_and_mul(input)
-    check_tensor(out, "out", dtypes=(input.dtype,), device=input.device)
+    check_tensor(out, "out", device=input.device)
+    expect(out.dtype == input.dtype, "out", "dtype {} must match input's {}", out.dtype, input.dtype)
     want = (*input.shape[:-1], input.shape[-1] // 2)
     expect(tuple(out.shape) == want, "out", lambda: f"shape {tuple(out.shape)} must be {want}")
     ops.silu_and_mul_out(input, out)
@@ -359,6 +368,7 @@ def cutlass_fused_moe(
     if output is not None:
         check_tensor(output, "output", ndim=2, dtypes=(output_dtype,), device=input.device)
         expect(output.shape == out.shape, "output", lambda: f"shape {tuple(output.shape)} must be {tuple(out.shape)}")
+        check_writable(output, "output")
         output.copy_(out)
         out = output
     return [out]

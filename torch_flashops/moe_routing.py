@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, expect
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect
 from ._config import checks_enabled
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .ops import moe_routing as _ops
@@ -312,6 +312,8 @@ def moe_sort(
     L = num_experts if num_local_experts is None else num_local_experts
     expect(0 <= local_expert_offset and 1 <= L and local_expert_offset + L <= num_experts, "num_local_experts",
            "local experts [{}, {}) must lie in [0, {})", local_expert_offset, local_expert_offset + L, num_experts)
+    expect(isinstance(tile_tokens_dim, int) and tile_tokens_dim >= 1, "tile_tokens_dim", "must be an int >= 1, got {!r}",
+           tile_tokens_dim)
     B = tile_tokens_dim
     dev = token_selected_experts.device
     emap = None if (local_expert_offset == 0 and L == num_experts) else _ep_expert_map(num_experts, local_expert_offset, L, dev)
@@ -353,6 +355,16 @@ def moe_permute(
     expect(permuted_output.dtype == input.dtype, "permuted_output",
            "dtype {} must match input {}", permuted_output.dtype, input.dtype)
     expect(permuted_output.shape[1] == input.shape[1], "permuted_output", "hidden size must match input")
+    check_writable(permuted_output, "permuted_output")
+    dev = input.device
+    check_tensor(tile_idx_to_mn_limit, "tile_idx_to_mn_limit", ndim=1, dtypes=INDEX_DTYPES, device=dev,
+                 last_contiguous=False)
+    check_tensor(permuted_idx_to_expanded_idx, "permuted_idx_to_expanded_idx", ndim=1, dtypes=INDEX_DTYPES,
+                 device=dev, last_contiguous=False)
+    check_tensor(num_non_exiting_tiles, "num_non_exiting_tiles", dtypes=INDEX_DTYPES, device=dev,
+                 last_contiguous=False)
+    expect(num_non_exiting_tiles.numel() == 1, "num_non_exiting_tiles", "must have one element, got {}",
+           num_non_exiting_tiles.numel())
     expect(int(top_k) >= 1, "top_k", "must be >= 1, got {}", top_k)
     expect(int(tile_size) >= 1, "tile_size", "must be >= 1, got {}", tile_size)
     M = max_num_permuted_tokens
@@ -390,6 +402,9 @@ def moe_unpermute(
     check_tensor(output, "output", ndim=2, device=permuted_input.device, last_contiguous=False)
     expect(output.shape[0] >= num_tokens and output.shape[1] == permuted_input.shape[1], "output",
            "shape {} must be (>= {}, {})", tuple(output.shape), num_tokens, permuted_input.shape[1])
+    expect(output.dtype in FLOAT_DTYPES, "output", "dtype {} not supported (expected float16, bfloat16 or float32)",
+           output.dtype)
+    check_writable(output[:num_tokens], "output")
     e2p = expanded_idx_to_permuted_idx
     check_tensor(e2p, "expanded_idx_to_permuted_idx", ndim=2, dtypes=INDEX_DTYPES, device=permuted_input.device,
                  last_contiguous=False)

@@ -67,6 +67,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _config
+from .._checks import check_writable
 from . import moe_routing
 from .._registry import register_op
 from ..meta import moe as meta
@@ -99,7 +100,7 @@ def _map_expert(map_ptr, e, num_ids, num_local, HAS_MAP: tl.constexpr):
     weights."""
     ok = (e >= 0) & (e < num_ids)
     if HAS_MAP:
-        e = tl.load(map_ptr + tl.where(ok, e, 0)).to(tl.int32)
+        e = tl.load(map_ptr + tl.where(ok, e, 0), mask=ok, other=-1).to(tl.int32)  # (an empty map: no read)
     ok = ok & (e >= 0) & (e < num_local)
     return tl.where(ok, e, -1)
 
@@ -1620,9 +1621,18 @@ silu_and_mul = register_op(
     "silu_and_mul(Tensor input) -> Tensor",
     cuda=silu_and_mul_cuda, reference=ref.silu_and_mul_cpu, fake=meta.silu_and_mul_fake,
 )
+def _writable_out(fn):
+    """``fn(input, out)`` after rejecting an ``out`` whose elements share memory (checked inside
+    the op, on real tensors, so compiled graphs check it too without tracing the query)."""
+    def checked(input, out):
+        check_writable(out, "out")
+        return fn(input, out)
+    return checked
+
+
 silu_and_mul_out = register_op(
     "silu_and_mul_out(Tensor input, Tensor out) -> ()",
-    cuda=silu_and_mul_out_cuda, reference=ref.silu_and_mul_out_cpu, mutates=["out"],
+    cuda=_writable_out(silu_and_mul_out_cuda), reference=_writable_out(ref.silu_and_mul_out_cpu), mutates=["out"],
 )
 moe_sum = register_op(
     "moe_sum(Tensor input, float routed_scaling_factor=1.0) -> Tensor",

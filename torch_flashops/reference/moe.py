@@ -50,6 +50,16 @@ def ref_moe_sum(x, rsf=1.0):
     return (x.float().sum(1) * rsf).to(x.dtype)
 
 
+def local_ids(ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """int64 ``ids`` through ``expert_map`` (global -> local id, -1: not on this rank); ids of
+    -1 or outside the map (an empty map included) give -1, as the kernels skip them."""
+    n = expert_map.numel()
+    if n == 0:
+        return torch.full_like(ids, -1)
+    ok = (ids >= 0) & (ids < n)
+    return torch.where(ok, expert_map.to(ids.device).long()[ids.clamp(0, n - 1)], -1)
+
+
 def ref_fused_moe_pipeline(x, w1, w2, topk_w, topk_ids, B=16, on_input=False, rsf=1.0, expert_map=None):
     """align(B) -> GEMM1 -> silu_and_mul -> GEMM2 (x routing weight) -> moe_sum, as spec §5."""
     from .moe_routing import ref_moe_align_block_size
@@ -73,8 +83,7 @@ def ref_fused_moe_dense(x, w1, w2, topk_w, topk_ids, on_input=False, rsf=1.0, ex
     x, w1, w2, topk_w, topk_ids = (t.cpu() for t in (x, w1, w2, topk_w, topk_ids))
     ids = topk_ids.long()
     if expert_map is not None:
-        emap = expert_map.cpu().long()
-        ids = torch.where(ids >= 0, emap[ids.clamp(min=0)], -1)
+        ids = local_ids(ids, expert_map)
     out = torch.zeros(x.shape, dtype=torch.float32)
     for e in range(w1.shape[0]):
         t, j = (ids == e).nonzero(as_tuple=True)
@@ -136,7 +145,7 @@ def fused_moe_cpu(hidden_states, w1, w2, topk_weights, topk_ids, activation="sil
     k = topk_ids.shape[1]
     ids = topk_ids.reshape(-1).long()
     if expert_map is not None:
-        ids = torch.where(ids >= 0, expert_map.long()[ids.clamp(min=0)], -1)
+        ids = local_ids(ids, expert_map)
     flat_w = topk_weights.reshape(-1)
     y = x.new_zeros((T * k, H))  # skipped pairs contribute zeros, as the GPU's GEMM2 writes them
     for e in ids.unique().tolist():
