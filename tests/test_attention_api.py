@@ -937,10 +937,12 @@ def test_fixed_split_is_never_coarsened(kind, device):
     _plan_kind(w, alone, kind, fixed_split_size=1)
     assert torch.equal(o[:n0], w.run(alone.q, alone.cache))
     check_attention("graph-mode fixed split", o, None, *big.oracle(causal=kind != "decode"), torch.float32)
-    g = _graph_wrapper(device, 3, 80, kind)
+    g = _graph_wrapper(device, 3, 4096, kind)
     _plan_kind(g, Batch(qo, [5, 6, 7], **kw), kind)  # a default first plan freezes a short split list
+    rows = g._t.split_work.shape[0] // 4  # (its size follows the machine's SM count)
+    longer = Batch(qo, [4 * (rows + 1), 5, 6], **kw)  # one-page chunks: more than the list holds
     with pytest.raises(ValueError, match="split list frozen by the first CUDA-graph plan"):
-        _plan_kind(g, big, kind, fixed_split_size=1)
+        _plan_kind(g, longer, kind, fixed_split_size=1)
 
 
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
