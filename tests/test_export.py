@@ -546,3 +546,20 @@ def test_export_append_then_decode_inputs(decompose):
     ro, _ = ref_attention(step[0].cpu(), k_exp, v_exp, torch.arange(B + 1, dtype=torch.int32), kv_indptr, kv_indices,
                           last)
     assert_close("append+decode o", out, ro.float())
+
+
+def test_exporting_flag_tells_export_from_compile():
+    """``run()`` picks the plan's unmarked tensors only under torch.export. Its test must say
+    False under plain torch.compile: dynamo in torch 2.11 folds ``torch.compiler.is_exporting()``
+    to True there, which handed compiled graphs tensors that duck sizing ties (a recompile)."""
+    from torch_flashops import _attention_plan as P
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + 1 if P.exporting() else x - 1
+
+    x = torch.ones(3)
+    assert not P.exporting()
+    assert torch.equal(torch.compile(M(), backend="eager", fullgraph=True)(x), x - 1)
+    for strict in (False, True):
+        assert torch.equal(export(M(), (x,), strict=strict).module()(x), x + 1), strict

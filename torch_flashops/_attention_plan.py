@@ -379,6 +379,16 @@ class PlanTensors:
                                             for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing (not ``torch.compile``). Reads the flag that
+    ``torch.compiler.is_exporting()`` returns: dynamo in torch 2.11 folds that call to True under
+    plain ``torch.compile`` too (2.13 reads the flag), which would hand a compiled ``run()`` the
+    unmarked tensors and let duck sizing tie and recompile them. A global read is guarded like
+    any other, on every version."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def tile_tensor(cache: dict, block_m: int, device) -> torch.Tensor:
     """An (uninitialised, never read) ``[block_m]`` tensor whose *size* hands the plan's tile
     height to ``run()``. A plan-time Python int read inside a compiled ``run()`` becomes a guard,

@@ -346,7 +346,7 @@ class _BatchAttention:
     def _tensors(self) -> P.PlanTensors:
         """The plan's device tensors as run() hands them to the ops: marked unbacked for
         torch.compile, unmarked under torch.export (whose strict mode rejects such constants)."""
-        return self._t_export if torch.compiler.is_exporting() else self._t
+        return self._t_export if P.exporting() else self._t
 
     def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
         """The packed masks of a plan; in CUDA-graph mode also checks that they fit the buffers
