@@ -401,8 +401,11 @@ def test_fused_topk_deepseek_writes_outputs(device):
 
 
 def test_routing_method_type_values():
+    """FlashInfer's current numbering (trtllm fused_moe runner.h): SigmoidRenorm took 6, where
+    Unspecified used to be, so a raw 6 must mean SigmoidRenorm."""
     R = fo.RoutingMethodType
-    assert (R.Default, R.Renormalize, R.DeepSeekV3, R.Llama4, R.RenormalizeNaive) == (0, 1, 2, 3, 4)
+    assert {m.name: int(m) for m in R} == dict(Default=0, Renormalize=1, DeepSeekV3=2, Llama4=3, RenormalizeNaive=4,
+                                               TopK=5, SigmoidRenorm=6, MiniMax2=7, Sigmoid=8, Unspecified=9)
 
 
 @pytest.mark.parametrize("ep", [None, (4, 8)], ids=["all-local", "ep-offset4-L8"])
@@ -564,6 +567,37 @@ def _logits(device, T=3, E=16):
 def test_bad_input_names_argument(call, arg, device):
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         call(device)
+
+
+_DIRECT_BAD = {  # torch.ops.flashops.<op> called directly: no public function's checks in front
+    "topk_softmax-k>E": (lambda x, d: torch.ops.flashops.topk_softmax(x, 17, False), "topk"),
+    "topk_sigmoid-k=0": (lambda x, d: torch.ops.flashops.topk_sigmoid(x, 0), "topk"),
+    "grouped-E%n_group": (lambda x, d: torch.ops.flashops.grouped_topk(x, 2, 3, 1, None, "sigmoid", True, 1.0), "n_group"),
+    "grouped-scoring_func": (lambda x, d: torch.ops.flashops.grouped_topk(x, 2, 4, 1, None, "foo", True, 1.0),
+                             "scoring_func"),
+    "grouped-topk_group": (lambda x, d: torch.ops.flashops.grouped_topk(x, 2, 4, 5, None, "sigmoid", True, 1.0),
+                           "topk_group"),
+    "grouped-bias": (lambda x, d: torch.ops.flashops.grouped_topk(x, 2, 4, 2, torch.zeros(3, device=d), "sigmoid",
+                                                                  True, 1.0), "bias"),
+    "align-short-map": (lambda x, d: torch.ops.flashops.moe_align_block_size(
+        torch.tensor([[0, 9]], dtype=torch.int32, device=d), 2, 10, torch.zeros(3, dtype=torch.int32, device=d),
+        False), "expert_map"),
+    "align-block_size": (lambda x, d: torch.ops.flashops.moe_align_block_size(
+        torch.tensor([[0, 1]], dtype=torch.int32, device=d), 0, 4, None, False), "block_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(_DIRECT_BAD))
+@pytest.mark.parametrize("backend", ["device", "meta"])
+def test_direct_op_call_checks_arguments(case, backend, device):
+    """The registered ops check the ints their kernels index by, whichever implementation runs
+    (kernel, CPU reference, fake): before, a 3-entry expert_map for 10 experts was read out of
+    bounds by the kernel, k > E returned [T, k] from the kernel but [T, E] from the reference,
+    and an unknown scoring_func ran as sigmoid."""
+    call, arg = _DIRECT_BAD[case]
+    d = device if backend == "device" else "meta"
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        call(_logits(device).to(d), d)
 
 
 @pytest.mark.parametrize("bad", [-2, 4], ids=["below-minus-one", "num_experts"])

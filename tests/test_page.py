@@ -237,7 +237,8 @@ def test_batch_indices_positions_int_like_nnz(device):
 
 
 @pytest.mark.parametrize("case", ["bi_dtype", "pos_shape", "seq_lens_len", "indptr_2d", "nnz_negative", "indptr_float",
-                                  "nnz_float", "nnz_bool", "nnz_float_tensor", "nnz_two_elements"])
+                                  "nnz_float", "nnz_bool", "nnz_float_tensor", "nnz_two_elements", "same_buffer",
+                                  "overlapping_buffers"])
 def test_batch_indices_positions_bad_input(case, device):
     ai = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
     sl = torch.tensor([2, 4], dtype=torch.int32, device=device)
@@ -254,6 +255,8 @@ def test_batch_indices_positions_bad_input(case, device):
         "nnz_bool": ((ai, sl, True, bi, pos), "nnz"),
         "nnz_float_tensor": ((ai, sl, torch.tensor(4.0), bi, pos), "nnz"),
         "nnz_two_elements": ((ai, sl, ai[:2], bi, pos), "nnz"),
+        "same_buffer": ((ai, sl, 4, bi, bi), "positions"),
+        "overlapping_buffers": ((ai, sl, 2, bi[:2], bi[1:3]), "positions"),
     }[case]
     with pytest.raises(ValueError, match=f"^{name}"):
         fi.get_batch_indices_positions(*args)
@@ -351,6 +354,61 @@ def test_append_strided_inputs_and_padded_caches(backend_device):
                                  d["kv_indptr"].to(dev), d["kv_last_page_len"].to(dev), layout)
         assert_cache_equal((k_cache, v_cache), layout, *expected_cache(d, bi.cpu(), pos.cpu()))
         assert (big_k[1::2] == 0).all() and (big_k[..., 16:] == 0).all() and (big_v[..., 16:] == 0).all()
+
+
+def test_direct_ops_take_strided_index_tensors(backend_device):
+    """``torch.ops.flashops`` called directly (no public checks in front) with strided 1-D index
+    tensors and outputs: the kernels read and write flat arrays, so they used to overwrite the
+    contiguous prefix of a strided output and read the wrong rows; now both backends give what
+    the public functions give on contiguous tensors."""
+    g = torch.Generator().manual_seed(12)
+    d = make_batch(g, B=3, page_size=4, H=2, D=16)
+    dev = backend_device
+    seq = fi.get_seq_lens(d["kv_indptr"].to(dev), d["kv_last_page_len"].to(dev), 4)
+    bi, pos = fi.get_batch_indices_positions(d["append_indptr"].to(dev), seq, d["nnz"])
+
+    def spaced(t, fill):  # the values of t at every other element of a larger buffer
+        buf = torch.full((2 * t.shape[0],), fill, dtype=t.dtype, device=dev)
+        buf[::2] = t
+        return buf, buf[::2]
+
+    bi_buf, bi_view = spaced(torch.zeros_like(bi), -7)
+    pos_buf, pos_view = spaced(torch.zeros_like(pos), -7)
+    OPS.batch_indices_positions_out(spaced(d["append_indptr"].to(dev), -9)[1], spaced(seq, -9)[1], bi_view, pos_view)
+    assert torch.equal(bi_view, bi) and torch.equal(pos_view, pos)
+    assert (bi_buf[1::2] == -7).all() and (pos_buf[1::2] == -7).all()
+
+    cache = _to_form(d["k_cache"].to(dev), d["v_cache"].to(dev), "NHD", "5d")
+    OPS.append_paged_kv_cache(d["key"].to(dev), d["value"].to(dev), spaced(bi, -1)[1], spaced(pos, 0)[1], cache, None,
+                              spaced(d["kv_indices"].to(dev), 0)[1], spaced(d["kv_indptr"].to(dev), 0)[1], "NHD")
+    assert_cache_equal(cache, "NHD", *expected_cache(d, bi.cpu(), pos.cpu()))
+
+
+@pytest.mark.parametrize("case", ["positions-short", "seq_lens-short", "key-heads", "value-rows", "bi-short"])
+@pytest.mark.parametrize("backend", ["device", "meta"])
+def test_direct_ops_check_sizes(case, backend, device):
+    """Direct op calls with sizes that would send a kernel past a tensor raise ValueError
+    naming the argument, from the kernel path, the reference and the fake alike."""
+    dev = device if backend == "device" else "meta"
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32).to(dev)  # noqa: E731
+    cache = torch.zeros(4, 2, 2, 2, 8).to(dev)  # 4 pages of 2 slots, 2 heads, D 8 (NHD)
+    key, value = torch.randn(3, 2, 8).to(dev), torch.randn(3, 2, 8).to(dev)
+    calls = {
+        "positions-short": (lambda: OPS.batch_indices_positions_out(i32(0, 3), i32(3), i32(0, 0, 0), i32(0, 0)),
+                            "positions"),
+        "seq_lens-short": (lambda: OPS.batch_indices_positions_out(i32(0, 1, 3), i32(3), i32(0, 0, 0), i32(0, 0, 0)),
+                           "seq_lens"),
+        "key-heads": (lambda: OPS.append_paged_kv_cache(torch.randn(3, 4, 8).to(dev), torch.randn(3, 4, 8).to(dev),
+                                                        i32(0, 0, 0), i32(0, 1, 2), cache, None, i32(0, 1),
+                                                        i32(0, 2), "NHD"), "append_key"),
+        "value-rows": (lambda: OPS.append_paged_kv_cache(key, value[:2], i32(0, 0, 0), i32(0, 1, 2), cache, None,
+                                                         i32(0, 1), i32(0, 2), "NHD"), "append_value"),
+        "bi-short": (lambda: OPS.append_paged_kv_cache(key, value, i32(0), i32(0, 1, 2), cache, None, i32(0, 1),
+                                                       i32(0, 2), "NHD"), "batch_indices"),
+    }
+    call, arg = calls[case]
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        call()
 
 
 def test_append_skips_negative_batch_indices(backend_device):

@@ -21,6 +21,7 @@ dependent internals leak into the graph). Ops are inference-only: no autograd fo
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Iterable, Optional
 
@@ -82,6 +83,14 @@ def _cuda_index(args) -> Optional[int]:
     return None
 
 
+def _checked(check: Callable, impl: Callable) -> Callable:
+    @functools.wraps(impl)
+    def impl_after_check(*args, **kwargs):
+        check(*args, **kwargs)
+        return impl(*args, **kwargs)
+    return impl_after_check
+
+
 def register_op(
     schema: str,
     *,
@@ -89,11 +98,17 @@ def register_op(
     reference: Callable,
     fake: Optional[Callable] = None,
     mutates: Iterable[str] = (),
+    check: Optional[Callable] = None,
 ) -> "torch._ops.OpOverload":
     """Define ``flashops::<name>`` and register its CUDA, CPU and fake implementations.
 
     Returns the ``OpOverload`` (``torch.ops.flashops.<name>.default``); public Python
     functions call it directly. ``fake`` may be omitted only for ops that return nothing.
+    ``check``, if given, takes the op's arguments and raises ``ValueError`` for ones that
+    would make a kernel read out of bounds or disagree with its reference or fake. It runs
+    before every implementation (so ``torch.ops.flashops.<name>`` called directly, without
+    the public function's checks, is still memory-safe); it must be cheap (ints, options,
+    sizes: no tensor data) because a compiled graph pays it on every call.
     """
     mutates = tuple(mutates)
     name = schema.split("(", 1)[0].strip()
@@ -101,6 +116,9 @@ def register_op(
         raise RuntimeError(f"flashops::{name} is already registered")
     full = _annotate_mutations(schema, mutates)
     _LIB.define(full)
+
+    if check is not None:
+        cuda, reference = _checked(check, cuda), _checked(check, reference)
 
     def cpu_impl(*args, **kwargs):
         if _config.cpu_backend() == "triton":
@@ -126,6 +144,8 @@ def register_op(
 
         def fake(*args, **kwargs):  # mutating op with no outputs: nothing to compute
             return None
+    if check is not None:
+        fake = _checked(check, fake)
 
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
     _REGISTERED[name] = dict(schema=full, mutates=mutates, cuda=cuda, reference=reference, fake=fake)

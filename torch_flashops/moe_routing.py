@@ -193,10 +193,13 @@ def moe_align_block_size(
 # --------------------------------------------------------------------------- FlashInfer names
 
 class RoutingMethodType(enum.IntEnum):
-    """FlashInfer's routing method ids (values as in FlashInfer) and what each maps to here:
-    Default -> ``topk_softmax(renormalize=False)``; Renormalize, RenormalizeNaive ->
-    ``topk_softmax(renormalize=True)``; DeepSeekV3 -> ``grouped_topk(sigmoid, bias)``;
-    Llama4 -> ``topk_sigmoid(topk=1)``."""
+    """FlashInfer's routing method ids, numbered as in its current release (the trtllm
+    ``fused_moe`` runner; 0.6.x releases before it had ``Unspecified = 6``, a value that now
+    means ``SigmoidRenorm``), and what each maps to here: Default ->
+    ``topk_softmax(renormalize=False)``; Renormalize, RenormalizeNaive ->
+    ``topk_softmax(renormalize=True)``; DeepSeekV3 -> ``grouped_topk(sigmoid, bias)``; Llama4 ->
+    ``topk_sigmoid(topk=1)``; Sigmoid -> ``topk_sigmoid``. TopK, SigmoidRenorm and MiniMax2 are
+    named for code that passes them around; no single op here computes them."""
 
     Default = 0
     Renormalize = 1
@@ -204,7 +207,10 @@ class RoutingMethodType(enum.IntEnum):
     Llama4 = 3
     RenormalizeNaive = 4
     TopK = 5
-    Unspecified = 6
+    SigmoidRenorm = 6
+    MiniMax2 = 7
+    Sigmoid = 8
+    Unspecified = 9
 
 
 def fused_topk_deepseek(

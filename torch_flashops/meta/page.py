@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 KV_LAYOUTS = ("NHD", "HND")
 
@@ -51,6 +52,48 @@ def paged_kv_views(
     if hnd:
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     return k, v
+
+
+# --------------------------------------------------------------------------- op checks
+# register_op's ``check`` for the page ops: the sizes their kernels index by, so a direct
+# ``torch.ops.flashops`` call cannot read or write past a tensor (cheap; no data reads).
+
+def _fail_if(cond, name: str, msg: str):
+    if guard_or_false(cond):  # undecidable symbolic sizes while tracing: no guard, no error
+        raise ValueError(f"{name}: {msg}")
+
+
+def check_batch_indices_positions_out_args(append_indptr, seq_lens, batch_indices, positions):
+    for t, name in ((append_indptr, "append_indptr"), (seq_lens, "seq_lens"), (batch_indices, "batch_indices"),
+                    (positions, "positions")):
+        _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
+    _fail_if(append_indptr.shape[0] < 1, "append_indptr", "must have at least one element")
+    _fail_if(seq_lens.shape[0] != append_indptr.shape[0] - 1, "seq_lens",
+             f"length {seq_lens.shape[0]} must be len(append_indptr) - 1 = {append_indptr.shape[0] - 1}")
+    _fail_if(positions.shape[0] != batch_indices.shape[0], "positions",
+             f"length {positions.shape[0]} must match batch_indices' {batch_indices.shape[0]}")
+
+
+def check_append_args(append_key, append_value, batch_indices, positions, paged_kv_cache, paged_v_cache,
+                      kv_indices, kv_indptr, kv_layout):
+    # the cache's head count and dims from its shape alone (what paged_kv_views would give,
+    # without building views: this runs on every eager append)
+    check_kv_layout(kv_layout)
+    full = paged_kv_cache.dim() == (5 if paged_v_cache is None else 4)  # has a page axis
+    Hc = paged_kv_cache.shape[-3] if (full and kv_layout == "HND") else paged_kv_cache.shape[-2]
+    Dk = paged_kv_cache.shape[-1]
+    Dv = (paged_kv_cache if paged_v_cache is None else paged_v_cache).shape[-1]
+    _fail_if(append_key.dim() != 3, "append_key", f"must be 3-D [nnz, H_kv, D], got shape {tuple(append_key.shape)}")
+    nnz, H = append_key.shape[0], append_key.shape[1]
+    _fail_if((H != Hc) | (append_key.shape[2] != Dk), "append_key",
+             f"shape {tuple(append_key.shape)} must be (nnz, {Hc}, {Dk}) (the cache's heads, dim)")
+    _fail_if((append_value.dim() != 3) | (append_value.shape[0] != nnz) | (append_value.shape[1] != H)
+             | (append_value.shape[-1] != Dv), "append_value",
+             f"shape {tuple(append_value.shape)} must be ({nnz}, {H}, {Dv})")
+    for t, name in ((batch_indices, "batch_indices"), (positions, "positions")):
+        _fail_if((t.dim() != 1) | (t.shape[0] != nnz), name, f"shape {tuple(t.shape)} must be ({nnz},)")
+    for t, name in ((kv_indices, "kv_indices"), (kv_indptr, "kv_indptr")):
+        _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
 
 
 # --------------------------------------------------------------------------- fake impls

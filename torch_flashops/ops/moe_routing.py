@@ -435,19 +435,23 @@ def align_launch(ids, block_size, num_ids, num_experts, expert_map, cap, n_block
 topk_softmax_op = register_op(
     "topk_softmax(Tensor gating_output, int topk, bool renormalize) -> (Tensor, Tensor)",
     cuda=topk_softmax_launch, reference=_ref.topk_softmax_cpu, fake=_meta.topk_softmax_fake,
+    check=_meta.check_topk_args,
 )
 grouped_topk_op = register_op(
     "grouped_topk(Tensor gating_output, int topk, int n_group, int topk_group, Tensor? bias, "
     "str scoring_func, bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)",
     cuda=grouped_topk_launch, reference=_ref.grouped_topk_cpu, fake=_meta.grouped_topk_fake,
+    check=_meta.check_grouped_topk_args,
 )
 topk_sigmoid_op = register_op(
     "topk_sigmoid(Tensor gating_output, int topk) -> (Tensor, Tensor)",
     cuda=topk_sigmoid_launch, reference=_ref.topk_sigmoid_cpu, fake=_meta.topk_sigmoid_fake,
+    check=_meta.check_topk_args,
 )
 moe_align_block_size_op = register_op(
     "moe_align_block_size(Tensor topk_ids, int block_size, int num_experts, Tensor? expert_map, "
     "bool pad_sorted_ids) -> (Tensor, Tensor, Tensor)",
     cuda=moe_align_block_size_launch, reference=_ref.moe_align_block_size_cpu,
     fake=_meta.moe_align_block_size_fake,
+    check=_meta.check_align_args,
 )

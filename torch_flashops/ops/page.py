@@ -21,6 +21,7 @@ append_paged_kv_cache (a scatter copy):
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -169,8 +170,18 @@ def _batch_indices_positions_out_launch(append_indptr, seq_lens, batch_indices, 
         return
     B = append_indptr.shape[0] - 1
     cfg = _positions_config(nnz)
+    # The kernel reads and writes flat arrays: strided views (direct op calls; the public
+    # function rejects them) go through contiguous copies, as the reference handles them.
+    append_indptr, seq_lens = append_indptr.contiguous(), seq_lens.contiguous()
+    bi = batch_indices if batch_indices.is_contiguous() else torch.empty(nnz, dtype=batch_indices.dtype,
+                                                                            device=batch_indices.device)
+    pos = positions if positions.is_contiguous() else torch.empty(nnz, dtype=positions.dtype, device=positions.device)
     _batch_indices_positions_kernel[(triton.cdiv(nnz, cfg["BLOCK"]),)](
-        append_indptr, seq_lens, batch_indices, positions, nnz, B, max(B, 0).bit_length(), **cfg)
+        append_indptr, seq_lens, bi, pos, nnz, B, max(B, 0).bit_length(), **cfg)
+    if bi is not batch_indices:
+        batch_indices.copy_(bi)
+    if pos is not positions:
+        positions.copy_(pos)
 
 
 def _batch_indices_positions_launch(append_indptr, seq_lens, nnz):
@@ -188,6 +199,9 @@ def _append_paged_kv_cache_launch(append_key, append_value, batch_indices, posit
         return
     cfg = _append_config(nnz, H, DK, DV)
     grid = (triton.cdiv(nnz, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
+    # flat index arrays for the kernel (no-ops for the public function, which requires them)
+    batch_indices, positions = batch_indices.contiguous(), positions.contiguous()
+    kv_indices, kv_indptr = kv_indices.contiguous(), kv_indptr.contiguous()
     _append_paged_kv_kernel[grid](
         append_key, append_value, batch_indices, positions, k, v, kv_indices, kv_indptr,
         nnz, kv_indptr.shape[0] - 1, kv_indices.shape[0], k.shape[0], k.shape[1], H, DK, DV,
@@ -228,6 +242,7 @@ batch_indices_positions_out = register_op(
     cuda=_batch_indices_positions_out_launch,
     reference=reference.batch_indices_positions_out,
     mutates=["batch_indices", "positions"],
+    check=meta.check_batch_indices_positions_out_args,
 )
 
 append_paged_kv_cache = register_op(
@@ -236,6 +251,7 @@ append_paged_kv_cache = register_op(
     cuda=_append_paged_kv_cache_launch,
     reference=reference.append_paged_kv_cache,
     mutates=["paged_kv_cache", "paged_v_cache"],
+    check=meta.check_append_args,
 )
 
 gather_paged_kv = register_op(
