@@ -728,6 +728,31 @@ def test_compile_multilevel_cascade(device):
     assert cc.graph_ops().count("flashops.merge_state_in_place.default") == 1
 
 
+def test_cascade_wrapper_int_like_levels_and_empty_qo_indptr(device):
+    """num_levels may be any int-like (a NumPy integer from a config), as in FlashInfer; bool,
+    float and 0 are refused. An empty qo_indptr tensor is a ValueError naming the argument
+    (it was a bare IndexError), and the earlier plan stays usable."""
+    import numpy as np
+
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    w = fi.MultiLevelCascadeAttentionWrapper(np.int64(2), workspace(device))
+    assert len(w._batch_prefill_wrappers) == 2
+    for bad in (True, 2.0, 0):
+        with pytest.raises(ValueError, match=r"^num_levels:"):
+            fi.MultiLevelCascadeAttentionWrapper(bad, workspace(device))
+    args = ([i32([0, 3]), i32([0, 1, 2, 3])], [i32([0, 1]), i32([0, 1, 2, 3])], [i32([0]), i32([1, 2, 1])],
+            [i32([3]), i32([2, 4, 1])], 4, 2, 16, 4)
+    w.plan(*args[:4], *args[4:], q_data_type="float32")
+    g = torch.Generator().manual_seed(4)
+    cache = torch.randn(3, 2, 4, 2, 16, generator=g).to(device)
+    q = torch.randn(3, 4, 16, generator=g).to(device)
+    before = w.run(q, cache)
+    with pytest.raises(ValueError, match=r"^qo_indptr_arr: level 1"):
+        w.plan([args[0][0], i32([])], *args[1:4], *args[4:], q_data_type="float32")
+    w.plan(*args[:4], *args[4:], q_data_type="float32")
+    assert torch.equal(w.run(q, cache), before)
+
+
 def test_launch_heuristics_h100(monkeypatch):
     """The launch decisions measured on an H100 (132 SMs; ops/attention.py docstrings), pinned
     so a change to them shows up in review. Pure host arithmetic: no GPU needed."""

@@ -146,6 +146,27 @@ def test_merge_state_in_place_strided_ln(backend, device):
     assert torch.equal(sbuf[:, H], sbuf0[:, H])
 
 
+def test_merge_state_in_place_other_state_overlapping_target(backend, device):
+    """v_other / s_other as shifted rows of the buffer being written (and interleaved halves of
+    one buffer): every backend merges the *old* values, as an out-of-place merge of copies does.
+    The kernel used to read rows that other programs had already rewritten."""
+    N, H, D = 9, 2, 16
+    buf = torch.randn(N + 1, H, D, generator=_gen(21)).to(device)
+    sbuf = (torch.randn(N + 1, H, generator=_gen(22)) * 3).to(device)
+    v, s, vo, so = buf[1:], sbuf[1:], buf[:-1], sbuf[:-1]
+    o, lse = ref.ref_merge_state(v.cpu().clone(), s.cpu().clone(), vo.cpu().clone(), so.cpu().clone())
+    fo.merge_state_in_place(v, s, vo, so)
+    assert_close("shifted.v", v, o.float())
+    assert_close("shifted.s", s, lse, **LSE_TOL)
+    pair = torch.randn(N, 2, H, D, generator=_gen(23)).to(device)  # [N, 2, H, D]: the two states interleaved
+    spair = torch.randn(N, 2, H, generator=_gen(24)).to(device)
+    o, lse = ref.ref_merge_state(pair[:, 0].cpu().clone(), spair[:, 0].cpu().clone(), pair[:, 1].cpu().clone(),
+                                 spair[:, 1].cpu().clone())
+    fo.merge_state_in_place(pair[:, 0], spair[:, 0], pair[:, 1], spair[:, 1])
+    assert_close("interleaved.v", pair[:, 0], o.float())
+    assert_close("interleaved.s", spair[:, 0], lse, **LSE_TOL)
+
+
 # ---------------------------------------------------------------------------- merge_states
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("S", [0, 1, 3, 8], ids=lambda s: f"S{s}")

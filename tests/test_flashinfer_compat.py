@@ -327,10 +327,12 @@ def test_routing_method_type_values():
 @pytest.mark.parametrize("path", sorted({k.split(":")[0] for k in SPEC} | set(TOP_LEVEL)))
 def test_import_as_module_paths(path):
     """``import torch_flashops as flashinfer``: ``flashinfer.<path>.<name>`` reaches every
-    covered name (activation and moe_utils included, as FlashInfer's package binds them)."""
+    covered name (activation and moe_utils included, as FlashInfer's package binds them), and
+    the re-exports too (``flashinfer.decode.get_seq_lens``, which vLLM imports)."""
     import torch_flashops as flashinfer
 
-    names = sorted({k.split(":")[1].split(".")[0] for k in SPEC if k.startswith(path + ":")} | set(TOP_LEVEL.get(path, [])))
+    names = sorted({k.split(":")[1].split(".")[0] for k in SPEC if k.startswith(path + ":")}
+                   | set(TOP_LEVEL.get(path, [])) | set(RE_EXPORTS.get(path, [])))
     mod = flashinfer
     for part in path.split("."):
         mod = getattr(mod, part)

@@ -7,7 +7,7 @@ argument's name.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -109,3 +109,19 @@ def check_writable(t, name: str) -> None:
         return
     expect(torch._debug_has_internal_overlap(t) != 1, name,
            "has internally overlapping memory (e.g. from expand()); it cannot be written in place")
+
+
+def byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """``[first, last + 1)`` byte addresses a strided tensor may touch (``(0, 0)`` if empty)."""
+    if t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr()
+    return start, start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def overlaps_other_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b``'s memory may intersect ``a``'s without being the very same view (conservative:
+    interleaved views whose spans cross count too). Real tensors only (reads data_ptr)."""
+    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
+    same_view = a0 == b0 and a.shape == b.shape and a.stride() == b.stride()
+    return a0 < b1 and b0 < a1 and not same_view

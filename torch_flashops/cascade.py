@@ -47,7 +47,7 @@ def merge_state(
         Attention output over segment ``A``, shape ``[seq_len, num_heads, head_dim]``,
         float16/bfloat16/float32.
     s_a : torch.Tensor
-        LSE over segment ``A``, shape ``[seq_len, num_heads]``, any float dtype (read as
+        LSE over segment ``A``, shape ``[seq_len, num_heads]``, float16, bfloat16 or float32 (read as
         float32).
     v_b : torch.Tensor
         Attention output over segment ``B``, same shape and dtype as ``v_a``.
@@ -124,7 +124,7 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, lse_base: str = "log2") ->
         Attention outputs over the KV segments, shape
         ``[seq_len, num_states, num_heads, head_dim]``, float16/bfloat16/float32.
     s : torch.Tensor
-        Their LSEs, shape ``[seq_len, num_states, num_heads]``, any float dtype (read as
+        Their LSEs, shape ``[seq_len, num_states, num_heads]``, float16, bfloat16 or float32 (read as
         float32).
     lse_base : str
         ``"log2"`` (default) or ``"ln"``.
@@ -165,7 +165,7 @@ def variable_length_merge_states(
         Attention outputs, shape ``[total_rows, num_heads, head_dim]``,
         float16/bfloat16/float32.
     s : torch.Tensor
-        Their LSEs, shape ``[total_rows, num_heads]``, any float dtype (read as float32).
+        Their LSEs, shape ``[total_rows, num_heads]``, float16, bfloat16 or float32 (read as float32).
     indptr : torch.Tensor
         int32 (or int64), shape ``[seq_len + 1]``, on ``v``'s device: starts at 0,
         non-decreasing, ``indptr[-1] <= total_rows`` (verified in checked mode,

@@ -9,6 +9,7 @@ attention over the union of a row's keys. ``causal`` applies to the last level o
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -47,7 +48,12 @@ class MultiLevelCascadeAttentionWrapper:
                  paged_kv_indptr_buf_arr: Optional[Sequence[torch.Tensor]] = None,
                  paged_kv_indices_buf_arr: Optional[Sequence[torch.Tensor]] = None,
                  paged_kv_last_page_len_buf_arr: Optional[Sequence[torch.Tensor]] = None) -> None:
-        expect(isinstance(num_levels, int) and num_levels >= 1, "num_levels", "must be an int >= 1, got {!r}", num_levels)
+        try:  # any int-like (NumPy integers from a config), not bool or float
+            levels = None if isinstance(num_levels, bool) else operator.index(num_levels)
+        except TypeError:
+            levels = None
+        expect(levels is not None and levels >= 1, "num_levels", "must be an int >= 1, got {!r}", num_levels)
+        num_levels = levels
         bufs = [[None] * num_levels] * 4
         if use_cuda_graph:
             bufs = [_level_list(b, num_levels, n) for b, n in (
@@ -91,6 +97,10 @@ class MultiLevelCascadeAttentionWrapper:
         ind = _level_list(paged_kv_indptr_arr, n, "paged_kv_indptr_arr")
         idx = _level_list(paged_kv_indices_arr, n, "paged_kv_indices_arr")
         last = _level_list(paged_kv_last_page_len, n, "paged_kv_last_page_len")
+        for i, q in enumerate(qo):
+            expect(isinstance(q, torch.Tensor) and q.dim() == 1 and q.shape[0] >= 1, "qo_indptr_arr",
+                   "level {} must be a 1-D tensor with at least one element, got {!r}", i,
+                   tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__)
         totals = [int(q[-1]) for q in qo]
         expect(all(t == totals[0] for t in totals), "qo_indptr_arr",
                "every level must cover the same N query rows (qo_indptr[-1] per level: {})", totals)

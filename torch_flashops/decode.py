@@ -21,12 +21,14 @@ from ._checks import check_tensor, expect, reject_fp8
 from .meta.attention import check_pos_encoding_mode
 from .meta.page import check_kv_layout
 from .ops import attention as attn_ops
+from .page import get_seq_lens
 from .prefill import _BatchAttention, _check_graph_buf, _return_lse_alias
 
 __all__ = [
     "single_decode_with_kv_cache",
     "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+    "get_seq_lens",  # re-exported, as FlashInfer's decode module does (vLLM imports it there)
 ]
 
 

@@ -23,13 +23,14 @@ from .meta.attention import check_head_dim, check_heads, check_out, check_pos_en
 from .meta.page import check_kv_layout
 from .ops import attention as attn_ops
 from .ops import page as page_ops
-from .page import _unpack_paged_kv_cache, get_batch_indices_positions
+from .page import _unpack_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 
 __all__ = [
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
+    "get_seq_lens",  # re-exported, as FlashInfer's prefill module does
 ]
 
 # Paged prefill with many query rows per key gathers the planned K/V rows into contiguous

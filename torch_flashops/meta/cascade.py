@@ -27,7 +27,7 @@ def _lse_shape(s, v, s_name: str, v_name: str, k: int) -> None:
 
 # --------------------------------------------------------------------------- validation
 def check_merge_state(v_a, s_a, v_b, s_b) -> None:
-    """``v_a, v_b [N, H, D]`` one float dtype; ``s_a, s_b [N, H]`` any float dtype; one device."""
+    """``v_a, v_b [N, H, D]`` one float dtype; ``s_a, s_b [N, H]`` fp16/bf16/fp32; one device."""
     check_tensor(v_a, "v_a", ndim=3, dtypes=FLOAT_DTYPES)
     dev = v_a.device
     check_tensor(s_a, "s_a", ndim=2, dtypes=FLOAT_DTYPES, device=dev)
@@ -67,14 +67,14 @@ def check_merge_state_in_place(v, s, v_other, s_other, mask=None, *, storage: bo
 
 
 def check_merge_states(v, s) -> None:
-    """``v [N, S, H, D]`` float; ``s [N, S, H]`` any float dtype; one device."""
+    """``v [N, S, H, D]`` float; ``s [N, S, H]`` fp16/bf16/fp32; one device."""
     check_tensor(v, "v", ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor(s, "s", ndim=3, dtypes=FLOAT_DTYPES, device=v.device)
     _lse_shape(s, v, "s", "v", 3)
 
 
 def check_variable_length_merge_states(v, s, indptr) -> None:
-    """``v [M, H, D]`` float; ``s [M, H]`` any float dtype; ``indptr [N+1]`` int32/int64."""
+    """``v [M, H, D]`` float; ``s [M, H]`` fp16/bf16/fp32; ``indptr [N+1]`` int32/int64."""
     check_tensor(v, "v", ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor(s, "s", ndim=2, dtypes=FLOAT_DTYPES, device=v.device)
     _lse_shape(s, v, "s", "v", 2)

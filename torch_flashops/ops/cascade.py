@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import overlaps_other_view
 from .._registry import register_op
 from ..meta import cascade as meta
 from ..reference import cascade as ref
@@ -109,7 +110,7 @@ def online_merge_finish(acc, m, d):
 
 @triton.jit
 def _load_lse(ptrs, mask, LSE_LN: tl.constexpr):
-    """Load LSEs of any float dtype as fp32 base 2 (masked lanes read as empty states)."""
+    """Load fp16/bf16/fp32 LSEs as fp32 base 2 (masked lanes read as empty states)."""
     s = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
     if LSE_LN:
         s = s * LOG2E
@@ -257,6 +258,12 @@ def merge_state_cuda(v_a, s_a, v_b, s_b, lse_ln=False):
 
 def merge_state_in_place_cuda(v, s, v_other, s_other, mask=None, lse_ln=False):
     meta.check_merge_state_in_place(v, s, v_other, s_other, mask, storage=True)
+    # A state read from memory the kernel is writing (shifted rows of one buffer) would race
+    # between programs: read it from a copy, which gives the CPU reference's result.
+    if overlaps_other_view(v, v_other):
+        v_other = v_other.clone()
+    if overlaps_other_view(s, s_other):
+        s_other = s_other.clone()
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; the kernel tests `!= 0`
     _launch_pair(v, s, v_other, s_other, v, s, mask, lse_ln)
