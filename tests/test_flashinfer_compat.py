@@ -144,9 +144,17 @@ SPEC = {
     "fused_moe:fused_topk_deepseek": "scores, bias, n_group, topk_group, topk, routed_scaling_factor, topk_values, "
                                      "topk_indices, launch_with_pdl=True, routing_replay_out=None, *, "
                                      "backend='default'",
-    # moe.md §7 abbreviates these; FlashInfer 0.6.x's full lists (COMPATIBLE below).
+    # moe.md §7 abbreviates these; FlashInfer's full lists (COMPATIBLE below; moe_sort's out_*
+    # buffers and their helpers as of 0.7).
     "moe_utils:moe_sort": "token_selected_experts, token_final_scales, num_experts, top_k, local_expert_offset=0, "
-                          "num_local_experts=None, tile_tokens_dim=128, enable_pdl=False",
+                          "num_local_experts=None, tile_tokens_dim=128, enable_pdl=False, "
+                          "out_tile_idx_to_expert_idx=None, out_tile_idx_to_mn_limit=None, "
+                          "out_expanded_idx_to_permuted_idx=None, out_permuted_idx_to_expanded_idx=None, "
+                          "out_total_num_padded_tokens=None, out_num_non_exiting_tiles=None",
+    "moe_utils:allocate_moe_sort_buffers": "num_tokens, num_experts, top_k, num_local_experts=None, "
+                                           "tile_tokens_dim=128, device='cuda'",
+    "moe_utils:get_max_num_tiles": "num_tokens, top_k, num_local_experts, tile_size",
+    "moe_utils:get_max_num_permuted_tokens": "num_tokens, top_k, num_local_experts, tile_size",
     "moe_utils:moe_permute": "input, permuted_output, tile_idx_to_mn_limit, permuted_idx_to_expanded_idx, "
                              "num_non_exiting_tiles, max_num_permuted_tokens, top_k, tile_size, enable_pdl=False, "
                              "input_sf=None, permuted_sf=None",

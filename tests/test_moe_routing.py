@@ -228,6 +228,17 @@ def test_align_worked_example(device, align_path):
     assert ntp.tolist() == [8] and ntp.device == ids.device and ntp.dtype == torch.int32
 
 
+def test_align_takes_vllm_ignore_invalid_experts(device):
+    """vLLM's keyword is accepted (code written against vLLM passes it); the layout is ours for
+    both values: remote pairs in the skip bucket, no remote pair in an expert's block."""
+    ids = align_inputs(9, 3, 16, skip_frac=0.2, device=device, seed=14)
+    emap = half_remote_map(16, device=device)
+    want = fo.moe_align_block_size(ids, 4, 16, emap)
+    for flag in (False, True):
+        got = fo.moe_align_block_size(ids, 4, 16, emap, ignore_invalid_experts=flag)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 ALIGN_CASES = {  # name: (T, k, E, B, skip_frac, map, pad)
     "T0": (0, 2, 8, 4, 0.0, False, False),
     "T1-k8-E256-B16": (1, 8, 256, 16, 0.0, False, False),
@@ -406,6 +417,49 @@ def test_routing_method_type_values():
     R = fo.RoutingMethodType
     assert {m.name: int(m) for m in R} == dict(Default=0, Renormalize=1, DeepSeekV3=2, Llama4=3, RenormalizeNaive=4,
                                                TopK=5, SigmoidRenorm=6, MiniMax2=7, Sigmoid=8, Unspecified=9)
+
+
+@pytest.mark.parametrize("ep", [None, (4, 8)], ids=["all-local", "ep-offset4-L8"])
+@pytest.mark.parametrize("extra", [0, 3], ids=["flashinfer-sizes", "longer"])
+def test_moe_sort_into_preallocated_buffers(ep, extra, device):
+    """moe_sort's out_* buffers (FlashInfer's CUDA-graph form): the results land in the given
+    buffers, which come back; FlashInfer's sizes (allocate_moe_sort_buffers, shorter than ours)
+    hold every local tile, and longer buffers are padded as past-the-end tiles; poisoned
+    buffers are overwritten everywhere."""
+    from torch_flashops import moe_utils
+
+    T, k, E, B = 11, 3, 16, 4
+    ids = align_inputs(T, k, E, skip_frac=0.15, device=device, seed=13)
+    scales = torch.rand(T, k, device=device)
+    off, L = ep if ep else (0, E)
+    kw = dict(local_expert_offset=off, num_local_experts=L, tile_tokens_dim=B)
+    want = [t.cpu() for t in fo.moe_sort(ids, scales, E, k, **kw)]
+    bufs = moe_utils.allocate_moe_sort_buffers(T, E, k, L, B, device=device)
+    if extra:
+        bufs = {n: (torch.empty(b.shape[0] + extra * (B if "permuted_idx_to" in n else 1), dtype=torch.int32,
+                                device=device) if b.dim() == 1 and b.shape[0] > 1 else b) for n, b in bufs.items()}
+    for b in bufs.values():
+        b.fill_(-99)
+    tiles = moe_utils.get_max_num_tiles(T, k, L, B)
+    assert bufs["out_tile_idx_to_expert_idx"].shape[0] == tiles + extra
+    assert moe_utils.get_max_num_permuted_tokens(T, k, L, B) == tiles * B
+    got = fo.moe_sort(ids, scales, E, k, **kw, **bufs)
+    assert all(g is b for g, b in zip(got, bufs.values()))
+    n_tiles = int(want[5])
+    assert n_tiles <= tiles <= want[0].shape[0]  # FlashInfer's bound is tighter than ours, and enough
+    got = [t.cpu() for t in got]
+    for i in (2, 4, 5):
+        assert torch.equal(got[i], want[i])
+    n = min(got[0].shape[0], want[0].shape[0])
+    assert torch.equal(got[0][:n], want[0][:n]) and torch.equal(got[1][:n], want[1][:n])
+    assert torch.equal(got[3][: n * B], want[3][: n * B])
+    past = torch.arange(n, got[0].shape[0], dtype=torch.int32)  # buffer tiles past ours, if any
+    assert (got[0][n:] == -1).all() and torch.equal(got[1][n:], past * B)
+    assert (got[3][n * B:] == T * k).all() and got[3].shape[0] == (tiles + extra) * B
+    with pytest.raises(ValueError, match="^out_num_non_exiting_tiles:"):
+        fo.moe_sort(ids, scales, E, k, **kw, out_num_non_exiting_tiles=torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="^out_tile_idx_to_mn_limit:"):
+        fo.moe_sort(ids, scales, E, k, **kw, out_tile_idx_to_mn_limit=torch.zeros(tiles, device=device))
 
 
 @pytest.mark.parametrize("ep", [None, (4, 8)], ids=["all-local", "ep-offset4-L8"])

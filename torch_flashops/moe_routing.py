@@ -144,6 +144,7 @@ def moe_align_block_size(
     num_experts: int,
     expert_map: Optional[torch.Tensor] = None,
     pad_sorted_ids: bool = False,
+    ignore_invalid_experts: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the ``T * k`` expanded pairs by expert into blocks of ``block_size`` (vLLM contract).
 
@@ -164,6 +165,11 @@ def moe_align_block_size(
         int32 ``[num_experts]``: global id -> local id, or -1 for experts not on this rank.
     pad_sorted_ids : bool
         Round the length of ``sorted_token_ids`` up to a multiple of ``block_size``.
+    ignore_invalid_experts : bool
+        Accepted for vLLM's signature; either value gives the layout above [diff: vLLM with
+        ``False`` sorts remote pairs under their global expert and marks those blocks -1, with
+        ``True`` leaves them out; here they fill the skip bucket, whose blocks are -1]. The
+        grouped GEMM computes the same either way: no remote pair reaches an expert's block.
 
     Returns
     -------
@@ -274,6 +280,12 @@ def moe_sort(
     num_local_experts: Optional[int] = None,
     tile_tokens_dim: int = 128,
     enable_pdl: bool = False,
+    out_tile_idx_to_expert_idx: Optional[torch.Tensor] = None,
+    out_tile_idx_to_mn_limit: Optional[torch.Tensor] = None,
+    out_expanded_idx_to_permuted_idx: Optional[torch.Tensor] = None,
+    out_permuted_idx_to_expanded_idx: Optional[torch.Tensor] = None,
+    out_total_num_padded_tokens: Optional[torch.Tensor] = None,
+    out_num_non_exiting_tiles: Optional[torch.Tensor] = None,
 ):
     """FlashInfer's ``moe_sort`` on top of ``moe_align_block_size`` (tiles = blocks).
 
@@ -291,6 +303,12 @@ def moe_sort(
         Tile (block) size.
     enable_pdl : bool
         Accepted and ignored.
+    out_* : torch.Tensor, optional
+        Preallocated int32 outputs (FlashInfer's CUDA-graph form; ``allocate_moe_sort_buffers``
+        makes them): each result is written into its buffer, which is returned in its place. The
+        tile buffers may be shorter than the tile count below, down to ``get_max_num_tiles``
+        (every local tile fits there); longer ones are padded as past-the-end tiles are.
+        ``out_expanded_idx_to_permuted_idx`` is ``[T, top_k]``, the two counts ``[1]``.
 
     Returns
     -------
@@ -333,7 +351,68 @@ def moe_sort(
     e2p = torch.full((numel + 1,), -1, dtype=torch.int32, device=dev)  # last entry: dump slot
     e2p.scatter_(0, torch.where(valid, p2e, numel).long(), torch.where(valid, slot, -1))
     mn_limit = slot.view(-1, B)[:, 0] + valid.view(-1, B).sum(1, dtype=torch.int32)
-    return eid, mn_limit, e2p[:numel].view(T, top_k), p2e, total, n_tiles
+    result = [eid, mn_limit, e2p[:numel].view(T, top_k), p2e, total, n_tiles]
+    outs = (out_tile_idx_to_expert_idx, out_tile_idx_to_mn_limit, out_expanded_idx_to_permuted_idx,
+            out_permuted_idx_to_expanded_idx, out_total_num_padded_tokens, out_num_non_exiting_tiles)
+    if any(o is not None for o in outs):
+        result = _into_sort_buffers(result, outs, T, top_k, B, numel, dev)
+    return tuple(result)
+
+
+def get_max_num_tiles(num_tokens: int, top_k: int, num_local_experts: int, tile_size: int) -> int:
+    """Most tiles ``moe_sort`` can give the local experts (FlashInfer's bound): every expert
+    holding a pair owns at most one partly filled tile, the other pairs fill whole tiles. With
+    no more pairs than experts, each pair may sit alone in its tile."""
+    pairs = num_tokens * top_k
+    if pairs <= num_local_experts:
+        return pairs
+    return num_local_experts + (pairs - num_local_experts + tile_size - 1) // tile_size
+
+
+def get_max_num_permuted_tokens(num_tokens: int, top_k: int, num_local_experts: int, tile_size: int) -> int:
+    """Slots in ``get_max_num_tiles`` whole tiles."""
+    return get_max_num_tiles(num_tokens, top_k, num_local_experts, tile_size) * tile_size
+
+
+def allocate_moe_sort_buffers(num_tokens: int, num_experts: int, top_k: int, num_local_experts: Optional[int] = None,
+                              tile_tokens_dim: int = 128, device="cuda") -> dict:
+    """The ``out_*`` buffers of ``moe_sort`` for ``num_tokens`` tokens (int32, uninitialised),
+    keyed by argument name: allocate them once, before CUDA-graph capture, and pass them as
+    ``moe_sort(..., **buffers)`` so every replay writes the same memory."""
+    L = num_experts if num_local_experts is None else num_local_experts
+    tiles = get_max_num_tiles(num_tokens, top_k, L, tile_tokens_dim)
+    shapes = ((tiles,), (tiles,), (num_tokens, top_k), (tiles * tile_tokens_dim,), (1,), (1,))
+    return {name: torch.empty(shape, dtype=torch.int32, device=device) for name, shape in zip(_SORT_OUT_NAMES, shapes)}
+
+
+_SORT_OUT_NAMES = ("out_tile_idx_to_expert_idx", "out_tile_idx_to_mn_limit", "out_expanded_idx_to_permuted_idx",
+                   "out_permuted_idx_to_expanded_idx", "out_total_num_padded_tokens", "out_num_non_exiting_tiles")
+
+
+def _into_sort_buffers(result, outs, T, top_k, B, numel, dev) -> list:
+    """Copy ``moe_sort``'s results into the caller's buffers (checked first, nothing written on
+    bad input). Lengths may differ from ours: a shorter tile/slot buffer takes our prefix (the
+    local tiles come first, and FlashInfer's bound covers them); a longer one is filled past our
+    end with what past-the-end tiles hold (expert -1, mn limit = tile start, slot -> numel)."""
+    fixed = {2: (T, top_k), 4: (1,), 5: (1,)}  # the others: 1-D, any length
+    for i, (o, name) in enumerate(zip(outs, _SORT_OUT_NAMES)):
+        if o is not None:
+            check_tensor(o, name, ndim=len(fixed.get(i, (0,))), dtypes=(torch.int32,), device=dev,
+                         last_contiguous=False)
+            expect(i not in fixed or tuple(o.shape) == fixed[i], name, "shape {} must be {}", tuple(o.shape),
+                   fixed.get(i))
+            check_writable(o, name)
+    for i, o in enumerate(outs):
+        if o is None:
+            continue
+        ours = result[i]
+        n = o.shape[0] if i in fixed else min(o.shape[0], ours.shape[0])
+        o[:n].copy_(ours[:n])
+        if o.shape[0] > n:  # past our last tile / slot: what past-the-end tiles hold
+            rest = torch.arange(n, o.shape[0], dtype=torch.int32, device=dev)
+            o[n:].copy_({0: torch.full_like(rest, -1), 1: rest * B, 3: torch.full_like(rest, numel)}[i])
+        result[i] = o
+    return result
 
 
 def moe_permute(
