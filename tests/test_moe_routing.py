@@ -194,6 +194,16 @@ def test_routing_row_strided_logits(device):
     assert_routing("grouped", fo.grouped_topk(x, 4, 8, 2, scoring_func="softmax"), exp)
 
 
+def test_grouped_topk_strided_bias(device):
+    """A bias that is a strided view (every other element of a buffer) gives the result of its
+    contiguous copy; it used to be refused although the kernel reads a contiguous copy."""
+    x = tie_free_logits(5, 32, device=device, seed=15)
+    buf = torch.linspace(-0.2, 0.2, 64, device=device)
+    got = fo.grouped_topk(x, 4, 4, 2, bias=buf[::2])
+    want = fo.grouped_topk(x, 4, 4, 2, bias=buf[::2].contiguous())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_routed_scaling_factor_is_a_plain_factor(device):
     x = tie_free_logits(5, 64, device=device, seed=5)
     w1, i1 = fo.grouped_topk(x, 4, 8, 2, routed_scaling_factor=1.0)

@@ -87,7 +87,7 @@ def grouped_topk(
     topk_group : int
         Groups kept per token, ``1 <= topk_group <= n_group``.
     bias : torch.Tensor, optional
-        ``e_score_correction_bias``, shape ``[E]``, any float dtype. Added to the scores for
+        ``e_score_correction_bias``, shape ``[E]``, fp16/bf16/fp32, any stride. Added to the scores for
         selection only; group score = sum of the two best biased scores (needs ``G >= 2``).
         Without bias the group score is the best score.
     scoring_func : str
@@ -112,7 +112,7 @@ def grouped_topk(
     expect(topk <= topk_group * G, "topk",
            "must be <= topk_group * experts per group ({} * {}), got {}", topk_group, G, topk)
     if bias is not None:
-        check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES, device=gating_output.device)
+        check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES, device=gating_output.device, last_contiguous=False)
         expect(tuple(bias.shape) == (E,), "bias", "shape {} must be ({},) (one per expert)", tuple(bias.shape), E)
         expect(G >= 2, "bias", "biased group scores sum each group's top 2: needs >= 2 experts per group, got {}", G)
     return _ops.grouped_topk_op(gating_output, topk, n_group, topk_group, bias, scoring_func, bool(renormalize),
