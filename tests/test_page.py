@@ -384,7 +384,8 @@ def test_direct_ops_take_strided_index_tensors(backend_device):
     assert_cache_equal(cache, "NHD", *expected_cache(d, bi.cpu(), pos.cpu()))
 
 
-@pytest.mark.parametrize("case", ["positions-short", "seq_lens-short", "key-heads", "value-rows", "bi-short"])
+@pytest.mark.parametrize("case", ["positions-short", "seq_lens-short", "seq_lens-short-fresh", "key-heads",
+                                  "value-rows", "bi-short"])
 @pytest.mark.parametrize("backend", ["device", "meta"])
 def test_direct_ops_check_sizes(case, backend, device):
     """Direct op calls with sizes that would send a kernel past a tensor raise ValueError
@@ -398,6 +399,7 @@ def test_direct_ops_check_sizes(case, backend, device):
                             "positions"),
         "seq_lens-short": (lambda: OPS.batch_indices_positions_out(i32(0, 1, 3), i32(3), i32(0, 0, 0), i32(0, 0, 0)),
                            "seq_lens"),
+        "seq_lens-short-fresh": (lambda: OPS.batch_indices_positions(i32(0, 1, 3), i32(3), 3), "seq_lens"),
         "key-heads": (lambda: OPS.append_paged_kv_cache(torch.randn(3, 4, 8).to(dev), torch.randn(3, 4, 8).to(dev),
                                                         i32(0, 0, 0), i32(0, 1, 2), cache, None, i32(0, 1),
                                                         i32(0, 2), "NHD"), "append_key"),

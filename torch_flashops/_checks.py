@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -39,6 +40,14 @@ def expect(cond: bool, name: str, msg: str, *fmt_args, **fmt_kwargs) -> None:
             msg = msg()
         elif fmt_args or fmt_kwargs:
             msg = msg.format(*fmt_args, **fmt_kwargs)
+        raise ValueError(f"{name}: {msg}")
+
+
+def fail_if(cond, name: str, msg: str) -> None:
+    """Raise ``ValueError("name: msg")`` where ``cond`` surely holds. For the op checks that run
+    inside fake implementations too: a symbolic size that cannot be decided while tracing
+    counts as fine (no guard, no data-dependent error)."""
+    if guard_or_false(cond):
         raise ValueError(f"{name}: {msg}")
 
 

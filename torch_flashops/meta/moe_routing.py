@@ -7,7 +7,8 @@ for every token count.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+from .._checks import fail_if as _fail_if
 
 __all__ = [
     "align_sizes",
@@ -36,13 +37,6 @@ def align_sizes(numel, num_experts: int, block_size: int, pad_sorted_ids: bool):
 # Argument checks every implementation runs (register_op's ``check``): the kernels index by
 # these ints, so a direct ``torch.ops.flashops`` call with bad ones must raise, not read out of
 # bounds or return a shape its fake does not promise. Sizes and ints only (cheap, SymInt-safe).
-
-def _fail_if(cond, name: str, msg: str):
-    """Raise ``ValueError("name: msg")`` where ``cond`` holds; a symbolic size that cannot be
-    decided while tracing counts as holding nothing (no guard, no data-dependent error)."""
-    if guard_or_false(cond):
-        raise ValueError(f"{name}: {msg}")
-
 
 def check_topk_args(gating_output, topk, *_):
     _fail_if(gating_output.dim() != 2, "gating_output", f"must be 2-D [T, E], got shape {tuple(gating_output.shape)}")

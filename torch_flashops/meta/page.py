@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+from .._checks import fail_if as _fail_if
 
 KV_LAYOUTS = ("NHD", "HND")
 
@@ -58,18 +59,19 @@ def paged_kv_views(
 # register_op's ``check`` for the page ops: the sizes their kernels index by, so a direct
 # ``torch.ops.flashops`` call cannot read or write past a tensor (cheap; no data reads).
 
-def _fail_if(cond, name: str, msg: str):
-    if guard_or_false(cond):  # undecidable symbolic sizes while tracing: no guard, no error
-        raise ValueError(f"{name}: {msg}")
-
-
-def check_batch_indices_positions_out_args(append_indptr, seq_lens, batch_indices, positions):
-    for t, name in ((append_indptr, "append_indptr"), (seq_lens, "seq_lens"), (batch_indices, "batch_indices"),
-                    (positions, "positions")):
+def check_batch_indices_positions_args(append_indptr, seq_lens, nnz):
+    for t, name in ((append_indptr, "append_indptr"), (seq_lens, "seq_lens")):
         _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
     _fail_if(append_indptr.shape[0] < 1, "append_indptr", "must have at least one element")
     _fail_if(seq_lens.shape[0] != append_indptr.shape[0] - 1, "seq_lens",
              f"length {seq_lens.shape[0]} must be len(append_indptr) - 1 = {append_indptr.shape[0] - 1}")
+    _fail_if(nnz < 0, "nnz", f"must be >= 0, got {nnz}")
+
+
+def check_batch_indices_positions_out_args(append_indptr, seq_lens, batch_indices, positions):
+    for t, name in ((batch_indices, "batch_indices"), (positions, "positions")):
+        _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
+    check_batch_indices_positions_args(append_indptr, seq_lens, batch_indices.shape[0])
     _fail_if(positions.shape[0] != batch_indices.shape[0], "positions",
              f"length {positions.shape[0]} must match batch_indices' {batch_indices.shape[0]}")
 

@@ -235,6 +235,7 @@ batch_indices_positions = register_op(
     cuda=_batch_indices_positions_launch,
     reference=reference.batch_indices_positions,
     fake=meta.batch_indices_positions_fake,
+    check=meta.check_batch_indices_positions_args,
 )
 
 batch_indices_positions_out = register_op(
