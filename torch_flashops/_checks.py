@@ -7,7 +7,7 @@ argument's name.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -43,12 +43,13 @@ def expect(cond: bool, name: str, msg: str, *fmt_args, **fmt_kwargs) -> None:
         raise ValueError(f"{name}: {msg}")
 
 
-def fail_if(cond, name: str, msg: str) -> None:
-    """Raise ``ValueError("name: msg")`` where ``cond`` surely holds. For the op checks that run
-    inside fake implementations too: a symbolic size that cannot be decided while tracing
-    counts as fine (no guard, no data-dependent error)."""
-    if guard_or_false(cond):
-        raise ValueError(f"{name}: {msg}")
+def fail_if(cond, name: str, msg: Callable[[], str]) -> None:
+    """Raise ``ValueError("name: msg()")`` where ``cond`` surely holds. For the op checks that
+    run before every implementation, fakes included: a symbolic size that cannot be decided
+    while tracing counts as fine (no guard, no data-dependent error). ``msg`` is a callable so
+    the message is only formatted on failure (these checks run on every eager call)."""
+    if cond is not False and guard_or_false(cond):  # (plain bools skip the symbolic check)
+        raise ValueError(f"{name}: {msg()}")
 
 
 def check_tensor(

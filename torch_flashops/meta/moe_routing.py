@@ -39,33 +39,34 @@ def align_sizes(numel, num_experts: int, block_size: int, pad_sorted_ids: bool):
 # bounds or return a shape its fake does not promise. Sizes and ints only (cheap, SymInt-safe).
 
 def check_topk_args(gating_output, topk, *_):
-    _fail_if(gating_output.dim() != 2, "gating_output", f"must be 2-D [T, E], got shape {tuple(gating_output.shape)}")
+    _fail_if(gating_output.dim() != 2, "gating_output",
+             lambda: f"must be 2-D [T, E], got shape {tuple(gating_output.shape)}")
     E = gating_output.shape[1]
-    _fail_if((topk < 1) | (topk > E), "topk", f"must satisfy 1 <= topk <= num_experts ({E}), got {topk}")
+    _fail_if((topk < 1) | (topk > E), "topk", lambda: f"must satisfy 1 <= topk <= num_experts ({E}), got {topk}")
 
 
 def check_grouped_topk_args(gating_output, topk, n_group, topk_group, bias, scoring_func, *_):
     check_topk_args(gating_output, topk)
     E = gating_output.shape[1]
     _fail_if(scoring_func not in ("sigmoid", "softmax"), "scoring_func",
-             f"must be 'sigmoid' or 'softmax', got {scoring_func!r}")
-    _fail_if(n_group < 1, "n_group", f"must be >= 1, got {n_group}")
-    _fail_if(E % n_group != 0, "n_group", f"must divide num_experts ({E}), got {n_group}")
+             lambda: f"must be 'sigmoid' or 'softmax', got {scoring_func!r}")
+    _fail_if(n_group < 1, "n_group", lambda: f"must be >= 1, got {n_group}")
+    _fail_if(E % n_group != 0, "n_group", lambda: f"must divide num_experts ({E}), got {n_group}")
     _fail_if((topk_group < 1) | (topk_group > n_group), "topk_group",
-             f"must satisfy 1 <= topk_group <= n_group ({n_group}), got {topk_group}")
+             lambda: f"must satisfy 1 <= topk_group <= n_group ({n_group}), got {topk_group}")
     _fail_if(topk > topk_group * (E // n_group), "topk",
-             f"must be <= topk_group * experts per group ({topk_group} * {E // n_group}), got {topk}")
+             lambda: f"must be <= topk_group * experts per group ({topk_group} * {E // n_group}), got {topk}")
     if bias is not None:
         _fail_if((bias.dim() != 1) | (bias.numel() != E), "bias",
-                 f"shape {tuple(bias.shape)} must be ({E},) (one per expert)")
+                 lambda: f"shape {tuple(bias.shape)} must be ({E},) (one per expert)")
 
 
 def check_align_args(topk_ids, block_size, num_experts, expert_map, *_):
-    _fail_if(block_size < 1, "block_size", f"must be >= 1, got {block_size}")
-    _fail_if(num_experts < 1, "num_experts", f"must be >= 1, got {num_experts}")
+    _fail_if(block_size < 1, "block_size", lambda: f"must be >= 1, got {block_size}")
+    _fail_if(num_experts < 1, "num_experts", lambda: f"must be >= 1, got {num_experts}")
     if expert_map is not None:
         _fail_if((expert_map.dim() != 1) | (expert_map.numel() != num_experts), "expert_map",
-                 f"shape {tuple(expert_map.shape)} must be ({num_experts},) (one entry per expert)")
+                 lambda: f"shape {tuple(expert_map.shape)} must be ({num_experts},) (one entry per expert)")
 
 
 def _routing_outputs(gating_output: torch.Tensor, topk: int):

@@ -61,19 +61,19 @@ def paged_kv_views(
 
 def check_batch_indices_positions_args(append_indptr, seq_lens, nnz):
     for t, name in ((append_indptr, "append_indptr"), (seq_lens, "seq_lens")):
-        _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
-    _fail_if(append_indptr.shape[0] < 1, "append_indptr", "must have at least one element")
+        _fail_if(t.dim() != 1, name, lambda: f"must be 1-D, got shape {tuple(t.shape)}")
+    _fail_if(append_indptr.shape[0] < 1, "append_indptr", lambda: "must have at least one element")
     _fail_if(seq_lens.shape[0] != append_indptr.shape[0] - 1, "seq_lens",
-             f"length {seq_lens.shape[0]} must be len(append_indptr) - 1 = {append_indptr.shape[0] - 1}")
-    _fail_if(nnz < 0, "nnz", f"must be >= 0, got {nnz}")
+             lambda: f"length {seq_lens.shape[0]} must be len(append_indptr) - 1 = {append_indptr.shape[0] - 1}")
+    _fail_if(nnz < 0, "nnz", lambda: f"must be >= 0, got {nnz}")
 
 
 def check_batch_indices_positions_out_args(append_indptr, seq_lens, batch_indices, positions):
     for t, name in ((batch_indices, "batch_indices"), (positions, "positions")):
-        _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
+        _fail_if(t.dim() != 1, name, lambda: f"must be 1-D, got shape {tuple(t.shape)}")
     check_batch_indices_positions_args(append_indptr, seq_lens, batch_indices.shape[0])
     _fail_if(positions.shape[0] != batch_indices.shape[0], "positions",
-             f"length {positions.shape[0]} must match batch_indices' {batch_indices.shape[0]}")
+             lambda: f"length {positions.shape[0]} must match batch_indices' {batch_indices.shape[0]}")
 
 
 def check_append_args(append_key, append_value, batch_indices, positions, paged_kv_cache, paged_v_cache,
@@ -81,21 +81,21 @@ def check_append_args(append_key, append_value, batch_indices, positions, paged_
     # the cache's head count and dims from its shape alone (what paged_kv_views would give,
     # without building views: this runs on every eager append)
     check_kv_layout(kv_layout)
-    full = paged_kv_cache.dim() == (5 if paged_v_cache is None else 4)  # has a page axis
-    Hc = paged_kv_cache.shape[-3] if (full and kv_layout == "HND") else paged_kv_cache.shape[-2]
-    Dk = paged_kv_cache.shape[-1]
-    Dv = (paged_kv_cache if paged_v_cache is None else paged_v_cache).shape[-1]
-    _fail_if(append_key.dim() != 3, "append_key", f"must be 3-D [nnz, H_kv, D], got shape {tuple(append_key.shape)}")
-    nnz, H = append_key.shape[0], append_key.shape[1]
-    _fail_if((H != Hc) | (append_key.shape[2] != Dk), "append_key",
-             f"shape {tuple(append_key.shape)} must be (nnz, {Hc}, {Dk}) (the cache's heads, dim)")
-    _fail_if((append_value.dim() != 3) | (append_value.shape[0] != nnz) | (append_value.shape[1] != H)
-             | (append_value.shape[-1] != Dv), "append_value",
-             f"shape {tuple(append_value.shape)} must be ({nnz}, {H}, {Dv})")
-    for t, name in ((batch_indices, "batch_indices"), (positions, "positions")):
-        _fail_if((t.dim() != 1) | (t.shape[0] != nnz), name, f"shape {tuple(t.shape)} must be ({nnz},)")
-    for t, name in ((kv_indices, "kv_indices"), (kv_indptr, "kv_indptr")):
-        _fail_if(t.dim() != 1, name, f"must be 1-D, got shape {tuple(t.shape)}")
+    cs = paged_kv_cache.shape
+    full = len(cs) == (5 if paged_v_cache is None else 4)  # has a page axis
+    Hc, Dk = (cs[-3] if (full and kv_layout == "HND") else cs[-2]), cs[-1]
+    Dv = cs[-1] if paged_v_cache is None else paged_v_cache.shape[-1]
+    ks, vs, bs, ps = append_key.shape, append_value.shape, batch_indices.shape, positions.shape
+    _fail_if(len(ks) != 3, "append_key", lambda: f"must be 3-D [nnz, H_kv, D], got shape {tuple(ks)}")
+    nnz, H = ks[0], ks[1]
+    _fail_if((H != Hc) | (ks[2] != Dk), "append_key",
+             lambda: f"shape {tuple(ks)} must be (nnz, {Hc}, {Dk}) (the cache's heads, dim)")
+    _fail_if((len(vs) != 3) or ((vs[0] != nnz) | (vs[1] != H) | (vs[2] != Dv)), "append_value",
+             lambda: f"shape {tuple(vs)} must be ({nnz}, {H}, {Dv})")
+    _fail_if((len(bs) != 1) or (bs[0] != nnz), "batch_indices", lambda: f"shape {tuple(bs)} must be ({nnz},)")
+    _fail_if((len(ps) != 1) or (ps[0] != nnz), "positions", lambda: f"shape {tuple(ps)} must be ({nnz},)")
+    _fail_if((kv_indices.dim() != 1) or (kv_indptr.dim() != 1), "kv_indptr" if kv_indices.dim() == 1 else "kv_indices",
+             lambda: "must be 1-D")
 
 
 # --------------------------------------------------------------------------- fake impls
