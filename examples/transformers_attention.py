@@ -8,6 +8,7 @@ transformers hands over as a paged cache with one page per sequence and runs
 for prefill and for decode steps alike) or, when transformers passes an attention mask, a
 per-sequence custom mask.
 
+    pip install transformers                           # not a dependency of torch_flashops
     python examples/transformers_attention.py          # tiny random Llama, compares with SDPA
 """
 from __future__ import annotations

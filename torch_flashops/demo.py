@@ -165,7 +165,7 @@ def _run(a) -> dict:
         last = torch.tensor(lens, device=device).cumsum(0) - 1
         tokens = logits[last].argmax(-1)
 
-        decode_s, generated = 0.0, [tokens]
+        decode_s, step_s, generated = 0.0, [], [tokens]
         for _ in _progress(range(a.steps), "decode"):
             t = table.csr(rids, [1] * a.batch)
             plan_step(decode_w, t, cfg, a.page_size, dtype, decode=True)
@@ -175,7 +175,8 @@ def _run(a) -> dict:
             logits = step(tokens, *step_args(t), decode_w)
             if device == "cuda":
                 torch.cuda.synchronize()
-            decode_s += time.perf_counter() - t0
+            step_s.append(time.perf_counter() - t0)
+            decode_s += step_s[-1]
             compare(logits, [1] * a.batch, [tok.view(1) for tok in tokens])
             tokens = logits.argmax(-1)
             generated.append(tokens)
@@ -197,6 +198,9 @@ def _run(a) -> dict:
         first = "" if a.no_compile else " (incl. the first step's compile)"
         line += (f"; decode {a.steps} steps x {a.batch} requests in {decode_s:.2f} s = {res['decode_tok_s']:.1f} "
                  f"tokens/s{first}")
+        if not a.no_compile and a.steps > 1:  # the compiled steady state, without the first step
+            res["decode_steady_tok_s"] = a.batch * (a.steps - 1) / sum(step_s[1:])
+            line += f", {res['decode_steady_tok_s']:.1f} tokens/s after it"
     print(line)
     print(f"max relative logit error vs plain PyTorch (SDPA, dense KV): {max_rel:.2e} (tol {tol:.0e}) -> "
           f"{'OK' if res['ok'] else 'MISMATCH'}")
