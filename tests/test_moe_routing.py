@@ -433,7 +433,7 @@ def test_routing_method_type_values():
 @pytest.mark.parametrize("extra", [0, 3], ids=["flashinfer-sizes", "longer"])
 def test_moe_sort_into_preallocated_buffers(ep, extra, device):
     """moe_sort's out_* buffers (FlashInfer's CUDA-graph form): the results land in the given
-    buffers, which come back; FlashInfer's sizes (allocate_moe_sort_buffers, shorter than ours)
+    buffers, which come back; FlashInfer's sizes (allocate_moe_sort_buffers, at most ours)
     hold every local tile, and longer buffers are padded as past-the-end tiles; poisoned
     buffers are overwritten everywhere."""
     from torch_flashops import moe_utils
