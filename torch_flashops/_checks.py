@@ -129,9 +129,14 @@ def byte_span(t: torch.Tensor) -> Tuple[int, int]:
     return start, start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
 
 
-def overlaps_other_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``b``'s memory may intersect ``a``'s without being the very same view (conservative:
-    interleaved views whose spans cross count too). Real tensors only (reads data_ptr)."""
+def spans_intersect(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The byte spans of ``a`` and ``b`` intersect (exact for contiguous tensors; conservative
+    for strided ones, whose interleaved views count too). Real tensors only (reads data_ptr)."""
     (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
-    same_view = a0 == b0 and a.shape == b.shape and a.stride() == b.stride()
-    return a0 < b1 and b0 < a1 and not same_view
+    return a0 < b1 and b0 < a1
+
+
+def overlaps_other_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b``'s memory may intersect ``a``'s without being the very same view."""
+    same_view = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    return spans_intersect(a, b) and not same_view

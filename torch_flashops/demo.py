@@ -165,7 +165,7 @@ def _run(a) -> dict:
         last = torch.tensor(lens, device=device).cumsum(0) - 1
         tokens = logits[last].argmax(-1)
 
-        decode_s, step_s, generated = 0.0, [], [tokens]
+        step_s, generated = [], [tokens]
         for _ in _progress(range(a.steps), "decode"):
             t = table.csr(rids, [1] * a.batch)
             plan_step(decode_w, t, cfg, a.page_size, dtype, decode=True)
@@ -176,10 +176,10 @@ def _run(a) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             step_s.append(time.perf_counter() - t0)
-            decode_s += step_s[-1]
             compare(logits, [1] * a.batch, [tok.view(1) for tok in tokens])
             tokens = logits.argmax(-1)
             generated.append(tokens)
+        decode_s = sum(step_s)
 
     breaks = sum(counters["graph_break"].values())
     graphs = counters["stats"]["unique_graphs"]

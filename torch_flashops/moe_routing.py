@@ -15,6 +15,7 @@ import torch
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect
 from ._config import checks_enabled
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
+from .meta import moe_routing as _meta_routing
 from .ops import moe_routing as _ops
 
 __all__ = [
@@ -29,14 +30,10 @@ __all__ = [
     "moe_unpermute",
 ]
 
-_SCORING_FUNCS = ("sigmoid", "softmax")
-
-
-def _check_logits(gating_output: torch.Tensor, topk: int) -> int:
+def _check_logits(gating_output: torch.Tensor) -> None:
+    # dtype and rank here; the ints (topk, n_group, ...) are checked by the ops themselves
+    # (meta/moe_routing.py, before every implementation)
     check_tensor(gating_output, "gating_output", ndim=2, dtypes=FLOAT_DTYPES)
-    E = gating_output.shape[1]
-    expect(1 <= topk <= E, "topk", "must satisfy 1 <= topk <= num_experts ({}), got {}", E, topk)
-    return E
 
 
 def topk_softmax(gating_output: torch.Tensor, topk: int, renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +55,7 @@ def topk_softmax(gating_output: torch.Tensor, topk: int, renormalize: bool = Fal
         float32 ``[T, topk]`` and int32 ``[T, topk]``, by descending probability, ties to the
         lower expert id.
     """
-    _check_logits(gating_output, topk)
+    _check_logits(gating_output)
     return _ops.topk_softmax_op(gating_output, topk, bool(renormalize))
 
 
@@ -103,18 +100,9 @@ def grouped_topk(
         float32 ``[T, topk]`` (unbiased scores) and int32 ``[T, topk]``, by descending biased
         score, ties to the lower expert id.
     """
-    E = _check_logits(gating_output, topk)
-    expect(scoring_func in _SCORING_FUNCS, "scoring_func", "must be 'sigmoid' or 'softmax', got {!r}", scoring_func)
-    expect(n_group >= 1 and E % n_group == 0, "n_group", "must be >= 1 and divide num_experts ({}), got {}", E, n_group)
-    G = E // n_group
-    expect(1 <= topk_group <= n_group, "topk_group",
-           "must satisfy 1 <= topk_group <= n_group ({}), got {}", n_group, topk_group)
-    expect(topk <= topk_group * G, "topk",
-           "must be <= topk_group * experts per group ({} * {}), got {}", topk_group, G, topk)
+    _check_logits(gating_output)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES, device=gating_output.device, last_contiguous=False)
-        expect(tuple(bias.shape) == (E,), "bias", "shape {} must be ({},) (one per expert)", tuple(bias.shape), E)
-        expect(G >= 2, "bias", "biased group scores sum each group's top 2: needs >= 2 experts per group, got {}", G)
     return _ops.grouped_topk_op(gating_output, topk, n_group, topk_group, bias, scoring_func, bool(renormalize),
                                 float(routed_scaling_factor))
 
@@ -134,7 +122,7 @@ def topk_sigmoid(gating_output: torch.Tensor, topk: int = 1) -> Tuple[torch.Tens
     (topk_weights, topk_ids) : (torch.Tensor, torch.Tensor)
         float32 ``[T, topk]`` and int32 ``[T, topk]``, by descending logit, ties to the lower id.
     """
-    _check_logits(gating_output, topk)
+    _check_logits(gating_output)
     return _ops.topk_sigmoid_op(gating_output, topk)
 
 
@@ -183,13 +171,10 @@ def moe_align_block_size(
         int32 ``[1]`` on the input's device: total padded length of all buckets (skip included).
     """
     check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, last_contiguous=False)
-    expect(block_size >= 1, "block_size", "must be >= 1, got {}", block_size)
-    expect(num_experts >= 1, "num_experts", "must be >= 1, got {}", num_experts)
     if expert_map is not None:
         check_tensor(expert_map, "expert_map", ndim=1, dtypes=INDEX_DTYPES, device=topk_ids.device)
-        expect(expert_map.shape[0] == num_experts, "expert_map",
-               "must have num_experts ({}) entries, got {}", num_experts, expert_map.shape[0])
     if checks_enabled():
+        _meta_routing.check_align_args(topk_ids, block_size, num_experts, expert_map)  # sizes before the data
         check_range_values(topk_ids, "topk_ids", -1, num_experts)
         if expert_map is not None:
             check_range_values(expert_map, "expert_map", -1, num_experts)

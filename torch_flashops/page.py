@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import _config
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, byte_span, check_indptr_values, check_range_values, check_tensor,
-                      expect, reject_fp8)
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_tensor, expect,
+                      reject_fp8, spans_intersect)
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .meta.page import check_kv_layout, paged_kv_views
 from .ops import page as ops
@@ -191,9 +191,8 @@ def get_batch_indices_positions(
             check_tensor(buf, name, ndim=1, dtypes=(torch.int32,), device=device)
             expect(buf.shape[0] == nnz, name, lambda: f"shape {tuple(buf.shape)} must be [nnz] = [{nnz}]")
     if batch_indices is not None and positions is not None and not torch.compiler.is_compiling():
-        a0, a1 = byte_span(batch_indices)
-        b0, b1 = byte_span(positions)
-        expect(not (a0 < b1 and b0 < a1), "positions", lambda: "shares memory with batch_indices (two outputs)")
+        expect(not spans_intersect(batch_indices, positions), "positions",
+               lambda: "shares memory with batch_indices (two outputs)")
     if _config.checks_enabled():
         check_indptr_values(append_indptr, "append_indptr")
         ind = append_indptr.detach().to("cpu", torch.int64)

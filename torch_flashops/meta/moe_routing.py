@@ -59,6 +59,8 @@ def check_grouped_topk_args(gating_output, topk, n_group, topk_group, bias, scor
     if bias is not None:
         _fail_if((bias.dim() != 1) | (bias.numel() != E), "bias",
                  lambda: f"shape {tuple(bias.shape)} must be ({E},) (one per expert)")
+        _fail_if(E // n_group < 2, "bias", lambda: "biased group scores sum each group's top 2: needs >= 2 experts "
+                                                  f"per group, got {E // n_group}")
 
 
 def check_align_args(topk_ids, block_size, num_experts, expert_map, *_):
