@@ -36,22 +36,22 @@ import torch_flashops
 # COMPATIBLE entries, as in FlashInfer 0.6.x). ``...`` as a default = "has some default".
 
 SPEC = {
-    # rope.md §2-3
-    "rope:apply_rope": "q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4",
-    "rope:apply_rope_inplace": "q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4",
-    "rope:apply_rope_pos_ids": "q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4",
-    "rope:apply_rope_pos_ids_inplace": "q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4",
+    # rope.md §2-3, plus the trailing ``backend`` FlashInfer added with its CuTe-DSL kernels
+    "rope:apply_rope": "q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, backend='cuda'",
+    "rope:apply_rope_inplace": "q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, backend='cuda'",
+    "rope:apply_rope_pos_ids": "q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, backend='cuda'",
+    "rope:apply_rope_pos_ids_inplace": "q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, backend='cuda'",
     "rope:apply_llama31_rope": "q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, "
-                               "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192",
+                               "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend='cuda'",
     "rope:apply_llama31_rope_inplace": "q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, "
-                                       "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192",
+                                       "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend='cuda'",
     "rope:apply_llama31_rope_pos_ids": "q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, "
-                                       "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192",
+                                       "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend='cuda'",
     "rope:apply_llama31_rope_pos_ids_inplace": "q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, "
                                                "rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, "
-                                               "old_context_len=8192",
-    "rope:apply_rope_with_cos_sin_cache": "positions, query, key, head_size, cos_sin_cache, is_neox=True",
-    "rope:apply_rope_with_cos_sin_cache_inplace": "positions, query, key, head_size, cos_sin_cache, is_neox=True",
+                                               "old_context_len=8192, backend='cuda'",
+    "rope:apply_rope_with_cos_sin_cache": "positions, query, key, head_size, cos_sin_cache, is_neox=True, backend='cuda'",
+    "rope:apply_rope_with_cos_sin_cache_inplace": "positions, query, key, head_size, cos_sin_cache, is_neox=True, backend='cuda'",
     # attention.md §1
     "page:get_seq_lens": "kv_indptr, kv_last_page_len, page_size",
     "page:get_batch_indices_positions": "append_indptr, seq_lens, nnz, batch_indices=None, positions=None",

@@ -590,6 +590,9 @@ def _bad_cases(device):
         ("head_size", lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos, query, key, 0, cache), "head_size"),
         ("positions-float", lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos.float(), query, key, 16, cache), "positions"),
         ("positions-length", lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos[:2], query, key, 16, cache), "positions"),
+        ("backend-pos_ids", lambda: RP(q, k, pos, backend="triton"), "backend"),
+        ("backend-indptr", lambda: fo.apply_llama31_rope_inplace(q, k, indptr, offs, backend="cute"), "backend"),
+        ("backend-cache", lambda: fo.apply_rope_with_cos_sin_cache_inplace(pos, query, key, 16, cache, backend=None), "backend"),
     ]
 
 
@@ -601,6 +604,36 @@ def test_bad_input(device):
             call()
         assert str(ei.value).startswith(f"{arg}:"), f"{label}: message {str(ei.value)!r} does not name {arg}"
         assert torch.equal(q, q0) and torch.equal(k, k0), f"{label}: q/k written despite the error"
+
+
+def test_flashinfer_backend_names(device):
+    """FlashInfer's ``backend="cuda"`` / ``"cute-dsl"`` choose its kernel; here both give the
+    default call's result, out of place and in place, positionally and by keyword."""
+    _, q, k = packed_qk(6, 4, 2, 32, torch.float16, device, seed=3)
+    pos = torch.arange(6, device=device) * 5
+    indptr, offs = torch.tensor([0, 2, 6], device=device), torch.tensor([3, 9], device=device)
+    cache = torch.rand(64, 16, device=device)
+    query, key = q.reshape(6, -1), k.reshape(6, -1)
+    calls = [
+        lambda b: fo.apply_rope_pos_ids(q, k, pos, 16, False, 1, 10000, b),
+        lambda b: fo.apply_rope(q, k, indptr, offs, backend=b),
+        lambda b: fo.apply_llama31_rope_pos_ids(q, k, pos, backend=b),
+        lambda b: fo.apply_llama31_rope(q, k, indptr, offs, None, True, 8, 500000, 1, 4, 8192, b),
+        lambda b: fo.apply_rope_with_cos_sin_cache(pos, query, key, 32, cache, True, b),
+    ]
+    for i, call in enumerate(calls):
+        want = call("cuda")
+        got = call("cute-dsl")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), i
+    for b in ("cuda", "cute-dsl"):
+        q2, k2 = q.clone(), k.clone()
+        fo.apply_rope_pos_ids_inplace(q2, k2, pos, backend=b)
+        want = fo.apply_rope_pos_ids(q, k, pos)
+        assert torch.equal(q2, want[0]) and torch.equal(k2, want[1]), b
+        q2, k2 = query.clone(), key.clone()
+        fo.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, 32, cache, backend=b)
+        want = fo.apply_rope_with_cos_sin_cache(pos, query, key, 32, cache)
+        assert torch.equal(q2, want[0]) and torch.equal(k2, want[1]), b
 
 
 def test_numpy_scalar_options(device):

@@ -46,6 +46,7 @@ __all__ = [
 # torch.compile(dynamic=True) may pass Python ints and floats as SymInt / SymFloat; numpy
 # scalars (a config read with numpy) are numbers.Integral / numbers.Real
 _INT = (numbers.Integral, torch.SymInt)
+_BACKENDS = ("cuda", "cute-dsl")  # FlashInfer's ``backend`` values; every one runs the same kernels here
 _NUMBER = (numbers.Real, torch.SymInt, torch.SymFloat)
 
 
@@ -117,12 +118,21 @@ def _check_options(q, k, rotary_dim, rope_scale, rope_theta, llama31=None):
     return rd, scale, theta, (_check_llama31(*llama31) if llama31 is not None else None)
 
 
-def _indptr_form(inplace, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta, llama31=None):
+def _check_backend(backend) -> None:
+    # FlashInfer picks its CUDA or CuTe-DSL kernels by this name; both mean our kernel here
+    expect(backend in _BACKENDS, "backend", "must be one of {}, got {!r}", _BACKENDS, backend)
+
+
+def _indptr_form(inplace, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta, llama31=None,
+                 backend="cuda"):
+    _check_backend(backend)
     rd, scale, theta, l31 = _check_options(q, k, rotary_dim, rope_scale, rope_theta, llama31)
     return _rope(inplace, q, k, _positions_from_indptr(q, indptr, offsets), rd, interleave, scale, theta, l31)
 
 
-def _pos_ids_form(inplace, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, llama31=None):
+def _pos_ids_form(inplace, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, llama31=None,
+                  backend="cuda"):
+    _check_backend(backend)
     rd, scale, theta, l31 = _check_options(q, k, rotary_dim, rope_scale, rope_theta, llama31)
     _check_pos_ids(pos_ids, q)
     return _rope(inplace, q, k, pos_ids, rd, interleave, scale, theta, l31)
@@ -155,7 +165,10 @@ _OPTIONS = """
         ``None`` means ``head_dim``. The rest of the head is copied (or left) unchanged.
     interleave : bool
         ``False`` (default): rotate-half / GPT-NeoX pairs ``(x[i], x[i + rotary_dim/2])``;
-        ``True``: GPT-J pairs ``(x[2i], x[2i+1])``."""
+        ``True``: GPT-J pairs ``(x[2i], x[2i+1])``.
+    backend : str
+        ``"cuda"`` (default) or ``"cute-dsl"``: FlashInfer's kernel choice, accepted so its calls
+        run unchanged; both run this package's kernel."""
 
 _LINEAR = """
     rope_scale : float
@@ -198,44 +211,44 @@ def _doc(summary: str, *parts: str) -> str:
 # compile to specialise it, while int defaults stay constants.
 
 
-def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _indptr_form(False, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta)
+def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000, backend="cuda") -> Tuple[torch.Tensor, torch.Tensor]:
+    return _indptr_form(False, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta, backend=backend)
 
 
-def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000) -> None:
-    _indptr_form(True, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta)
+def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000, backend="cuda") -> None:
+    _indptr_form(True, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta, backend=backend)
 
 
-def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _pos_ids_form(False, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta)
+def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000, backend="cuda") -> Tuple[torch.Tensor, torch.Tensor]:
+    return _pos_ids_form(False, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, backend=backend)
 
 
-def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000) -> None:
-    _pos_ids_form(True, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta)
+def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=10000, backend="cuda") -> None:
+    _pos_ids_form(True, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, backend=backend)
 
 
 def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=500000,
-                       low_freq_factor=1, high_freq_factor=4, old_context_len=8192) -> Tuple[torch.Tensor, torch.Tensor]:
+                       low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend="cuda") -> Tuple[torch.Tensor, torch.Tensor]:
     return _indptr_form(False, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-                        (low_freq_factor, high_freq_factor, old_context_len))
+                        (low_freq_factor, high_freq_factor, old_context_len), backend)
 
 
 def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=500000,
-                               low_freq_factor=1, high_freq_factor=4, old_context_len=8192) -> None:
+                               low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend="cuda") -> None:
     _indptr_form(True, q, k, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-                 (low_freq_factor, high_freq_factor, old_context_len))
+                 (low_freq_factor, high_freq_factor, old_context_len), backend)
 
 
 def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=500000,
-                               low_freq_factor=1, high_freq_factor=4, old_context_len=8192) -> Tuple[torch.Tensor, torch.Tensor]:
+                               low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend="cuda") -> Tuple[torch.Tensor, torch.Tensor]:
     return _pos_ids_form(False, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta,
-                         (low_freq_factor, high_freq_factor, old_context_len))
+                         (low_freq_factor, high_freq_factor, old_context_len), backend)
 
 
 def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=500000,
-                                       low_freq_factor=1, high_freq_factor=4, old_context_len=8192) -> None:
+                                       low_freq_factor=1, high_freq_factor=4, old_context_len=8192, backend="cuda") -> None:
     _pos_ids_form(True, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta,
-                  (low_freq_factor, high_freq_factor, old_context_len))
+                  (low_freq_factor, high_freq_factor, old_context_len), backend)
 
 
 def _set_docs() -> None:
@@ -282,7 +295,7 @@ def _cache_views(positions, query, key, head_size, cos_sin_cache):
     return q3, k3
 
 
-def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True) -> Tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True, backend="cuda") -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply RoPE with a precomputed cos/sin cache (vLLM / SGLang convention).
 
     Parameters
@@ -304,6 +317,9 @@ def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cach
     is_neox : bool
         ``True`` (default): rotate-half pairs ``(x[i], x[i + rd/2])``; ``False``: interleaved
         GPT-J pairs ``(x[2i], x[2i+1])``.
+    backend : str
+        ``"cuda"`` (default) or ``"cute-dsl"``, accepted as FlashInfer does; both run this
+        package's kernel.
 
     Returns
     -------
@@ -312,12 +328,13 @@ def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cach
     key_out : torch.Tensor
         new contiguous tensor, shape and dtype of ``key``.
     """
+    _check_backend(backend)
     q3, k3 = _cache_views(positions, query, key, head_size, cos_sin_cache)
     q_out, k_out = _ops.rope_cos_sin_cache(q3, k3, positions, cos_sin_cache, not is_neox)
     return q_out.view(query.shape), k_out.view(key.shape)
 
 
-def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache, is_neox=True) -> None:
+def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache, is_neox=True, backend="cuda") -> None:
     """Apply RoPE with a precomputed cos/sin cache in place (vLLM / SGLang convention).
 
     Parameters
@@ -335,12 +352,15 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_
         float32, shape ``[max_position, rotary_dim]``, ``rotary_dim`` even and ``<= head_size``.
     is_neox : bool
         ``True`` (default): rotate-half pairs; ``False``: interleaved pairs.
+    backend : str
+        ``"cuda"`` (default) or ``"cute-dsl"``; both run this package's kernel.
 
     Returns
     -------
     None
         ``query`` and ``key`` are updated in place (first ``rotary_dim`` dims of each head).
     """
+    _check_backend(backend)
     q3, k3 = _cache_views(positions, query, key, head_size, cos_sin_cache)
     _ops.rope_cos_sin_cache_inplace(q3, k3, positions, cos_sin_cache, not is_neox)
 
