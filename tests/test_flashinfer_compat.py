@@ -141,6 +141,9 @@ SPEC = {
     "cascade:MultiLevelCascadeAttentionWrapper.run": "self, q, paged_kv_cache",
     # moe.md §3, §7
     "activation:silu_and_mul": "input, out=None, enable_pdl=None",
+    # (the two GELU forms: FlashInfer's flashinfer.activation signatures, beside the spec's silu)
+    "activation:gelu_and_mul": "input, out=None, enable_pdl=None",
+    "activation:gelu_tanh_and_mul": "input, out=None, enable_pdl=None",
     "fused_moe:fused_topk_deepseek": "scores, bias, n_group, topk_group, topk, routed_scaling_factor, topk_values, "
                                      "topk_indices, launch_with_pdl=True, routing_replay_out=None, *, "
                                      "backend='default'",
@@ -200,7 +203,7 @@ TOP_LEVEL = {
              "apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
              "apply_llama31_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
              "apply_rope_with_cos_sin_cache_inplace"],
-    "activation": ["silu_and_mul"],
+    "activation": ["silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"],
     "fused_moe": ["cutlass_fused_moe", "RoutingMethodType"],
 }
 
@@ -416,7 +419,7 @@ import importlib.util, math
 import torch
 import flashinfer
 import flashinfer.triton.cascade
-from flashinfer.activation import silu_and_mul
+from flashinfer.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from flashinfer.cascade import merge_state
 from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashinfer.fused_moe import RoutingMethodType, cutlass_fused_moe
@@ -494,6 +497,10 @@ assert torch.allclose(vo[0], o[1], atol=1e-5) and torch.allclose(vl[0], lse[1], 
 # activation and the CUTLASS-style MoE entry point (fc1 = [up; gate])
 x = rnd(3, 2 * 8)
 assert torch.allclose(silu_and_mul(x), torch.nn.functional.silu(x[:, :8]) * x[:, 8:], atol=1e-6), "silu_and_mul"
+for fn, approximate in ((gelu_and_mul, "none"), (flashinfer.gelu_tanh_and_mul, "tanh")):
+    assert torch.allclose(fn(x), torch.nn.functional.gelu(x[:, :8], approximate=approximate) * x[:, 8:],
+                          atol=1e-6), fn.__name__
+assert flashinfer.gelu_tanh_and_mul is gelu_tanh_and_mul
 T, H, I, E = 3, 16, 8, 4
 hs = rnd(T, H)
 ids = torch.tensor([[0, 2], [3, 1], [2, 0]], dtype=torch.int32)

@@ -1,4 +1,5 @@
-"""The ``moe`` compute family: grouped GEMM, silu_and_mul, moe_sum, fused_moe, cutlass shim.
+"""The ``moe`` compute family: grouped GEMM, silu_and_mul (and gelu_and_mul, gelu_tanh_and_mul),
+moe_sum, fused_moe, cutlass shim.
 
 On CPU the Triton kernels run in the interpreter (tiny H/I, E 4-16); every op is also run
 through the plain-PyTorch CPU backend. Oracles: ``reference.moe`` (fp32), the alignment oracle
@@ -75,32 +76,56 @@ def check_layer(name, out, x, w1, w2, tw, ids, *, pipeline=True, B=16, **kw):
         assert_close(f"{name} vs pipeline", out, pipe.float(), **tol)
 
 
-# ----------------------------------------------------------------------------- silu_and_mul
+# ------------------------------------------------------- silu_and_mul, gelu(_tanh)_and_mul
+# public function -> fp32 oracle; the three share one kernel (ACT) and one argument check
+ACT_AND_MUL = {
+    "silu_and_mul": (fo.silu_and_mul, ref.ref_silu_and_mul),
+    "gelu_and_mul": (fo.gelu_and_mul, lambda h: ref.ref_gelu_and_mul(h, False)),
+    "gelu_tanh_and_mul": (fo.gelu_tanh_and_mul, lambda h: ref.ref_gelu_and_mul(h, True)),
+}
+
+
+def _act_input(*shape, generator, dtype, device):
+    """``randn * 3`` (never 0) with the gate half of the first row swept over [-12, 12] (odd points
+    of an even sweep: no exact 0): past |x| ~ 10 the tanh form's exp2 overflows to inf (or
+    underflows to 0), the erf form saturates."""
+    x = torch.randn(*shape, generator=generator) * 3
+    d = shape[-1] // 2
+    if x.numel():
+        x.view(-1, shape[-1])[0, :d] = torch.linspace(-12, 12, 2 * d)[1::2]
+    return x.to(device, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the interpreter's inf: intended
+@pytest.mark.parametrize("name", sorted(ACT_AND_MUL))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("shape", [(7, 48), (2, 3, 20), (0, 16), (5, 2), (3, 0), (0,)], ids=lambda s: "x".join(map(str, s)))
-def test_silu_and_mul(device, backend, dtype, shape):
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(*shape, generator=g) * 3).to(device, dtype)
+def test_act_and_mul(device, backend, name, dtype, shape):
+    fn, oracle = ACT_AND_MUL[name]
+    x = _act_input(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype, device=device)
     with poisoned_allocations():
-        y = fo.silu_and_mul(x)
+        y = fn(x)
     assert y.shape == (*shape[:-1], shape[-1] // 2) and y.dtype == dtype and y.is_contiguous()
-    assert_close("silu_and_mul", y, ref.ref_silu_and_mul(x.float().cpu()).to(dtype))
+    assert_close(name, y, oracle(x.float().cpu()).to(dtype))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the interpreter's inf: intended
+@pytest.mark.parametrize("name", sorted(ACT_AND_MUL))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
-def test_silu_and_mul_out_strided(device, backend, dtype):
+def test_act_and_mul_out_strided(device, backend, name, dtype):
     """Row-strided input, out= given (poisoned, written in place and returned), and an out whose
     leading dims cannot be flattened."""
+    fn, oracle = ACT_AND_MUL[name]
     g = torch.Generator().manual_seed(2)
-    big = torch.randn(6, 40, generator=g).to(device, dtype)
+    big = _act_input(6, 40, generator=g, dtype=dtype, device=device)
     x = big[:, :24]  # row stride 40
     out = poison(6, 12, dtype=dtype, device=device)
-    assert fo.silu_and_mul(x, out=out, enable_pdl=True) is out
-    assert_close("silu_and_mul out=", out, ref.ref_silu_and_mul(x.float().cpu()).to(dtype))
+    assert fn(x, out=out, enable_pdl=True) is out
+    assert_close(f"{name} out=", out, oracle(x.float().cpu()).to(dtype))
     out3 = poison(3, 4, 10, dtype=dtype, device=device).transpose(0, 1)  # [4, 3, 10], not flattenable
-    x3 = torch.randn(4, 3, 20, generator=g).to(device, dtype)
-    fo.silu_and_mul(x3, out=out3)
-    assert_close("silu_and_mul out= transposed", out3, ref.ref_silu_and_mul(x3.float().cpu()).to(dtype))
+    x3 = _act_input(4, 3, 20, generator=g, dtype=dtype, device=device)
+    fn(x3, out=out3)
+    assert_close(f"{name} out= transposed", out3, oracle(x3.float().cpu()).to(dtype))
 
 
 # ----------------------------------------------------------------------------------- moe_sum
@@ -800,13 +825,16 @@ def _op_samples(device):
         "moe_grouped_gemm": [(x, w1, sid, eid, ntp, 16, 2, tw, True), (x, w1, sid, eid, ntp, 16, 2, None, False)],
         "silu_and_mul": [(h,)],
         "silu_and_mul_out": [(h, torch.empty(3, 2, 8, device=device))],
+        "gelu_and_mul": [(h,), (h, True)],
+        "gelu_and_mul_out": [(h, torch.empty(3, 2, 8, device=device)), (h, torch.empty(3, 2, 8, device=device), True)],
         "moe_sum": [(torch.randn(4, 3, 8, device=device), 2.0)],
         "fused_moe": [(x, w1, w2, tw, ids, "silu", False, 1.5, None, -1),
                       (xd, w1d, w2d, twd, idsd, "silu", False, 1.0, torch.arange(8, dtype=torch.int32, device=device), 8)],
     }
 
 
-@pytest.mark.parametrize("name", ["moe_grouped_gemm", "silu_and_mul", "silu_and_mul_out", "moe_sum", "fused_moe"])
+@pytest.mark.parametrize("name", ["moe_grouped_gemm", "silu_and_mul", "silu_and_mul_out", "gelu_and_mul",
+                                  "gelu_and_mul_out", "moe_sum", "fused_moe"])
 def test_opcheck(device, name):
     op = getattr(torch.ops.flashops, name).default
     for args in _op_samples(device)[name]:
@@ -829,17 +857,21 @@ def test_compile_fused_moe_dynamic_no_recompile(device):
     assert cc.graph_ops() == ["flashops.fused_moe.default"]
 
 
-def test_compile_silu_and_mul_out_visible(device):
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")
+@pytest.mark.parametrize("name", sorted(ACT_AND_MUL))
+def test_compile_act_and_mul_out_visible(device, name):
+    fn, oracle = ACT_AND_MUL[name]
+
     def f(h, out):
-        fo.silu_and_mul(h, out=out)
+        fn(h, out=out)
         return fo.moe_sum(out.view(out.shape[0], 1, -1))
 
     cc = CompileCounter(f, dynamic=True)
     for T in (3, 5):
-        h = torch.randn(T, 16, device=device)
+        h = _act_input(T, 16, generator=torch.Generator().manual_seed(T), dtype=torch.float32, device=device)
         out = poison(T, 8, device=device)
         s = cc(h, out)
-        assert_close("out written under compile", out, ref.ref_silu_and_mul(h.cpu()))
+        assert_close("out written under compile", out, oracle(h.cpu()))
         assert_close("moe_sum of it", s, out)
     assert cc.frames == 1
 
@@ -901,13 +933,15 @@ def test_grouped_gemm_and_helpers_bad_input(device):
     finally:
         _config.set_checks(old)
     h = torch.randn(3, 7, device=device)
-    _bad("^input:", fo.silu_and_mul, h)
-    out = poison(3, 4, device=device)
-    _bad("^out:", fo.silu_and_mul, torch.randn(3, 10, device=device), out=out)
-    assert torch.isnan(out).all()  # nothing written
-    _bad("^out:", fo.silu_and_mul, torch.randn(3, 8, device=device), out=out.half())
-    _bad("^out: has internally overlapping", fo.silu_and_mul, torch.randn(3, 10, device=device),
-         out=poison(1, 5, device=device).expand(3, 5))
+    for fn, _ in ACT_AND_MUL.values():
+        _bad("^input: last dim must be even", fn, h)
+        _bad("^input:", fn, h[:, :6].int())
+        out = poison(3, 4, device=device)
+        _bad("^out: shape \\(3, 4\\) must be \\(3, 5\\)", fn, torch.randn(3, 10, device=device), out=out)
+        assert torch.isnan(out).all()  # nothing written
+        _bad("^out: dtype torch.float16 must match", fn, torch.randn(3, 8, device=device), out=out.half())
+        _bad("^out: has internally overlapping", fn, torch.randn(3, 10, device=device),
+             out=poison(1, 5, device=device).expand(3, 5))
     _bad("^w: dtype torch.float16 must match a's torch.float32", fo.moe_grouped_gemm, a, w.half(), sid, eid, ntp, 16, 2)
     _bad("^input:", fo.moe_sum, torch.randn(3, 8, device=device))
 
@@ -1072,7 +1106,9 @@ def test_selfcheck(device):
     from torch_flashops import _selfcheck
 
     results = _selfcheck._CHECKS["moe"](device)
-    assert {r.op for r in results} == {"silu_and_mul", "silu_and_mul_out", "moe_sum", "moe_grouped_gemm", "fused_moe"}
+    assert {r.op for r in results} == {"silu_and_mul", "silu_and_mul_out", "gelu_and_mul", "gelu_and_mul_out",
+                                       "gelu_tanh_and_mul", "gelu_tanh_and_mul_out", "moe_sum", "moe_grouped_gemm",
+                                       "fused_moe"}
     for r in results:
         assert r.ok, r
 
@@ -1521,6 +1557,12 @@ class TestSchemas(SchemaTestCase):
 
     def test_silu_and_mul_out(self):
         self.assertExpectedInline(self._schema("silu_and_mul_out"), """flashops::silu_and_mul_out(Tensor input, Tensor(a!) out) -> ()""")
+
+    def test_gelu_and_mul(self):
+        self.assertExpectedInline(self._schema("gelu_and_mul"), """flashops::gelu_and_mul(Tensor input, bool approximate_tanh=False) -> Tensor""")
+
+    def test_gelu_and_mul_out(self):
+        self.assertExpectedInline(self._schema("gelu_and_mul_out"), """flashops::gelu_and_mul_out(Tensor input, Tensor(a!) out, bool approximate_tanh=False) -> ()""")
 
     def test_moe_sum(self):
         self.assertExpectedInline(self._schema("moe_sum"), """flashops::moe_sum(Tensor input, float routed_scaling_factor=1.) -> Tensor""")

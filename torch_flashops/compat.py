@@ -51,7 +51,7 @@ FLASHINFER_MODULES = {
                                       "apply_llama31_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
                                       "apply_rope_with_cos_sin_cache_inplace"]),
     "quantization": ("torch_flashops.quantization", ["packbits", "segment_packbits"]),
-    "activation": ("torch_flashops.activation", ["silu_and_mul"]),
+    "activation": ("torch_flashops.activation", ["silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]),
     "fused_moe": (None, ["cutlass_fused_moe", "RoutingMethodType", "fused_topk_deepseek"]),
     "moe_utils": ("torch_flashops.moe_utils", ["moe_sort", "moe_permute", "moe_unpermute", "allocate_moe_sort_buffers",
                                                 "get_max_num_tiles", "get_max_num_permuted_tokens"]),

@@ -1,5 +1,6 @@
-"""Mixture-of-Experts layer compute (spec/moe.md §3-§7): grouped GEMM, ``silu_and_mul``,
-``moe_sum``, the whole-layer ``fused_moe`` and FlashInfer's ``cutlass_fused_moe`` name.
+"""Mixture-of-Experts layer compute (spec/moe.md §3-§7): grouped GEMM, ``silu_and_mul`` (and
+FlashInfer's ``gelu_and_mul`` / ``gelu_tanh_and_mul``), ``moe_sum``, the whole-layer
+``fused_moe`` and FlashInfer's ``cutlass_fused_moe`` name.
 
 The contract is vLLM/SGLang's: ``w1 [E, 2I, H]`` is ``[gate; up]``, ``w2 [E, H, I]``, ids of -1
 are skipped pairs. Routing (``topk_softmax``, ``grouped_topk``...) and ``moe_align_block_size``
@@ -21,7 +22,8 @@ from .ops import moe as ops
 # FlashInfer keeps these routing entry points in flashinfer.fused_moe as well.
 from .moe_routing import RoutingMethodType, fused_topk_deepseek  # noqa: F401
 
-__all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "moe_sum", "cutlass_fused_moe",
+__all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "moe_sum",
+           "cutlass_fused_moe",
            "RoutingMethodType", "fused_topk_deepseek"]
 
 _MOE_DTYPES = FLOAT_DTYPES  # bf16, fp16; fp32 for CPU tests
@@ -197,8 +199,7 @@ def moe_grouped_gemm(
                                 topk_weights, mul_routed_weight)
 
 
-def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
-    """``silu(input[..., :d]) * input[..., d:]`` (fp32 math, input's dtype out).
+_ACT_AND_MUL_DOC = """
 
     Parameters
     ----------
@@ -213,17 +214,50 @@ def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable
     -------
     torch.Tensor
         ``[..., d]`` (``out`` when given).
-    """
+"""
+
+
+def _act_and_mul_doc(fn):
+    """The ``*_and_mul`` functions' numpy-style docstring: their own summary, the shared sections."""
+    fn.__doc__ = fn.__doc__.rstrip() + _ACT_AND_MUL_DOC
+    return fn
+
+
+def _act_and_mul(op, op_out, input, out, *args):
+    """The ``*_and_mul`` functions' argument checks, then ``op(input, *args)`` or, with ``out``,
+    ``op_out(input, out, *args)`` (returning ``out``)."""
     check_tensor(input, "input", dtypes=FLOAT_DTYPES)
     expect(input.dim() >= 1 and input.shape[-1] % 2 == 0, "input", lambda: f"last dim must be even, got shape {tuple(input.shape)}")
     if out is None:
-        return ops.silu_and_mul(input)
+        return op(input, *args)
     check_tensor(out, "out", device=input.device)
     expect(out.dtype == input.dtype, "out", "dtype {} must match input's {}", out.dtype, input.dtype)
     want = (*input.shape[:-1], input.shape[-1] // 2)
     expect(tuple(out.shape) == want, "out", lambda: f"shape {tuple(out.shape)} must be {want}")
-    ops.silu_and_mul_out(input, out)
+    op_out(input, out, *args)
     return out
+
+
+@_act_and_mul_doc
+def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    """``silu(input[..., :d]) * input[..., d:]`` (fp32 math, input's dtype out)."""
+    return _act_and_mul(ops.silu_and_mul, ops.silu_and_mul_out, input, out)
+
+
+@_act_and_mul_doc
+def gelu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    """``gelu(input[..., :d]) * input[..., d:]`` with the exact (erf) GELU
+    ``gelu(x) = 0.5 * x * (1 + erf(x / sqrt(2)))`` (fp32 math, input's dtype out)."""
+    return _act_and_mul(ops.gelu_and_mul, ops.gelu_and_mul_out, input, out, False)
+
+
+@_act_and_mul_doc
+def gelu_tanh_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
+                      enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    """``gelu_tanh(input[..., :d]) * input[..., d:]`` with GELU's tanh approximation
+    ``gelu_tanh(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))`` (fp32 math,
+    input's dtype out)."""
+    return _act_and_mul(ops.gelu_and_mul, ops.gelu_and_mul_out, input, out, True)
 
 
 def moe_sum(input: torch.Tensor, routed_scaling_factor: float = 1.0) -> torch.Tensor:
@@ -399,6 +433,12 @@ def _moe_selfcheck(device) -> list[CheckResult]:
     silu_and_mul(h, out=out)
     res.append(CheckResult("silu_and_mul_out", max_abs_err(out, ref.ref_silu_and_mul(h.cpu())), tol,
                            note="into a NaN-filled out="))
+    for name, fn, approx in (("gelu_and_mul", gelu_and_mul, False), ("gelu_tanh_and_mul", gelu_tanh_and_mul, True)):
+        exp = ref.ref_gelu_and_mul(h.cpu(), approx)
+        res.append(CheckResult(name, max_abs_err(fn(h), exp), tol))
+        out = torch.full((T, k, I), float("nan"), dtype=dt, device=device)
+        fn(h, out=out)
+        res.append(CheckResult(f"{name}_out", max_abs_err(out, exp), tol, note="into a NaN-filled out="))
     y = rnd(T, k, H, scale=0.25)
     res.append(CheckResult("moe_sum", max_abs_err(moe_sum(y, 2.5), ref.ref_moe_sum(y.cpu(), 2.5)), tol))
     # the grouped GEMM on a hand-made alignment: block b holds pair b, pair 3's block skipped

@@ -15,6 +15,10 @@ def silu_and_mul_fake(input):
     return input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
 
 
+def gelu_and_mul_fake(input, approximate_tanh=False):
+    return silu_and_mul_fake(input)
+
+
 def moe_sum_fake(input, routed_scaling_factor=1.0):
     return input.new_empty((input.shape[0], input.shape[2]))
 

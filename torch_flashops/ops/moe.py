@@ -6,6 +6,7 @@ Math (spec/moe.md; T tokens, H hidden, I intermediate, E local experts, k = top-
     grouped GEMM   c[i] = (a[i // top_k] @ w[e].T) * (topk_w.flat[i] if mul else 1)
                    for every slot i of an aligned block whose expert e >= 0; c[i] = 0 for e == -1
     silu_and_mul   y[..., c] = silu(h[..., c]) * h[..., d + c]                    (fp32 math)
+    gelu_and_mul   y[..., c] = gelu(h[..., c]) * h[..., d + c]   (erf, or tanh approximation)
     moe_sum        out[t] = rsf * sum_{j = 0..k-1} y[t, j]          (fp32, fixed j order)
     fused_moe      align -> GEMM1 (w1 [E, 2I, H] = [gate; up]) with silu_and_mul fused into its
                    epilogue -> GEMM2 (w2 [E, H, I], times the routing weight) -> moe_sum
@@ -73,7 +74,8 @@ from .._registry import register_op
 from ..meta import moe as meta
 from ..reference import moe as ref
 
-__all__ = ["moe_grouped_gemm", "silu_and_mul", "silu_and_mul_out", "moe_sum", "fused_moe",
+__all__ = ["moe_grouped_gemm", "silu_and_mul", "silu_and_mul_out", "gelu_and_mul", "gelu_and_mul_out",
+           "moe_sum", "fused_moe",
            "GEMM_BLOCK_SIZES", "moe_config", "gemm_config"]
 
 GEMM_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -84,6 +86,30 @@ GEMM_BLOCK_SIZES = (16, 32, 64, 128, 256)
 @triton.jit
 def _silu(x):
     return x / (1.0 + tl.exp(-x))
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+ACT_SILU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2  # _act_and_mul_kernel's ACT
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp2(x * (2.0 * LOG2E))  # overflow to inf gives exactly 1, underflow to 0 exactly -1
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """silu (ACT 0), gelu's erf form (1) or its tanh approximation (2) of fp32 ``x``."""
+    if ACT == 0:
+        y = _silu(x)
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
+    else:
+        y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    return y
 
 
 def _num_ids(expert_map: Optional[torch.Tensor], num_local: int) -> int:
@@ -475,13 +501,13 @@ def _moe_gemm_persistent_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < d
     g = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + d + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (_silu(g) * u).to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + row * stride_y + cols, (_act(g, ACT) * u).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1176,24 +1202,25 @@ def moe_grouped_gemm_cuda(a, w, sorted_token_ids, expert_ids, num_tokens_post_pa
     return c
 
 
-def _silu_and_mul_into(x2, y2):
+def _act_and_mul_into(x2, y2, act):
     rows, d = y2.shape
     if rows == 0 or d == 0:
         return
     block = min(_pow2(d), 1024)
-    _silu_and_mul_kernel[(rows, _cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), BLOCK=block, num_warps=4)
+    _act_and_mul_kernel[(rows, _cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act, BLOCK=block,
+                                                 num_warps=4)
 
 
-def silu_and_mul_cuda(input):
+def _act_and_mul_cuda(input, act):
     d = input.shape[-1] // 2
     out = input.new_empty((*input.shape[:-1], d))
     if out.numel() == 0:  # (a last dim of 0 cannot be flattened to [-1, 0])
         return out
-    _silu_and_mul_into(input.reshape(-1, 2 * d), out.view(-1, d))
+    _act_and_mul_into(input.reshape(-1, 2 * d), out.view(-1, d), act)
     return out
 
 
-def silu_and_mul_out_cuda(input, out):
+def _act_and_mul_out_cuda(input, out, act):
     d = input.shape[-1] // 2
     if out.numel() == 0:
         return
@@ -1201,9 +1228,29 @@ def silu_and_mul_out_cuda(input, out):
     try:
         y2 = out.view(-1, d)
     except RuntimeError:  # leading dims of out not flattenable: compute, then copy in
-        out.copy_(silu_and_mul_cuda(input))
+        out.copy_(_act_and_mul_cuda(input, act))
         return
-    _silu_and_mul_into(x2, y2)
+    _act_and_mul_into(x2, y2, act)
+
+
+def _gelu_act(approximate_tanh):
+    return ACT_GELU_TANH if approximate_tanh else ACT_GELU
+
+
+def silu_and_mul_cuda(input):
+    return _act_and_mul_cuda(input, ACT_SILU)
+
+
+def silu_and_mul_out_cuda(input, out):
+    _act_and_mul_out_cuda(input, out, ACT_SILU)
+
+
+def gelu_and_mul_cuda(input, approximate_tanh=False):
+    return _act_and_mul_cuda(input, _gelu_act(approximate_tanh))
+
+
+def gelu_and_mul_out_cuda(input, out, approximate_tanh=False):
+    _act_and_mul_out_cuda(input, out, _gelu_act(approximate_tanh))
 
 
 def moe_sum_cuda(input, routed_scaling_factor=1.0):
@@ -1622,17 +1669,25 @@ silu_and_mul = register_op(
     cuda=silu_and_mul_cuda, reference=ref.silu_and_mul_cpu, fake=meta.silu_and_mul_fake,
 )
 def _writable_out(fn):
-    """``fn(input, out)`` after rejecting an ``out`` whose elements share memory (checked inside
-    the op, on real tensors, so compiled graphs check it too without tracing the query)."""
-    def checked(input, out):
+    """``fn(input, out, ...)`` after rejecting an ``out`` whose elements share memory (checked
+    inside the op, on real tensors, so compiled graphs check it too without tracing the query)."""
+    def checked(input, out, *args, **kwargs):
         check_writable(out, "out")
-        return fn(input, out)
+        return fn(input, out, *args, **kwargs)
     return checked
 
 
 silu_and_mul_out = register_op(
     "silu_and_mul_out(Tensor input, Tensor out) -> ()",
     cuda=_writable_out(silu_and_mul_out_cuda), reference=_writable_out(ref.silu_and_mul_out_cpu), mutates=["out"],
+)
+gelu_and_mul = register_op(
+    "gelu_and_mul(Tensor input, bool approximate_tanh=False) -> Tensor",
+    cuda=gelu_and_mul_cuda, reference=ref.gelu_and_mul_cpu, fake=meta.gelu_and_mul_fake,
+)
+gelu_and_mul_out = register_op(
+    "gelu_and_mul_out(Tensor input, Tensor out, bool approximate_tanh=False) -> ()",
+    cuda=_writable_out(gelu_and_mul_out_cuda), reference=_writable_out(ref.gelu_and_mul_out_cpu), mutates=["out"],
 )
 moe_sum = register_op(
     "moe_sum(Tensor input, float routed_scaling_factor=1.0) -> Tensor",

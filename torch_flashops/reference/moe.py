@@ -46,6 +46,12 @@ def ref_silu_and_mul(h):
     return (F.silu(h[..., :d].float()) * h[..., d:].float()).to(h.dtype)
 
 
+def ref_gelu_and_mul(h, approximate_tanh=False):
+    d = h.shape[-1] // 2
+    gelu = F.gelu(h[..., :d].float(), approximate="tanh" if approximate_tanh else "none")
+    return (gelu * h[..., d:].float()).to(h.dtype)
+
+
 def ref_moe_sum(x, rsf=1.0):
     return (x.float().sum(1) * rsf).to(x.dtype)
 
@@ -128,6 +134,14 @@ def silu_and_mul_cpu(input):
 
 def silu_and_mul_out_cpu(input, out):
     out.copy_(ref_silu_and_mul(input))
+
+
+def gelu_and_mul_cpu(input, approximate_tanh=False):
+    return ref_gelu_and_mul(input, approximate_tanh).contiguous()
+
+
+def gelu_and_mul_out_cpu(input, out, approximate_tanh=False):
+    out.copy_(ref_gelu_and_mul(input, approximate_tanh))
 
 
 def moe_sum_cpu(input, routed_scaling_factor=1.0):
