@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -48,8 +47,15 @@ def fail_if(cond, name: str, msg: Callable[[], str]) -> None:
     run before every implementation, fakes included: a symbolic size that cannot be decided
     while tracing counts as fine (no guard, no data-dependent error). ``msg`` is a callable so
     the message is only formatted on failure (these checks run on every eager call)."""
-    if cond is not False and guard_or_false(cond):  # (plain bools skip the symbolic check)
-        raise ValueError(f"{name}: {msg()}")
+    if cond is False:
+        return
+    if cond is not True:  # a symbolic condition: only tracing makes them, and tracing loaded this module
+        # (imported here, not at the top: it pulls in sympy, about 0.5 s of `import torch_flashops`)
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+        if not guard_or_false(cond):
+            return
+    raise ValueError(f"{name}: {msg()}")
 
 
 def check_tensor(

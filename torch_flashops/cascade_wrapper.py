@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ._attention_plan import host_only
 from ._checks import expect
 from .cascade import merge_state_in_place
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
@@ -79,7 +80,7 @@ class MultiLevelCascadeAttentionWrapper:
         for w in self._batch_prefill_wrappers:
             w.reset_workspace_buffer(float_workspace_buffer)
 
-    @torch.compiler.disable
+    @host_only
     def plan(self, qo_indptr_arr: Sequence[torch.Tensor], paged_kv_indptr_arr: Sequence[torch.Tensor],
              paged_kv_indices_arr: Sequence[torch.Tensor], paged_kv_last_page_len: Sequence[torch.Tensor],
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False,

@@ -164,7 +164,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
     def use_tensor_cores(self) -> bool:
         return self._use_tensor_cores
 
-    @torch.compiler.disable
+    @P.host_only
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, *args, pos_encoding_mode="NONE", window_left=-1,
              window_right=0, logits_soft_cap=None, q_data_type="float16", kv_data_type=None, o_data_type=None,
