@@ -388,6 +388,12 @@ PLAN_ERRORS = [
     ("last_page_len length", dict(paged_kv_last_page_len=torch.tensor([1], dtype=torch.int32)), ValueError,
      "^paged_kv_last_page_len: length 1"),
     ("empty kv_indptr", dict(paged_kv_indptr=torch.zeros(0, dtype=torch.int32)), ValueError, "^paged_kv_indptr"),
+    # integer options given as floats used to be truncated (2.5 -> 2) or to fail inside Triton
+    ("float head dim", dict(head_dim_qk=16.0), ValueError, "^head_dim_qk: must be an int, got 16.0"),
+    ("float kv heads", dict(num_kv_heads=2.0), ValueError, "^num_kv_heads: must be an int"),
+    ("float page size", dict(page_size=4.0), ValueError, "^page_size: must be an int"),
+    ("no page size", dict(page_size=None), ValueError, "^page_size: must be an int"),
+    ("float window", dict(window_left=2.5), ValueError, "^window_left: must be an int, got 2.5"),
 ]
 
 
@@ -536,6 +542,41 @@ def test_decode_plan_errors(device):
     w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
     with pytest.raises(ValueError, match="q_len_per_req"):
         w.run(b.q, b.cache, q_len_per_req=2)
+    # decode's own argument names (they used to be the paged prefill's: head_dim_qk, paged_kv_indices)
+    with pytest.raises(ValueError, match="^head_dim: must be an int"):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16.0, 4, q_data_type="float32")
+    with pytest.raises(ValueError, match="^q_len_per_req: must be an int"):
+        w.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32", q_len_per_req=1.0)
+    g = _graph_wrapper(device, 2, 3, "decode")
+    with pytest.raises(ValueError, match="^indices: has 4 entries, more than its CUDA-graph buffer holds"):
+        g.plan(b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4, q_data_type="float32")
+    c = Batch([1] * 3, [2, 3, 4], page_size=4, Hq=4, Hkv=2, D=16, seed=6, device=device)
+    with pytest.raises(ValueError, match="^indptr: batch size 3 differs from the CUDA-graph batch size 2"):
+        g.plan(c.kv_indptr, c.kv_indices, c.last, 4, 2, 16, 4, q_data_type="float32")
+    old = fi.checks_enabled()
+    fi.set_checks(True)
+    try:
+        w.plan(b.kv_indptr, b.kv_indices + 100, b.last, 4, 2, 16, 4, q_data_type="float32")
+        with pytest.raises(ValueError, match="^indices: values must lie in"):
+            w.run(b.q, b.cache)
+    finally:
+        fi.set_checks(old)
+
+
+def test_decode_plan_option_given_twice(device):
+    """An option passed both positionally (FlashInfer's deprecated order) and by keyword is a
+    TypeError even when the keyword holds the default (it used to win silently or lose silently)."""
+    b = Batch([1], [7], page_size=4, Hq=4, Hkv=2, D=16, seed=7, device=device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    base = (b.kv_indptr, b.kv_indices, b.last, 4, 2, 16, 4)
+    with pytest.raises(TypeError, match="multiple values for argument 'pos_encoding_mode'"):
+        w.plan(*base, "ALIBI", pos_encoding_mode="NONE", q_data_type="float32")
+    with pytest.raises(TypeError, match="multiple values for argument 'window_left'"):
+        w.plan(*base, "NONE", 5, window_left=-1, q_data_type="float32")
+    with pytest.warns(DeprecationWarning):  # no overlap: fine
+        w.plan(*base, "NONE", 5, logits_soft_cap=2.0, q_data_type="float32")
+    check_attention("positional window, keyword cap", w.run(b.q, b.cache), None,
+                    *b.oracle(window_left=5, logits_soft_cap=2.0), torch.float32)
 
 
 # --------------------------------------------------------------------------- self-check
@@ -857,12 +898,12 @@ def test_failed_plan_leaves_the_previous_plan(device):
                 plan(c, **bad)
             o, lse = w.run(a.q, a.cache, return_lse=True)
             check_attention(f"{type(w).__name__} after failed plan {bad}", o, lse, ro, rl, torch.float32)
-    # CUDA-graph decode: 23 page ids for a 16-entry buffer
+    # CUDA-graph decode: 24 page ids for a 16-entry buffer (decode names them indices)
     ind, idx, last = (torch.zeros(n, dtype=torch.int32, device=device) for n in (4, 16, 3))
     w = fi.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(workspace(device), ind, idx, last)
     w.plan(a.dev(a.kv_indptr), a.dev(a.kv_indices), a.dev(a.last), 4, 1, 16, 4, q_data_type="float32")
     before = [t.clone() for t in (ind, idx, last, *w._t.work, )]
-    with pytest.raises(ValueError, match="paged_kv_indices"):
+    with pytest.raises(ValueError, match="^indices: has 24 entries, more than its CUDA-graph buffer holds \\(16\\)"):
         w.plan(c.dev(c.kv_indptr), c.dev(c.kv_indices), c.dev(c.last), 4, 1, 16, 4, q_data_type="float32")
     assert all(torch.equal(x, y) for x, y in zip(before, (ind, idx, last, *w._t.work)))
     o, lse = w.run(a.q, a.cache, return_lse=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "reject",
     "resolve_sm_scale",
     "check_window_left",
+    "check_int",
     "check_soft_cap",
     "rope_defaults",
     "check_lse_base",
@@ -124,8 +126,16 @@ def scalar_scale(x, name: str) -> float:
     return float(x)
 
 
+def check_int(value, name: str) -> int:
+    """An integer option (Python or numpy int; a SymInt while tracing) as ``int``. Floats and
+    bools are refused by name: ``int(2.5)`` would quietly plan a different value."""
+    expect(isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool), name,
+           "must be an int, got {!r}", value)
+    return int(value)
+
+
 def check_window_left(window_left, name: str = "window_left") -> int:
-    w = -1 if window_left is None else int(window_left)
+    w = -1 if window_left is None else check_int(window_left, name)
     expect(w >= -1, name, "must be >= -1 (-1 = no window), got {}", w)
     return w
 

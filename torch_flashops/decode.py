@@ -9,7 +9,7 @@ the batch alone cannot fill the GPU, then merged deterministically.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 import warnings
 from typing import Any, Optional, Tuple, Union
 
@@ -110,6 +110,19 @@ _PLAN_POSITIONAL = ("pos_encoding_mode", "window_left", "logits_soft_cap", "q_da
                     "block_tables", "seq_lens", "fixed_split_size", "disable_split_kv", "q_len_per_req")
 
 
+def _no_duplicate_options(plan):
+    """``plan()`` options given after ``page_size`` both positionally (FlashInfer's deprecated
+    order) and by keyword raise ``TypeError``, as Python does for declared parameters; the
+    signature alone cannot tell a keyword from its default."""
+    @functools.wraps(plan)
+    def checked(self, *args, **kwargs):
+        for name in _PLAN_POSITIONAL[:max(0, len(args) - 7)]:
+            if name in kwargs:
+                raise TypeError(f"plan() got multiple values for argument {name!r}")
+        return plan(self, *args, **kwargs)
+    return checked
+
+
 class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
     """Batch decode attention over a paged KV cache (FlashInfer-compatible).
 
@@ -133,6 +146,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
     """
 
     _forward_takes_causal = False  # FlashInfer's decode forward() has no causal: it follows q_len_per_req
+    _ARG_NAMES = dict(batch="indptr", head_dim_qk="head_dim", kv_indptr="indptr", kv_indices="indices",
+                      last_page_len="last_page_len")
     _FORWARD_POSITIONAL = ("pos_encoding_mode", "q_scale", "k_scale", "v_scale", "window_left", "logits_soft_cap",
                            "sm_scale", "rope_scale", "rope_theta")
 
@@ -165,6 +180,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         return self._use_tensor_cores
 
     @P.host_only
+    @_no_duplicate_options
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, *args, pos_encoding_mode="NONE", window_left=-1,
              window_right=0, logits_soft_cap=None, q_data_type="float16", kv_data_type=None, o_data_type=None,
@@ -185,10 +201,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
             expect(len(args) <= len(_PLAN_POSITIONAL), "plan", "takes at most {} positional arguments", 7 + len(_PLAN_POSITIONAL))
             warnings.warn("BatchDecodeWithPagedKVCacheWrapper.plan: passing options after page_size positionally is "
                           "deprecated; pass them by keyword", DeprecationWarning, stacklevel=2)
-            params = inspect.signature(BatchDecodeWithPagedKVCacheWrapper.plan).parameters
-            for name, value in zip(_PLAN_POSITIONAL, args):
-                if kwargs[name] is not params[name].default:
-                    raise TypeError(f"plan() got multiple values for argument {name!r}")
+            for name, value in zip(_PLAN_POSITIONAL, args):  # (_no_duplicate_options saw no keyword twice)
                 kwargs[name] = value
         self._plan_decode(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kwargs)
 
@@ -200,7 +213,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         P.reject(block_tables=block_tables, seq_lens=seq_lens)
         if window_right != 0:
             raise NotImplementedError("window_right != 0 is not supported (the right window is the causal bound)")
-        L = int(q_len_per_req)
+        L = P.check_int(q_len_per_req, "q_len_per_req")
         expect(L >= 1, "q_len_per_req", "must be >= 1, got {}", L)
         if L > 1:
             expect(self._use_tensor_cores, "q_len_per_req", "> 1 requires use_tensor_cores=True (as FlashInfer)")
@@ -213,7 +226,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         kv_indptr_h = P.to_host_int(indptr, "indptr")
         last_h = P.to_host_int(last_page_len, "last_page_len")
         P.check_page_ids(indices, "indices")
-        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, indices.shape[0], int(page_size), indptr_name="indptr",
+        page_size = P.check_int(page_size, "page_size")
+        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, indices.shape[0], page_size, indptr_name="indptr",
                                          last_name="last_page_len", indices_name="indices")
         B = last_h.size
         live = kv_lens_h[kv_lens_h > 0]  # requests without pages (CUDA-graph padding) have no rows to check

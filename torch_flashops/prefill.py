@@ -251,6 +251,9 @@ class _BatchAttention:
     _paged = True
     _name = "wrapper"
     _uniform_rows = False  # every request has the same number of query rows (decode: q_len_per_req)
+    # plan() argument names the shared checks report (decode's plan() has its own)
+    _ARG_NAMES = dict(batch="qo_indptr", head_dim_qk="head_dim_qk", kv_indptr="paged_kv_indptr",
+                      kv_indices="paged_kv_indices", last_page_len="paged_kv_last_page_len")
 
     def _init_common(self, float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs=None):
         _check_workspace(float_workspace_buffer)
@@ -507,12 +510,16 @@ class _BatchAttention:
         the frozen scalars. Every check runs first (``index_check(self)``: the KV index tensors fit their
         CUDA-graph buffers), so a plan that fails leaves the previous plan and its buffers as they
         were; only then are buffers written."""
+        names = self._ARG_NAMES
+        num_qo_heads = P.check_int(num_qo_heads, "num_qo_heads")
+        num_kv_heads = P.check_int(num_kv_heads, "num_kv_heads")
+        head_dim_qk = P.check_int(head_dim_qk, names["head_dim_qk"])
+        head_dim_vo = head_dim_qk if head_dim_vo is None else P.check_int(head_dim_vo, "head_dim_vo")
         soft_cap = P.check_soft_cap(logits_soft_cap)
         rs, rt = P.rope_defaults(rope_scale, rope_theta)
         sm = P.resolve_sm_scale(sm_scale, head_dim_qk)
         check_heads(num_qo_heads, num_kv_heads)
-        check_head_dim(head_dim_qk, "head_dim_qk")
-        head_dim_vo = head_dim_qk if head_dim_vo is None else head_dim_vo
+        check_head_dim(head_dim_qk, names["head_dim_qk"])
         check_head_dim(head_dim_vo, "head_dim_vo")
         check_pos_encoding_mode(pos_encoding_mode)
         window = P.check_window_left(window_left)
@@ -525,7 +532,7 @@ class _BatchAttention:
         B = qo_h.size - 1
         dev = self.device
         if self._use_cuda_graph:
-            expect(B == self._fixed_batch_size, "qo_indptr",
+            expect(B == self._fixed_batch_size, names["batch"],
                    "batch size {} differs from the CUDA-graph batch size {}", B, self._fixed_batch_size)
         has_mask = custom_mask is not None or packed_custom_mask is not None
         block_m, sched, freeze = self._schedule(qo_h, kv_lens_h, num_qo_heads=num_qo_heads,
@@ -537,7 +544,7 @@ class _BatchAttention:
                                                 page_size=page_size)
         packed, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, np.diff(qo_h), kv_lens_h)
         if self._use_cuda_graph:
-            P.check_fits(self._qo_indptr_buf, qo_h.size, "qo_indptr")
+            P.check_fits(self._qo_indptr_buf, qo_h.size, names["batch"])
             if index_check is not None:
                 index_check(self)
         # ---- commit: nothing below is expected to fail; if it does, the wrapper is left unplanned
@@ -579,8 +586,9 @@ class _BatchAttention:
     def _plan_paged(self, qo_h, kv_indptr_h, kv_lens_h, kv_indices, last_page_len, *, page_size, fixed_split_size,
                     **options):
         """Plan over a page table (shared by the paged prefill and the decode wrappers)."""
-        expect(int(page_size) >= 1, "page_size", "must be >= 1, got {}", page_size)
-        page_size = int(page_size)
+        page_size = P.check_int(page_size, "page_size")
+        expect(page_size >= 1, "page_size", "must be >= 1, got {}", page_size)
+        names = self._ARG_NAMES
 
         # (these take the wrapper as an argument: kept for forward()'s re-plan, they must not hold it)
         def index_tensors(w, dev):
@@ -597,9 +605,9 @@ class _BatchAttention:
             return dict(kv_indptr=w._paged_kv_indptr_buf, kv_indices=w._paged_kv_indices_buf, kv_lens=w._kv_lens_buf)
 
         def index_check(w):
-            P.check_fits(w._paged_kv_indptr_buf, kv_indptr_h.size, "paged_kv_indptr")
-            P.check_fits(w._paged_kv_indices_buf, kv_indices.numel(), "paged_kv_indices")
-            P.check_fits(w._paged_kv_last_page_len_buf, last_page_len.size, "paged_kv_last_page_len")
+            P.check_fits(w._paged_kv_indptr_buf, kv_indptr_h.size, names["kv_indptr"])
+            P.check_fits(w._paged_kv_indices_buf, kv_indices.numel(), names["kv_indices"])
+            P.check_fits(w._paged_kv_last_page_len_buf, last_page_len.size, names["last_page_len"])
 
         fixed_split_size = _fixed_split(fixed_split_size)
         fixed_keys = None if fixed_split_size is None else fixed_split_size * page_size
@@ -641,7 +649,7 @@ class _BatchAttention:
     def _checked_page_ids(self, kv):
         if checks_enabled() and self._paged:
             n = self._plan.nnz_pages
-            check_range_values(self._tensors().kv_indices[:n], "paged_kv_indices", 0, kv.num_pages)
+            check_range_values(self._tensors().kv_indices[:n], self._ARG_NAMES["kv_indices"], 0, kv.num_pages)
 
 
 
@@ -776,7 +784,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         B = kv_indptr_h.size - 1  # (the page table's batch; qo_indptr and last_page_len must agree)
         P.validate_qo_indptr(qo_h, B)
         P.check_page_ids(paged_kv_indices, "paged_kv_indices")
-        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], int(page_size))
+        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], P.check_int(page_size, "page_size"))
         self._plan_paged(qo_h, kv_indptr_h, kv_lens_h, paged_kv_indices, last_h,
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                          head_dim_vo=head_dim_vo, page_size=page_size, custom_mask=custom_mask,
