@@ -728,11 +728,12 @@ def test_strided_operands_past_int32():
 
 
 @pytest.mark.parametrize("path", ["decode", "pairs", "aligned"])
-def test_out_of_range_ids_stay_in_bounds(path, device, monkeypatch):
+def test_out_of_range_ids_stay_in_bounds(path, device, backend, monkeypatch):
     """Unchecked mode, ids outside the contract (>= E, <= -2, past the expert map, map entries
     past the local experts): such pairs are skipped on every path (the one-launch decode kernel,
     the pair-path GEMMs, the aligned path), never read past the weights. w1/w2 are views of
-    larger buffers, so a read past them would add real numbers."""
+    larger buffers, so a read past them would add real numbers. The CPU reference backend skips
+    them too (it used to raise an IndexError)."""
     H, I, E, k = 32, 16, 16, 3
     T = 6 if path == "aligned" else 1
     assert ops._pairs_rule(T, k, E) == (path != "aligned")
@@ -797,6 +798,8 @@ def test_cutlass_fused_moe(device):
     for kw in (dict(profile_ids=[0, 1]), dict(use_wfp4afp8_humming=True)):
         with pytest.raises(NotImplementedError, match=next(iter(kw))):
             fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, **kw)
+    with pytest.raises(ValueError, match="^output_dtype: must be one of"):  # (it used to cast to int32)
+        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.int32)
     # errors name this function's arguments, not fused_moe's
     _bad("^fc2_expert_weights: shape", fo.cutlass_fused_moe, x, ids, tw, fc1, w2[:, :, :8], torch.float32)
     _bad("^fc1_expert_weights: dtype", fo.cutlass_fused_moe, x, ids, tw, fc1.half(), w2, torch.float32)
@@ -813,6 +816,26 @@ def test_cutlass_fused_moe(device):
     # ids strided as fused_moe accepts them
     strided = fo.cutlass_fused_moe(x, ids.t().contiguous().t(), tw, fc1, w2, torch.float32)[0]
     assert_close("strided ids", strided, fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0], atol=0, rtol=0)
+
+
+def test_numpy_ints_and_none_scale(device, backend):
+    """Sizes read from a config with numpy (np.int64 top_k) act as the ints they hold, and
+    routed_scaling_factor=None (SGLang's default) means 1; a non-number is refused by name."""
+    import numpy as np
+
+    T, H, I, E, k = 5, 16, 8, 4, 2
+    x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.float32, device, seed=31)
+    want = fused_moe(x, w1, w2, tw, ids)
+    assert torch.equal(fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=None), want)
+    assert_close("np.float32 scale", fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=np.float32(2.0)), 2 * want,
+                 **MOE_TOL[torch.float32])
+    y = torch.randn(T, k, H, device=device)
+    assert torch.equal(fo.moe_sum(y, None), fo.moe_sum(y))
+    _bad("^routed_scaling_factor: must be a number or None", fo.moe_sum, y, "2")
+    sid, eid, ntp = fo.moe_align_block_size(ids, 16, E)
+    assert torch.equal(fo.moe_grouped_gemm(x, w1, sid, eid, ntp, 16, np.int64(k)),
+                       fo.moe_grouped_gemm(x, w1, sid, eid, ntp, 16, k))
+    _bad("^top_k: must be a positive int", fo.moe_grouped_gemm, x, w1, sid, eid, ntp, 16, 2.0)
 
 
 # ---------------------------------------------------------------------------------- opcheck

@@ -506,6 +506,15 @@ def test_moe_sort_permute_unpermute(ep, device):
             assert torch.equal(permuted[p].cpu(), x[e // k].cpu())
         else:
             assert torch.isnan(permuted[p]).all()
+    # no tile row limits at all: nothing is copied (it used to be an IndexError)
+    untouched = permuted.clone()
+    fo.moe_permute(x, permuted, mn_limit[:0], p2e, n_tiles, M, k, B)
+    torch.testing.assert_close(permuted, untouched, atol=0, rtol=0, equal_nan=True)
+    # a numpy tile size (read from a config) acts as the int it holds
+    import numpy as np
+
+    again = fo.moe_sort(ids, scales, E, k, local_expert_offset=off, num_local_experts=L, tile_tokens_dim=np.int64(B))
+    assert all(torch.equal(a, b) for a, b in zip(again, out))
     y = torch.randn(M, H, device=device)
     outp = torch.full((T + 2, H), 7.0, device=device)
     fo.moe_unpermute(y, outp, e2p, scales, T, k)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 
 from torch._compile import _disable_dynamo
 
-from ._checks import FLOAT_DTYPES, check_indptr_values, expect, reject_fp8
+from ._checks import FLOAT_DTYPES, check_indptr_values, expect, is_int, reject_fp8
 from .meta.attention import check_pos_encoding_mode
 from .ops import attention as attn_ops
 
@@ -129,8 +128,7 @@ def scalar_scale(x, name: str) -> float:
 def check_int(value, name: str) -> int:
     """An integer option (Python or numpy int; a SymInt while tracing) as ``int``. Floats and
     bools are refused by name: ``int(2.5)`` would quietly plan a different value."""
-    expect(isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool), name,
-           "must be an int, got {!r}", value)
+    expect(is_int(value), name, "must be an int, got {!r}", value)
     return int(value)
 
 

@@ -7,6 +7,7 @@ argument's name.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +17,11 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 FP8_DTYPES = tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
 )
+
+
+def is_int(x) -> bool:
+    """A Python or numpy integer (or a SymInt while tracing), not a bool or a float."""
+    return isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool)
 
 
 def reject_fp8(x, name: str) -> None:

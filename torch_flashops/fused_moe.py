@@ -11,12 +11,13 @@ the vLLM-style layer function is ``torch_flashops.fused_moe.fused_moe``.
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional
 
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect, is_int
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .ops import moe as ops
 # FlashInfer keeps these routing entry points in flashinfer.fused_moe as well.
@@ -29,10 +30,17 @@ __all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "gelu_and_mul", "gel
 _MOE_DTYPES = FLOAT_DTYPES  # bf16, fp16; fp32 for CPU tests
 
 
-def _static_float(v: float) -> float:
-    """The default 1.0 as a literal: torch.compile turns a float *default argument* into a
-    symbolic float, which makes Inductor restart the whole trace (seen on torch 2.13)."""
-    return 1.0 if v == 1.0 else v
+def _static_float(v, name: str = "routed_scaling_factor") -> float:
+    """The scale as a float, None meaning 1.0 (SGLang's default), and the default 1.0 as a
+    literal: torch.compile turns a float *default argument* into a symbolic float, which makes
+    Inductor restart the whole trace (seen on torch 2.13)."""
+    if v is None:
+        return 1.0
+    expect(isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(v, bool), name,
+           "must be a number or None, got {!r}", v)
+    if v == 1.0:
+        return 1.0
+    return v if isinstance(v, (torch.SymFloat, torch.SymInt)) else float(v)
 
 
 def _check_routing(topk_weights, topk_ids, T, device):
@@ -52,7 +60,7 @@ def fused_moe(
     *,
     activation: str = "silu",
     apply_router_weight_on_input: bool = False,
-    routed_scaling_factor: float = 1.0,
+    routed_scaling_factor: Optional[float] = 1.0,
     expert_map: Optional[torch.Tensor] = None,
     global_num_experts: int = -1,
 ) -> torch.Tensor:
@@ -77,8 +85,8 @@ def fused_moe(
         ``"silu"`` only; anything else raises ``NotImplementedError`` (reserved).
     apply_router_weight_on_input : bool
         Llama 4: scale the input by the weight instead of the output; needs ``k == 1``.
-    routed_scaling_factor : float
-        Multiplies the output (put it here or in the routing weights, never both).
+    routed_scaling_factor : float or None
+        Multiplies the output (put it here or in the routing weights, never both); None means 1.
     expert_map : torch.Tensor, optional
         ``[global_num_experts]`` int32, global id -> local id or -1 (expert not on this rank:
         the pair contributes 0).
@@ -171,7 +179,8 @@ def moe_grouped_gemm(
     expect(w.dtype == a.dtype, "w", "dtype {} must match a's {}", w.dtype, a.dtype)
     expect(w.shape[2] == a.shape[1], "w", lambda: f"shape {tuple(w.shape)}: last dim must equal a's K = {a.shape[1]}")
     expect(block_size in ops.GEMM_BLOCK_SIZES, "block_size", lambda: f"must be one of {ops.GEMM_BLOCK_SIZES}, got {block_size}")
-    expect(isinstance(top_k, int) and top_k >= 1, "top_k", lambda: f"must be a positive int, got {top_k!r}")
+    expect(is_int(top_k) and top_k >= 1, "top_k", lambda: f"must be a positive int, got {top_k!r}")
+    top_k = int(top_k)
     for t, name in ((sorted_token_ids, "sorted_token_ids"), (expert_ids, "expert_ids"), (num_tokens_post_pad, "num_tokens_post_pad")):
         check_tensor(t, name, ndim=1, dtypes=(torch.int32,), device=dev)
     expect(num_tokens_post_pad.numel() == 1, "num_tokens_post_pad", lambda: f"must have one element, got {num_tokens_post_pad.numel()}")
@@ -260,15 +269,15 @@ def gelu_tanh_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
     return _act_and_mul(ops.gelu_and_mul, ops.gelu_and_mul_out, input, out, True)
 
 
-def moe_sum(input: torch.Tensor, routed_scaling_factor: float = 1.0) -> torch.Tensor:
+def moe_sum(input: torch.Tensor, routed_scaling_factor: Optional[float] = 1.0) -> torch.Tensor:
     """``out[t] = rsf * sum_j input[t, j]``: fp32 accumulation in fixed j order.
 
     Parameters
     ----------
     input : torch.Tensor
         ``[T, k, H]`` fp16 / bf16 / fp32, ``stride(-1) == 1``.
-    routed_scaling_factor : float
-        Multiplies the sum.
+    routed_scaling_factor : float or None
+        Multiplies the sum; None means 1.
 
     Returns
     -------
@@ -392,6 +401,7 @@ def cutlass_fused_moe(
                    f"{tuple(token_selected_experts.shape)}")
     expect(token_selected_experts.shape[0] == input.shape[0], "token_selected_experts",
            lambda: f"has {token_selected_experts.shape[0]} rows, input has {input.shape[0]} tokens")
+    expect(output_dtype in FLOAT_DTYPES, "output_dtype", "must be one of {}, got {!r}", FLOAT_DTYPES, output_dtype)
     w1 = torch.cat([fc1_expert_weights[:, I:], fc1_expert_weights[:, :I]], dim=1)
     expert_map = None
     if ep_size > 1:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect, is_int
 from ._config import checks_enabled
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .meta import moe_routing as _meta_routing
@@ -321,9 +321,9 @@ def moe_sort(
     L = num_experts if num_local_experts is None else num_local_experts
     expect(0 <= local_expert_offset and 1 <= L and local_expert_offset + L <= num_experts, "num_local_experts",
            "local experts [{}, {}) must lie in [0, {})", local_expert_offset, local_expert_offset + L, num_experts)
-    expect(isinstance(tile_tokens_dim, int) and tile_tokens_dim >= 1, "tile_tokens_dim", "must be an int >= 1, got {!r}",
+    expect(is_int(tile_tokens_dim) and tile_tokens_dim >= 1, "tile_tokens_dim", "must be an int >= 1, got {!r}",
            tile_tokens_dim)
-    B = tile_tokens_dim
+    B = int(tile_tokens_dim)
     dev = token_selected_experts.device
     emap = None if (local_expert_offset == 0 and L == num_experts) else _ep_expert_map(num_experts, local_expert_offset, L, dev)
     sid, eid, _ = moe_align_block_size(token_selected_experts, B, num_experts, emap, pad_sorted_ids=True)
@@ -441,7 +441,7 @@ def moe_permute(
     expect(0 <= M <= permuted_output.shape[0] and M <= permuted_idx_to_expanded_idx.shape[0],
            "max_num_permuted_tokens", "{} exceeds permuted_output / permuted_idx_to_expanded_idx rows", M)
     T = input.shape[0]
-    if M == 0 or T == 0:
+    if M == 0 or T == 0 or tile_idx_to_mn_limit.shape[0] == 0:  # (no tile has a row limit: nothing to copy)
         return
     p = torch.arange(M, device=input.device)
     e = permuted_idx_to_expanded_idx[:M].long()

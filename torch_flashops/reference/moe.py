@@ -162,8 +162,9 @@ def fused_moe_cpu(hidden_states, w1, w2, topk_weights, topk_ids, activation="sil
         ids = local_ids(ids, expert_map)
     flat_w = topk_weights.reshape(-1)
     y = x.new_zeros((T * k, H))  # skipped pairs contribute zeros, as the GPU's GEMM2 writes them
+    E = w1.shape[0]
     for e in ids.unique().tolist():
-        if e < 0:
+        if e < 0 or e >= E:  # -1 and ids past the local experts are skipped, as the kernels skip them
             continue
         pairs = (ids == e).nonzero().flatten()
         pw = flat_w[pairs]
