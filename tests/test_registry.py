@@ -110,6 +110,25 @@ def test_interpret_after_triton_import_warns():
     assert "RuntimeWarning" not in stderr("import triton, torch_flashops", TRITON_INTERPRET="1")
 
 
+def test_import_leaves_dynamo_and_sympy_unloaded():
+    """``import torch_flashops`` loads neither torch._dynamo nor sympy (about 1.5 s of import for
+    eager users); the first plan() loads dynamo, as torch.compiler.disable needs it."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch, torch_flashops as fo\n"
+            "assert 'torch._dynamo' not in sys.modules and 'sympy' not in sys.modules, 'loaded at import'\n"
+            "w = fo.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8))\n"
+            "i = torch.tensor([0, 1], dtype=torch.int32)\n"
+            "w.plan(i, i[:1], i[1:], 4, 2, 16, 4, q_data_type='float32')\n"
+            "assert 'torch._dynamo' in sys.modules\n")
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_opcheck():
     x = torch.randn(7, 3)
     torch.library.opcheck(_OP, (x, 3.0))

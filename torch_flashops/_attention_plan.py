@@ -29,8 +29,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from torch._compile import _disable_dynamo
-
 from ._checks import FLOAT_DTYPES, check_indptr_values, expect, is_int, reject_fp8
 from .meta.attention import check_pos_encoding_mode
 from .ops import attention as attn_ops
@@ -63,8 +61,12 @@ __all__ = [
 
 # ``plan()`` reads host data: under torch.compile it must run eagerly, never be traced. This is
 # ``torch.compiler.disable`` with torch._dynamo imported at the first call instead of when the
-# decorator runs, which kept ``import torch_flashops`` ~1.3 s longer for eager users.
-host_only = _disable_dynamo
+# decorator runs, which kept ``import torch_flashops`` ~1.3 s longer for eager users. (A private
+# torch helper; a torch without it gets the public decorator.)
+try:
+    from torch._compile import _disable_dynamo as host_only
+except ImportError:  # pragma: no cover
+    host_only = torch.compiler.disable
 
 MIN_LIST_ROWS = 2
 
