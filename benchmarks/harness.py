@@ -83,8 +83,9 @@ def time_fn(fn: Callable, arg_sets: Sequence[tuple], *, device: str, graph: bool
 _READ_BLOCK, _READ_ITERS = 4096, 8
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def stream_read_programs(n: int) -> int:
+    """Programs (and ``sink`` entries) ``stream_read`` uses for ``n`` elements."""
+    return -(-n // (_READ_BLOCK * _READ_ITERS))
 
 
 def _stream_read_kernel():
@@ -112,8 +113,7 @@ def stream_read(x: torch.Tensor, sink: torch.Tensor) -> None:
     if _STREAM_READ is None:
         _STREAM_READ = _stream_read_kernel()
     n = x.numel()
-    grid = (triton_cdiv(n, _READ_BLOCK * _READ_ITERS),)
-    _STREAM_READ[grid](x, sink, n, BLOCK=_READ_BLOCK, ITERS=_READ_ITERS, num_warps=8)
+    _STREAM_READ[(stream_read_programs(n),)](x, sink, n, BLOCK=_READ_BLOCK, ITERS=_READ_ITERS, num_warps=8)
 
 
 def measure_ceilings(device: str, quick: bool = False) -> dict:
@@ -131,7 +131,7 @@ def measure_ceilings(device: str, quick: bool = False) -> dict:
     # against 3055-3144 for _stream_read_kernel and 3039-3141 for SDPA decode over 1-2 GB of
     # dense KV, scripts/decode_read_probe.py), so the ceiling is the faster of the two.
     ms_r = time_fn(lambda s: s.sum(dtype=torch.float32), [(s,) for s in src], device=device)
-    sink = torch.empty(triton_cdiv(src[0].numel(), _READ_BLOCK * _READ_ITERS), dtype=torch.float32, device=device)
+    sink = torch.empty(stream_read_programs(src[0].numel()), dtype=torch.float32, device=device)
     ms_t = time_fn(lambda s: stream_read(s, sink), [(s,) for s in src], device=device)
     read = nbytes / min(ms_r, ms_t) / 1e6
     n = 4096 if quick else 8192

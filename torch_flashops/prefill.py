@@ -585,9 +585,8 @@ class _BatchAttention:
 
     def _plan_paged(self, qo_h, kv_indptr_h, kv_lens_h, kv_indices, last_page_len, *, page_size, fixed_split_size,
                     **options):
-        """Plan over a page table (shared by the paged prefill and the decode wrappers)."""
-        page_size = P.check_int(page_size, "page_size")
-        expect(page_size >= 1, "page_size", "must be >= 1, got {}", page_size)
+        """Plan over a page table (shared by the paged prefill and the decode wrappers), once
+        ``validate_paged_csr`` has checked it: ``page_size`` is an int >= 1 here."""
         names = self._ARG_NAMES
 
         # (these take the wrapper as an argument: kept for forward()'s re-plan, they must not hold it)
@@ -784,7 +783,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         B = kv_indptr_h.size - 1  # (the page table's batch; qo_indptr and last_page_len must agree)
         P.validate_qo_indptr(qo_h, B)
         P.check_page_ids(paged_kv_indices, "paged_kv_indices")
-        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], P.check_int(page_size, "page_size"))
+        page_size = P.check_int(page_size, "page_size")
+        kv_lens_h = P.validate_paged_csr(kv_indptr_h, last_h, paged_kv_indices.shape[0], page_size)
         self._plan_paged(qo_h, kv_indptr_h, kv_lens_h, paged_kv_indices, last_h,
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                          head_dim_vo=head_dim_vo, page_size=page_size, custom_mask=custom_mask,

@@ -21,7 +21,7 @@ from typing import Tuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_same, check_tensor, expect
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_same, check_tensor, expect, is_int
 from . import _selfcheck
 from ._config import checks_enabled
 from .ops import rope as _ops
@@ -43,10 +43,9 @@ __all__ = [
 # --------------------------------------------------------------------------- validation
 
 
-# torch.compile(dynamic=True) may pass Python ints and floats as SymInt / SymFloat; numpy
-# scalars (a config read with numpy) are numbers.Integral / numbers.Real
-_INT = (numbers.Integral, torch.SymInt)
 _BACKENDS = ("cuda", "cute-dsl")  # FlashInfer's ``backend`` values; every one runs the same kernels here
+# torch.compile(dynamic=True) may pass Python floats as SymFloat; numpy scalars (a config read
+# with numpy) are numbers.Real (ints: ``_checks.is_int``)
 _NUMBER = (numbers.Real, torch.SymInt, torch.SymFloat)
 
 
@@ -67,7 +66,7 @@ def _check_qk(q, k, qname: str = "q", kname: str = "k") -> None:
 
 def _check_rotary_dim(rotary_dim, head_dim: int, name: str = "rotary_dim") -> int:
     rd = head_dim if rotary_dim is None else rotary_dim
-    expect(isinstance(rd, _INT) and not isinstance(rd, bool), name, "must be an int or None, got {!r}", rotary_dim)
+    expect(is_int(rd), name, "must be an int or None, got {!r}", rotary_dim)
     expect(rd % 2 == 0 and 2 <= rd <= head_dim, name, "must be even and in [2, {}] (the head dim), got {}", head_dim, rd)
     return rd if isinstance(rd, (int, torch.SymInt)) else int(rd)  # (numpy ints to int; SymInts kept)
 
@@ -272,7 +271,7 @@ _set_docs()
 
 def _cache_views(positions, query, key, head_size, cos_sin_cache):
     """Validate the vLLM-style arguments; return ``[nnz, H, head_size]`` views of query and key."""
-    expect(isinstance(head_size, _INT) and not isinstance(head_size, bool) and head_size > 0, "head_size",
+    expect(is_int(head_size) and head_size > 0, "head_size",
            "must be a positive int, got {!r}", head_size)
     views = []
     for x, name in ((query, "query"), (key, "key")):

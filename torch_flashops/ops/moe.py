@@ -70,6 +70,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .. import _config
 from .._checks import check_writable
 from . import moe_routing
+from .attention import _tanh  # (exp2 form: exact +-1 past overflow; the soft cap's too)
 from .._registry import register_op
 from ..meta import moe as meta
 from ..reference import moe as ref
@@ -88,16 +89,9 @@ def _silu(x):
     return x / (1.0 + tl.exp(-x))
 
 
-LOG2E = tl.constexpr(1.4426950408889634)
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 ACT_SILU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2  # _act_and_mul_kernel's ACT
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp2(x * (2.0 * LOG2E))  # overflow to inf gives exactly 1, underflow to 0 exactly -1
-    return 1.0 - 2.0 / (e + 1.0)
 
 
 @triton.jit
