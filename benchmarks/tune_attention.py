@@ -3,7 +3,6 @@
     PYTHONPATH=. python -m benchmarks.tune_attention [decode] [large] [ahead_split] [tma128] [decode_mid] [unique]
         [decode_256] [little] [split] [chunks] [ahead] [merge] [warps] [small] [b16] [b16_more] [warps16]
         [evict] [merge_programs] [pdl] [regs] [fold] [tma] [paged_prefill] [prefill] [cascade] [profile] [lean]
-        [expmix]
 
 For each case, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, split target, minimum
 split chunk, page ids ahead, merge config) is checked against torch SDPA and timed (CUDA-graph
@@ -315,45 +314,25 @@ def paged_prefill(g):
     _prefill_row(g, 4, 4096, True, _PREFILL)
 
 
-class _CascadeCase:
-    """The issue's cascade case: a 32k-token shared prefix x B=128 requests + 256 unique tokens
-    each, shuffled pages of 16, and plain batch decode over the same pages (``tdec``, ms)."""
-    B, prefix, uniq, Hq, Hkv, D, page = 128, 32768, 256, 32, 8, 128, 16
-
-    def __init__(self, ws):
-        B, page = self.B, self.page
-        self.np_, self.nu = np_, nu = self.prefix // page, self.uniq // page
-        P = np_ + B * nu
-        self.cache = torch.randn(P, 2, page, self.Hkv, self.D, dtype=DT, device="cuda")
-        perm = torch.randperm(P, device="cuda").int()
-        self.pre, self.uq = perm[:np_], perm[np_:].view(B, nu)
-        self.q = torch.randn(B, self.Hq, self.D, dtype=DT, device="cuda")
-        self.ar = torch.arange(B + 1, dtype=torch.int32, device="cuda")
-        dec = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
-        dec.plan(self.ar * (np_ + nu), torch.cat([self.pre.expand(B, np_), self.uq], 1).reshape(-1).contiguous(),
-                 torch.full((B,), page, dtype=torch.int32, device="cuda"), self.Hq, self.Hkv, self.D, page,
-                 q_data_type=DT)
-        self.want = dec.run(self.q, self.cache)
-        self.tdec = time_fn(lambda: dec.run(self.q, self.cache), [()], device="cuda", graph=True)
-        self.flops = 4 * B * self.Hq * self.D * self.prefix  # the shared level's
-
-    def plan(self, ws):
-        """A two-level cascade wrapper planned over the case's pages."""
-        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
-        casc = fo.MultiLevelCascadeAttentionWrapper(2, ws)
-        casc.plan([i32([0, self.B]), self.ar], [i32([0, self.np_]), self.ar * self.nu], [self.pre, self.uq.reshape(-1)],
-                  [i32([self.page]), torch.full((self.B,), self.page, dtype=torch.int32, device="cuda")],
-                  self.Hq, self.Hkv, self.D, self.page, q_data_type=DT)
-        return casc
-
-
 def cascade(g):
     """32k shared prefix x B=128 + 256 unique: the levels timed apart, prefix-level configs."""
+    B, prefix, uniq, Hq, Hkv, D, page = 128, 32768, 256, 32, 8, 128, 16
+    np_, nu = prefix // page, uniq // page
+    P = np_ + B * nu
+    cache = torch.randn(P, 2, page, Hkv, D, dtype=DT, device="cuda")
+    perm = torch.randperm(P, device="cuda").int()
+    pre, uq = perm[:np_], perm[np_:].view(B, nu)
+    q = torch.randn(B, Hq, D, dtype=DT, device="cuda")
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
+    ar = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    c = _CascadeCase(ws)
-    q, cache, tdec = c.q, c.cache, c.tdec
+    dec = fo.BatchDecodeWithPagedKVCacheWrapper(ws)
+    dec.plan(ar * (np_ + nu), torch.cat([pre.expand(B, np_), uq], 1).reshape(-1).contiguous(),
+             torch.full((B,), page, dtype=torch.int32, device="cuda"), Hq, Hkv, D, page, q_data_type=DT)
+    want = dec.run(q, cache)
+    tdec = time_fn(lambda: dec.run(q, cache), [()], device="cuda", graph=True)
     row = [f"cascade: plain decode {tdec * 1e3:.0f} us"]
-    flops = c.flops
+    flops = 4 * B * Hq * D * prefix
     variants = [("default", None, None, None), ("(64,8,3) sp=2", None, (64, 8, 3), 2),
                 ("(128,8,3) sp=1", None, (128, 8, 3), 1), ("BM=64 (64,4,3) sp=1", 64, (64, 4, 3), 1)]
     variants += [(f"{n} page_ahead={pa}", bm, cfg, sp, pa) for n, bm, cfg, sp in variants[:1] for pa in (1, 2)]
@@ -366,8 +345,11 @@ def cascade(g):
         min_rows = extra[1] if len(extra) > 1 else prefill_mod.PAGED_GATHER_MIN_ROWS_PER_KEY
         with _patched(block_m=bm, cfg=cfg, split=sp, page_ahead=pa), \
                 mock.patch.object(prefill_mod, "PAGED_GATHER_MIN_ROWS_PER_KEY", min_rows):
-            casc = c.plan(ws)
-            err = (casc.run(q, cache).float() - c.want.float()).abs().max().item()
+            casc = fo.MultiLevelCascadeAttentionWrapper(2, ws)
+            casc.plan([i32([0, B]), ar], [i32([0, np_]), ar * nu], [pre, uq.reshape(-1)],
+                      [i32([page]), torch.full((B,), page, dtype=torch.int32, device="cuda")], Hq, Hkv, D, page,
+                      q_data_type=DT)
+            err = (casc.run(q, cache).float() - want.float()).abs().max().item()
             w0, w1 = casc._batch_prefill_wrappers
             t = time_fn(lambda: casc.run(q, cache), [()], device="cuda", graph=True)
             t0 = time_fn(lambda: w0.run(q, cache, return_lse=True), [()], device="cuda", graph=True)
@@ -377,65 +359,6 @@ def cascade(g):
                    f"({flops / t0 / 1e9:.0f} TFLOP/s, {ns} split items, BM={w0._plan.block_m}), unique level "
                    f"{t1 * 1e3:.0f} us, err {err:.1e}")
     print("\n  ".join(row), flush=True)
-
-
-def expmix(g):
-    """Exponentials of unmasked prefill tiles split between MUFU and the FMA pipe
-    (``FLASHOPS_EXP_MIX`` 0 / 2 / 3 twice, 1 in the first round only; see ``ops.attention.exp_mix``): causal
-    ragged B=4 x 4096 and B=1 x 16k, non-causal ragged B=4 x 4096, causal paged B=4 x 4096 (the
-    default gathered path) and the cascade case (whole and its shared level). ``EXPMIX_QUICK=1``:
-    the two ragged B=4 x 4096 cases only."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    Hq, Hkv, D = 32, 8, 128
-    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    runs = []
-    quick = os.environ.get("EXPMIX_QUICK", "0") == "1"  # ragged B=4 x 4096 only, no cascade
-    cases = ((4, 4096, False, True), (4, 4096, False, False)) if quick else \
-        ((4, 4096, False, True), (1, 16384, False, True), (4, 4096, False, False), (4, 4096, True, True))
-    for B, L, paged, causal in cases:
-        d = _Paged(B, L, Hq, Hkv, D, 16 if paged else 1, DT, "cuda", g, 1, qo_len=L)
-        q, cache, kd, vd = d.sets[0]
-        qd = q.view(B, L, Hq, D).transpose(1, 2)
-        kd, vd = kd.repeat_interleave(Hq // Hkv, 1), vd.repeat_interleave(Hq // Hkv, 1)
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal).transpose(1, 2).reshape(B * L, Hq, D)
-            sd = time_fn(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal), [()], device="cuda")
-        flops = 4 * D * Hq * (_visible_pairs([L] * B, [L] * B, True) if causal else B * L * L)
-        if paged:
-            w = fo.BatchPrefillWithPagedKVCacheWrapper(ws)
-            w.plan(d.qo_indptr, d.indptr, d.indices, d.last, Hq, Hkv, D, 16, causal=causal, q_data_type=DT)
-            run = (lambda w, q, cache: lambda: w.run(q, cache))(w, q, cache)
-        else:
-            rows = d.indices.long()
-            k, v = cache[:, 0, 0][rows].contiguous(), cache[:, 1, 0][rows].contiguous()
-            w = fo.BatchPrefillWithRaggedKVCacheWrapper(ws)
-            w.plan(d.qo_indptr, d.qo_indptr, Hq, Hkv, D, causal=causal, q_data_type=DT)
-            run = (lambda w, q, k, v: lambda: w.run(q, k, v))(w, q, k, v)
-        name = f"{'paged' if paged else 'ragged'} {'causal' if causal else 'full'} B={B} L={L}"
-        runs.append((name, run, ref, flops, sd, d))
-    c = None if quick else _CascadeCase(ws)
-    if c is not None:
-        casc = c.plan(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-        w0 = casc._batch_prefill_wrappers[0]
-    print(f"expmix: sdpa-flash {', '.join(f'{n} {f / sd / 1e9:.0f}' for n, _, _, f, sd, _ in runs)} TFLOP/s"
-          + ("" if c is None else f"; cascade plain decode {c.tdec * 1e3:.1f} us"), flush=True)
-    for rnd in range(2):
-        for mix in ("0", "2", "3", "1") if rnd == 0 else ("0", "2", "3"):
-            os.environ["FLASHOPS_EXP_MIX"] = mix
-            row = [f"round {rnd} EXP_MIX={mix}"]
-            for name, run, ref, flops, sd, _ in runs:
-                err = (run().float() - ref.float()).abs().max().item()
-                ms = time_fn(run, [()], device="cuda")
-                row.append(f"{name}: {flops / ms / 1e9:.1f} TFLOP/s ({sd / ms:.3f}x sdpa, err {err:.1e})")
-            if c is not None:
-                err = (casc.run(c.q, c.cache).float() - c.want.float()).abs().max().item()
-                t = time_fn(lambda: casc.run(c.q, c.cache), [()], device="cuda", graph=True)
-                t0 = time_fn(lambda: w0.run(c.q, c.cache, return_lse=True), [()], device="cuda", graph=True)
-                row.append(f"cascade {t * 1e3:.1f} us = {c.tdec / t:.2f}x, shared level {t0 * 1e3:.1f} us "
-                           f"({c.flops / t0 / 1e9:.0f} TFLOP/s), err {err:.1e}")
-            print("\n  ".join(row), flush=True)
-    os.environ.pop("FLASHOPS_EXP_MIX", None)
 
 
 def ahead(g):

@@ -68,8 +68,7 @@ def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: 
                  WINDOW=False, HAS_MASK=False, POS=0, SOFTCAP=False, UPCAST=False, PREC="tf32",
                  PAGE_AHEAD=int(os.environ.get("PAGE_AHEAD", "2")), FOLD_SCALE=True,
                  KV_EVICT=os.environ.get("KV_EVICT", ""), TMA=tma, PDL=int(os.environ.get("PDL", "1")),
-                 LEAN=os.environ.get("LEAN", "1") == "1", KV_SAME=os.environ.get("KV_SAME", "1") == "1",
-                 EXP_MIX=int(os.environ.get("EXP_MIX", "0")))
+                 LEAN=os.environ.get("LEAN", "1") == "1", KV_SAME=os.environ.get("KV_SAME", "1") == "1")
     return compile_sm90(A._attn_fwd_kernel, const, warps, stages, types)
 
 

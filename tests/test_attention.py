@@ -281,65 +281,6 @@ def test_paged_prefill_half(dtype, device):
     check_attention(dtype, o, lse, ro, rl, DT[dtype])
 
 
-def test_exp2_on_the_fma_pipe(device):
-    """``_exp2_fma`` (exponentials off the MUFU unit): relative error <= 7.5e-5 on [-125, 0]
-    (the cubic's bound), NaN stays NaN, and below -125 the result is held at about 2^-125."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def exp2_kernel(X, Y, N: tl.constexpr):
-        offs = tl.arange(0, N)
-        tl.store(Y + offs, attn_ops._exp2_fma(tl.load(X + offs)))
-
-    g = torch.Generator().manual_seed(4)
-    edge = [0.0, -0.5, 0.5e-6, -1e-7, -0.25, -1.0, -124.999, -125.0, -126.0, -1e4, float("nan")]
-    x = torch.cat([-torch.rand(1013, generator=g, dtype=torch.float64) * 125, torch.tensor(edge, dtype=torch.float64)])
-    x = x.float().to(device)
-    y = poison(x.numel(), device=device)
-    exp2_kernel[(1,)](x, y, N=x.numel())
-    ref = torch.exp2(x.double())
-    inside = x >= -125
-    rel = ((y.double() - ref) / ref)[inside].abs().max().item()
-    assert rel <= 7.6e-5, rel
-    assert torch.isnan(y[-1])
-    assert torch.allclose(y[-4:-1].cpu().double() / 2.0 ** -125, torch.ones(3, dtype=torch.float64), rtol=1e-4)
-
-
-@pytest.mark.parametrize("mix", [1, 2, 3])
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_exp2_split_between_units(mix, dtype, device, monkeypatch):
-    """Prefill tiles whose unmasked key tiles take part of their exponentials on the FMA pipe
-    (``exp_mix`` 1: a half, 2: a quarter, 3: an eighth) match the oracle; masked tiles (causal diagonals, rows
-    that see no key) keep exact zeros: rows with no visible key give o = 0 and lse = -inf."""
-    real = attn_ops.exp_mix
-    monkeypatch.setattr(attn_ops, "exp_mix", lambda bm, dt, dev: mix if bm >= 64 and dt != torch.float32 else 0)
-    seen = []
-    real_kernel = attn_ops._attn_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append((kw["BLOCK_M"], kw["EXP_MIX"]))
-                return real_kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(attn_ops, "_attn_fwd_kernel", Spy())
-    b = Batch([40, 9, 70], [150, 5, 60], page_size=16, Hq=8, Hkv=2, D=32, dtype=DT[dtype], seed=21)
-    for causal in (False, True):
-        w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
-        plan_paged(w, b, causal=causal)
-        o, lse = w.run(b.q, b.cache, out=poison(*b.q.shape, dtype=b.q.dtype, device=b.q.device),
-                       lse=poison(*b.q.shape[:2], device=b.q.device), return_lse=True)
-        ro, rl = b.oracle(causal=causal)
-        check_attention(f"exp mix {mix} causal={causal}", o, lse, ro, rl, DT[dtype])
-    assert seen and all(bm >= 64 and m == mix for bm, m in seen), seen
-    blind = torch.isinf(rl) & (rl < 0)
-    assert blind.any()  # causal: the third request's first 10 rows see no key
-    assert (o[blind] == 0).all() and torch.equal(lse[blind], rl[blind])
-    assert real(128, torch.float32, "cpu") == 0 and real(32, torch.bfloat16, "cpu") == 0
-
-
 def test_split_kv_matches_unsplit_and_is_deterministic(device):
     """fixed_split_size (pages per chunk) and disable_split_kv agree; runs are bitwise repeatable;
     with a fixed split size a request's result does not depend on the rest of the batch."""

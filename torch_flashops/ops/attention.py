@@ -35,7 +35,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import math
 from typing import Optional
 
@@ -77,56 +76,6 @@ NO_SPLIT_ROWS = 2  # a planned split list of exactly this many (idle) rows means
 def _tanh(x):
     e = tl.exp2(x * (2.0 * LOG2E))  # overflow to inf gives exactly 1
     return 1.0 - 2.0 / (e + 1.0)
-
-
-# 2^f on [-1/2, 1/2] by a cubic fitted for relative error (max 7.5e-5, below the 16-bit
-# rounding of P: fp16 4.9e-4, bf16 3.9e-3); see _exp2_fma
-EXP2_C0 = tl.constexpr(0.999928089531432)
-EXP2_C1 = tl.constexpr(0.6932609924097382)
-EXP2_C2 = tl.constexpr(0.24261086198506338)
-EXP2_C3 = tl.constexpr(0.05517145884710535)
-ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it rounds x to an integer in the low mantissa bits
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2^x on the FMA and integer pipes instead of the MUFU unit, for x <= 0 (NaN stays NaN).
-    x = n + f with n the nearest integer (by the 1.5 * 2^23 rounding trick: n sits in the low
-    mantissa bits of x + 1.5 * 2^23) and |f| <= 1/2; 2^f by a cubic; 2^n added to its exponent
-    bits. x is clamped at -125 so the exponent stays normal: 2^x below 2^-125 comes out as
-    about 2^-125 (callers use it only where every logit is finite and the row max is 0)."""
-    x = tl.maximum(x, -125.0, propagate_nan=tl.PropagateNan.ALL)
-    t = x + ROUND_MAGIC
-    f = x - (t - ROUND_MAGIC)
-    p = EXP2_C0 + f * (EXP2_C1 + f * (EXP2_C2 + f * EXP2_C3))
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_mixed(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP_MIX: tl.constexpr):
-    """exp2 of a [BLOCK_M, BLOCK_N] logit tile, part on MUFU and part on the FMA pipe
-    (``_exp2_fma``), so the two units share the softmax's exponentials. EXP_MIX 1: odd columns
-    on the FMA pipe (a half); 2: odd columns of rows r with (r // 8) odd (a quarter); 3: of
-    those, the columns in odd 8-column groups (an eighth). The splits follow the Hopper MMA
-    accumulator layout (a thread holds column pairs of every 8-column group, rows r and r + 8),
-    so they move no data between threads."""
-    xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-    if EXP_MIX == 1:
-        po = _exp2_fma(xo)
-    else:
-        x4 = tl.permute(tl.reshape(xo, [BLOCK_M // 16, 2, 8, BLOCK_N // 2]), [0, 2, 3, 1])
-        xlo, xhi = tl.split(x4)  # [BLOCK_M // 16, 8, BLOCK_N // 2]: rows with (r // 8) even / odd
-        if EXP_MIX == 2:
-            phi = _exp2_fma(xhi)
-        else:  # odd column j of the tile's odd half lies in 8-column group j // 4
-            x5 = tl.permute(tl.reshape(xhi, [BLOCK_M // 16, 8, BLOCK_N // 16, 2, 4]), [0, 1, 2, 4, 3])
-            ge, go = tl.split(x5)
-            phi = tl.reshape(tl.permute(tl.join(tl.exp2(ge), _exp2_fma(go)), [0, 1, 2, 4, 3]),
-                             [BLOCK_M // 16, 8, BLOCK_N // 2])
-        p4 = tl.join(tl.exp2(xlo), phi)
-        po = tl.reshape(tl.permute(p4, [0, 3, 1, 2]), [BLOCK_M, BLOCK_N // 2])
-    return tl.reshape(tl.join(tl.exp2(xe), po), [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -213,7 +162,7 @@ def _attend_tile(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, POS: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_EVICT: tl.constexpr, TMA: tl.constexpr,
-    LEAN: tl.constexpr, KV_SAME: tl.constexpr, EXP_MIX: tl.constexpr = 0,
+    LEAN: tl.constexpr, KV_SAME: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) into the running (acc, m_i, l_i) of the tile's rows.
     Paged: ``(page, slot)`` of this tile's keys were loaded ahead. PAGE_AHEAD 1: the next
@@ -282,13 +231,9 @@ def _attend_tile(
         m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
     if FOLD_SCALE:
-        x = s * qk_scale - m_use[:, None]
+        p = tl.exp2(s * qk_scale - m_use[:, None])
     else:
-        x = s - m_use[:, None]
-    if EXP_MIX and not MASKED:  # every logit of an unmasked tile is finite: no exact zeros needed
-        p = _exp2_mixed(x, q.shape[0], BLOCK_N, EXP_MIX)
-    else:
-        p = tl.exp2(x)
+        p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     if TMA:
         v = tl.reshape(V_DESC.load([kv_base + start, hk, 0]), [BLOCK_N, offs_dv.shape[0]])
@@ -318,7 +263,7 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, POS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, PAGE_AHEAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
     KV_EVICT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LEAN: tl.constexpr = False,
-    KV_SAME: tl.constexpr = False, EXP_MIX: tl.constexpr = 0,
+    KV_SAME: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -436,8 +381,7 @@ def _attn_fwd_kernel(
                 hk, r, pos, valid_m, slope, qk_scale, sm_scale, soft_cap, window_left,
                 offs_d, d_mask, offs_dv, dv_mask, partner_d, sign_d, freq_d,
                 BLOCK_N, seg != 1, PAGED, PAGE_SIZE, CAUSAL, WINDOW, HAS_MASK, POS, SOFTCAP, UPCAST, PREC,
-                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME,
-                EXP_MIX)
+                BLOCK_DQK != D_QK, BLOCK_DVO != D_VO, PAGE_AHEAD, FOLD_SCALE, KV_EVICT, TMA, LEAN, KV_SAME)
 
     if PDL == 2:  # the merge kernel may launch once every program is this far (see merge_pdl)
         gdc_launch_dependents()
@@ -728,17 +672,6 @@ def kv_eviction(has_split: bool, device) -> str:
     return "evict_first" if has_split else ""
 
 
-def exp_mix(block_m: int, dtype: torch.dtype, device) -> int:
-    """How the unmasked key tiles of 64/128-row tiles split their exponentials between MUFU and
-    the FMA pipe (``_exp2_mixed``): 0 all on MUFU. 16-bit P only (the cubic's 7.5e-5 relative
-    error is below its rounding). ``FLASHOPS_EXP_MIX`` overrides it for A/B runs."""
-    env = os.environ.get("FLASHOPS_EXP_MIX")
-    mix = int(env) if env else 0
-    if block_m < 64 or dtype not in (torch.float16, torch.bfloat16):
-        return 0
-    return mix
-
-
 def fold_scale(sm_scale: float, soft_cap: bool, pos: int) -> bool:
     """Whether the kernel keeps raw logits and applies ``sm_scale * log2(e)`` inside the row
     max and exp2's argument (one FMA per logit instead of a multiply, then a subtract). Needs a
@@ -984,7 +917,6 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         PAGE_AHEAD=ahead,
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
         PDL=pdl, LEAN=lean_addressing(k, v), KV_SAME=k.stride()[:3] == v.stride()[:3],
-        EXP_MIX=exp_mix(block_m, q.dtype, dev),
         num_warps=num_warps, num_stages=num_stages, **reg_cap,
     )
     if not has_split:
