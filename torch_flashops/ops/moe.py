@@ -1662,18 +1662,16 @@ silu_and_mul = register_op(
     "silu_and_mul(Tensor input) -> Tensor",
     cuda=silu_and_mul_cuda, reference=ref.silu_and_mul_cpu, fake=meta.silu_and_mul_fake,
 )
-def _writable_out(fn):
-    """``fn(input, out, ...)`` after rejecting an ``out`` whose elements share memory (checked
-    inside the op, on real tensors, so compiled graphs check it too without tracing the query)."""
-    def checked(input, out, *args, **kwargs):
-        check_writable(out, "out")
-        return fn(input, out, *args, **kwargs)
-    return checked
+def _writable_out(input, out, *args, **kwargs):
+    """``check`` of the activation ops' ``_out`` forms: reject an ``out`` whose elements share
+    memory (checked inside the op, on real tensors, so compiled graphs check it too without
+    tracing the query)."""
+    check_writable(out, "out")
 
 
 silu_and_mul_out = register_op(
     "silu_and_mul_out(Tensor input, Tensor out) -> ()",
-    cuda=_writable_out(silu_and_mul_out_cuda), reference=_writable_out(ref.silu_and_mul_out_cpu), mutates=["out"],
+    cuda=silu_and_mul_out_cuda, reference=ref.silu_and_mul_out_cpu, mutates=["out"], check=_writable_out,
 )
 gelu_and_mul = register_op(
     "gelu_and_mul(Tensor input, bool approximate_tanh=False) -> Tensor",
@@ -1681,7 +1679,7 @@ gelu_and_mul = register_op(
 )
 gelu_and_mul_out = register_op(
     "gelu_and_mul_out(Tensor input, Tensor out, bool approximate_tanh=False) -> ()",
-    cuda=_writable_out(gelu_and_mul_out_cuda), reference=_writable_out(ref.gelu_and_mul_out_cpu), mutates=["out"],
+    cuda=gelu_and_mul_out_cuda, reference=ref.gelu_and_mul_out_cpu, mutates=["out"], check=_writable_out,
 )
 moe_sum = register_op(
     "moe_sum(Tensor input, float routed_scaling_factor=1.0) -> Tensor",
