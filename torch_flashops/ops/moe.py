@@ -1662,6 +1662,8 @@ silu_and_mul = register_op(
     "silu_and_mul(Tensor input) -> Tensor",
     cuda=silu_and_mul_cuda, reference=ref.silu_and_mul_cpu, fake=meta.silu_and_mul_fake,
 )
+
+
 def _writable_out(input, out, *args, **kwargs):
     """``check`` of the activation ops' ``_out`` forms: reject an ``out`` whose elements share
     memory (checked inside the op, on real tensors, so compiled graphs check it too without
