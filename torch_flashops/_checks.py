@@ -24,6 +24,11 @@ def is_int(x) -> bool:
     return isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool)
 
 
+def is_number(x) -> bool:
+    """A Python or numpy real number (or a SymInt / SymFloat while tracing), not a bool."""
+    return isinstance(x, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(x, bool)
+
+
 def reject_fp8(x, name: str) -> None:
     """fp8 K/V (a tensor or a dtype) is reserved: ``NotImplementedError`` naming ``name``."""
     dt = x.dtype if isinstance(x, torch.Tensor) else x

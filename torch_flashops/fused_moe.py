@@ -11,13 +11,12 @@ the vLLM-style layer function is ``torch_flashops.fused_moe.fused_moe``.
 """
 from __future__ import annotations
 
-import numbers
 from typing import List, Optional
 
 import torch
 
 from . import _config
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect, is_int
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range_values, check_tensor, check_writable, expect, is_int, is_number
 from ._selfcheck import CheckResult, max_abs_err, selfcheck
 from .ops import moe as ops
 # FlashInfer keeps these routing entry points in flashinfer.fused_moe as well.
@@ -36,8 +35,7 @@ def _static_float(v, name: str = "routed_scaling_factor") -> float:
     Inductor restart the whole trace (seen on torch 2.13)."""
     if v is None:
         return 1.0
-    expect(isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(v, bool), name,
-           "must be a number or None, got {!r}", v)
+    expect(is_number(v), name, "must be a number or None, got {!r}", v)
     if v == 1.0:
         return 1.0
     return v if isinstance(v, (torch.SymFloat, torch.SymInt)) else float(v)

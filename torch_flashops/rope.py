@@ -16,12 +16,11 @@ dynamo's recompile limit is reached with ``fullgraph=True``).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Tuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_same, check_tensor, expect, is_int
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_indptr_values, check_range_values, check_same, check_tensor, expect, is_int, is_number
 from . import _selfcheck
 from ._config import checks_enabled
 from .ops import rope as _ops
@@ -44,13 +43,10 @@ __all__ = [
 
 
 _BACKENDS = ("cuda", "cute-dsl")  # FlashInfer's ``backend`` values; every one runs the same kernels here
-# torch.compile(dynamic=True) may pass Python floats as SymFloat; numpy scalars (a config read
-# with numpy) are numbers.Real (ints: ``_checks.is_int``)
-_NUMBER = (numbers.Real, torch.SymInt, torch.SymFloat)
 
 
 def _check_positive(value, name: str):
-    ok = isinstance(value, _NUMBER) and not isinstance(value, bool) and 0 < value < math.inf  # NaN fails too
+    ok = is_number(value) and 0 < value < math.inf  # NaN fails too (SymFloats under dynamic=True; numpy scalars)
     expect(ok, name, "must be a finite number > 0, got {!r}", value)
     return float(value)
 
