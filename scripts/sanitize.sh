@@ -6,7 +6,8 @@
 # an access past a tensor's end is reported instead of landing in a neighbour's block.
 # CUDA-graph, reduce-overhead, compile and export tests are deselected: graph capture needs the
 # caching allocator, and compiled/exported graphs launch the same kernels the eager tests do.
-#   STEPS   "tool:files:-k expression" triples separated by ';' (default below)
+#   STEPS   "tool:files:-k expression" triples separated by ';' (default below); files "check"
+#           runs `python -m torch_flashops check --device cuda` (every family's self-check) instead
 #   STEP_TIMEOUT seconds per step (default 150); WORKERS pytest-xdist workers (default 8)
 # Per-process sanitizer logs land in $OUT/sanitizer/<step>/; the summary in $OUT/sanitize.txt.
 set -uo pipefail
@@ -35,12 +36,13 @@ for s in "${steps[@]}"; do
   dir="$OUT/sanitizer/$i-$tool"; mkdir -p "$dir"
   echo "== step $i: $tool on $files -k '$expr'" | tee -a "$SUM"
   t0=$(date +%s)
+  if [ "$files" = check ]; then cmd=(python -m torch_flashops check --device cuda)
+  else cmd=(python -m pytest $files -k "$expr" -n "${WORKERS:-8}" -q -rfE -p no:cacheprovider); fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${STEP_TIMEOUT:-150}" "$CS" --tool "$tool" --target-processes all \
-    --print-limit 20 --log-file "$dir/%p.log" \
-    python -m pytest $files -k "$expr" -n "${WORKERS:-8}" -q -rfE -p no:cacheprovider >"$dir/pytest.log" 2>&1
+    --print-limit 20 --log-file "$dir/%p.log" "${cmd[@]}" >"$dir/pytest.log" 2>&1
   r=$?; [ $r -ne 0 ] && rc=$r
   echo "rc=$r, $(( $(date +%s) - t0 )) s" | tee -a "$SUM"
-  grep -E "^(FAILED|ERROR)| passed| failed| error" "$dir/pytest.log" | tail -n 15 | tee -a "$SUM"
+  grep -E "^(FAILED|ERROR)| passed| failed| error|FAIL|all .* passed" "$dir/pytest.log" | tail -n 15 | tee -a "$SUM"
   [ $r -eq 124 ] && echo "TIMED OUT: $(tail -c 300 "$dir/pytest.log")" | tee -a "$SUM"
   # one ERROR SUMMARY line per sanitized process; anything but "0 errors" is a finding
   n=$(cat "$dir"/*.log 2>/dev/null | grep -c "ERROR SUMMARY")
