@@ -187,7 +187,7 @@ def check_indptr(h: np.ndarray, name: str, length: Optional[int] = None) -> None
     """A host CSR indptr: the expected length (when given), starts at 0, non-decreasing."""
     if length is not None:
         expect(h.size == length, name, "length {} does not match the batch (expected {})", h.size, length)
-    check_indptr_values(torch.from_numpy(h), name)
+    check_indptr_values(h, name)
 
 
 def validate_qo_indptr(qo_h: np.ndarray, batch: int, name: str = "qo_indptr") -> None:

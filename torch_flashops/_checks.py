@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,18 +106,21 @@ def check_same(a, b, name_a: str, name_b: str, *, shape: bool = True, dtype: boo
         expect(a.device == b.device, name_b, "device {} does not match {} {}", b.device, name_a, a.device)
 
 
-def check_indptr_values(indptr: torch.Tensor, name: str, *, total: Optional[int] = None) -> None:
-    """Data checks for a CSR indptr (syncs): starts at 0, non-decreasing, optionally ends at ``total``."""
-    if indptr.numel() == 0:
+def check_indptr_values(indptr, name: str, *, total: Optional[int] = None) -> None:
+    """Data checks for a CSR indptr (a tensor, which syncs, or a host array): at least one
+    entry, starts at 0, non-decreasing, optionally ends at ``total``."""
+    if isinstance(indptr, torch.Tensor):
+        indptr = indptr.detach().to("cpu", torch.int64).numpy()
+    h = np.asarray(indptr, dtype=np.int64).reshape(-1)
+    if h.size == 0:
         raise ValueError(f"{name}: must have at least one element")
-    h = indptr.detach().to("cpu", torch.int64)
-    expect(int(h[0]) == 0, name, f"must start at 0, got {int(h[0])}")
-    if h.numel() > 1:
-        d = h[1:] - h[:-1]
-        bad = (d < 0).nonzero()
-        expect(bad.numel() == 0, name, f"must be non-decreasing (first decrease at index {int(bad[0]) + 1 if bad.numel() else -1})")
-    if total is not None:
-        expect(int(h[-1]) == total, name, f"last value {int(h[-1])} must equal {total}")
+    if h[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {int(h[0])}")
+    d = np.diff(h)
+    if d.size and d.min() < 0:
+        raise ValueError(f"{name}: must be non-decreasing (first decrease at index {int(np.argmax(d < 0)) + 1})")
+    if total is not None and int(h[-1]) != total:
+        raise ValueError(f"{name}: last value {int(h[-1])} must equal {total}")
 
 
 def check_range_values(t: torch.Tensor, name: str, lo: int, hi: int) -> None:

@@ -1,0 +1,87 @@
+"""Host time of the attention wrappers' plan(), the once-per-step cost an engine pays on the CPU.
+
+    python scripts/plan_cost.py [--device cpu|cuda] [--rounds 7] [--calls 30]
+
+Each case plans the same page table repeatedly (random page ids, page 16, 32/8 heads, D=128);
+the time is the best round's mean per call, in microseconds. With ``--device cuda`` the page
+table lives on the GPU, as an engine's usually does, so the time includes the device-to-host
+reads and host-to-device copies that plan() makes. ``--profile`` prints a cProfile table of one
+case instead.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import torch_flashops as fi
+
+CASES = [(1, 32768), (16, 512), (64, 4096), (256, 2048), (1024, 1024)]
+PAGE, HQ, HKV, D = 16, 32, 8, 128
+
+
+def inputs(B, L, device):
+    npg = -(-L // PAGE)
+    g = torch.Generator().manual_seed(0)
+    indptr = (torch.arange(B + 1, dtype=torch.int32) * npg).to(device)
+    indices = torch.randperm(B * npg, generator=g).int().to(device)
+    last = torch.full((B,), L - (npg - 1) * PAGE, dtype=torch.int32, device=device)
+    qo = torch.arange(B + 1, dtype=torch.int32, device=device)
+    return indptr, indices, last, qo
+
+
+def planners(B, L, device):
+    indptr, indices, last, qo = inputs(B, L, device)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=device)
+    dec = fi.BatchDecodeWithPagedKVCacheWrapper(ws)
+    pre = fi.BatchPrefillWithPagedKVCacheWrapper(ws)
+    return {
+        "decode": lambda: dec.plan(indptr, indices, last, HQ, HKV, D, PAGE, q_data_type=torch.bfloat16),
+        "prefill (1 row each)": lambda: pre.plan(qo, indptr, indices, last, HQ, HKV, D, PAGE, causal=True,
+                                                 q_data_type=torch.bfloat16),
+    }
+
+
+def best_us(fn, rounds, calls):
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--profile", action="store_true", help="cProfile the decode plan of B=64 L=4096")
+    a = ap.parse_args(argv)
+    if a.profile:
+        import cProfile
+        import pstats
+
+        fn = planners(64, 4096, a.device)["decode"]
+        fn()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(a.calls):
+            fn()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        return
+    print(f"plan() host time, device {a.device}, torch {torch.__version__}, best of {a.rounds} rounds x {a.calls} calls")
+    print("| B | kv_len | " + " | ".join(planners(1, 16, a.device)) + " |")
+    print("|---:|---:|---:|---:|")
+    for B, L in CASES:
+        times = [best_us(fn, a.rounds, a.calls) for fn in planners(B, L, a.device).values()]
+        print(f"| {B} | {L} | " + " | ".join(f"{t:.0f} us" for t in times) + " |")
+
+
+if __name__ == "__main__":
+    main()
