@@ -166,7 +166,8 @@ def test_single_prefill(case, backend, device):
 
 
 def test_single_prefill_masks_dtypes_and_scales(backend, device):
-    """custom mask (with a fully masked row) == its packed form; bf16 with o_dtype fp32; k/v scales."""
+    """custom mask (with a fully masked row) == its packed form == its flattened form; bf16 with o_dtype
+    fp32; k/v scales."""
     g = torch.Generator().manual_seed(3)
     qo, kv, H, D = 6, 21, 2, 16
     q, k, v = (torch.randn(n, H, D, generator=g) for n in (qo, kv, kv))
@@ -175,7 +176,8 @@ def test_single_prefill_masks_dtypes_and_scales(backend, device):
     packed = torch.from_numpy(__import__("numpy").packbits(mask.numpy().reshape(-1), bitorder="little"))
     ro, rl = ref_attention(q, k.unsqueeze(1), v.unsqueeze(1), [0, qo], [0, kv], torch.arange(kv), [1], masks=[mask],
                            k_scale=0.5, v_scale=2.0)
-    for kw in (dict(custom_mask=mask.to(device)), dict(packed_custom_mask=packed.to(device), causal=True)):
+    for kw in (dict(custom_mask=mask.to(device)), dict(packed_custom_mask=packed.to(device), causal=True),
+               dict(custom_mask=mask.reshape(-1).to(device))):  # flattened, as FlashInfer reads it
         o, lse = fi.single_prefill_with_kv_cache_return_lse(q.to(device), k.to(device), v.to(device), k_scale=0.5,
                                                             v_scale=2.0, **kw)
         check_attention("masked", o, lse, ro, rl, torch.float32)

@@ -503,6 +503,8 @@ def test_constructor_and_single_errors(device):
         fi.single_decode_with_kv_cache(q[0], k, k, k_scale=torch.ones(2))
     with pytest.raises(ValueError, match="custom_mask"):
         fi.single_prefill_with_kv_cache(q, k, k, custom_mask=torch.ones(4, 4, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="^custom_mask: has 16 elements, expected qo_len"):
+        fi.single_prefill_with_kv_cache(q, k, k, custom_mask=torch.ones(16, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="packed_custom_mask"):
         fi.single_prefill_with_kv_cache(q, k, k, packed_custom_mask=torch.ones(5, dtype=torch.uint8, device=device))
     with pytest.raises(ValueError, match="v"):

@@ -96,7 +96,8 @@ def single_prefill_with_kv_cache(
     o_dtype : torch.dtype or str, optional
         Output dtype (default q's).
     custom_mask : torch.Tensor, optional
-        bool ``[qo_len, kv_len]``, True = attend; overrides ``causal``.
+        bool ``[qo_len, kv_len]`` (or the same flattened to ``[qo_len * kv_len]``), True =
+        attend; overrides ``causal``.
     packed_custom_mask : torch.Tensor, optional
         uint8 ``[ceil(qo_len * kv_len / 8)]``, the same bits packed little-endian (overrides
         ``custom_mask``).
@@ -146,9 +147,14 @@ def single_prefill_with_kv_cache(
     if causal and custom_mask is None and packed_custom_mask is None:
         expect(kv_len >= q.shape[0], "causal", "needs kv_len >= qo_len, got kv_len {} < qo_len {}", kv_len, q.shape[0])
     if packed_custom_mask is None and custom_mask is not None:
-        check_tensor(custom_mask, "custom_mask", ndim=2, last_contiguous=False)
+        check_tensor(custom_mask, "custom_mask", ndim=(1, 2), last_contiguous=False)
+        if custom_mask.dim() == 1:  # FlashInfer reads the mask flat (row-major): accept it flattened
+            expect(custom_mask.shape[0] == q.shape[0] * kv_len, "custom_mask",
+                   "has {} elements, expected qo_len * kv_len = {} * {}", custom_mask.shape[0], q.shape[0], kv_len)
+            custom_mask = custom_mask.reshape(q.shape[0], kv_len)
         expect(tuple(custom_mask.shape) == (q.shape[0], kv_len), "custom_mask",
-               "shape {}, expected [qo_len, kv_len] = {}", tuple(custom_mask.shape), (q.shape[0], kv_len))
+               "shape {}, expected [qo_len, kv_len] = {} (or flattened)", tuple(custom_mask.shape),
+               (q.shape[0], kv_len))
         packed_custom_mask = _pack_mask_little(custom_mask)
     window = P.check_window_left(window_left)
     cap = P.check_soft_cap(logits_soft_cap)
