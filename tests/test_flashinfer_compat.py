@@ -148,7 +148,8 @@ SPEC = {
                                      "topk_indices, launch_with_pdl=True, routing_replay_out=None, *, "
                                      "backend='default'",
     # moe.md §7 abbreviates these; FlashInfer's full lists (COMPATIBLE below; moe_sort's out_*
-    # buffers and their helpers as of 0.7).
+    # buffers and their helpers as of 0.7; cutlass_fused_moe as of 0.7's later releases, which put
+    # use_wfp4afp8_humming before tune_max_num_tokens and add the keyword-only SiTU betas).
     "moe_utils:moe_sort": "token_selected_experts, token_final_scales, num_experts, top_k, local_expert_offset=0, "
                           "num_local_experts=None, tile_tokens_dim=128, enable_pdl=False, "
                           "out_tile_idx_to_expert_idx=None, out_tile_idx_to_mn_limit=None, "
@@ -170,7 +171,10 @@ SPEC = {
                                    "cluster_rank=0, output=None, enable_alltoall=False, "
                                    "use_deepseek_fp8_block_scale=False, use_w4_group_scaling=False, "
                                    "use_mxfp8_act_scaling=False, min_latency_mode=False, use_packed_weights=False, "
-                                   "tune_max_num_tokens=8192, enable_pdl=None, activation_type=...",
+                                   "use_wfp4afp8_humming=False, tune_max_num_tokens=8192, enable_pdl=None, "
+                                   "activation_type=..., swizzled_input_sf=True, use_fused_finalize=True, "
+                                   "profile_ids=None, workspace_buffer=None, *, situ_beta=None, "
+                                   "situ_linear_beta=None",
 }
 COMPATIBLE = {"moe_utils:moe_sort", "moe_utils:moe_permute", "moe_utils:moe_unpermute", "fused_moe:cutlass_fused_moe"}
 
@@ -188,7 +192,9 @@ WRAPPERS = {
 
 # Names FlashInfer's modules re-export from another module (decode.py and prefill.py import
 # page.get_seq_lens; vLLM imports it from flashinfer.decode): path -> names.
-RE_EXPORTS = {"decode": ["get_seq_lens"], "prefill": ["get_seq_lens"]}
+RE_EXPORTS = {"decode": ["get_seq_lens"], "prefill": ["get_seq_lens"],
+              # (where flashinfer.fused_moe's names are defined; vLLM and SGLang import ActivationType from it)
+              "fused_moe.core": ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"]}
 
 # The covered names FlashInfer also exports from its top-level package (flashinfer/__init__.py).
 TOP_LEVEL = {
@@ -204,7 +210,7 @@ TOP_LEVEL = {
              "apply_llama31_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
              "apply_rope_with_cos_sin_cache_inplace"],
     "activation": ["silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"],
-    "fused_moe": ["cutlass_fused_moe", "RoutingMethodType"],
+    "fused_moe": ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"],
 }
 
 # --------------------------------------------------------------------------- helpers
@@ -423,6 +429,7 @@ from flashinfer.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from flashinfer.cascade import merge_state
 from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashinfer.fused_moe import RoutingMethodType, cutlass_fused_moe
+from flashinfer.fused_moe.core import ActivationType  # (vLLM's and SGLang's import path)
 from flashinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from flashinfer.prefill import single_prefill_with_kv_cache
 
@@ -506,7 +513,8 @@ hs = rnd(T, H)
 ids = torch.tensor([[0, 2], [3, 1], [2, 0]], dtype=torch.int32)
 wts = torch.rand(T, 2, generator=g)
 fc1, fc2 = rnd(E, 2 * I, H) * 0.3, rnd(E, H, I) * 0.3
-out = cutlass_fused_moe(hs, ids, wts, fc1, fc2, torch.float32, quant_scales=[])[0]
+out = cutlass_fused_moe(hs, ids, wts, fc1, fc2, torch.float32, quant_scales=[],
+                        activation_type=ActivationType.Swiglu)[0]
 want = torch.zeros(T, H, dtype=torch.float64)
 for t in range(T):
     for j in range(2):

@@ -788,8 +788,19 @@ def test_cutlass_fused_moe(device):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, quant_scales=[torch.ones(1)])
     with pytest.raises(NotImplementedError, match="tp_size"):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, tp_size=2)
-    with pytest.raises(NotImplementedError, match="^activation_type: only SwiGLU"):
-        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, activation_type=3)
+    # activation_type: FlashInfer's enum, its int codes (3 = Swiglu), or an engine's stand-in enum
+    Standin = __import__("enum").IntEnum("ActivationType", {"Swiglu": 5})
+    base = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0]
+    for act in (fo.ActivationType.Swiglu, 3, Standin.Swiglu, None):
+        assert_close(f"activation_type={act!r}", fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32,
+                                                                      activation_type=act)[0], base, atol=0, rtol=0)
+    for act, exc, match in ((fo.ActivationType.Gelu, NotImplementedError, "^activation_type: only SwiGLU"),
+                            (2, NotImplementedError, r"^activation_type: only SwiGLU .* \(Silu\)"),
+                            (11, ValueError, "^activation_type: 11 is not"), ("swiglu", ValueError, "^activation_type")):
+        with pytest.raises(exc, match=match):
+            fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, activation_type=act)
+    with pytest.raises(NotImplementedError, match="situ_beta"):
+        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, situ_beta=torch.ones(1))
     # FlashInfer 0.7's keywords: no-ops where they cannot change the result, refused otherwise
     same = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, use_fused_finalize=False,
                                 workspace_buffer=torch.empty(64, dtype=torch.uint8, device=device))[0]

@@ -52,7 +52,9 @@ FLASHINFER_MODULES = {
                                       "apply_rope_with_cos_sin_cache_inplace"]),
     "quantization": ("torch_flashops.quantization", ["packbits", "segment_packbits"]),
     "activation": ("torch_flashops.activation", ["silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]),
-    "fused_moe": (None, ["cutlass_fused_moe", "RoutingMethodType", "fused_topk_deepseek"]),
+    "fused_moe": (None, ["cutlass_fused_moe", "ActivationType", "RoutingMethodType", "fused_topk_deepseek"]),
+    # (vLLM and SGLang import ActivationType from here)
+    "fused_moe.core": (None, ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"]),
     "moe_utils": ("torch_flashops.moe_utils", ["moe_sort", "moe_permute", "moe_unpermute", "allocate_moe_sort_buffers",
                                                 "get_max_num_tiles", "get_max_num_permuted_tokens"]),
     "triton": ("torch_flashops.triton", []),

@@ -11,6 +11,7 @@ the vLLM-style layer function is ``torch_flashops.fused_moe.fused_moe``.
 """
 from __future__ import annotations
 
+import enum
 from typing import List, Optional
 
 import torch
@@ -23,7 +24,7 @@ from .ops import moe as ops
 from .moe_routing import RoutingMethodType, fused_topk_deepseek  # noqa: F401
 
 __all__ = ["fused_moe", "moe_grouped_gemm", "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "moe_sum",
-           "cutlass_fused_moe",
+           "cutlass_fused_moe", "ActivationType",
            "RoutingMethodType", "fused_topk_deepseek"]
 
 _MOE_DTYPES = FLOAT_DTYPES  # bf16, fp16; fp32 for CPU tests
@@ -286,6 +287,39 @@ def moe_sum(input: torch.Tensor, routed_scaling_factor: Optional[float] = 1.0) -
     return ops.moe_sum(input, _static_float(routed_scaling_factor))
 
 
+class ActivationType(enum.IntEnum):
+    """FlashInfer's MoE activation ids (``flashinfer.fused_moe.ActivationType``), numbered as in
+    its current release. ``cutlass_fused_moe`` runs ``Swiglu`` only."""
+
+    Gelu = 0
+    Relu = 1
+    Silu = 2
+    Swiglu = 3
+    Geglu = 4
+    SwigluBias = 5
+    Relu2 = 6
+    SwigluStep = 7
+    GegluTanh = 8
+    Identity = 9
+    InvalidType = 10
+
+
+def _activation_name(activation_type) -> str:
+    """The ``ActivationType`` name of ``activation_type``: None is the default (Swiglu), a plain
+    int is read through FlashInfer's numbering, and an enum member of another class (an
+    engine's stand-in for FlashInfer's) by its name."""
+    if activation_type is None:
+        return "Swiglu"
+    if isinstance(activation_type, enum.Enum):
+        return activation_type.name
+    expect(is_int(activation_type), "activation_type", "must be an ActivationType or an int, got {!r}",
+           activation_type)
+    try:
+        return ActivationType(int(activation_type)).name
+    except ValueError:
+        raise ValueError(f"activation_type: {activation_type!r} is not an ActivationType value (0..10)") from None
+
+
 def cutlass_fused_moe(
     input: torch.Tensor,
     token_selected_experts: torch.Tensor,
@@ -313,15 +347,17 @@ def cutlass_fused_moe(
     use_mxfp8_act_scaling: bool = False,
     min_latency_mode: bool = False,
     use_packed_weights: bool = False,
+    use_wfp4afp8_humming: bool = False,
     tune_max_num_tokens: int = 8192,
     enable_pdl: Optional[bool] = None,
-    activation_type=None,
-    *,
+    activation_type=ActivationType.Swiglu,
     swizzled_input_sf: bool = True,
     use_fused_finalize: bool = True,
     profile_ids: Optional[List[int]] = None,
     workspace_buffer: Optional[torch.Tensor] = None,
-    use_wfp4afp8_humming: bool = False,
+    *,
+    situ_beta: Optional[torch.Tensor] = None,
+    situ_linear_beta: Optional[torch.Tensor] = None,
 ) -> List[torch.Tensor]:
     """FlashInfer's CUTLASS MoE entry point, mapped onto ``fused_moe`` (spec §7).
 
@@ -346,18 +382,27 @@ def cutlass_fused_moe(
     output : torch.Tensor, optional
         ``[T, H]`` of ``output_dtype``; written and returned.
     Only unquantized weights, ``tp_size == 1``, no biases and the SwiGLU activation are
+    activation_type : ActivationType or int
+        FlashInfer's ``ActivationType`` (an int is read through it, as FlashInfer does); only
+        ``Swiglu`` (3) is supported. An enum member of another class named ``Swiglu`` is
+        accepted too (engines define a stand-in when FlashInfer is missing), and None means
+        the default.
+    Parameters in FlashInfer's order as of 0.7 (``use_wfp4afp8_humming`` before
+    ``tune_max_num_tokens``; ``situ_beta`` / ``situ_linear_beta`` keyword-only). Only
+    unquantized weights, ``tp_size == 1``, no biases and the SwiGLU activation are
     supported; the other options raise ``NotImplementedError`` when set. ``enable_pdl``,
-    ``tune_max_num_tokens``: accepted, no effect. Keyword-only, from FlashInfer 0.7:
-    ``use_fused_finalize`` (either value: the finalize here is always deterministic),
-    ``swizzled_input_sf`` (only matters with ``input_sf``) and ``workspace_buffer`` (scratch
-    is allocated here) are accepted with no effect; ``profile_ids`` and
-    ``use_wfp4afp8_humming=True`` raise ``NotImplementedError``.
+    ``tune_max_num_tokens``: accepted, no effect. ``use_fused_finalize`` (either value: the
+    finalize here is always deterministic), ``swizzled_input_sf`` (only matters with
+    ``input_sf``) and ``workspace_buffer`` (scratch is allocated here) are accepted with no
+    effect; ``profile_ids``, ``use_wfp4afp8_humming=True`` and a ``situ_beta`` /
+    ``situ_linear_beta`` (the SiTU activation) raise ``NotImplementedError``.
 
     Returns
     -------
     list of torch.Tensor
         ``[out]`` (a list, as FlashInfer's code returns).
     """
+    act = _activation_name(activation_type)
     unsupported = dict(
         quant_scales=bool(quant_scales), fc1_expert_biases=fc1_expert_biases is not None,
         fc2_expert_biases=fc2_expert_biases is not None, input_sf=input_sf is not None,
@@ -366,13 +411,12 @@ def cutlass_fused_moe(
         enable_alltoall=enable_alltoall, use_deepseek_fp8_block_scale=use_deepseek_fp8_block_scale,
         use_w4_group_scaling=use_w4_group_scaling, use_mxfp8_act_scaling=use_mxfp8_act_scaling,
         min_latency_mode=min_latency_mode, use_packed_weights=use_packed_weights,
-        activation_type=activation_type is not None and getattr(activation_type, "name", activation_type) != "Swiglu",
         profile_ids=profile_ids is not None, use_wfp4afp8_humming=use_wfp4afp8_humming,
+        situ_beta=situ_beta is not None, situ_linear_beta=situ_linear_beta is not None,
     )
-    if activation_type is not None and not hasattr(activation_type, "name"):
-        raise NotImplementedError(f"activation_type: only SwiGLU is supported; leave it at its default or pass an "
-                                  f"enum member named Swiglu (integer codes differ between FlashInfer versions), "
-                                  f"got {activation_type!r}")
+    if act != "Swiglu":
+        raise NotImplementedError(f"activation_type: only SwiGLU (ActivationType.Swiglu = 3) is supported, got "
+                                  f"{activation_type!r} ({act})")
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU, tp_size 1 only)")
