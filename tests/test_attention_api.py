@@ -634,6 +634,48 @@ def test_gpu_cuda_graph_capture_replan_replay(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_gpu_plan_does_not_wait_for_the_gpu(kind, graph):
+    """plan() from host page tables (as engines pass them) returns while earlier kernels still
+    run: its host-to-device copies are asynchronous, where a blocking copy would synchronise the
+    stream. Two plans made back to back while the GPU is busy each run on their own tables."""
+    qo = ([1, 1, 1], [1, 1, 1]) if kind == "decode" else ([3, 1, 5], [2, 4, 1])
+    kw = dict(page_size=16, Hq=8, Hkv=2, D=64, dtype=torch.bfloat16, device="cuda")
+    a = Batch(qo[0], [300, 2, 40], seed=1, **kw)
+    b = Batch(qo[1], [17, 500, 64], seed=2, **kw)
+    if graph:
+        w = _graph_wrapper("cuda", 3, 128, kind)
+    else:
+        w = (fi.BatchDecodeWithPagedKVCacheWrapper if kind == "decode" else fi.BatchPrefillWithPagedKVCacheWrapper)(
+            workspace("cuda"))
+
+    def plan(x):  # CPU page tables
+        if kind == "decode":
+            w.plan(x.kv_indptr, x.kv_indices, x.last, x.Hq, x.Hkv, x.D, x.page_size, q_data_type=torch.bfloat16)
+        else:
+            w.plan(x.qo_indptr, x.kv_indptr, x.kv_indices, x.last, x.Hq, x.Hkv, x.D, x.page_size, causal=True,
+                   q_data_type=torch.bfloat16)
+
+    for x in (a, b, a, b):  # warm-up: kernels compiled, device and pinned host blocks cached
+        plan(x)
+        w.run(x.q, x.cache)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 ** 28)  # one thread spinning for ~0.1 s
+    busy = torch.cuda.Event()
+    busy.record()
+    plan(a)
+    oa = w.run(a.q, a.cache)
+    plan(b)
+    ob = w.run(b.q, b.cache)
+    still_busy = not busy.query()
+    torch.cuda.synchronize()
+    assert still_busy, "plan() or run() waited for the GPU"
+    check_attention("plan A while busy", oa, None, *a.oracle(causal=kind != "decode"), torch.bfloat16)
+    check_attention("plan B while busy", ob, None, *b.oracle(causal=kind != "decode"), torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_gpu_reduce_overhead_cache_buffer_no_cudagraph_skips():
     from torch._dynamo.utils import counters
 

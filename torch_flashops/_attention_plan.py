@@ -225,7 +225,7 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
                "expected 1-D uint8, got {} of shape {}", packed_custom_mask.dtype, tuple(packed_custom_mask.shape))
         expect(packed_custom_mask.shape[0] == int(indptr[-1]), "packed_custom_mask",
                "has {} bytes, expected sum ceil(qo_len*kv_len/8) = {}", packed_custom_mask.shape[0], int(indptr[-1]))
-        packed = packed_custom_mask.to(device).contiguous()
+        packed = to_device(packed_custom_mask, device).contiguous()
     elif custom_mask is not None:
         custom_mask = custom_mask.reshape(-1)  # any shape, read flat (row-major), as FlashInfer's plan() does
         expect(custom_mask.shape[0] == int(nbits.sum()), "custom_mask",
@@ -234,12 +234,12 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
         starts = np.concatenate([[0], np.cumsum(nbits)])
         chunks = [np.packbits(bits[starts[b]:starts[b + 1]], bitorder="little") for b in range(len(nbits))]
         host = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
-        packed = torch.from_numpy(np.ascontiguousarray(host, dtype=np.uint8)).to(device)
+        packed = to_device(torch.from_numpy(np.ascontiguousarray(host, dtype=np.uint8)), device)
     else:
         return None, None
     if packed.shape[0] == 0:  # keep a valid pointer for the kernel
         packed = torch.zeros(1, dtype=torch.uint8, device=device)
-    return packed, torch.from_numpy(indptr.astype(np.int32)).to(device)
+    return packed, to_device(torch.from_numpy(indptr.astype(np.int32)), device)
 
 
 # ------------------------------------------------------------------------- the schedule
@@ -443,11 +443,10 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
     host = [torch.from_numpy(np.ascontiguousarray(padded(a, n).reshape(-1)))  # (no view: dynamo guards a view's base)
             for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
     if into is not None:
-        into.work.copy_(host[0], non_blocking=False)
-        into.split_work.copy_(host[1])
-        into.merge.copy_(host[2])
+        for dst, h in zip((into.work, into.split_work, into.merge), host):
+            copy_to(dst, h)
         return into.work, into.split_work, into.merge
-    return tuple(h.to(device) for h in host)
+    return tuple(to_device(h, device) for h in host)
 
 
 def _unbacked(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -468,9 +467,37 @@ def unbacked_plan(t: "PlanTensors") -> None:
         _unbacked(x)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait for the GPU.
+
+    A plain (blocking) copy from host memory to a CUDA device synchronises the stream, so a
+    plan() made while the previous step's kernels still run would wait for all of them and
+    lose the host's lead over the GPU (FlashInfer's plan() copies asynchronously). A host
+    tensor goes through a fresh pinned buffer of PyTorch's caching host allocator instead
+    and is copied asynchronously; that allocator does not hand the buffer out again until the
+    copy has run, so ``t`` itself may be reused or freed at once. Other cases copy as usual."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
+def copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` without a host wait where ``src`` is in host memory (``to_device``)."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        staged.copy_(src)
+        dst.copy_(staged, non_blocking=True)
+    else:
+        dst.copy_(src)
+
+
 def device_int32(a, device, min_len: int = 0, copy: bool = False) -> torch.Tensor:
     """Host array or tensor -> contiguous int32 device tensor of at least ``min_len`` entries
-    (the given tensor itself where it already is one, unless ``copy``)."""
+    (the given tensor itself where it already is one, unless ``copy``); host data is copied
+    without waiting for the GPU (``to_device``)."""
     if isinstance(a, torch.Tensor):
         t = a.detach()
         if t.device == torch.device(device) and t.dtype == torch.int32 and t.is_contiguous() and t.numel() >= min_len:
@@ -478,9 +505,9 @@ def device_int32(a, device, min_len: int = 0, copy: bool = False) -> torch.Tenso
         t = t.to(torch.int32)
     else:
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
-    if t.numel() < min_len:
-        t = torch.cat([t.cpu(), torch.zeros(min_len - t.numel(), dtype=torch.int32)])
-    return t.to(device).contiguous()
+    if t.numel() < min_len:  # (padded where t is: no device-to-host read)
+        t = torch.cat([t.reshape(-1), torch.zeros(min_len - t.numel(), dtype=torch.int32, device=t.device)])
+    return to_device(t.contiguous(), device)
 
 
 def check_fits(buf: torch.Tensor, n: int, name: str) -> None:
@@ -492,4 +519,4 @@ def copy_into(buf: torch.Tensor, src, name: str) -> None:
     """CUDA-graph mode: write ``src`` into the head of the frozen buffer ``buf``."""
     src_t = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64))
     check_fits(buf, src_t.numel(), name)
-    buf[: src_t.numel()].copy_(src_t.reshape(-1).to(buf.dtype))
+    copy_to(buf[: src_t.numel()], src_t.reshape(-1).to(buf.dtype))
