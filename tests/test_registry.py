@@ -162,3 +162,65 @@ def test_checks_flag(monkeypatch):
         assert not _config.checks_enabled()
     finally:
         _config._checks = old
+
+
+@pytest.mark.gpu
+def test_gpu_eager_calls_do_not_sync():
+    """The op contract's "no host syncs", eager: a second call of each family's public entry
+    points (the first compiles the kernels) runs under ``torch.cuda.set_sync_debug_mode("error")``,
+    which raises on any synchronising CUDA call (a blocking copy, ``.item()``, a stream sync).
+    The attention wrappers plan from host page tables, as engines pass them."""
+    import torch_flashops as fi
+
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, dtype=bf):
+        return torch.randn(*shape, generator=g, device=dev).to(dtype)
+
+    T, Hq, Hkv, D, page, P = 24, 8, 2, 64, 16, 12
+    q, k, v = rnd(T, Hq, D), rnd(T, Hkv, D), rnd(T, Hkv, D)
+    pos = torch.arange(T, device=dev, dtype=torch.int32)
+    cache = rnd(P, 2, page, Hkv, D)
+    kv_indptr_h = torch.tensor([0, 1, 3], dtype=torch.int32)  # host page table: 2 requests
+    kv_indices_h = torch.tensor([4, 7, 2], dtype=torch.int32)
+    last_h = torch.tensor([9, 8], dtype=torch.int32)
+    kv_indptr, kv_indices, last = (t.to(dev) for t in (kv_indptr_h, kv_indices_h, last_h))
+    append_indptr = torch.tensor([0, 9, 24], dtype=torch.int32, device=dev)
+    seq_lens = fi.get_seq_lens(kv_indptr, last, page)
+    ws = torch.empty(32 << 20, dtype=torch.uint8, device=dev)
+    dec = fi.BatchDecodeWithPagedKVCacheWrapper(ws)
+    pre = fi.BatchPrefillWithPagedKVCacheWrapper(ws)
+    E, topk, H, I = 8, 2, 64, 32
+    logits = rnd(T, E, dtype=torch.float32)
+    w1, w2 = rnd(E, 2 * I, H) * 0.1, rnd(E, H, I) * 0.1
+    x = rnd(T, H)
+    vs, ss = rnd(T, 3, Hq, D), rnd(T, 3, Hq, dtype=torch.float32)
+
+    def calls():
+        fi.apply_rope_pos_ids(q, k, pos)
+        bi, ps = fi.get_batch_indices_positions(append_indptr, seq_lens, T)
+        fi.append_paged_kv_cache(k, v, bi, ps, cache, kv_indices, kv_indptr, last)
+        fi.merge_state(vs[:, 0], ss[:, 0], vs[:, 1], ss[:, 1])
+        fi.merge_states(vs, ss)
+        dec.plan(kv_indptr_h, kv_indices_h, last_h, Hq, Hkv, D, page, q_data_type=bf)
+        dec.run(q[:2], cache)
+        pre.plan(torch.tensor([0, 5, 7], dtype=torch.int32), kv_indptr_h, kv_indices_h, last_h, Hq, Hkv, D, page,
+                 causal=True, q_data_type=bf)
+        pre.run(q[:7], cache)
+        fi.single_decode_with_kv_cache(q[0], k, v)
+        fi.single_prefill_with_kv_cache(q, k, v, causal=True)
+        wts, ids = fi.topk_softmax(logits, topk, renormalize=True)
+        fi.grouped_topk(logits, topk, 4, 2)
+        fi.moe_align_block_size(ids, 16, E)
+        fi.fused_moe.fused_moe(x, w1, w2, wts, ids)
+        fi.silu_and_mul(rnd(T, 2 * I))
+
+    calls()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
