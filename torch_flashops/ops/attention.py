@@ -44,6 +44,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ._host import cdiv, next_pow2
 from .. import _config
 from .._registry import register_op
 from ..meta import attention as meta
@@ -489,7 +490,7 @@ def tile_m(group: int, max_qo_len: int) -> int:
     """Rows of the flattened (query row, group head) index per program: 16..128 (tl.dot needs
     >= 16 rows), the smallest power of two holding one request's rows, capped at 128."""
     need = max(1, group * max(max_qo_len, 1))
-    return int(min(128, max(16, triton.next_power_of_2(need))))
+    return int(min(128, max(16, next_pow2(need))))
 
 
 def live_items(grid0: int, n_split_items: int, has_split: bool, n_requests: Optional[int], q_tiles: int) -> int:
@@ -534,7 +535,7 @@ def attn_config(block_m: int, d_qk: int, d_vo: int, dtype: torch.dtype, device,
     split-KV items) and ``tma`` come from the launch. ``fixed`` (plans with ``fixed_split_size``
     or ``disable_split_kv``): ignore the launch's size, so the key-tile width and warp count, and
     with them a row's summation order, are the same whatever the batch (bitwise batch invariance)."""
-    d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_vo))
+    d = max(next_pow2(d_qk), next_pow2(d_vo))
     if torch.device(device).type != "cuda":
         return 32 if d > 128 else 64, 4, 1
     wide = wide_tiles(dtype, d_qk, d_vo)
@@ -691,11 +692,11 @@ def merge_config(block_m: int, d_vo: int, group: int) -> tuple[int, int, int, in
     whole-tile programs: 4-row chunks of a 128-row shared-prefix tile made 8192 tiny programs
     and the cascade 291 -> 319 us."""
     if block_m >= 64:  # prefill tiles (a shared prefix): whole tiles, 64 columns, 8192 elements a step
-        block_d = min(64, triton.next_power_of_2(d_vo))
+        block_d = min(64, next_pow2(d_vo))
         split_block = max(1, min(64, 8192 // (block_m * block_d)))
         return block_m, split_block, block_d, 8 if split_block * block_m * block_d > 4096 else 4
-    rows = min(block_m, max(4, triton.next_power_of_2(group)))
-    block_d = min(16, triton.next_power_of_2(d_vo))
+    rows = min(block_m, max(4, next_pow2(group)))
+    block_d = min(16, next_pow2(d_vo))
     return rows, max(1, min(64, 4096 // (rows * block_d))), block_d, 4
 
 
@@ -728,7 +729,7 @@ def merge_d_split(n_programs: int, d_chunks: int, device) -> int:
     column chunk) meant 4096 programs, 3 of 4 exiting at once, and an 8.5 us merge after a 14.1
     us attention kernel.)"""
     target = 4 * num_sms(device)
-    return max(1, min(d_chunks, triton.next_power_of_2(max(1, target // max(n_programs, 1)))))
+    return max(1, min(d_chunks, next_pow2(max(1, target // max(n_programs, 1)))))
 
 
 def _old_floors(n_programs: int, block_m: int, group: int) -> bool:
@@ -855,14 +856,14 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         s_qo, s_kv, s_chunk, s_nsplit = 0, 0, 1, 1
     else:
         s_qo, s_kv, s_chunk, s_nsplit = single
-        n_tiles = triton.cdiv(s_qo * group, block_m)
+        n_tiles = cdiv(s_qo * group, block_m)
         n_split_items = n_tiles * s_nsplit if s_nsplit > 1 else 0
         grid0 = n_tiles * s_nsplit
     if grid0 == 0:
         return
     has_split = n_split_items > 0 and not (worklist and n_split_items == NO_SPLIT_ROWS)
     live = live_items(grid0, n_split_items, has_split, qo_indptr.shape[0] - 1 if worklist else None,
-                      triton.cdiv(R * group, block_m))
+                      cdiv(R * group, block_m))
     keys = single[1] if not worklist else (kv_indices.shape[0] * page_size if paged else k.shape[0])
     keys_per_program = keys // max(live, 1)
     # fixed_config: a configuration from the tile height, head dims and dtype alone (no TMA tiles,
@@ -910,7 +911,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         window_left, float(sm_scale), float(logits_soft_cap or 0.0),
         2 ** int(math.floor(math.log2(Hq))), float(v_scale), LN2 if lse_ln else 1.0,
         GROUP=group, PAGE_SIZE=page_size if paged else 1, D_QK=d_qk, D_VO=d_vo,
-        BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DVO=triton.next_power_of_2(d_vo),
+        BLOCK_DQK=next_pow2(d_qk), BLOCK_DVO=next_pow2(d_vo),
         BLOCK_M=block_m, BLOCK_N=block_n,
         WORKLIST=worklist, PAGED=paged, CAUSAL=bool(causal) and packed_mask is None, WINDOW=window,
         HAS_MASK=packed_mask is not None, POS=pos, SOFTCAP=soft, UPCAST=upcast, PREC=prec,
@@ -922,7 +923,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
     rows, split_block, block_d, merge_warps = merge_config(block_m, d_vo, group)
-    d_split = merge_d_split(n_merge * h_kv, triton.cdiv(d_vo, block_d), dev)
+    d_split = merge_d_split(n_merge * h_kv, cdiv(d_vo, block_d), dev)
     _merge_kernel[(n_merge, h_kv, d_split)](
         o, lse, po, plse, merge if worklist else dummy, qo_indptr if worklist else dummy,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
@@ -944,8 +945,8 @@ def _single_split(qo_len: int, kv_len: int, n_tiles: int, h_kv: int, block_m: in
                   kv_len // split_min_chunk(block_n, device, n_tiles * h_kv, block_m, group)) if target else 1
     if n_split <= 1:
         return max(kv_len, 1), 1
-    chunk = triton.cdiv(triton.cdiv(kv_len, n_split), block_n) * block_n
-    return chunk, triton.cdiv(kv_len, chunk)
+    chunk = cdiv(cdiv(kv_len, n_split), block_n) * block_n
+    return chunk, cdiv(kv_len, chunk)
 
 
 def single_attention_cuda(q, k, v, packed_mask, kv_layout, causal, window_left, sm_scale, logits_soft_cap,
@@ -958,7 +959,7 @@ def single_attention_cuda(q, k, v, packed_mask, kv_layout, causal, window_left, 
     group = h_qo // h_kv
     block_m = tile_m(group, qo_len)
     block_n = attn_config(block_m, d_qk, v.shape[-1], q.dtype, q.device)[0]
-    n_tiles = triton.cdiv(qo_len * group, block_m)
+    n_tiles = cdiv(qo_len * group, block_m)
     chunk, n_split = _single_split(qo_len, kv_len, n_tiles, h_kv, block_m, block_n, q.device, group)
     _launch(q, K.unsqueeze(1), V.unsqueeze(1), o, lse, paged=False, worklist=False, group=group, page_size=1,
             num_pages=kv_len, block_m=block_m, single=(qo_len, kv_len, chunk, n_split), packed_mask=packed_mask,

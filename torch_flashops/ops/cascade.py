@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from .._checks import overlaps_other_view
 from .._registry import register_op
 from ..meta import cascade as meta
@@ -211,8 +212,8 @@ def _launch_config(H: int, D: int) -> tuple[int, int, int]:
     A program covers whole rows of D and as many heads as fit in ``_TILE`` elements, so a
     thread moves ~8 elements (16 bytes of bf16) per state and chunk.
     """
-    block_d = min(triton.next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
-    block_h = min(triton.next_power_of_2(max(H, 1)), max(1, _TILE // block_d))
+    block_d = min(next_pow2(max(D, 1)), _MAX_BLOCK_D)
+    block_h = min(next_pow2(max(H, 1)), max(1, _TILE // block_d))
     num_warps = min(8, max(1, block_h * block_d // 256))
     return block_h, block_d, num_warps
 
@@ -222,7 +223,7 @@ def _launch_pair(v_a, s_a, v_b, s_b, v_out, s_out, mask, lse_ln):
     if N == 0 or H == 0:
         return
     block_h, block_d, num_warps = _launch_config(H, D)
-    _merge_pair_kernel[(N, triton.cdiv(H, block_h))](
+    _merge_pair_kernel[(N, cdiv(H, block_h))](
         v_a, s_a, v_b, s_b, v_out, s_out, s_a if mask is None else mask,
         H, D,
         v_a.stride(0), v_a.stride(1), s_a.stride(0), s_a.stride(1),
@@ -238,7 +239,7 @@ def _launch_run(v, s, indptr, v_out, s_out, count, v_sn, v_si, s_sn, s_si, lse_l
     if N == 0 or H == 0:
         return
     block_h, block_d, num_warps = _launch_config(H, D)
-    _merge_run_kernel[(N, triton.cdiv(H, block_h))](
+    _merge_run_kernel[(N, cdiv(H, block_h))](
         v, s, s if indptr is None else indptr, v_out, s_out,
         count, H, D,
         v_sn, v_si, v.stride(-2), s_sn, s_si, s.stride(-1),

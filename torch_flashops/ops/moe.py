@@ -67,6 +67,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ._host import cdiv, next_pow2
 from .. import _config
 from .._checks import check_writable
 from . import moe_routing
@@ -815,18 +816,6 @@ def _align_one_kernel(ids_ptr, map_ptr, cursor_ptr, sorted_ptr, eid_ptr, ntp_ptr
 
 
 # ------------------------------------------------------------------- launch heuristics
-# Host arithmetic in plain Python: triton.cdiv / next_power_of_2 are JIT functions, several
-# microseconds per host call, and fused_moe's host time is what bounds mid-size layers.
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 # The one place where tile sizes, warps and stages are chosen. A config is
 # {"block_m": B, "pairs": bool, "gemm1": G, "gemm2": G} with
 # G = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} and optional keys (each falls
@@ -861,7 +850,7 @@ _DEFAULTS = {
 
 def _interp_gemm(N, K):
     # Small tiles under the interpreter: the tests use H, I of a few dozen.
-    return _g(max(16, min(32, _pow2(N))), max(16, min(32, _pow2(K))), 4, 4, 1)
+    return _g(max(16, min(32, next_pow2(N))), max(16, min(32, next_pow2(K))), 4, 4, 1)
 
 
 def gemm_config(block_m: int, N: int, K: int, fused: bool) -> dict:
@@ -933,7 +922,7 @@ def moe_config(T: int, k: int, E: int, I: int, H: int, dtype: torch.dtype, devic
     """The whole-layer launch config for ``fused_moe`` (block size, both GEMMs' tiles)."""
     if device.type == "cuda" and not _config.interpreting():
         if _TUNED:
-            hit = _TUNED.get((E, I, H, k, dtype, _pow2(max(T, 1))))
+            hit = _TUNED.get((E, I, H, k, dtype, next_pow2(max(T, 1))))
             if hit is not None:
                 return hit
         table = _table_for(E, I, H, device.index or 0, dtype)
@@ -1039,7 +1028,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     if align is not None:
         sorted_ids, expert_ids, ntp = align
         num_slots = sorted_ids.numel()
-        num_m_blocks = _cdiv(num_slots, block_m)
+        num_m_blocks = cdiv(num_slots, block_m)
         ids, emap = sorted_ids, sorted_ids
     else:
         ids, emap = pairs
@@ -1064,7 +1053,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     else:
         w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, bn, bk]) if use_tma else w
     if persistent:
-        n_tiles = num_m_blocks * _cdiv(n_out, bn)
+        n_tiles = num_m_blocks * cdiv(n_out, bn)
         per_sm = cfg.get("progs_per_sm", 1)
         progs = min(n_tiles, 3 if interp else per_sm * _config.sm_count(a.device.index or 0))
         _moe_gemm_persistent_kernel[(progs,)](
@@ -1082,7 +1071,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         return
     half = align is not None and (half_tail_on(block_m) if half_tail is None else half_tail) and block_m >= 32
     a_desc_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m // 2, bk]) if a_tma and half else a
-    grid = (num_m_blocks * _cdiv(n_out, bn),)
+    grid = (num_m_blocks * cdiv(n_out, bn),)
     part = count = c
     slots = 0
     if split > 1:
@@ -1151,8 +1140,8 @@ def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False
         sorted_ids, _, ntp = route["align"]
         slots, H = sorted_ids.numel(), x.shape[1]
         a, a_sorted = x.new_empty((slots, H)), True
-        _gather_rows_kernel[(_cdiv(slots, 16),)](x, a, sorted_ids, ntp, numel, k, H, x.stride(0), a.stride(0),
-                                                BLOCK_R=16, BLOCK_H=min(_pow2(H), 512), num_warps=4)
+        _gather_rows_kernel[(cdiv(slots, 16),)](x, a, sorted_ids, ntp, numel, k, H, x.stride(0), a.stride(0),
+                                                BLOCK_R=16, BLOCK_H=min(next_pow2(H), 512), num_warps=4)
     _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
                  mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True,
                  pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, **route)
@@ -1168,7 +1157,7 @@ def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0, pd
 def moe_sum_config(T: int, k: int, H: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, num_warps) of the finalize sum: one token row per program, up to 1024
     columns, 4 warps (each thread loads 16-byte vectors of all k rows at once)."""
-    return 1, min(_pow2(H), 1024), 4
+    return 1, min(next_pow2(H), 1024), 4
 
 
 def _launch_moe_sum(x3, out, scale, pdl_wait=False):
@@ -1176,7 +1165,7 @@ def _launch_moe_sum(x3, out, scale, pdl_wait=False):
     if T == 0 or H == 0:
         return
     bt, bh, warps = moe_sum_config(T, k, H)
-    _moe_sum_kernel[(_cdiv(T, bt), _cdiv(H, bh))](
+    _moe_sum_kernel[(cdiv(T, bt), cdiv(H, bh))](
         x3, out, T, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_T=bt, BLOCK_H=bh,
         PDL_WAIT=pdl_wait, launch_pdl=pdl_wait, num_warps=warps)
 
@@ -1200,8 +1189,8 @@ def _act_and_mul_into(x2, y2, act):
     rows, d = y2.shape
     if rows == 0 or d == 0:
         return
-    block = min(_pow2(d), 1024)
-    _act_and_mul_kernel[(rows, _cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act, BLOCK=block,
+    block = min(next_pow2(d), 1024)
+    _act_and_mul_kernel[(rows, cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act, BLOCK=block,
                                                  num_warps=4)
 
 
@@ -1358,11 +1347,11 @@ def decode_tiles(T: int, k: int, I: int, H: int, tile: int = _DECODE_TILE) -> di
     pair), phase 2 [KP, BH, BJ] (one token's k experts); about ``tile`` elements each, so that
     a program keeps a large load in flight (only phase 1, where H fits one tile, overlaps the next
     tile's load with this one's math)."""
-    bk = next((b for b in (2048, 1024, 512, 256) if H % b == 0), min(_pow2(H), 2048))
-    bi = max(1, min(_pow2(I), tile // (2 * bk)))
-    kp = _pow2(k)
-    bj = min(_pow2(I), 1024)
-    bh = max(1, min(_pow2(H), tile // (kp * bj)))
+    bk = next((b for b in (2048, 1024, 512, 256) if H % b == 0), min(next_pow2(H), 2048))
+    bi = max(1, min(next_pow2(I), tile // (2 * bk)))
+    kp = next_pow2(k)
+    bj = min(next_pow2(I), 1024)
+    bh = max(1, min(next_pow2(H), tile // (kp * bj)))
     return {"BI": bi, "BK": bk, "BH": bh, "BJ": bj, "KP": kp}
 
 
@@ -1433,7 +1422,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     # PREFETCH pays where each program's phase 2 is the one tile it prefetched (H100, same call,
     # us with / without: Qwen3 T=1 13.1 / 13.7 (256 tiles, 264 programs); T=2 21.2 / 20.5, T=4
     # 35.6 / 34.4, DeepSeek T=1 79.7 / 74.4 (several tiles a program)
-    n_out = T * _cdiv(H, cfg["BH"])
+    n_out = T * cdiv(H, cfg["BH"])
     pipe1 = bool(pipe1 and H <= cfg["BK"])
     meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
     if one_launch:
@@ -1492,8 +1481,8 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_ma
     numel = ids.numel()
     dev = ids.device
     cap = numel + (num_local + 1) * (block_size - 1)
-    n_blocks = _cdiv(cap, block_size)
-    nb = max(16, _pow2(num_local + 1))
+    n_blocks = cdiv(cap, block_size)
+    nb = max(16, next_pow2(num_local + 1))
     sorted_ids = torch.empty((cap,), dtype=torch.int32, device=dev)
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
@@ -1504,14 +1493,14 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_ma
     if align_one_program(numel, nb) if one_program_max is None else numel <= one_program_max:
         cursors = torch.empty((nb,), dtype=torch.int32, device=dev)
         _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_ids, num_local, block_size,
-                                HAS_MAP=expert_map is not None, CH=max(128, _pow2(numel)), NB=nb, FB=1024,
+                                HAS_MAP=expert_map is not None, CH=max(128, next_pow2(numel)), NB=nb, FB=1024,
                                 EB=max(16, 8192 // nb), PDL_TRIGGER=pdl_trigger, num_warps=4)
         return sorted_ids, expert_ids, ntp
     counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
     ch = 1024 if nb <= 64 else 256
     common = dict(HAS_MAP=expert_map is not None, CH=ch, NB=nb, num_warps=4)
-    _align_count_kernel[(_cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_ids, num_local, cap, **common)
-    grid = max(1, _cdiv(numel, ch))
+    _align_count_kernel[(cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_ids, num_local, cap, **common)
+    grid = max(1, cdiv(numel, ch))
     _align_scatter_kernel[(grid,)](ids, emap, counts, sorted_ids, expert_ids, ntp, numel, num_ids, num_local,
                                    block_size, n_blocks, EB=max(16, 8192 // nb), **common)
     return sorted_ids, expert_ids, ntp
@@ -1591,7 +1580,7 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
     """
     T, H = x.shape
     E, I, k = w1.shape[0], w2.shape[2], topk_ids.shape[1]
-    key = (E, I, H, k, x.dtype, _pow2(max(T, 1)))
+    key = (E, I, H, k, x.dtype, next_pow2(max(T, 1)))
     if cache and key in _TUNED:
         return _TUNED[key]
     if options is None:

@@ -27,12 +27,11 @@
 # num_tokens_post_pad).
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from .._registry import register_op
 from ..meta import moe_routing as _meta
 from ..reference import moe_routing as _ref
@@ -72,7 +71,7 @@ def _align_config(numel: int) -> dict:
     histograms, so their count must stay small); CH takes few values (few compiled variants)."""
     if numel <= _FUSED_MAX:
         return dict(CH=1024, fused=True, num_warps=4)
-    ch = min(4096, max(256, triton.next_power_of_2(triton.cdiv(numel, 128))))
+    ch = min(4096, max(256, next_pow2(cdiv(numel, 128))))
     return dict(CH=ch, fused=False, num_warps=4)
 
 
@@ -351,10 +350,10 @@ def _topk_flat_launch(gating_output, topk, softmax, renormalize):
     if T == 0:
         return w, ids
     x = _last_contiguous(gating_output)
-    block_e = triton.next_power_of_2(E)
+    block_e = next_pow2(E)
     cfg = _routing_config(block_e)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
-    _topk_flat_kernel[grid](x, w, ids, T, E, x.stride(0), K=topk, KP=triton.next_power_of_2(topk),
+    grid = (cdiv(T, cfg["BLOCK_T"]),)
+    _topk_flat_kernel[grid](x, w, ids, T, E, x.stride(0), K=topk, KP=next_pow2(topk),
                             SOFTMAX=softmax, RENORM=renormalize, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e,
                             num_warps=cfg["num_warps"])
     return w, ids
@@ -376,12 +375,12 @@ def grouped_topk_launch(gating_output, topk, n_group, topk_group, bias, scoring_
         return w, ids
     x = _last_contiguous(gating_output)
     G = E // n_group
-    ngp, gp = triton.next_power_of_2(n_group), triton.next_power_of_2(G)
+    ngp, gp = next_pow2(n_group), next_pow2(G)
     cfg = _routing_config(ngp * gp)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
+    grid = (cdiv(T, cfg["BLOCK_T"]),)
     b = bias.contiguous() if bias is not None else x
     _grouped_topk_kernel[grid](x, b, w, ids, T, G, n_group, topk_group, x.stride(0), float(routed_scaling_factor),
-                               K=topk, KP=triton.next_power_of_2(topk), HAS_BIAS=bias is not None,
+                               K=topk, KP=next_pow2(topk), HAS_BIAS=bias is not None,
                                SOFTMAX=scoring_func == "softmax", RENORM=renormalize,
                                BLOCK_T=cfg["BLOCK_T"], NGP=ngp, GP=gp, num_warps=cfg["num_warps"])
     return w, ids
@@ -410,7 +409,7 @@ def align_launch(ids, block_size, num_ids, num_experts, expert_map, cap, n_block
     ntp = torch.empty((1,), dtype=torch.int32, device=dev)
     cfg = _align_config(numel)
     emap = expert_map if expert_map is not None else ids
-    common = dict(HAS_MAP=expert_map is not None, CH=cfg["CH"], NB=max(32, triton.next_power_of_2(num_experts + 1)),
+    common = dict(HAS_MAP=expert_map is not None, CH=cfg["CH"], NB=max(32, next_pow2(num_experts + 1)),
                   num_warps=cfg["num_warps"])
     if (cfg["fused"] if fused is None else fused) or numel == 0:
         common["CH"] = 1024
@@ -419,9 +418,9 @@ def align_launch(ids, block_size, num_ids, num_experts, expert_map, cap, n_block
         return sorted_ids, expert_ids, ntp
     if cfg["fused"]:  # a small input sent down the table path (tests): the smallest chunk
         common["CH"] = 256
-    n_chunks = triton.cdiv(numel, common["CH"])
+    n_chunks = cdiv(numel, common["CH"])
     hist = torch.empty((n_chunks, common["NB"]), dtype=torch.int32, device=dev)
-    grid1 = (max(n_chunks, triton.cdiv(cap, _FILL)),)
+    grid1 = (max(n_chunks, cdiv(cap, _FILL)),)
     _align_count_kernel[grid1](ids, emap, sorted_ids, expert_ids, hist, numel, num_ids, num_experts, cap, n_blocks,
                                FB=_FILL, **common)
     _align_scatter_kernel[(n_chunks + 1,)](ids, emap, sorted_ids, expert_ids, ntp, hist, numel, num_ids,

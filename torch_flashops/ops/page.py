@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from .. import _config
 from .._registry import register_op
 from ..meta import page as meta
@@ -147,18 +148,18 @@ def _append_config(nnz: int, H: int, DK: int, DV: int) -> dict:
     """Tile shape of ``_append_paged_kv_kernel``: full head dims, as many heads as fit in
     ``_TILE_ELEMS``, then as many tokens as fit -- but no taller than leaves ``_MIN_PROGRAMS``
     programs on the GPU (the interpreter prefers few, large programs)."""
-    bd = triton.next_power_of_2(max(DK, DV))
-    block_h = min(triton.next_power_of_2(H), max(1, _TILE_ELEMS // bd))
+    bd = next_pow2(max(DK, DV))
+    block_h = min(next_pow2(H), max(1, _TILE_ELEMS // bd))
     block_t = min(_MAX_BLOCK_T, max(1, _TILE_ELEMS // (block_h * bd)))
     if not _config.interpreting():
-        while block_t > 1 and triton.cdiv(nnz, block_t) * triton.cdiv(H, block_h) < _MIN_PROGRAMS:
+        while block_t > 1 and cdiv(nnz, block_t) * cdiv(H, block_h) < _MIN_PROGRAMS:
             block_t //= 2
-    return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_DK=triton.next_power_of_2(DK),
-                BLOCK_DV=triton.next_power_of_2(DV), num_warps=8 if block_t * block_h * bd >= 8192 else 4)
+    return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_DK=next_pow2(DK),
+                BLOCK_DV=next_pow2(DV), num_warps=8 if block_t * block_h * bd >= 8192 else 4)
 
 
 def _positions_config(nnz: int) -> dict:
-    return dict(BLOCK=min(1024, max(16, triton.next_power_of_2(nnz))), num_warps=4)
+    return dict(BLOCK=min(1024, max(16, next_pow2(nnz))), num_warps=4)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -176,7 +177,7 @@ def _batch_indices_positions_out_launch(append_indptr, seq_lens, batch_indices, 
     bi = batch_indices if batch_indices.is_contiguous() else torch.empty(nnz, dtype=batch_indices.dtype,
                                                                             device=batch_indices.device)
     pos = positions if positions.is_contiguous() else torch.empty(nnz, dtype=positions.dtype, device=positions.device)
-    _batch_indices_positions_kernel[(triton.cdiv(nnz, cfg["BLOCK"]),)](
+    _batch_indices_positions_kernel[(cdiv(nnz, cfg["BLOCK"]),)](
         append_indptr, seq_lens, bi, pos, nnz, B, max(B, 0).bit_length(), **cfg)
     if bi is not batch_indices:
         batch_indices.copy_(bi)
@@ -198,7 +199,7 @@ def _append_paged_kv_cache_launch(append_key, append_value, batch_indices, posit
     if nnz == 0 or k.numel() == 0:
         return
     cfg = _append_config(nnz, H, DK, DV)
-    grid = (triton.cdiv(nnz, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
+    grid = (cdiv(nnz, cfg["BLOCK_T"]), cdiv(H, cfg["BLOCK_H"]))
     # flat index arrays for the kernel (no-ops for the public function, which requires them)
     batch_indices, positions = batch_indices.contiguous(), positions.contiguous()
     kv_indices, kv_indptr = kv_indices.contiguous(), kv_indptr.contiguous()
@@ -220,7 +221,7 @@ def _gather_paged_kv_launch(paged_kv_cache, paged_v_cache, kv_layout, page, slot
     if k.numel() == 0:  # no pages to read: every id is out of range, and page 0 does not exist
         raise ValueError("paged_kv_cache: has no pages to gather from")
     cfg = _append_config(n, H, DK, DV)
-    grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
+    grid = (cdiv(n, cfg["BLOCK_T"]), cdiv(H, cfg["BLOCK_H"]))
     page, slot = page.contiguous(), slot.contiguous()  # the kernel reads them as flat arrays
     _gather_paged_kv_kernel[grid](
         k, v, page, slot, k_out, v_out, n, k.shape[0], k.shape[1], H, DK, DV,

@@ -1,0 +1,14 @@
+"""Host arithmetic shared by the launchers and the attention planner, in plain Python:
+``triton.cdiv`` and ``triton.next_power_of_2`` are JIT functions that cost about 2 us per call
+on the host, several of which every eager launch (and every ``plan()``) used to pay."""
+from __future__ import annotations
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ``b > 0``."""
+    return -(-int(a) // int(b))
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 << max(0, int(n) - 1).bit_length()
