@@ -650,29 +650,44 @@ def test_gpu_plan_does_not_wait_for_the_gpu(kind, graph):
         w = (fi.BatchDecodeWithPagedKVCacheWrapper if kind == "decode" else fi.BatchPrefillWithPagedKVCacheWrapper)(
             workspace("cuda"))
 
-    def plan(x):  # CPU page tables
+    def plan(x, non_blocking=True):  # CPU page tables
         if kind == "decode":
-            w.plan(x.kv_indptr, x.kv_indices, x.last, x.Hq, x.Hkv, x.D, x.page_size, q_data_type=torch.bfloat16)
+            w.plan(x.kv_indptr, x.kv_indices, x.last, x.Hq, x.Hkv, x.D, x.page_size, q_data_type=torch.bfloat16,
+                   non_blocking=non_blocking)
         else:
             w.plan(x.qo_indptr, x.kv_indptr, x.kv_indices, x.last, x.Hq, x.Hkv, x.D, x.page_size, causal=True,
-                   q_data_type=torch.bfloat16)
+                   q_data_type=torch.bfloat16, non_blocking=non_blocking)
 
-    for x in (a, b, a, b):  # warm-up: kernels compiled, device and pinned host blocks cached
-        plan(x)
-        w.run(x.q, x.cache)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2 ** 28)  # one thread spinning for ~0.1 s
-    busy = torch.cuda.Event()
-    busy.record()
-    plan(a)
-    oa = w.run(a.q, a.cache)
-    plan(b)
-    ob = w.run(b.q, b.cache)
-    still_busy = not busy.query()
-    torch.cuda.synchronize()
+    def busy_round():
+        torch.cuda._sleep(2 ** 28)  # one thread spinning for ~0.1 s
+        busy = torch.cuda.Event()
+        busy.record()
+        plan(a)
+        oa = w.run(a.q, a.cache)
+        plan(b)
+        ob = w.run(b.q, b.cache)
+        still_busy = not busy.query()
+        torch.cuda.synchronize()
+        return oa, ob, still_busy
+
+    busy_round()  # warm-up: kernels compiled, device and pinned host blocks cached as the measured round needs
+    oa, ob, still_busy = busy_round()
     assert still_busy, "plan() or run() waited for the GPU"
     check_attention("plan A while busy", oa, None, *a.oracle(causal=kind != "decode"), torch.bfloat16)
     check_attention("plan B while busy", ob, None, *b.oracle(causal=kind != "decode"), torch.bfloat16)
+    # non_blocking=False (FlashInfer's flag): blocking copies, done when plan() returns
+    torch.cuda._sleep(2 ** 26)
+    busy = torch.cuda.Event()
+    busy.record()
+    plan(a, non_blocking=False)
+    assert busy.query(), "plan(non_blocking=False) returned before its copies ran"
+    # plan() is host code: refused during a capture, leaving the last plan intact
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        with torch.cuda.graph(graph):
+            plan(b)
+    check_attention("plan A after a refused plan", w.run(a.q, a.cache), None, *a.oracle(causal=kind != "decode"),
+                    torch.bfloat16)
 
 
 @pytest.mark.gpu

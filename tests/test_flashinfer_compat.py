@@ -341,7 +341,7 @@ def test_routing_method_type_values():
 # --------------------------------------------------------------------------- 2. module paths
 
 
-@pytest.mark.parametrize("path", sorted({k.split(":")[0] for k in SPEC} | set(TOP_LEVEL)))
+@pytest.mark.parametrize("path", sorted({k.split(":")[0] for k in SPEC} | set(TOP_LEVEL) | set(RE_EXPORTS)))
 def test_import_as_module_paths(path):
     """``import torch_flashops as flashinfer``: ``flashinfer.<path>.<name>`` reaches every
     covered name (activation and moe_utils included, as FlashInfer's package binds them), and

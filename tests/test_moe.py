@@ -796,7 +796,8 @@ def test_cutlass_fused_moe(device):
                                                                       activation_type=act)[0], base, atol=0, rtol=0)
     for act, exc, match in ((fo.ActivationType.Gelu, NotImplementedError, "^activation_type: only SwiGLU"),
                             (2, NotImplementedError, r"^activation_type: only SwiGLU .* \(Silu\)"),
-                            (11, ValueError, "^activation_type: 11 is not"), ("swiglu", ValueError, "^activation_type")):
+                            (fo.ActivationType.Situ, NotImplementedError, r"\(Situ\)"),
+                            (12, ValueError, "^activation_type: 12 is not"), ("swiglu", ValueError, "^activation_type")):
         with pytest.raises(exc, match=match):
             fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, activation_type=act)
     with pytest.raises(NotImplementedError, match="situ_beta"):

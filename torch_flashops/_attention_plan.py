@@ -214,7 +214,8 @@ def validate_paged_csr(kv_indptr_h, last_h, n_indices: int, page_size: int, *, i
     return np.where(n > 0, (n - 1) * page_size + last_h, 0)
 
 
-def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, device):
+def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, device,
+                      non_blocking: bool = True):
     """Per-request packed masks (little-endian, each from a byte boundary) and their byte
     offsets ``mask_indptr [B+1]`` (int32), or ``(None, None)`` when no mask is given."""
     nbits = qo_lens * kv_lens
@@ -225,7 +226,7 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
                "expected 1-D uint8, got {} of shape {}", packed_custom_mask.dtype, tuple(packed_custom_mask.shape))
         expect(packed_custom_mask.shape[0] == int(indptr[-1]), "packed_custom_mask",
                "has {} bytes, expected sum ceil(qo_len*kv_len/8) = {}", packed_custom_mask.shape[0], int(indptr[-1]))
-        packed = to_device(packed_custom_mask, device).contiguous()
+        packed = to_device(packed_custom_mask, device, non_blocking).contiguous()
     elif custom_mask is not None:
         custom_mask = custom_mask.reshape(-1)  # any shape, read flat (row-major), as FlashInfer's plan() does
         expect(custom_mask.shape[0] == int(nbits.sum()), "custom_mask",
@@ -234,12 +235,12 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
         starts = np.concatenate([[0], np.cumsum(nbits)])
         chunks = [np.packbits(bits[starts[b]:starts[b + 1]], bitorder="little") for b in range(len(nbits))]
         host = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
-        packed = to_device(torch.from_numpy(np.ascontiguousarray(host, dtype=np.uint8)), device)
+        packed = to_device(torch.from_numpy(np.ascontiguousarray(host, dtype=np.uint8)), device, non_blocking)
     else:
         return None, None
     if packed.shape[0] == 0:  # keep a valid pointer for the kernel
         packed = torch.zeros(1, dtype=torch.uint8, device=device)
-    return packed, to_device(torch.from_numpy(indptr.astype(np.int32)), device)
+    return packed, to_device(torch.from_numpy(indptr.astype(np.int32)), device, non_blocking)
 
 
 # ------------------------------------------------------------------------- the schedule
@@ -429,7 +430,8 @@ def check_list_sizes(sched: Schedule, bounds: Bounds) -> None:
         expect(a.shape[0] <= n, "plan", "{} list of {} items exceeds the frozen CUDA-graph size {}", name, a.shape[0], n)
 
 
-def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into: Optional[PlanTensors] = None):
+def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into: Optional[PlanTensors] = None,
+                 non_blocking: bool = True):
     """Device tensors of the three lists: fresh (padded to >= 2 rows) or, in CUDA-graph mode,
     copied into the frozen buffers of ``into`` (padded to ``bounds``)."""
     if bounds is None:
@@ -444,9 +446,9 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
             for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
     if into is not None:
         for dst, h in zip((into.work, into.split_work, into.merge), host):
-            copy_to(dst, h)
+            copy_to(dst, h, non_blocking)
         return into.work, into.split_work, into.merge
-    return tuple(to_device(h, device) for h in host)
+    return tuple(to_device(h, device, non_blocking) for h in host)
 
 
 def _unbacked(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -467,34 +469,49 @@ def unbacked_plan(t: "PlanTensors") -> None:
         _unbacked(x)
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device`` without making the host wait for the GPU.
+def check_not_capturing() -> None:
+    """plan() is host code: refuse it while the current stream captures a CUDA graph."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("plan() cannot run while a CUDA graph is being captured: plan before the capture (its "
+                           "host-to-device copies would be recorded into the graph and replayed with stale data)")
 
-    A plain (blocking) copy from host memory to a CUDA device synchronises the stream, so a
-    plan() made while the previous step's kernels still run would wait for all of them and
-    lose the host's lead over the GPU (FlashInfer's plan() copies asynchronously). A host
-    tensor goes through a fresh pinned buffer of PyTorch's caching host allocator instead
-    and is copied asynchronously; that allocator does not hand the buffer out again until the
-    copy has run, so ``t`` itself may be reused or freed at once. Other cases copy as usual."""
+
+def to_device(t: torch.Tensor, device, non_blocking: bool = True) -> torch.Tensor:
+    """``t`` on ``device``; from host memory to a CUDA device without making the host wait for
+    the GPU unless ``non_blocking`` is False.
+
+    A blocking copy from host memory to a CUDA device synchronises the stream, so a plan()
+    made while the previous step's kernels still run would wait for all of them and lose the
+    host's lead over the GPU. FlashInfer's plan() copies asynchronously by default
+    (``non_blocking=True``), and so does this: the data goes through a fresh pinned buffer of
+    PyTorch's caching host allocator, which does not hand the buffer out again until the copy
+    has run, so ``t`` itself may be reused or freed at once. As with FlashInfer, the copy is
+    ordered on the current stream only: a caller that runs on another stream synchronises the
+    two, or plans with ``non_blocking=False`` (a blocking copy, done when plan() returns)."""
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    check_not_capturing()
+    if not non_blocking:
         return t.to(device)
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     staged.copy_(t)
     return staged.to(device, non_blocking=True)
 
 
-def copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` without a host wait where ``src`` is in host memory (``to_device``)."""
+def copy_to(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = True) -> None:
+    """``dst.copy_(src)``; from host memory without a host wait unless ``non_blocking`` is False
+    (``to_device``)."""
     if dst.device.type == "cuda" and src.device.type == "cpu":
-        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-        staged.copy_(src)
-        dst.copy_(staged, non_blocking=True)
-    else:
-        dst.copy_(src)
+        check_not_capturing()
+        if non_blocking:
+            staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            staged.copy_(src)
+            src = staged
+    dst.copy_(src, non_blocking=non_blocking)
 
 
-def device_int32(a, device, min_len: int = 0, copy: bool = False) -> torch.Tensor:
+def device_int32(a, device, min_len: int = 0, copy: bool = False, non_blocking: bool = True) -> torch.Tensor:
     """Host array or tensor -> contiguous int32 device tensor of at least ``min_len`` entries
     (the given tensor itself where it already is one, unless ``copy``); host data is copied
     without waiting for the GPU (``to_device``)."""
@@ -507,7 +524,7 @@ def device_int32(a, device, min_len: int = 0, copy: bool = False) -> torch.Tenso
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
     if t.numel() < min_len:  # (padded where t is: no device-to-host read)
         t = torch.cat([t.reshape(-1), torch.zeros(min_len - t.numel(), dtype=torch.int32, device=t.device)])
-    return to_device(t.contiguous(), device)
+    return to_device(t.contiguous(), device, non_blocking)
 
 
 def check_fits(buf: torch.Tensor, n: int, name: str) -> None:
@@ -515,8 +532,8 @@ def check_fits(buf: torch.Tensor, n: int, name: str) -> None:
     expect(n <= buf.numel(), name, "has {} entries, more than its CUDA-graph buffer holds ({})", n, buf.numel())
 
 
-def copy_into(buf: torch.Tensor, src, name: str) -> None:
+def copy_into(buf: torch.Tensor, src, name: str, non_blocking: bool = True) -> None:
     """CUDA-graph mode: write ``src`` into the head of the frozen buffer ``buf``."""
     src_t = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64))
     check_fits(buf, src_t.numel(), name)
-    copy_to(buf[: src_t.numel()], src_t.reshape(-1).to(buf.dtype))
+    copy_to(buf[: src_t.numel()], src_t.reshape(-1).to(buf.dtype), non_blocking)

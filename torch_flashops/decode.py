@@ -211,6 +211,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
                      rope_scale=None, rope_theta=None, non_blocking=True, block_tables=None, seq_lens=None,
                      fixed_split_size=None, disable_split_kv=False, q_len_per_req=1):
         P.reject(block_tables=block_tables, seq_lens=seq_lens)
+        self._non_blocking = bool(non_blocking)
         if window_right != 0:
             raise NotImplementedError("window_right != 0 is not supported (the right window is the causal bound)")
         L = P.check_int(q_len_per_req, "q_len_per_req")

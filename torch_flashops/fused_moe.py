@@ -12,6 +12,7 @@ the vLLM-style layer function is ``torch_flashops.fused_moe.fused_moe``.
 from __future__ import annotations
 
 import enum
+import sys as _sys
 from typing import List, Optional
 
 import torch
@@ -289,7 +290,8 @@ def moe_sum(input: torch.Tensor, routed_scaling_factor: Optional[float] = 1.0) -
 
 class ActivationType(enum.IntEnum):
     """FlashInfer's MoE activation ids (``flashinfer.fused_moe.ActivationType``), numbered as in
-    its current release. ``cutlass_fused_moe`` runs ``Swiglu`` only."""
+    its release with the SiTU activation (``Situ`` 10; ``InvalidType`` was 10 before it).
+    ``cutlass_fused_moe`` runs ``Swiglu`` only."""
 
     Gelu = 0
     Relu = 1
@@ -301,7 +303,8 @@ class ActivationType(enum.IntEnum):
     SwigluStep = 7
     GegluTanh = 8
     Identity = 9
-    InvalidType = 10
+    Situ = 10
+    InvalidType = 11
 
 
 def _activation_name(activation_type) -> str:
@@ -317,7 +320,7 @@ def _activation_name(activation_type) -> str:
     try:
         return ActivationType(int(activation_type)).name
     except ValueError:
-        raise ValueError(f"activation_type: {activation_type!r} is not an ActivationType value (0..10)") from None
+        raise ValueError(f"activation_type: {activation_type!r} is not an ActivationType value (0..11)") from None
 
 
 def cutlass_fused_moe(
@@ -381,7 +384,6 @@ def cutlass_fused_moe(
         ``[ep_rank * E_local, (ep_rank + 1) * E_local)``; other experts contribute 0.
     output : torch.Tensor, optional
         ``[T, H]`` of ``output_dtype``; written and returned.
-    Only unquantized weights, ``tp_size == 1``, no biases and the SwiGLU activation are
     activation_type : ActivationType or int
         FlashInfer's ``ActivationType`` (an int is read through it, as FlashInfer does); only
         ``Swiglu`` (3) is supported. An enum member of another class named ``Swiglu`` is
@@ -506,3 +508,8 @@ def _moe_selfcheck(device) -> list[CheckResult]:
     exp = ref.ref_fused_moe_dense(x.float(), w1.float(), w2.float(), tw, ids, rsf=2.5)
     res.append(CheckResult("fused_moe", max_abs_err(out.float(), exp), tol * 4, "rsf 2.5, one row skipped"))
     return res
+
+
+# FlashInfer defines its fused_moe names in flashinfer.fused_moe.core (vLLM and SGLang import
+# ActivationType from there); under `import torch_flashops as flashinfer` that path is this module.
+core = _sys.modules[__name__]

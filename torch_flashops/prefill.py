@@ -278,6 +278,7 @@ class _BatchAttention:
         self._bounds: Optional[P.Bounds] = None
         self._frozen_block_m: Optional[int] = None
         self._kv_lens_buf: Optional[torch.Tensor] = None
+        self._non_blocking = True  # plan()'s host-to-device copies (P.to_device); each plan() sets it
         self._gather: Optional[_GatherRows] = None
 
     @property
@@ -347,7 +348,7 @@ class _BatchAttention:
         if freeze is not None:
             self._bounds, self._frozen_block_m, self._frozen_rows = freeze
         into = self._t if (self._use_cuda_graph and self._t is not None) else None
-        work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into)
+        work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into, self._non_blocking)
         self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
         if not self._use_cuda_graph:  # (graph mode: the caller's buffers, sizes frozen)
             P.unbacked_plan(self._t)
@@ -361,7 +362,8 @@ class _BatchAttention:
     def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
         """The packed masks of a plan; in CUDA-graph mode also checks that they fit the buffers
         given at __init__ (``_commit_masks`` copies them there)."""
-        packed, mask_indptr = P.pack_custom_masks(custom_mask, packed_custom_mask, qo_lens, kv_lens, self.device)
+        packed, mask_indptr = P.pack_custom_masks(custom_mask, packed_custom_mask, qo_lens, kv_lens, self.device,
+                                                  self._non_blocking)
         if packed is None or not self._use_cuda_graph:
             return packed, mask_indptr
         mask_buf, indptr_buf = getattr(self, "_custom_mask_buf", None), getattr(self, "_mask_indptr_buf", None)
@@ -375,8 +377,8 @@ class _BatchAttention:
     def _commit_masks(self, packed, mask_indptr):
         if packed is None or not self._use_cuda_graph:
             return packed, mask_indptr
-        P.copy_into(self._custom_mask_buf, packed, "custom_mask_buf")
-        P.copy_into(self._mask_indptr_buf, mask_indptr, "mask_indptr_buf")
+        P.copy_into(self._custom_mask_buf, packed, "custom_mask_buf", self._non_blocking)
+        P.copy_into(self._mask_indptr_buf, mask_indptr, "mask_indptr_buf", self._non_blocking)
         return self._custom_mask_buf, self._mask_indptr_buf
 
     # -- run ----------------------------------------------------------------------------
@@ -517,6 +519,8 @@ class _BatchAttention:
         CUDA-graph buffers), so a plan that fails leaves the previous plan and its buffers as they
         were; only then are buffers written."""
         names = self._ARG_NAMES
+        if self.device.type == "cuda":  # (before any state changes: a refused plan leaves the last one intact)
+            P.check_not_capturing()
         num_qo_heads = P.check_int(num_qo_heads, "num_qo_heads")
         num_kv_heads = P.check_int(num_kv_heads, "num_kv_heads")
         head_dim_qk = P.check_int(head_dim_qk, names["head_dim_qk"])
@@ -556,10 +560,10 @@ class _BatchAttention:
         # ---- commit: nothing below is expected to fail; if it does, the wrapper is left unplanned
         self._plan = None
         if self._use_cuda_graph:
-            P.copy_into(self._qo_indptr_buf, qo_h, "qo_indptr")
+            P.copy_into(self._qo_indptr_buf, qo_h, "qo_indptr", self._non_blocking)
             qo_t = self._qo_indptr_buf
         else:
-            qo_t = P.device_int32(qo_h, dev)
+            qo_t = P.device_int32(qo_h, dev, non_blocking=self._non_blocking)
         packed, mask_indptr = self._commit_masks(packed, mask_indptr)
         self._set_lists(sched, freeze, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr,
                         tile=P.tile_tensor(self._tiles, block_m, dev), **index_tensors(self, dev))
@@ -598,15 +602,16 @@ class _BatchAttention:
         # (these take the wrapper as an argument: kept for forward()'s re-plan, they must not hold it)
         def index_tensors(w, dev):
             if not w._use_cuda_graph:
-                return dict(kv_indptr=P.device_int32(kv_indptr_h, dev),
-                            kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS, copy=True),
-                            kv_lens=P.device_int32(kv_lens_h, dev, P.MIN_LIST_ROWS))
-            P.copy_into(w._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr")
-            P.copy_into(w._paged_kv_indices_buf, kv_indices, "paged_kv_indices")
-            P.copy_into(w._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len")
+                nb = w._non_blocking
+                return dict(kv_indptr=P.device_int32(kv_indptr_h, dev, non_blocking=nb),
+                            kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS, copy=True, non_blocking=nb),
+                            kv_lens=P.device_int32(kv_lens_h, dev, P.MIN_LIST_ROWS, non_blocking=nb))
+            P.copy_into(w._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr", w._non_blocking)
+            P.copy_into(w._paged_kv_indices_buf, kv_indices, "paged_kv_indices", w._non_blocking)
+            P.copy_into(w._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len", w._non_blocking)
             if w._kv_lens_buf is None:
                 w._kv_lens_buf = torch.zeros(max(kv_lens_h.size, P.MIN_LIST_ROWS), dtype=torch.int32, device=dev)
-            P.copy_into(w._kv_lens_buf, kv_lens_h, "kv_lens")
+            P.copy_into(w._kv_lens_buf, kv_lens_h, "kv_lens", w._non_blocking)
             return dict(kv_indptr=w._paged_kv_indptr_buf, kv_indices=w._paged_kv_indices_buf, kv_lens=w._kv_lens_buf)
 
         def index_check(w):
@@ -621,7 +626,7 @@ class _BatchAttention:
         self._gather = None
         if not self._use_cuda_graph and not self._plan.fixed_config and \
                 _gather_pays(qo_h, kv_lens_h, bool(options.get("causal")), self._plan):
-            self._gather = _gather_rows(kv_lens_h, page_size, self._t, self.device)
+            self._gather = _gather_rows(kv_lens_h, page_size, self._t, self.device, self._non_blocking)
 
     def _run_paged(self, q, paged_kv_cache, window_left, reserved, lse_base, q_scale, k_scale, v_scale, out, lse,
                    return_lse, check_q=None):
@@ -692,12 +697,14 @@ def _gather_kv(kv, kv_layout: str, g: _GatherRows) -> Tuple[torch.Tensor, torch.
     return page_ops.gather_paged_kv(k_raw, v_raw, kv_layout, g.page, g.slot)
 
 
-def _gather_rows(kv_lens_h: np.ndarray, page_size: int, t: "P.PlanTensors", device) -> _GatherRows:
+def _gather_rows(kv_lens_h: np.ndarray, page_size: int, t: "P.PlanTensors", device,
+                 non_blocking: bool = True) -> _GatherRows:
     """The ``_GatherRows`` of a plan: ``get_batch_indices_positions`` over the whole sequences
     gives each key's request and position; page ids come from the device page table (no host
     sync)."""
     B = kv_lens_h.size
-    tok_indptr = P.device_int32(np.concatenate([[0], np.cumsum(kv_lens_h.astype(np.int64))]), device)
+    tok_indptr = P.device_int32(np.concatenate([[0], np.cumsum(kv_lens_h.astype(np.int64))]), device,
+                                non_blocking=non_blocking)
     req, pos = get_batch_indices_positions(tok_indptr, t.kv_lens[:B], int(kv_lens_h.sum()))
     page = t.kv_indices.index_select(0, t.kv_indptr.index_select(0, req) + pos // page_size).long()
     return _GatherRows(page, (pos % page_size).long(), tok_indptr)
@@ -778,6 +785,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         ``paged_kv_indptr [B+1]``, ``paged_kv_indices [>= indptr[-1]]``,
         ``paged_kv_last_page_len [B]`` (int32, host or device), heads, dims, page size and the
         options (see the class docstring and spec §5). Host code; not for compiled regions."""
+        self._non_blocking = bool(non_blocking)
         P.reject(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
                  token_pos_in_items_len=token_pos_in_items_len or None, max_item_len_ptr=max_item_len_ptr,
                  seq_lens=seq_lens, seq_lens_q=seq_lens_q, block_tables=block_tables,
@@ -879,6 +887,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
              v_indptr: Optional[torch.Tensor] = None, o_indptr: Optional[torch.Tensor] = None) -> None:
         """Plan attention for ``qo_indptr [B+1]`` query rows against ``kv_indptr [B+1]`` K/V rows
         (int32, host or device); options as spec §6. Host code; not for compiled regions."""
+        self._non_blocking = bool(non_blocking)
         P.reject(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
                  token_pos_in_items_len=token_pos_in_items_len or None, max_item_len_ptr=max_item_len_ptr,
                  seq_lens=seq_lens, seq_lens_q=seq_lens_q, max_token_per_sequence=max_token_per_sequence,
@@ -891,9 +900,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
 
         def index_tensors(w, dev):  # (the wrapper as an argument: see _plan_paged)
             if w._use_cuda_graph:
-                P.copy_into(w._kv_indptr_buf, kv_h, "kv_indptr")
+                P.copy_into(w._kv_indptr_buf, kv_h, "kv_indptr", w._non_blocking)
                 return dict(kv_indptr=w._kv_indptr_buf, kv_indices=None, kv_lens=None)
-            return dict(kv_indptr=P.device_int32(kv_h, dev), kv_indices=None, kv_lens=None)
+            return dict(kv_indptr=P.device_int32(kv_h, dev, non_blocking=w._non_blocking), kv_indices=None,
+                        kv_lens=None)
 
         def index_check(w):
             P.check_fits(w._kv_indptr_buf, kv_h.size, "kv_indptr")
