@@ -5,8 +5,10 @@
 Each case plans the same page table repeatedly (random page ids, page 16, 32/8 heads, D=128);
 the time is the best round's mean per call, in microseconds. With ``--device cuda`` the page
 table lives on the GPU, as an engine's usually does, so the time includes the device-to-host
-reads and host-to-device copies that plan() makes. ``--profile`` prints a cProfile table of one
-case instead.
+reads and host-to-device copies that plan() makes. ``--busy`` (CUDA) keeps the GPU busy with a
+spinning kernel through each round, as a serving step's kernels would be, so a plan() that waits
+for the GPU (a blocking copy synchronises the stream) shows the wait. ``--profile`` prints a
+cProfile table of one case instead.
 """
 from __future__ import annotations
 
@@ -43,15 +45,20 @@ def planners(B, L, device):
     }
 
 
-def best_us(fn, rounds, calls):
+def best_us(fn, rounds, calls, busy=False):
     for _ in range(3):
         fn()
     best = float("inf")
     for _ in range(rounds):
+        if busy:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2 ** 30)  # ~0.5 s of one spinning thread: longer than a round of plans
         t = time.perf_counter()
         for _ in range(calls):
             fn()
         best = min(best, (time.perf_counter() - t) / calls)
+    if busy:
+        torch.cuda.synchronize()
     return best * 1e6
 
 
@@ -61,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="cProfile the decode plan of B=64 L=4096")
+    ap.add_argument("--busy", action="store_true", help="CUDA: time plan() while a kernel keeps the GPU busy")
     a = ap.parse_args(argv)
     if a.profile:
         import cProfile
@@ -75,11 +83,15 @@ def main(argv=None):
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(30)
         return
-    print(f"plan() host time, device {a.device}, torch {torch.__version__}, best of {a.rounds} rounds x {a.calls} calls")
+    if a.busy and not a.device.startswith("cuda"):
+        ap.error("--busy needs --device cuda")
+    busy = " while the GPU is busy" if a.busy else ""
+    print(f"plan() host time{busy}, device {a.device}, torch {torch.__version__}, best of {a.rounds} rounds x "
+          f"{a.calls} calls")
     print("| B | kv_len | " + " | ".join(planners(1, 16, a.device)) + " |")
     print("|---:|---:|---:|---:|")
     for B, L in CASES:
-        times = [best_us(fn, a.rounds, a.calls) for fn in planners(B, L, a.device).values()]
+        times = [best_us(fn, a.rounds, a.calls, a.busy) for fn in planners(B, L, a.device).values()]
         print(f"| {B} | {L} | " + " | ".join(f"{t:.0f} us" for t in times) + " |")
 
 
