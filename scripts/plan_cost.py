@@ -3,9 +3,9 @@
     python scripts/plan_cost.py [--device cpu|cuda] [--rounds 7] [--calls 30]
 
 Each case plans the same page table repeatedly (random page ids, page 16, 32/8 heads, D=128);
-the time is the best round's mean per call, in microseconds. With ``--device cuda`` the page
-table lives on the GPU, as an engine's usually does, so the time includes the device-to-host
-reads and host-to-device copies that plan() makes. ``--busy`` (CUDA) keeps the GPU busy with a
+the time is the best round's mean per call, in microseconds. The page table is passed as vLLM
+passes it: indptrs and last-page lengths on the host, the page ids on the device, so with
+``--device cuda`` the time includes plan()'s host-to-device copies. ``--busy`` (CUDA) keeps the GPU busy with a
 spinning kernel through each round, as a serving step's kernels would be, so a plan() that waits
 for the GPU (a blocking copy synchronises the stream) shows the wait. ``--profile`` prints a
 cProfile table of one case instead.
@@ -26,10 +26,10 @@ PAGE, HQ, HKV, D = 16, 32, 8, 128
 def inputs(B, L, device):
     npg = -(-L // PAGE)
     g = torch.Generator().manual_seed(0)
-    indptr = (torch.arange(B + 1, dtype=torch.int32) * npg).to(device)
+    indptr = torch.arange(B + 1, dtype=torch.int32) * npg
     indices = torch.randperm(B * npg, generator=g).int().to(device)
-    last = torch.full((B,), L - (npg - 1) * PAGE, dtype=torch.int32, device=device)
-    qo = torch.arange(B + 1, dtype=torch.int32, device=device)
+    last = torch.full((B,), L - (npg - 1) * PAGE, dtype=torch.int32)
+    qo = torch.arange(B + 1, dtype=torch.int32)
     return indptr, indices, last, qo
 
 
