@@ -38,6 +38,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA els
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+if not HAS_CUDA and os.environ.get("FLASHOPS_INTERP_MEMCHECK", "1") != "0":
+    # every interpreted load/store/atomic must stay inside its launch's argument tensors
+    from .interp_memcheck import install  # noqa: E402
+
+    install()
+
 
 @pytest.fixture
 def device():

@@ -229,3 +229,33 @@ def test_gpu_eager_calls_do_not_sync():
         torch.cuda.synchronize()
     finally:
         _config.set_checks(old_checks)
+
+
+def test_interp_memcheck_catches_out_of_bounds():
+    """The CPU suite's interpreter bounds check (tests/interp_memcheck.py) fails a kernel that
+    reads or writes past its tensors, and passes masked-off lanes."""
+    import triton
+    import triton.language as tl
+
+    from . import interp_memcheck
+
+    if not _config.interpreting():
+        pytest.skip("checks Triton's interpreter")
+    assert interp_memcheck._installed
+
+    @triton.jit
+    def copy_kernel(x, y, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        if MASKED:
+            tl.store(y + offs, tl.load(x + offs, mask=offs < n), mask=offs < n)
+        else:
+            tl.store(y + offs, tl.load(x + offs))
+
+    storage = torch.zeros(64)
+    x, y = storage[:16], torch.zeros(8)
+    copy_kernel[(1,)](x, y, 8, BLOCK=16, MASKED=True)  # masked lanes past y's end: fine
+    with pytest.raises(Exception, match="store of 4 bytes .* outside every argument"):
+        copy_kernel[(1,)](x, y, 8, BLOCK=16, MASKED=False)  # writes y[8:16]
+    with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
+        copy_kernel[(1,)](torch.zeros(8), torch.zeros(16), 8, BLOCK=16, MASKED=False)
+    copy_kernel[(1,)](x, torch.zeros(16), 8, BLOCK=16, MASKED=False)  # x is a view: its storage holds 64

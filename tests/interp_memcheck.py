@@ -1,0 +1,113 @@
+"""Bounds checking for Triton's interpreter: every global load, store and atomic a kernel makes
+under ``TRITON_INTERPRET=1`` must lie inside the storage of one of the tensors it was launched
+with (tensor descriptors: their base tensor's storage).
+
+On a GPU an address past a tensor's allocation is a silent wrong read or a corrupting write
+(``scripts/sanitize.sh`` runs compute-sanitizer for that); in the interpreter it reads or writes
+whatever host memory sits there. This check turns either into a test failure naming the kernel,
+the program and the address, for every kernel the CPU suite runs. Masked-off lanes are not
+checked (they do not access memory). ``install()`` patches the interpreter once per process;
+``tests/conftest.py`` installs it for CPU runs unless ``FLASHOPS_INTERP_MEMCHECK=0``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_ranges = None  # (starts, ends) of the running kernel's argument storages, sorted by start
+_kernel = None
+_installed = False
+
+
+class OutOfBoundsAccess(AssertionError):
+    pass
+
+
+def _storages(args, out):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    for a in args:
+        if isinstance(a, (tuple, list)):
+            _storages(a, out)
+        elif isinstance(a, TensorDescriptor):
+            _storages([a.base], out)
+        elif hasattr(a, "untyped_storage"):
+            s = a.untyped_storage()
+            out.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+
+
+def _check(kind, ptrs, mask, nbytes):
+    if _ranges is None:
+        return
+    addr = ptrs.data
+    if mask is not None:
+        addr = addr[np.broadcast_to(mask.data, addr.shape)]
+    addr = np.asarray(addr, dtype=np.uint64).reshape(-1)
+    if addr.size == 0:
+        return
+    starts, ends = _ranges
+    i = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
+    ok = (i >= 0) & (addr + np.uint64(nbytes) <= ends[np.maximum(i, 0)])
+    if ok.all():
+        return
+    from triton.runtime.interpreter import interpreter_builder
+
+    bad = int(addr[~ok][0])
+    spans = ", ".join(f"[{int(s):#x}, {int(e):#x})" for s, e in zip(starts, ends))
+    raise OutOfBoundsAccess(
+        f"{_kernel}: {kind} of {nbytes} bytes at {bad:#x} in program {tuple(interpreter_builder.grid_idx)} lies "
+        f"outside every argument tensor's storage ({int((~ok).sum())} of {addr.size} active lanes); "
+        f"argument storages: {spans}")
+
+
+def _elem_bytes(ptrs) -> int:
+    return max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+
+
+def install() -> None:
+    """Patch Triton's interpreter (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from triton.runtime import interpreter as it
+
+    B, G = it.InterpreterBuilder, it.GridExecutor
+    load, store, rmw, cas = B.create_masked_load, B.create_masked_store, B.create_atomic_rmw, B.create_atomic_cas
+    init_args, call = G._init_args_hst, G.__call__
+
+    def create_masked_load(self, ptrs, mask, other, *a, **k):
+        _check("load", ptrs, mask, _elem_bytes(ptrs))
+        return load(self, ptrs, mask, other, *a, **k)
+
+    def create_masked_store(self, ptrs, value, mask, *a, **k):
+        _check("store", ptrs, mask, _elem_bytes(ptrs))
+        return store(self, ptrs, value, mask, *a, **k)
+
+    def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
+        _check("atomic", ptr, mask, _elem_bytes(ptr))
+        return rmw(self, op, ptr, val, mask, *a, **k)
+
+    def create_atomic_cas(self, ptr, cmp, val, *a, **k):
+        _check("atomic_cas", ptr, None, _elem_bytes(ptr))
+        return cas(self, ptr, cmp, val, *a, **k)
+
+    def _init_args_hst(self, args_dev, kwargs):
+        global _ranges, _kernel
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        spans = []
+        _storages(list(args_hst) + list(kwargs_hst.values()), spans)
+        spans = sorted(set(spans))  # (views share a storage; distinct storages never overlap)
+        _ranges = (np.array([s for s, _ in spans], dtype=np.uint64), np.array([e for _, e in spans], dtype=np.uint64))
+        _kernel = getattr(self.fn, "__name__", "kernel")
+        return args_hst, kwargs_hst
+
+    def __call__(self, *a, **k):
+        global _ranges
+        try:
+            return call(self, *a, **k)
+        finally:
+            _ranges = None
+
+    B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
+    B.create_atomic_rmw, B.create_atomic_cas = create_atomic_rmw, create_atomic_cas
+    G._init_args_hst, G.__call__ = _init_args_hst, __call__
+    _installed = True
