@@ -40,6 +40,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 if not HAS_CUDA and os.environ.get("FLASHOPS_INTERP_MEMCHECK", "1") != "0":
     # every interpreted load/store/atomic must stay inside its launch's argument tensors
+    # (FLASHOPS_INTERP_MEMCHECK=storage: inside their storages; =0: off)
     from .interp_memcheck import install  # noqa: E402
 
     install()

@@ -258,4 +258,7 @@ def test_interp_memcheck_catches_out_of_bounds():
         copy_kernel[(1,)](x, y, 8, BLOCK=16, MASKED=False)  # writes y[8:16]
     with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
         copy_kernel[(1,)](torch.zeros(8), torch.zeros(16), 8, BLOCK=16, MASKED=False)
-    copy_kernel[(1,)](x, torch.zeros(16), 8, BLOCK=16, MASKED=False)  # x is a view: its storage holds 64
+    copy_kernel[(1,)](x, torch.zeros(16), 8, BLOCK=16, MASKED=False)  # x[0:16]: inside the view
+    if interp_memcheck._VIEWS:  # (the default) a read past the view, even inside its storage, fails
+        with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
+            copy_kernel[(1,)](storage[:8], torch.zeros(16), 8, BLOCK=16, MASKED=False)
