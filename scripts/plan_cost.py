@@ -33,15 +33,15 @@ def inputs(B, L, device):
     return indptr, indices, last, qo
 
 
-def planners(B, L, device):
+def planners(B, L, device, non_blocking=True):
     indptr, indices, last, qo = inputs(B, L, device)
     ws = torch.empty(128 << 20, dtype=torch.uint8, device=device)
     dec = fi.BatchDecodeWithPagedKVCacheWrapper(ws)
     pre = fi.BatchPrefillWithPagedKVCacheWrapper(ws)
+    nb = dict(q_data_type=torch.bfloat16, non_blocking=non_blocking)
     return {
-        "decode": lambda: dec.plan(indptr, indices, last, HQ, HKV, D, PAGE, q_data_type=torch.bfloat16),
-        "prefill (1 row each)": lambda: pre.plan(qo, indptr, indices, last, HQ, HKV, D, PAGE, causal=True,
-                                                 q_data_type=torch.bfloat16),
+        "decode": lambda: dec.plan(indptr, indices, last, HQ, HKV, D, PAGE, **nb),
+        "prefill (1 row each)": lambda: pre.plan(qo, indptr, indices, last, HQ, HKV, D, PAGE, causal=True, **nb),
     }
 
 
@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="cProfile the decode plan of B=64 L=4096")
     ap.add_argument("--busy", action="store_true", help="CUDA: time plan() while a kernel keeps the GPU busy")
+    ap.add_argument("--blocking", action="store_true",
+                    help="plan(non_blocking=False): blocking host-to-device copies (how every plan() copied before)")
     a = ap.parse_args(argv)
     if a.profile:
         import cProfile
@@ -85,13 +87,13 @@ def main(argv=None):
         return
     if a.busy and not a.device.startswith("cuda"):
         ap.error("--busy needs --device cuda")
-    busy = " while the GPU is busy" if a.busy else ""
+    busy = (" while the GPU is busy" if a.busy else "") + (", blocking copies" if a.blocking else "")
     print(f"plan() host time{busy}, device {a.device}, torch {torch.__version__}, best of {a.rounds} rounds x "
           f"{a.calls} calls")
     print("| B | kv_len | " + " | ".join(planners(1, 16, a.device)) + " |")
     print("|---:|---:|---:|---:|")
     for B, L in CASES:
-        times = [best_us(fn, a.rounds, a.calls, a.busy) for fn in planners(B, L, a.device).values()]
+        times = [best_us(fn, a.rounds, a.calls, a.busy) for fn in planners(B, L, a.device, not a.blocking).values()]
         print(f"| {B} | {L} | " + " | ".join(f"{t:.0f} us" for t in times) + " |")
 
 
