@@ -259,6 +259,19 @@ def test_interp_memcheck_catches_out_of_bounds():
     with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
         copy_kernel[(1,)](torch.zeros(8), torch.zeros(16), 8, BLOCK=16, MASKED=False)
     copy_kernel[(1,)](x, torch.zeros(16), 8, BLOCK=16, MASKED=False)  # x[0:16]: inside the view
+    # masks the interpreter keeps as 0/1 integers select lanes like booleans (not as indices)
+    import numpy as np
+    from types import SimpleNamespace as NS
+
+    saved = interp_memcheck._ranges
+    interp_memcheck._ranges = (np.array([1000], dtype=np.uint64), np.array([1040], dtype=np.uint64))
+    try:
+        ptrs = NS(data=np.array([1000, 1036, 1040], dtype=np.uint64))
+        interp_memcheck._check("load", ptrs, NS(data=np.array([1, 1, 0], dtype=np.int32)), 4)
+        with pytest.raises(interp_memcheck.OutOfBoundsAccess, match="1 of 1 active lanes"):
+            interp_memcheck._check("load", ptrs, NS(data=np.array([0, 0, 1], dtype=np.int32)), 4)
+    finally:
+        interp_memcheck._ranges = saved
     if interp_memcheck._VIEWS:  # (the default) a read past the view, even inside its storage, fails
         with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
             copy_kernel[(1,)](storage[:8], torch.zeros(16), 8, BLOCK=16, MASKED=False)
