@@ -9,6 +9,11 @@ whatever host memory sits there. This check turns either into a test failure nam
 the program and the address, for every kernel the CPU suite runs. Masked-off lanes are not
 checked (they do not access memory). ``install()`` patches the interpreter once per process;
 ``tests/conftest.py`` installs it for CPU runs unless ``FLASHOPS_INTERP_MEMCHECK=0``.
+
+It also checks that no byte is written by plain stores of two different programs of one launch.
+The interpreter runs programs one after another, so such a write-write race gives one fixed
+answer on the CPU; on a GPU the programs run concurrently and the surviving value depends on
+timing (atomics are exempt: they are how programs are meant to share words).
 """
 from __future__ import annotations
 
@@ -22,8 +27,56 @@ _installed = False
 _VIEWS = __import__("os").environ.get("FLASHOPS_INTERP_MEMCHECK", "views") != "storage"
 
 
+_writes = None  # [(program, byte addresses)] of the running kernel's plain stores
+
+
 class OutOfBoundsAccess(AssertionError):
     pass
+
+
+class WriteRace(AssertionError):
+    pass
+
+
+def _program() -> int:
+    from triton.runtime.interpreter import interpreter_builder as b
+
+    x, y, z = b.grid_idx
+    gx, gy, _ = b.grid_dim
+    return (z * gy + y) * gx + x
+
+
+def _record_store(ptrs, mask, nbytes):
+    if _writes is None:
+        return
+    addr = np.asarray(ptrs.data, dtype=np.uint64)
+    if mask is not None:
+        addr = addr[np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)]
+    addr = addr.reshape(-1)
+    if addr.size:
+        # every byte written (an element of nbytes at a covers [a, a + nbytes))
+        addr = (addr[:, None] + np.arange(nbytes, dtype=np.uint64)[None, :]).reshape(-1)
+        _writes.append((_program(), np.unique(addr)))
+
+
+def _check_races():
+    if not _writes or len({p for p, _ in _writes}) < 2:
+        return
+    per = {}
+    for p, a in _writes:
+        per.setdefault(p, []).append(a)
+    progs = sorted(per)
+    addrs = [np.unique(np.concatenate(per[p])) for p in progs]
+    owner = np.concatenate([np.full(a.size, p, dtype=np.int64) for p, a in zip(progs, addrs)])
+    allb = np.concatenate(addrs)
+    order = np.argsort(allb, kind="stable")
+    allb, owner = allb[order], owner[order]
+    dup = np.flatnonzero(allb[1:] == allb[:-1])
+    if dup.size:
+        i = dup[0]
+        raise WriteRace(f"{_kernel}: byte {int(allb[i]):#x} is written by plain stores of programs {int(owner[i])} "
+                        f"and {int(owner[i + 1])} of one launch ({dup.size} such bytes): on a GPU the result "
+                        f"depends on which program runs last")
 
 
 def _storages(args, out):
@@ -89,6 +142,7 @@ def install() -> None:
 
     def create_masked_store(self, ptrs, value, mask, *a, **k):
         _check("store", ptrs, mask, _elem_bytes(ptrs))
+        _record_store(ptrs, mask, _elem_bytes(ptrs))
         return store(self, ptrs, value, mask, *a, **k)
 
     def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
@@ -100,21 +154,24 @@ def install() -> None:
         return cas(self, ptr, cmp, val, *a, **k)
 
     def _init_args_hst(self, args_dev, kwargs):
-        global _ranges, _kernel
+        global _ranges, _kernel, _writes
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         spans = []
         _storages(list(args_hst) + list(kwargs_hst.values()), spans)
         spans = sorted(set(spans))  # (views share a storage; distinct storages never overlap)
         _ranges = (np.array([s for s, _ in spans], dtype=np.uint64), np.array([e for _, e in spans], dtype=np.uint64))
         _kernel = getattr(self.fn, "__name__", "kernel")
+        _writes = []
         return args_hst, kwargs_hst
 
     def __call__(self, *a, **k):
-        global _ranges
+        global _ranges, _writes
         try:
-            return call(self, *a, **k)
+            out = call(self, *a, **k)
+            _check_races()
+            return out
         finally:
-            _ranges = None
+            _ranges = _writes = None
 
     B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
     B.create_atomic_rmw, B.create_atomic_cas = create_atomic_rmw, create_atomic_cas

@@ -232,8 +232,9 @@ def test_gpu_eager_calls_do_not_sync():
 
 
 def test_interp_memcheck_catches_out_of_bounds():
-    """The CPU suite's interpreter bounds check (tests/interp_memcheck.py) fails a kernel that
-    reads or writes past its tensors, and passes masked-off lanes."""
+    """The CPU suite's interpreter checks (tests/interp_memcheck.py) fail a kernel that reads or
+    writes past its tensors, or whose programs write the same bytes with plain stores, and pass
+    masked-off lanes."""
     import triton
     import triton.language as tl
 
@@ -272,6 +273,15 @@ def test_interp_memcheck_catches_out_of_bounds():
             interp_memcheck._check("load", ptrs, NS(data=np.array([0, 0, 1], dtype=np.int32)), 4)
     finally:
         interp_memcheck._ranges = saved
+    # plain stores of two programs of one launch to the same bytes: a write-write race on a GPU
+    @triton.jit
+    def fill_kernel(y, SHARED: tl.constexpr):
+        offs = tl.arange(0, 4) + (0 if SHARED else tl.program_id(0) * 4)
+        tl.store(y + offs, tl.program_id(0).to(tl.float32) + offs * 0)
+
+    fill_kernel[(3,)](torch.zeros(12), SHARED=False)
+    with pytest.raises(interp_memcheck.WriteRace, match="written by plain stores of programs 0 and 1"):
+        fill_kernel[(3,)](torch.zeros(12), SHARED=True)
     if interp_memcheck._VIEWS:  # (the default) a read past the view, even inside its storage, fails
         with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
             copy_kernel[(1,)](storage[:8], torch.zeros(16), 8, BLOCK=16, MASKED=False)
