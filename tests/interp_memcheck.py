@@ -10,10 +10,14 @@ the program and the address, for every kernel the CPU suite runs. Masked-off lan
 checked (they do not access memory). ``install()`` patches the interpreter once per process;
 ``tests/conftest.py`` installs it for CPU runs unless ``FLASHOPS_INTERP_MEMCHECK=0``.
 
-It also checks that no byte is written by plain stores of two different programs of one launch.
-The interpreter runs programs one after another, so such a write-write race gives one fixed
-answer on the CPU; on a GPU the programs run concurrently and the surviving value depends on
-timing (atomics are exempt: they are how programs are meant to share words).
+It also checks that no byte is written by plain stores of two different programs of one launch,
+nor written by one program and read (plain load) by another. The interpreter runs programs one
+after another, so such a race gives one fixed answer on the CPU; on a GPU the programs run
+concurrently and the answer depends on timing (atomics are exempt: they are how programs are
+meant to share words). A launch that uses an atomic with acquire or release semantics hands
+data from program to program on purpose (the MoE GEMM's tail split folds the pieces other
+programs stored after an acq_rel count); its write-read check is skipped, its write-write check
+is not.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ _VIEWS = __import__("os").environ.get("FLASHOPS_INTERP_MEMCHECK", "views") != "s
 
 
 _writes = None  # [(program, byte addresses)] of the running kernel's plain stores
+_reads = None  # the same for its plain loads
+_syncs = False  # the running kernel used an acquire/release atomic
 
 
 class OutOfBoundsAccess(AssertionError):
@@ -46,8 +52,8 @@ def _program() -> int:
     return (z * gy + y) * gx + x
 
 
-def _record_store(ptrs, mask, nbytes):
-    if _writes is None:
+def _record(log, ptrs, mask, nbytes):
+    if log is None:
         return
     addr = np.asarray(ptrs.data, dtype=np.uint64)
     if mask is not None:
@@ -56,27 +62,45 @@ def _record_store(ptrs, mask, nbytes):
     if addr.size:
         # every byte written (an element of nbytes at a covers [a, a + nbytes))
         addr = (addr[:, None] + np.arange(nbytes, dtype=np.uint64)[None, :]).reshape(-1)
-        _writes.append((_program(), np.unique(addr)))
+        log.append((_program(), np.unique(addr)))
 
 
-def _check_races():
-    if not _writes or len({p for p, _ in _writes}) < 2:
-        return
+def _by_program(log):
+    """Sorted bytes and their (single) program from ``log``, one entry per (program, byte)."""
     per = {}
-    for p, a in _writes:
+    for p, a in log:
         per.setdefault(p, []).append(a)
     progs = sorted(per)
     addrs = [np.unique(np.concatenate(per[p])) for p in progs]
     owner = np.concatenate([np.full(a.size, p, dtype=np.int64) for p, a in zip(progs, addrs)])
     allb = np.concatenate(addrs)
     order = np.argsort(allb, kind="stable")
-    allb, owner = allb[order], owner[order]
-    dup = np.flatnonzero(allb[1:] == allb[:-1])
+    return allb[order], owner[order]
+
+
+def _check_races():
+    if not _writes or len({p for p, _ in _writes + (_reads or [])}) < 2:
+        return
+    wb, wo = _by_program(_writes)
+    dup = np.flatnonzero(wb[1:] == wb[:-1])
     if dup.size:
         i = dup[0]
-        raise WriteRace(f"{_kernel}: byte {int(allb[i]):#x} is written by plain stores of programs {int(owner[i])} "
-                        f"and {int(owner[i + 1])} of one launch ({dup.size} such bytes): on a GPU the result "
+        raise WriteRace(f"{_kernel}: byte {int(wb[i]):#x} is written by plain stores of programs {int(wo[i])} "
+                        f"and {int(wo[i + 1])} of one launch ({dup.size} such bytes): on a GPU the result "
                         f"depends on which program runs last")
+    if not _reads or _syncs:
+        return
+    rb, ro = _by_program(_reads)
+    j = np.searchsorted(wb, rb)  # each byte has at most one writer now
+    hit = j < wb.size
+    hit[hit] = wb[j[hit]] == rb[hit]
+    cross = np.flatnonzero(hit)
+    cross = cross[wo[j[cross]] != ro[cross]]
+    if cross.size:
+        i = cross[0]
+        raise WriteRace(f"{_kernel}: byte {int(rb[i]):#x} is written by program {int(wo[j[i]])} and read by "
+                        f"program {int(ro[i])} of one launch ({cross.size} such bytes): on a GPU the read may "
+                        f"come before or after the write")
 
 
 def _storages(args, out):
@@ -138,40 +162,48 @@ def install() -> None:
 
     def create_masked_load(self, ptrs, mask, other, *a, **k):
         _check("load", ptrs, mask, _elem_bytes(ptrs))
+        _record(_reads, ptrs, mask, _elem_bytes(ptrs))
         return load(self, ptrs, mask, other, *a, **k)
 
     def create_masked_store(self, ptrs, value, mask, *a, **k):
         _check("store", ptrs, mask, _elem_bytes(ptrs))
-        _record_store(ptrs, mask, _elem_bytes(ptrs))
+        _record(_writes, ptrs, mask, _elem_bytes(ptrs))
         return store(self, ptrs, value, mask, *a, **k)
 
-    def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
-        _check("atomic", ptr, mask, _elem_bytes(ptr))
-        return rmw(self, op, ptr, val, mask, *a, **k)
+    def _note_sem(sem):
+        global _syncs
+        name = str(sem).upper()
+        _syncs = _syncs or "ACQUIRE" in name or "RELEASE" in name
 
-    def create_atomic_cas(self, ptr, cmp, val, *a, **k):
+    def create_atomic_rmw(self, op, ptr, val, mask, sem, *a, **k):
+        _check("atomic", ptr, mask, _elem_bytes(ptr))
+        _note_sem(sem)
+        return rmw(self, op, ptr, val, mask, sem, *a, **k)
+
+    def create_atomic_cas(self, ptr, cmp, val, sem, *a, **k):
         _check("atomic_cas", ptr, None, _elem_bytes(ptr))
-        return cas(self, ptr, cmp, val, *a, **k)
+        _note_sem(sem)
+        return cas(self, ptr, cmp, val, sem, *a, **k)
 
     def _init_args_hst(self, args_dev, kwargs):
-        global _ranges, _kernel, _writes
+        global _ranges, _kernel, _writes, _reads, _syncs
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         spans = []
         _storages(list(args_hst) + list(kwargs_hst.values()), spans)
         spans = sorted(set(spans))  # (views share a storage; distinct storages never overlap)
         _ranges = (np.array([s for s, _ in spans], dtype=np.uint64), np.array([e for _, e in spans], dtype=np.uint64))
         _kernel = getattr(self.fn, "__name__", "kernel")
-        _writes = []
+        _writes, _reads, _syncs = [], [], False
         return args_hst, kwargs_hst
 
     def __call__(self, *a, **k):
-        global _ranges, _writes
+        global _ranges, _writes, _reads
         try:
             out = call(self, *a, **k)
             _check_races()
             return out
         finally:
-            _ranges = _writes = None
+            _ranges = _writes = _reads = None
 
     B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
     B.create_atomic_rmw, B.create_atomic_cas = create_atomic_rmw, create_atomic_cas

@@ -233,8 +233,8 @@ def test_gpu_eager_calls_do_not_sync():
 
 def test_interp_memcheck_catches_out_of_bounds():
     """The CPU suite's interpreter checks (tests/interp_memcheck.py) fail a kernel that reads or
-    writes past its tensors, or whose programs write the same bytes with plain stores, and pass
-    masked-off lanes."""
+    writes past its tensors, whose programs write the same bytes with plain stores, or that reads
+    another program's writes without an acquire/release atomic; masked-off lanes pass."""
     import triton
     import triton.language as tl
 
@@ -282,6 +282,23 @@ def test_interp_memcheck_catches_out_of_bounds():
     fill_kernel[(3,)](torch.zeros(12), SHARED=False)
     with pytest.raises(interp_memcheck.WriteRace, match="written by plain stores of programs 0 and 1"):
         fill_kernel[(3,)](torch.zeros(12), SHARED=True)
+
+    # one program reads what another wrote: a race, unless an acquire/release atomic hands it over
+    @triton.jit
+    def handoff_kernel(buf, out, count, SYNC: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = tl.arange(0, 4)
+        if pid == 0:
+            tl.store(buf + offs, offs.to(tl.float32))
+        if SYNC:
+            if tl.atomic_add(count, 1, sem="acq_rel") == 1:  # the second to arrive reads
+                tl.store(out + offs, tl.load(buf + offs))
+        elif pid == 1:
+            tl.store(out + offs, tl.load(buf + offs))
+
+    with pytest.raises(interp_memcheck.WriteRace, match="written by program 0 and read by program 1"):
+        handoff_kernel[(2,)](torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32), SYNC=False)
+    handoff_kernel[(2,)](torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32), SYNC=True)
     if interp_memcheck._VIEWS:  # (the default) a read past the view, even inside its storage, fails
         with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
             copy_kernel[(1,)](storage[:8], torch.zeros(16), 8, BLOCK=16, MASKED=False)
