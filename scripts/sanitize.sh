@@ -5,7 +5,8 @@
 # sanitizer tool, with PyTorch's caching allocator off, so every tensor is its own allocation and
 # an access past a tensor's end is reported instead of landing in a neighbour's block.
 # CUDA-graph, reduce-overhead, compile and export tests are deselected: graph capture needs the
-# caching allocator, and compiled/exported graphs launch the same kernels the eager tests do.
+# caching allocator, and compiled/exported graphs launch the same kernels the eager tests do; so
+# are the tests that time plan() against a busy GPU and forbid synchronising calls.
 #   STEPS   "tool:files:-k expression" triples separated by ';' (default below); files "check"
 #           runs `python -m torch_flashops check --device cuda` (every family's self-check) instead
 #   STEP_TIMEOUT seconds per step (default 150); WORKERS pytest-xdist workers (default 8)
@@ -22,7 +23,9 @@ if [ -z "$CS" ]; then echo "compute-sanitizer not found" | tee "$SUM"; exit 2; f
   "$CS" --version | tail -n 1
   date -u
 } | tee "$SUM"
-NOT="not graph and not capture and not overhead and not compile and not export and not stream"
+# (the two host-timing tests need the caching allocators: without them a free or an allocation can wait
+# for the GPU, which is not what they test)
+NOT="not graph and not capture and not overhead and not compile and not export and not stream and not does_not_wait and not do_not_sync"
 BOUNDS="bounds or outside or out_of_range or bad or garbage or guard"
 DEFAULT_STEPS="memcheck:tests/test_page.py tests/test_attention.py tests/test_moe.py tests/test_moe_routing.py tests/test_cascade.py tests/test_rope.py:($BOUNDS) and ($NOT)"
 DEFAULT_STEPS+=";memcheck:tests/test_page.py tests/test_rope.py tests/test_cascade.py:$NOT"
