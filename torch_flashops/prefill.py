@@ -666,7 +666,10 @@ class _BatchAttention:
 
 def _gather_pays(qo_h: np.ndarray, kv_lens_h: np.ndarray, causal: bool, plan: "_Plan") -> bool:
     """Whether a paged plan should attend through gathered K/V (``PAGED_GATHER_*`` above)."""
-    qo = np.diff(qo_h).astype(np.float64)
+    qo = np.diff(qo_h)
+    if qo.max(initial=0) < PAGED_GATHER_MIN_ROWS_PER_KEY:  # (rows per key <= the longest request's rows: decode)
+        return False
+    qo = qo.astype(np.float64)
     kv = kv_lens_h.astype(np.float64)
     n_keys = float(kv.sum())
     if n_keys == 0:
