@@ -11,13 +11,14 @@ checked (they do not access memory). ``install()`` patches the interpreter once 
 ``tests/conftest.py`` installs it for CPU runs unless ``FLASHOPS_INTERP_MEMCHECK=0``.
 
 It also checks that no byte is written by plain stores of two different programs of one launch,
-nor written by one program and read (plain load) by another. The interpreter runs programs one
-after another, so such a race gives one fixed answer on the CPU; on a GPU the programs run
-concurrently and the answer depends on timing (atomics are exempt: they are how programs are
-meant to share words). A launch that uses an atomic with acquire or release semantics hands
-data from program to program on purpose (the MoE GEMM's tail split folds the pieces other
-programs stored after an acq_rel count); its write-read check is skipped, its write-write check
-is not.
+nor written by one program and read (plain load) by another without synchronisation. The
+interpreter runs programs one after another, so such a race gives one fixed answer on the CPU;
+on a GPU the programs run concurrently and the answer depends on timing (atomics are exempt:
+they are how programs are meant to share words). A read of another program's bytes counts as
+synchronised when the writer, after its last write of them, made a release (or acq_rel) atomic
+on some word, and the reader, after that and before its first read of them, an acquire (or
+acq_rel) atomic on the same word: the hand-off of the MoE GEMM's tail split, whose last piece
+folds the pieces the others stored after an acq_rel count.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ _VIEWS = __import__("os").environ.get("FLASHOPS_INTERP_MEMCHECK", "views") != "s
 
 _writes = None  # [(program, byte addresses)] of the running kernel's plain stores
 _reads = None  # the same for its plain loads
-_syncs = False  # the running kernel used an acquire/release atomic
+_atomics = None  # [(program, word addresses, acquires, releases, seq)] of its atomics
+_seq = 0  # order of the events in the interpreter's (sequential) run
 
 
 class OutOfBoundsAccess(AssertionError):
@@ -52,55 +54,87 @@ def _program() -> int:
     return (z * gy + y) * gx + x
 
 
+def _lanes(ptrs, mask):
+    addr = np.asarray(ptrs.data, dtype=np.uint64)
+    if mask is not None:  # (the interpreter keeps some int1 masks as 0/1 integers: index with booleans)
+        addr = addr[np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)]
+    return addr.reshape(-1)
+
+
+def _next_seq() -> int:
+    global _seq
+    _seq += 1
+    return _seq
+
+
 def _record(log, ptrs, mask, nbytes):
     if log is None:
         return
-    addr = np.asarray(ptrs.data, dtype=np.uint64)
-    if mask is not None:
-        addr = addr[np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)]
-    addr = addr.reshape(-1)
+    addr = _lanes(ptrs, mask)
     if addr.size:
-        # every byte written (an element of nbytes at a covers [a, a + nbytes))
+        # every byte accessed (an element of nbytes at a covers [a, a + nbytes))
         addr = (addr[:, None] + np.arange(nbytes, dtype=np.uint64)[None, :]).reshape(-1)
-        log.append((_program(), np.unique(addr)))
+        log.append((_program(), np.unique(addr), _next_seq()))
 
 
-def _by_program(log):
-    """Sorted bytes and their (single) program from ``log``, one entry per (program, byte)."""
-    per = {}
-    for p, a in log:
-        per.setdefault(p, []).append(a)
-    progs = sorted(per)
-    addrs = [np.unique(np.concatenate(per[p])) for p in progs]
-    owner = np.concatenate([np.full(a.size, p, dtype=np.int64) for p, a in zip(progs, addrs)])
-    allb = np.concatenate(addrs)
-    order = np.argsort(allb, kind="stable")
-    return allb[order], owner[order]
+def _record_atomic(ptr, mask, sem):
+    if _atomics is None:
+        return
+    name = str(sem).upper()  # MEM_SEMANTIC.ACQUIRE_RELEASE / ACQUIRE / RELEASE / RELAXED
+    addr = np.unique(_lanes(ptr, mask))
+    if addr.size:
+        _atomics.append((_program(), addr, "ACQUIRE" in name, "RELEASE" in name, _next_seq()))
+
+
+def _by_program(log, latest):
+    """Sorted bytes of ``log`` with their program and event order, one entry per (program,
+    byte): the program's last access of the byte if ``latest``, else its first."""
+    b = np.concatenate([a for _, a, _ in log])
+    p = np.concatenate([np.full(a.size, q, dtype=np.int64) for q, a, _ in log])
+    s = np.concatenate([np.full(a.size, t, dtype=np.int64) for _, a, t in log])
+    order = np.lexsort((-s if latest else s, p, b))  # by byte, program, then the wanted access first
+    b, p, s = b[order], p[order], s[order]
+    first = np.ones(b.size, dtype=bool)
+    first[1:] = (b[1:] != b[:-1]) | (p[1:] != p[:-1])
+    return b[first], p[first], s[first]
+
+
+def _handed_over(writer: int, reader: int, wrote: int, read: int) -> bool:
+    """A release atomic of ``writer`` after event ``wrote`` and an acquire atomic of ``reader`` on
+    the same word after it and before event ``read``."""
+    rel = [(a, t) for q, a, _, r, t in _atomics if q == writer and r and t > wrote]
+    acq = [(a, t) for q, a, g, _, t in _atomics if q == reader and g and t < read]
+    return any(t2 > t1 and np.intersect1d(a1, a2).size for a1, t1 in rel for a2, t2 in acq)
 
 
 def _check_races():
-    if not _writes or len({p for p, _ in _writes + (_reads or [])}) < 2:
+    if not _writes or len({p for p, _, _ in _writes + (_reads or [])}) < 2:
         return
-    wb, wo = _by_program(_writes)
+    wb, wo, ws = _by_program(_writes, latest=True)
     dup = np.flatnonzero(wb[1:] == wb[:-1])
     if dup.size:
         i = dup[0]
         raise WriteRace(f"{_kernel}: byte {int(wb[i]):#x} is written by plain stores of programs {int(wo[i])} "
                         f"and {int(wo[i + 1])} of one launch ({dup.size} such bytes): on a GPU the result "
                         f"depends on which program runs last")
-    if not _reads or _syncs:
+    if not _reads:
         return
-    rb, ro = _by_program(_reads)
+    rb, ro, rs = _by_program(_reads, latest=False)
     j = np.searchsorted(wb, rb)  # each byte has at most one writer now
     hit = j < wb.size
     hit[hit] = wb[j[hit]] == rb[hit]
     cross = np.flatnonzero(hit)
     cross = cross[wo[j[cross]] != ro[cross]]
-    if cross.size:
-        i = cross[0]
-        raise WriteRace(f"{_kernel}: byte {int(rb[i]):#x} is written by program {int(wo[j[i]])} and read by "
-                        f"program {int(ro[i])} of one launch ({cross.size} such bytes): on a GPU the read may "
-                        f"come before or after the write")
+    pairs = {}
+    for i in cross:  # per (writer, reader): its latest write and earliest read of such bytes
+        key = (int(wo[j[i]]), int(ro[i]))
+        w, r, n, first = pairs.get(key, (0, 1 << 62, 0, i))
+        pairs[key] = (max(w, int(ws[j[i]])), min(r, int(rs[i])), n + 1, first)
+    for (writer, reader), (wrote, read, n, i) in pairs.items():
+        if not _handed_over(writer, reader, wrote, read):
+            raise WriteRace(f"{_kernel}: byte {int(rb[i]):#x} is written by program {writer} and read by program "
+                            f"{reader} of one launch ({n} such bytes) with no release/acquire atomic between: on "
+                            f"a GPU the read may come before or after the write")
 
 
 def _storages(args, out):
@@ -170,40 +204,35 @@ def install() -> None:
         _record(_writes, ptrs, mask, _elem_bytes(ptrs))
         return store(self, ptrs, value, mask, *a, **k)
 
-    def _note_sem(sem):
-        global _syncs
-        name = str(sem).upper()
-        _syncs = _syncs or "ACQUIRE" in name or "RELEASE" in name
-
     def create_atomic_rmw(self, op, ptr, val, mask, sem, *a, **k):
         _check("atomic", ptr, mask, _elem_bytes(ptr))
-        _note_sem(sem)
+        _record_atomic(ptr, mask, sem)
         return rmw(self, op, ptr, val, mask, sem, *a, **k)
 
     def create_atomic_cas(self, ptr, cmp, val, sem, *a, **k):
         _check("atomic_cas", ptr, None, _elem_bytes(ptr))
-        _note_sem(sem)
+        _record_atomic(ptr, None, sem)
         return cas(self, ptr, cmp, val, sem, *a, **k)
 
     def _init_args_hst(self, args_dev, kwargs):
-        global _ranges, _kernel, _writes, _reads, _syncs
+        global _ranges, _kernel, _writes, _reads, _atomics
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         spans = []
         _storages(list(args_hst) + list(kwargs_hst.values()), spans)
         spans = sorted(set(spans))  # (views share a storage; distinct storages never overlap)
         _ranges = (np.array([s for s, _ in spans], dtype=np.uint64), np.array([e for _, e in spans], dtype=np.uint64))
         _kernel = getattr(self.fn, "__name__", "kernel")
-        _writes, _reads, _syncs = [], [], False
+        _writes, _reads, _atomics = [], [], []
         return args_hst, kwargs_hst
 
     def __call__(self, *a, **k):
-        global _ranges, _writes, _reads
+        global _ranges, _writes, _reads, _atomics
         try:
             out = call(self, *a, **k)
             _check_races()
             return out
         finally:
-            _ranges = _writes = _reads = None
+            _ranges = _writes = _reads = _atomics = None
 
     B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
     B.create_atomic_rmw, B.create_atomic_cas = create_atomic_rmw, create_atomic_cas

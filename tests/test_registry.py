@@ -290,15 +290,19 @@ def test_interp_memcheck_catches_out_of_bounds():
         offs = tl.arange(0, 4)
         if pid == 0:
             tl.store(buf + offs, offs.to(tl.float32))
-        if SYNC:
+        if SYNC == 1:
             if tl.atomic_add(count, 1, sem="acq_rel") == 1:  # the second to arrive reads
+                tl.store(out + offs, tl.load(buf + offs))
+        elif SYNC == 2:  # the same count without ordering: still a race
+            if tl.atomic_add(count, 1, sem="relaxed") == 1:
                 tl.store(out + offs, tl.load(buf + offs))
         elif pid == 1:
             tl.store(out + offs, tl.load(buf + offs))
 
-    with pytest.raises(interp_memcheck.WriteRace, match="written by program 0 and read by program 1"):
-        handoff_kernel[(2,)](torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32), SYNC=False)
-    handoff_kernel[(2,)](torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32), SYNC=True)
+    for sync in (0, 2):
+        with pytest.raises(interp_memcheck.WriteRace, match="written by program 0 and read by program 1"):
+            handoff_kernel[(2,)](torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32), SYNC=sync)
+    handoff_kernel[(2,)](torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32), SYNC=1)
     if interp_memcheck._VIEWS:  # (the default) a read past the view, even inside its storage, fails
         with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
             copy_kernel[(1,)](storage[:8], torch.zeros(16), 8, BLOCK=16, MASKED=False)
