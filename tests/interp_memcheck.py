@@ -219,8 +219,13 @@ def install() -> None:
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         spans = []
         _storages(list(args_hst) + list(kwargs_hst.values()), spans)
-        spans = sorted(set(spans))  # (views share a storage; distinct storages never overlap)
-        _ranges = (np.array([s for s, _ in spans], dtype=np.uint64), np.array([e for _, e in spans], dtype=np.uint64))
+        merged = []  # the union as disjoint spans (views of one tensor overlap, e.g. K and V of a cache)
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        _ranges = (np.array([a for a, _ in merged], dtype=np.uint64), np.array([b for _, b in merged], dtype=np.uint64))
         _kernel = getattr(self.fn, "__name__", "kernel")
         _writes, _reads, _atomics = [], [], []
         return args_hst, kwargs_hst

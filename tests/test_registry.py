@@ -260,6 +260,9 @@ def test_interp_memcheck_catches_out_of_bounds():
     with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
         copy_kernel[(1,)](torch.zeros(8), torch.zeros(16), 8, BLOCK=16, MASKED=False)
     copy_kernel[(1,)](x, torch.zeros(16), 8, BLOCK=16, MASKED=False)  # x[0:16]: inside the view
+    big = torch.zeros(64)  # overlapping views: a read inside the longer one passes
+    copy_kernel[(1,)](big[:32], big[4:6], 8, BLOCK=16, MASKED=True)
+    copy_kernel[(1,)](big[:32], torch.zeros(16), 8, BLOCK=16, MASKED=False)
     # masks the interpreter keeps as 0/1 integers select lanes like booleans (not as indices)
     import numpy as np
     from types import SimpleNamespace as NS
