@@ -66,9 +66,14 @@ def make_moe(T, H, I, E, k, dtype, device, *, seed=0):
 
 
 def check_layer(name, out, x, w1, w2, tw, ids, *, pipeline=True, B=16, **kw):
-    """``out`` against the dense fp32 oracle (and the five-step pipeline) within spec §9's tolerance."""
+    """``out`` against the dense fp32 oracle (and the five-step pipeline) within spec §9's tolerance.
+    With ``rsf`` the layer's output is ``rsf`` times the unscaled sum, and so is its rounding
+    error: the tolerance applies to the unscaled sum (atol times rsf; a soak run found bf16
+    layers whose experts' terms of ~10 cancel to ~0.2, off by 0.026 at rsf 2.5, 3 ulp from the
+    rounding pipeline)."""
     assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
-    tol = MOE_TOL[x.dtype]
+    tol = dict(MOE_TOL[x.dtype])
+    tol["atol"] *= max(1.0, abs(float(kw.get("rsf") or 1.0)))
     exp = ref.ref_fused_moe_dense(x.float(), w1.float(), w2.float(), tw, ids, **kw)
     assert_close(f"{name} vs dense", out, exp, **tol)
     if pipeline:
