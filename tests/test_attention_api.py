@@ -682,9 +682,9 @@ def test_gpu_plan_does_not_wait_for_the_gpu(kind, graph):
     plan(a, non_blocking=False)
     assert busy.query(), "plan(non_blocking=False) returned before its copies ran"
     # plan() is host code: refused during a capture, leaving the last plan intact
-    graph = torch.cuda.CUDAGraph()
+    captured = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(captured):
             plan(b)
     check_attention("plan A after a refused plan", w.run(a.q, a.cache), None, *a.oracle(causal=kind != "decode"),
                     torch.bfloat16)
