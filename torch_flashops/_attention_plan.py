@@ -478,6 +478,17 @@ def check_not_capturing() -> None:
 
 def to_device(t: torch.Tensor, device, non_blocking: bool = True) -> torch.Tensor:
     """``t`` on ``device``; from host memory to a CUDA device without making the host wait for
+    the GPU unless ``non_blocking`` is False (``copy_to``)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    copy_to(out, t, non_blocking)
+    return out
+
+
+def copy_to(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = True) -> None:
+    """``dst.copy_(src)``; from host memory to a CUDA device without making the host wait for
     the GPU unless ``non_blocking`` is False.
 
     A blocking copy from host memory to a CUDA device synchronises the stream, so a plan()
@@ -485,29 +496,15 @@ def to_device(t: torch.Tensor, device, non_blocking: bool = True) -> torch.Tenso
     host's lead over the GPU. FlashInfer's plan() copies asynchronously by default
     (``non_blocking=True``), and so does this: the data goes through a fresh pinned buffer of
     PyTorch's caching host allocator, which does not hand the buffer out again until the copy
-    has run, so ``t`` itself may be reused or freed at once. As with FlashInfer, the copy is
+    has run, so ``src`` itself may be reused or freed at once. As with FlashInfer, the copy is
     ordered on the current stream only: a caller that runs on another stream synchronises the
-    two, or plans with ``non_blocking=False`` (a blocking copy, done when plan() returns)."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    check_not_capturing()
-    if not non_blocking:
-        return t.to(device)
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staged.copy_(t)
-    return staged.to(device, non_blocking=True)
-
-
-def copy_to(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = True) -> None:
-    """``dst.copy_(src)``; from host memory without a host wait unless ``non_blocking`` is False
-    (``to_device``)."""
-    if dst.device.type == "cuda" and src.device.type == "cpu":
-        check_not_capturing()
-        if non_blocking:
-            staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-            staged.copy_(src)
-            src = staged
+    two, or plans with ``non_blocking=False`` (a blocking copy, done when plan() returns).
+    plan() refuses to run during a CUDA-graph capture (``check_not_capturing``, once per plan),
+    which would record these copies into the graph."""
+    if non_blocking and dst.device.type == "cuda" and src.device.type == "cpu":
+        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        staged.copy_(src)
+        src = staged
     dst.copy_(src, non_blocking=non_blocking)
 
 
