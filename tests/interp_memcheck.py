@@ -158,10 +158,7 @@ def _storages(args, out):
 def _check(kind, ptrs, mask, nbytes):
     if _ranges is None:
         return
-    addr = ptrs.data
-    if mask is not None:  # (the interpreter keeps some int1 masks as 0/1 integers: index with booleans)
-        addr = addr[np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)]
-    addr = np.asarray(addr, dtype=np.uint64).reshape(-1)
+    addr = _lanes(ptrs, mask)
     if addr.size == 0:
         return
     starts, ends = _ranges
