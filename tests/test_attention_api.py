@@ -410,6 +410,77 @@ def test_plan_errors(case, device):
         w.plan(**args)
 
 
+def test_indptr_that_starts_later_is_refused_with_the_rebase(device):
+    """A CSR that starts past 0 (FlashInfer reads it from its first entry; vLLM plans the prefill
+    part of a mixed batch with the page table's tail) is refused (spec §0.3, §3), and the error
+    names the rebase, which gives the same attention."""
+    b = Batch([2, 3], [6, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=21, device=device)
+    off = 3  # three pages of other requests before this batch's table
+    indptr = b.kv_indptr + off
+    indices = torch.cat([torch.tensor([b.P - 1] * off, dtype=torch.int32), b.kv_indices])
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    with pytest.raises(ValueError, match=r"^paged_kv_indptr: must start at 0, got 3; pass paged_kv_indptr - "
+                                         r"paged_kv_indptr\[0\] and paged_kv_indices\[paged_kv_indptr\[0\]:\]"):
+        w.plan(b.qo_indptr, indptr, b.dev(indices), b.last, 4, 2, 16, 4, q_data_type="float32")
+    w.plan(b.qo_indptr, indptr - indptr[0], b.dev(indices[int(indptr[0]):]), b.last, 4, 2, 16, 4,
+           q_data_type="float32")
+    check_attention("rebased paged table", w.run(b.q, b.cache), None, *b.oracle(), torch.float32)
+    with pytest.raises(ValueError, match=r"^qo_indptr: must start at 0, got 1; pass qo_indptr - qo_indptr\[0\] "
+                                         r"and q\[qo_indptr\[0\]:\]"):
+        w.plan(b.qo_indptr + 1, b.kv_indptr, b.dev(b.kv_indices), b.last, 4, 2, 16, 4, q_data_type="float32")
+
+    d = Batch([1, 1], [6, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=22, device=device)
+    wd = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    d_indices = torch.cat([torch.tensor([0] * off, dtype=torch.int32), d.kv_indices])
+    with pytest.raises(ValueError, match=r"^indptr: must start at 0, got 3; pass indptr - indptr\[0\] and "
+                                         r"indices\[indptr\[0\]:\]"):
+        wd.plan(d.kv_indptr + off, d.dev(d_indices), d.last, 4, 2, 16, 4, q_data_type="float32")
+    wd.plan(d.kv_indptr, d.dev(d_indices[off:]), d.last, 4, 2, 16, 4, q_data_type="float32")
+    check_attention("rebased decode table", wd.run(d.q, d.cache), None, *d.oracle(), torch.float32)
+
+    r = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    with pytest.raises(ValueError, match=r"^kv_indptr: must start at 0, got 2; pass kv_indptr - kv_indptr\[0\] and "
+                                         r"k\[kv_indptr\[0\]:\] and v\[kv_indptr\[0\]:\]"):
+        r.plan(torch.tensor([0, 2, 5]), torch.tensor([2, 8, 17]), 4, 2, 16, q_data_type="float32")
+
+
+# (FlashInfer's backend names per wrapper: its decode wrapper adds trtllm-gen and cute-dsl, the paged prefill
+# wrapper trtllm-gen (and cudnn, which needs plan arguments we refuse), the ragged one cute-dsl (and cudnn, cutlass))
+BACKENDS = [("decode", "trtllm-gen"), ("decode", "cute-dsl"), ("paged", "trtllm-gen"), ("paged", "fa3"),
+            ("ragged", "cute-dsl"), ("ragged", "fa2")]
+REFUSED_BACKENDS = [("decode", "cudnn"), ("paged", "cudnn"), ("paged", "cute-dsl"), ("ragged", "cutlass"),
+                    ("ragged", "trtllm-gen"), ("ragged", "cudnn"), ("decode", "TRTLLM-GEN")]
+_WRAPPERS = dict(decode=fi.BatchDecodeWithPagedKVCacheWrapper, paged=fi.BatchPrefillWithPagedKVCacheWrapper,
+                 ragged=fi.BatchPrefillWithRaggedKVCacheWrapper)
+
+
+@pytest.mark.parametrize("kind,backend", BACKENDS, ids=[f"{k}-{b}" for k, b in BACKENDS])
+def test_flashinfer_backend_names_run_our_kernel(kind, backend, device):
+    b = Batch([1, 1] if kind == "decode" else [2, 3], [6, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=23, device=device)
+    w = _WRAPPERS[kind](workspace(device), backend=backend)
+    assert w._backend == backend
+    if kind == "decode":
+        w.plan(b.kv_indptr, b.dev(b.kv_indices), b.last, 4, 2, 16, 4, q_data_type="float32")
+        out = w.run(b.q, b.cache)
+    elif kind == "paged":
+        plan_paged(w, b, causal=True)
+        out = w.run(b.q, b.cache)
+    else:  # the same keys laid out contiguously
+        k = torch.cat([b.k_nhd[b.kv_indices[int(b.kv_indptr[i]):int(b.kv_indptr[i + 1])].long()].flatten(0, 1)[:n]
+                       for i, n in enumerate(b.kv_lens)]).to(device)
+        v = torch.cat([b.v_nhd[b.kv_indices[int(b.kv_indptr[i]):int(b.kv_indptr[i + 1])].long()].flatten(0, 1)[:n]
+                       for i, n in enumerate(b.kv_lens)]).to(device)
+        w.plan(b.qo_indptr, torch.tensor([0, 6, 15], dtype=torch.int32), 4, 2, 16, causal=True, q_data_type="float32")
+        out = w.run(b.q, k, v)
+    check_attention(f"{kind} backend={backend}", out, None, *b.oracle(causal=kind != "decode"), torch.float32)
+
+
+@pytest.mark.parametrize("kind,backend", REFUSED_BACKENDS, ids=[f"{k}-{b}" for k, b in REFUSED_BACKENDS])
+def test_other_backend_names_are_refused(kind, backend, device):
+    with pytest.raises(NotImplementedError, match=f"^backend={backend!r}: only 'auto'"):
+        _WRAPPERS[kind](workspace(device), backend=backend)
+
+
 def test_failed_plan_keeps_the_previous_plan(device):
     """A plan() that fails on its options (here q_data_type=None with no data_type) raises
     before anything is committed: the previous plan still runs and gives the same result."""

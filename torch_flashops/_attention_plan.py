@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -89,9 +89,13 @@ def parse_dtype(x, name: str) -> Optional[torch.dtype]:
     return dt
 
 
-def check_backend(backend) -> None:
-    if backend not in ("auto", "fa2", "fa3", "triton"):
-        raise NotImplementedError(f"backend={backend!r}: only 'auto', 'fa2', 'fa3' and 'triton' (all our Triton kernels)")
+def check_backend(backend, extra: Tuple[str, ...] = ()) -> None:
+    """``backend`` picks one of FlashInfer's kernels; every name the function or wrapper accepts
+    there (``extra``: those beyond auto / fa2 / fa3) runs our Triton kernel here."""
+    names = ("auto", "fa2", "fa3", "triton") + tuple(extra)
+    if backend not in names:
+        raise NotImplementedError(f"backend={backend!r}: only {', '.join(repr(n) for n in names)} "
+                                  f"(all our Triton kernels)")
 
 
 def reject(**kwargs) -> None:
@@ -183,22 +187,29 @@ def check_page_ids(t, name: str) -> None:
            "expected an integer dtype, got {}", t.dtype)
 
 
-def check_indptr(h: np.ndarray, name: str, length: Optional[int] = None) -> None:
-    """A host CSR indptr: the expected length (when given), starts at 0, non-decreasing."""
+def check_indptr(h: np.ndarray, name: str, length: Optional[int] = None, indexes: Tuple[str, ...] = ()) -> None:
+    """A host CSR indptr: the expected length (when given), starts at 0, non-decreasing.
+    ``indexes`` names what it points into, for the error of an indptr that starts later:
+    FlashInfer reads such a CSR from its first entry on (vLLM plans the prefill part of a mixed
+    batch with the page table's tail), which the spec (§0.3, §3) refuses here."""
     if length is not None:
         expect(h.size == length, name, "length {} does not match the batch (expected {})", h.size, length)
+    if indexes and h.size and int(h[0]) != 0:
+        rest = " and ".join(f"{a}[{name}[0]:]" for a in indexes)
+        raise ValueError(f"{name}: must start at 0, got {int(h[0])}; pass {name} - {name}[0] and {rest} "
+                         f"instead (the same attention)")
     check_indptr_values(h, name)
 
 
 def validate_qo_indptr(qo_h: np.ndarray, batch: int, name: str = "qo_indptr") -> None:
-    check_indptr(qo_h, name, batch + 1)
+    check_indptr(qo_h, name, batch + 1, indexes=("q",))
 
 
 def validate_paged_csr(kv_indptr_h, last_h, n_indices: int, page_size: int, *, indptr_name="paged_kv_indptr",
                        last_name="paged_kv_last_page_len", indices_name="paged_kv_indices") -> np.ndarray:
     """§0.3 rules for a page table; returns ``kv_len`` per request (int64)."""
     expect(page_size >= 1, "page_size", "must be >= 1, got {}", page_size)
-    check_indptr(kv_indptr_h, indptr_name)
+    check_indptr(kv_indptr_h, indptr_name, indexes=(indices_name,))
     B = kv_indptr_h.size - 1
     expect(last_h.size == B, last_name, "length {} does not match len({}) - 1 = {}", last_h.size, indptr_name, B)
     expect(n_indices >= int(kv_indptr_h[-1]), indices_name,

@@ -140,11 +140,13 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
     use_tensor_cores : bool
         Needed for ``q_len_per_req > 1``; otherwise results do not depend on it.
     backend : str
-        ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"`` (all our Triton kernel).
+        ``"auto"``, ``"fa2"``, ``"fa3"``, ``"trtllm-gen"``, ``"cute-dsl"`` (FlashInfer's names) or
+        ``"triton"``: all run our Triton kernel.
     jit_args : None
         Reserved (``NotImplementedError``).
     """
 
+    _EXTRA_BACKENDS = ("trtllm-gen", "cute-dsl")
     _forward_takes_causal = False  # FlashInfer's decode forward() has no causal: it follows q_len_per_req
     _ARG_NAMES = dict(batch="indptr", head_dim_qk="head_dim", kv_indptr="indptr", kv_indices="indices",
                       last_page_len="last_page_len")

@@ -257,6 +257,7 @@ class _BatchAttention:
     _paged = True
     _name = "wrapper"
     _uniform_rows = False  # every request has the same number of query rows (decode: q_len_per_req)
+    _EXTRA_BACKENDS: Tuple[str, ...] = ()  # FlashInfer's backend names beyond auto / fa2 / fa3 (check_backend)
     # plan() argument names the shared checks report (decode's plan() has its own)
     _ARG_NAMES = dict(batch="qo_indptr", head_dim_qk="head_dim_qk", kv_indptr="paged_kv_indptr",
                       kv_indices="paged_kv_indices", last_page_len="paged_kv_last_page_len")
@@ -264,7 +265,7 @@ class _BatchAttention:
     def _init_common(self, float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, jit_kwargs=None):
         _check_workspace(float_workspace_buffer)
         check_kv_layout(kv_layout)
-        P.check_backend(backend)
+        P.check_backend(backend, self._EXTRA_BACKENDS)
         P.reject(jit_args=jit_args, jit_kwargs=jit_kwargs)
         self._float_workspace_buffer = float_workspace_buffer
         self._kv_layout = kv_layout
@@ -729,7 +730,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         ``paged_kv_indices_buf`` and ``paged_kv_last_page_len_buf`` (int32 ``[B]``) are required,
         and ``custom_mask_buf`` (uint8) / ``mask_indptr_buf`` (int32 ``[B+1]``) for masks.
     backend : str
-        ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"`` (all our Triton kernel).
+        ``"auto"``, ``"fa2"``, ``"fa3"``, ``"trtllm-gen"`` (FlashInfer's names) or ``"triton"``: all
+        run our Triton kernel.
     jit_args, jit_kwargs : None
         Reserved (``NotImplementedError``).
 
@@ -745,6 +747,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
     whose plans cross that line keeps two graphs, one per path (every other re-plan reuses one).
     """
 
+    _EXTRA_BACKENDS = ("trtllm-gen",)
     _name = "BatchPrefillWithPagedKVCacheWrapper"
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
@@ -796,7 +799,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         qo_h = P.to_host_int(qo_indptr, "qo_indptr")
         kv_indptr_h = P.to_host_int(paged_kv_indptr, "paged_kv_indptr")
         last_h = P.to_host_int(paged_kv_last_page_len, "paged_kv_last_page_len")
-        P.check_indptr(kv_indptr_h, "paged_kv_indptr")
+        P.check_indptr(kv_indptr_h, "paged_kv_indptr", indexes=("paged_kv_indices",))
         B = kv_indptr_h.size - 1  # (the page table's batch; qo_indptr and last_page_len must agree)
         P.validate_qo_indptr(qo_h, B)
         P.check_page_ids(paged_kv_indices, "paged_kv_indices")
@@ -849,9 +852,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         Freeze sizes for CUDA-graph replay; needs ``qo_indptr_buf`` and ``kv_indptr_buf``
         (int32 ``[B+1]``), and ``custom_mask_buf``/``mask_indptr_buf`` for masks.
     backend : str
-        ``"auto"``, ``"fa2"``, ``"fa3"`` or ``"triton"``.
+        ``"auto"``, ``"fa2"``, ``"fa3"``, ``"cute-dsl"`` (FlashInfer's names) or ``"triton"``: all run
+        our Triton kernel (FlashInfer's ``"cutlass"`` and ``"cudnn"`` are refused).
     """
 
+    _EXTRA_BACKENDS = ("cute-dsl",)
     _paged = False
     _name = "BatchPrefillWithRaggedKVCacheWrapper"
     _FORWARD_KV_ARGS = 2  # k, v
@@ -898,7 +903,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         qo_h = P.to_host_int(qo_indptr, "qo_indptr")
         kv_h = P.to_host_int(kv_indptr, "kv_indptr")
         P.validate_qo_indptr(qo_h, qo_h.size - 1)
-        P.check_indptr(kv_h, "kv_indptr", qo_h.size)
+        P.check_indptr(kv_h, "kv_indptr", qo_h.size, indexes=("k", "v"))
         kv_lens = np.diff(kv_h)
 
         def index_tensors(w, dev):  # (the wrapper as an argument: see _plan_paged)
