@@ -194,7 +194,9 @@ WRAPPERS = {
 # page.get_seq_lens; vLLM imports it from flashinfer.decode): path -> names.
 RE_EXPORTS = {"decode": ["get_seq_lens"], "prefill": ["get_seq_lens"],
               # (where flashinfer.fused_moe's names are defined; vLLM and SGLang import ActivationType from it)
-              "fused_moe.core": ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"]}
+              "fused_moe.core": ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"],
+              "fused_moe.fused_routing_dsv3": ["fused_topk_deepseek"], "dsv3_ops": ["fused_topk_deepseek"],
+              "tllm_enums": ["ActivationType", "RoutingMethodType"]}
 
 # The covered names FlashInfer also exports from its top-level package (flashinfer/__init__.py).
 TOP_LEVEL = {
@@ -430,6 +432,11 @@ from flashinfer.cascade import merge_state
 from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashinfer.fused_moe import RoutingMethodType, cutlass_fused_moe
 from flashinfer.fused_moe.core import ActivationType  # (vLLM's and SGLang's import path)
+from flashinfer.tllm_enums import ActivationType as ActivationType2, RoutingMethodType as RoutingMethodType2
+from flashinfer.fused_moe.fused_routing_dsv3 import fused_topk_deepseek
+from flashinfer.dsv3_ops import fused_topk_deepseek as fused_topk_deepseek2
+assert ActivationType2 is ActivationType and RoutingMethodType2 is RoutingMethodType
+assert fused_topk_deepseek is fused_topk_deepseek2 is flashinfer.fused_moe.fused_topk_deepseek
 from flashinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from flashinfer.prefill import single_prefill_with_kv_cache
 

@@ -791,8 +791,25 @@ def test_cutlass_fused_moe(device):
     assert_close("cutlass_fused_moe ep", out, exp, **MOE_TOL[torch.float32])
     with pytest.raises(NotImplementedError, match="quant_scales"):
         fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, quant_scales=[torch.ones(1)])
-    with pytest.raises(NotImplementedError, match="tp_size"):
-        fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, tp_size=2)
+    # tensor parallel (FlashInfer's own test pattern): each rank holds its slice of I in fc1's up and
+    # gate halves and in fc2, computes a partial result, and the sum over ranks is the whole layer
+    for tp in (2, 4):
+        parts = []
+        for rank in range(tp):
+            sl = slice(rank * I // tp, (rank + 1) * I // tp)
+            fc1_r = torch.cat([w1[:, I:][:, sl], w1[:, :I][:, sl]], 1).contiguous()
+            out = poison(T, H, dtype=torch.float32, device=device)
+            parts.append(fo.cutlass_fused_moe(x, ids, tw, fc1_r, w2[:, :, sl].contiguous(), torch.float32,
+                                              tp_size=tp, tp_rank=rank, output=out)[0])
+        check_layer(f"cutlass_fused_moe tp_size={tp}, summed", sum(parts), x, w1, w2, tw, ids, pipeline=False)
+        # with expert parallelism too: rank (1, r) of (2, tp)
+        parts = [fo.cutlass_fused_moe(x, gids, tw, torch.cat([w1[:, I:][:, sl], w1[:, :I][:, sl]], 1).contiguous(),
+                                      w2[:, :, sl].contiguous(), torch.float32, tp_size=tp, tp_rank=rank,
+                                      ep_size=2, ep_rank=1)[0]
+                 for rank, sl in ((r, slice(r * I // tp, (r + 1) * I // tp)) for r in range(tp))]
+        assert_close(f"cutlass_fused_moe ep x tp={tp}, summed", sum(parts), exp, **MOE_TOL[torch.float32])
+    for tp, rank in ((2, 2), (2, -1), (0, 0)):
+        _bad("^tp_rank: ", fo.cutlass_fused_moe, x, ids, tw, fc1, w2, torch.float32, tp_size=tp, tp_rank=rank)
     # activation_type: FlashInfer's enum, its int codes (3 = Swiglu), or an engine's stand-in enum
     Standin = __import__("enum").IntEnum("ActivationType", {"Swiglu": 5})
     base = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0]

@@ -46,5 +46,8 @@ from . import activation, moe_utils, triton  # noqa: E402,F401  (FlashInfer's mo
 import sys as _sys  # noqa: E402
 
 fused_moe = _sys.modules[__name__ + ".fused_moe"]
+# (FlashInfer's flashinfer.tllm_enums holds ActivationType and RoutingMethodType, and
+# flashinfer.dsv3_ops re-exports fused_topk_deepseek: here both are that module too)
+tllm_enums = dsv3_ops = fused_moe
 
 __version__ = "0.1.0"

@@ -55,6 +55,11 @@ FLASHINFER_MODULES = {
     "fused_moe": (None, ["cutlass_fused_moe", "ActivationType", "RoutingMethodType", "fused_topk_deepseek"]),
     # (vLLM and SGLang import ActivationType from here)
     "fused_moe.core": (None, ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"]),
+    # (where FlashInfer defines fused_topk_deepseek, and its DeepSeek-V3 ops package re-exporting it)
+    "fused_moe.fused_routing_dsv3": (None, ["fused_topk_deepseek"]),
+    "dsv3_ops": (None, ["fused_topk_deepseek"]),
+    # (FlashInfer's current home of both enums; fused_moe.core imports them from here)
+    "tllm_enums": (None, ["ActivationType", "RoutingMethodType"]),
     "moe_utils": ("torch_flashops.moe_utils", ["moe_sort", "moe_permute", "moe_unpermute", "allocate_moe_sort_buffers",
                                                 "get_max_num_tiles", "get_max_num_permuted_tokens"]),
     "triton": ("torch_flashops.triton", []),

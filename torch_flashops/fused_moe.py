@@ -379,6 +379,12 @@ def cutlass_fused_moe(
         ``[E_local, H, I]``.
     output_dtype : torch.dtype
         Dtype of the result.
+    tp_size, tp_rank : int
+        Tensor parallelism as in FlashInfer: the weights are this rank's shard along I (fc1 the
+        rank's up rows then its gate rows, ``[E_local, 2 I / tp_size, H]``; fc2
+        ``[E_local, H, I / tp_size]``), and the result is this rank's partial sum, which the
+        caller all-reduces. With no biases every rank computes the same function of its shard,
+        so ``tp_rank`` is only checked to lie in ``[0, tp_size)``.
     ep_size, ep_rank : int
         Expert parallelism over contiguous shards: this rank holds global experts
         ``[ep_rank * E_local, (ep_rank + 1) * E_local)``; other experts contribute 0.
@@ -391,8 +397,8 @@ def cutlass_fused_moe(
         the default.
     Parameters in FlashInfer's order as of 0.7 (``use_wfp4afp8_humming`` before
     ``tune_max_num_tokens``; ``situ_beta`` / ``situ_linear_beta`` keyword-only). Only
-    unquantized weights, ``tp_size == 1``, no biases and the SwiGLU activation are
-    supported; the other options raise ``NotImplementedError`` when set. ``enable_pdl``,
+    unquantized weights, no biases and the SwiGLU activation are supported
+    (``tp_size`` > 1 included); the other options raise ``NotImplementedError`` when set. ``enable_pdl``,
     ``tune_max_num_tokens``: accepted, no effect. ``use_fused_finalize`` (either value: the
     finalize here is always deterministic), ``swizzled_input_sf`` (only matters with
     ``input_sf``) and ``workspace_buffer`` (scratch is allocated here) are accepted with no
@@ -409,7 +415,7 @@ def cutlass_fused_moe(
         quant_scales=bool(quant_scales), fc1_expert_biases=fc1_expert_biases is not None,
         fc2_expert_biases=fc2_expert_biases is not None, input_sf=input_sf is not None,
         swiglu_alpha=swiglu_alpha is not None, swiglu_beta=swiglu_beta is not None,
-        swiglu_limit=swiglu_limit is not None, tp_size=tp_size != 1, cluster_size=cluster_size != 1,
+        swiglu_limit=swiglu_limit is not None, cluster_size=cluster_size != 1,
         enable_alltoall=enable_alltoall, use_deepseek_fp8_block_scale=use_deepseek_fp8_block_scale,
         use_w4_group_scaling=use_w4_group_scaling, use_mxfp8_act_scaling=use_mxfp8_act_scaling,
         min_latency_mode=min_latency_mode, use_packed_weights=use_packed_weights,
@@ -421,13 +427,15 @@ def cutlass_fused_moe(
                                   f"{activation_type!r} ({act})")
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU, tp_size 1 only)")
+        raise NotImplementedError(f"cutlass_fused_moe: {', '.join(bad)} not supported (unquantized SwiGLU without "
+                                  f"biases only)")
     # checked here so that errors name this function's arguments, not fused_moe's
     check_tensor(input, "input", ndim=2, dtypes=_MOE_DTYPES)
     H = input.shape[1]
     check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
     expect(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
     expect(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
+    expect(tp_size >= 1 and 0 <= tp_rank < tp_size, "tp_rank", lambda: f"{tp_rank} must lie in [0, tp_size={tp_size})")
     E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
     check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
     for t, name in ((fc1_expert_weights, "fc1_expert_weights"), (fc2_expert_weights, "fc2_expert_weights")):
@@ -513,3 +521,4 @@ def _moe_selfcheck(device) -> list[CheckResult]:
 # FlashInfer defines its fused_moe names in flashinfer.fused_moe.core (vLLM and SGLang import
 # ActivationType from there); under `import torch_flashops as flashinfer` that path is this module.
 core = _sys.modules[__name__]
+fused_routing_dsv3 = core  # (where FlashInfer defines fused_topk_deepseek)
