@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# compute-sanitizer over the kernels' GPU tests, in one device call:
+# compute-sanitizer over the kernels' GPU tests, one shard per device call (four calls cover the
+# default selection):
 #   run(command="SHARD=1/4 bash scripts/sanitize.sh", timeout_s=590)
 # Each step runs pytest (HYPOTHESIS_PROFILE=ci: small random shapes, few examples) under one
 # sanitizer tool, with PyTorch's caching allocator off, so every tensor is its own allocation and
@@ -24,10 +25,12 @@ set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/sanitizer"
 SUM="$OUT/sanitize.txt"
-SHARD=${SHARD:-1/1}; si=${SHARD%/*}; sn=${SHARD#*/}
-if ! [[ "$si" =~ ^[0-9]+$ && "$sn" =~ ^[0-9]+$ ]] || [ "$si" -lt 1 ] || [ "$si" -gt "$sn" ]; then
+SHARD=${SHARD:-1/1}
+if ! [[ "$SHARD" =~ ^([0-9]+)/([0-9]+)$ ]] || [ $((10#${BASH_REMATCH[1]})) -lt 1 ] \
+    || [ $((10#${BASH_REMATCH[1]})) -gt $((10#${BASH_REMATCH[2]})) ]; then
   echo "SHARD must be i/n with 1 <= i <= n, got '$SHARD'" >&2; exit 2
 fi
+si=$((10#${BASH_REMATCH[1]})); sn=$((10#${BASH_REMATCH[2]}))
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 if [ -z "$CS" ]; then echo "compute-sanitizer not found" | tee "$SUM"; exit 2; fi
 {
@@ -52,14 +55,21 @@ for s in "${steps[@]}"; do
   dir="$OUT/sanitizer/$i-$tool"; mkdir -p "$dir"
   if [ "$files" = check ]; then
     echo "== step $i: $tool on the self-check" | tee -a "$SUM"
-    if [ "$si" != 1 ]; then echo "skipped (shard 1 runs it)" | tee -a "$SUM"; continue; fi
+    if [ "$si" -ne 1 ]; then echo "skipped (shard 1 runs it)" | tee -a "$SUM"; continue; fi
     cmd=(python -m torch_flashops check --device cuda)
   else
-    # this shard's test ids, collected outside the sanitizer
-    python -m pytest --collect-only -q -p no:cacheprovider -p no:xdist $files -k "$expr" 2>/dev/null \
-      | grep '::' | awk -v i="$si" -v n="$sn" '(NR - 1) % n == i - 1' >"$dir/ids.txt"
+    # this shard's test ids, collected outside the sanitizer (a file that fails to import, or a
+    # bad -k expression, fails the step: pytest prints ids before it rejects an expression)
+    python -m pytest --collect-only -q -p no:cacheprovider -p no:xdist -p no:warnings $files -k "$expr" \
+      >"$dir/collect.log" 2>&1
+    crc=$?
+    grep -E '^[^ ]+\.py::' "$dir/collect.log" | awk -v i="$si" -v n="$sn" '(NR - 1) % n == i - 1' >"$dir/ids.txt"
     echo "== step $i: $tool on $files -k '$expr': $(wc -l <"$dir/ids.txt") tests in this shard" | tee -a "$SUM"
-    if [ ! -s "$dir/ids.txt" ]; then echo "no tests selected" | tee -a "$SUM"; rc=1; continue; fi
+    if [ $crc -ne 0 ]; then  # (5: nothing selected, also a wrong selection here)
+      echo "collection failed (pytest rc=$crc):" | tee -a "$SUM"; tail -n 15 "$dir/collect.log" | tee -a "$SUM"
+      rc=1; continue
+    fi
+    if [ ! -s "$dir/ids.txt" ]; then echo "no test of the selection falls in this shard" | tee -a "$SUM"; continue; fi
     cmd=(python -m pytest "@$dir/ids.txt" -p no:xdist -v -rfE -p no:cacheprovider)
   fi
   t0=$(date +%s)
@@ -73,15 +83,18 @@ for s in "${steps[@]}"; do
     echo "TIMED OUT after $done_n tests; last: $(grep -E " (PASSED|FAILED|SKIPPED|ERROR)" "$dir/pytest.log" | tail -n 1)" \
       | tee -a "$SUM"
   fi
-  # one ERROR SUMMARY line per sanitized process that exited; any reported access is a finding,
-  # also from a process the timeout killed before its summary
-  n=$(cat "$dir"/[0-9]*.log 2>/dev/null | grep -c "ERROR SUMMARY")
-  bad=$(cat "$dir"/[0-9]*.log 2>/dev/null | grep "ERROR SUMMARY" | grep -vc "ERROR SUMMARY: 0 errors")
-  found=$(cat "$dir"/[0-9]*.log 2>/dev/null | grep -cE "^========= (Invalid|Program hit|Race|Barrier|Uninitialized)")
-  echo "sanitizer: $n process summaries, $bad with errors; $found reported accesses" | tee -a "$SUM"
+  # one summary line per sanitized process that exited (memcheck, initcheck, synccheck: ERROR
+  # SUMMARY; racecheck: RACECHECK SUMMARY, hazards); any reported error is a finding, also from a
+  # process the timeout killed before its summary
+  FINDING="^========= (Invalid|Program hit|Race|Barrier|Uninitialized|Error:|Warning:)"
+  n=$(cat "$dir"/[0-9]*.log 2>/dev/null | grep -cE "(ERROR|RACECHECK) SUMMARY")
+  bad=$(cat "$dir"/[0-9]*.log 2>/dev/null | grep -E "(ERROR|RACECHECK) SUMMARY" \
+        | grep -vcE "ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards")
+  found=$(cat "$dir"/[0-9]*.log 2>/dev/null | grep -cE "$FINDING")
+  echo "sanitizer: $n process summaries, $bad with errors; $found reported errors" | tee -a "$SUM"
   if [ "$bad" != "0" ] || [ "$found" != "0" ]; then
     rc=1
-    grep -h -B2 -A12 -E "^========= (Invalid|Program hit|Race|Barrier|Uninitialized)" "$dir"/[0-9]*.log | head -n 80 | tee -a "$SUM"
+    grep -h -B2 -A12 -E "$FINDING" "$dir"/[0-9]*.log | head -n 80 | tee -a "$SUM"
   fi
 done
 exit $rc

@@ -442,6 +442,10 @@ def test_indptr_that_starts_later_is_refused_with_the_rebase(device):
     with pytest.raises(ValueError, match=r"^kv_indptr: must start at 0, got 2; pass kv_indptr - kv_indptr\[0\] and "
                                          r"k\[kv_indptr\[0\]:\] and v\[kv_indptr\[0\]:\]"):
         r.plan(torch.tensor([0, 2, 5]), torch.tensor([2, 8, 17]), 4, 2, 16, q_data_type="float32")
+    # no rebase offered where it would not help: a negative start, or a decrease further on
+    for bad, msg in (([-1, 1, 2], r"^indptr: must start at 0, got -1$"), ([2, 1, 3], r"^indptr: must start at 0, got 2$")):
+        with pytest.raises(ValueError, match=msg):
+            wd.plan(torch.tensor(bad), d.dev(d.kv_indices), d.last, 4, 2, 16, 4, q_data_type="float32")
 
 
 # (FlashInfer's backend names per wrapper: its decode wrapper adds trtllm-gen and cute-dsl, the paged prefill
@@ -456,12 +460,13 @@ _WRAPPERS = dict(decode=fi.BatchDecodeWithPagedKVCacheWrapper, paged=fi.BatchPre
 
 @pytest.mark.parametrize("kind,backend", BACKENDS, ids=[f"{k}-{b}" for k, b in BACKENDS])
 def test_flashinfer_backend_names_run_our_kernel(kind, backend, device):
-    b = Batch([1, 1] if kind == "decode" else [2, 3], [6, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=23, device=device)
+    b = Batch([2, 2] if kind == "decode" else [2, 3], [6, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=23, device=device)
     w = _WRAPPERS[kind](workspace(device), backend=backend)
     assert w._backend == backend
-    if kind == "decode":
-        w.plan(b.kv_indptr, b.dev(b.kv_indices), b.last, 4, 2, 16, 4, q_data_type="float32")
-        out = w.run(b.q, b.cache)
+    if kind == "decode":  # (FlashInfer's trtllm-gen and cute-dsl decode imply use_tensor_cores: q_len_per_req 2)
+        assert w.use_tensor_cores
+        w.plan(b.kv_indptr, b.dev(b.kv_indices), b.last, 4, 2, 16, 4, q_data_type="float32", q_len_per_req=2)
+        out = w.run(b.q, b.cache, q_len_per_req=2)
     elif kind == "paged":
         plan_paged(w, b, causal=True)
         out = w.run(b.q, b.cache)
@@ -472,7 +477,7 @@ def test_flashinfer_backend_names_run_our_kernel(kind, backend, device):
                        for i, n in enumerate(b.kv_lens)]).to(device)
         w.plan(b.qo_indptr, torch.tensor([0, 6, 15], dtype=torch.int32), 4, 2, 16, causal=True, q_data_type="float32")
         out = w.run(b.q, k, v)
-    check_attention(f"{kind} backend={backend}", out, None, *b.oracle(causal=kind != "decode"), torch.float32)
+    check_attention(f"{kind} backend={backend}", out, None, *b.oracle(causal=True), torch.float32)
 
 
 @pytest.mark.parametrize("kind,backend", REFUSED_BACKENDS, ids=[f"{k}-{b}" for k, b in REFUSED_BACKENDS])

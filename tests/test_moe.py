@@ -808,8 +808,9 @@ def test_cutlass_fused_moe(device):
                                       ep_size=2, ep_rank=1)[0]
                  for rank, sl in ((r, slice(r * I // tp, (r + 1) * I // tp)) for r in range(tp))]
         assert_close(f"cutlass_fused_moe ep x tp={tp}, summed", sum(parts), exp, **MOE_TOL[torch.float32])
-    for tp, rank in ((2, 2), (2, -1), (0, 0)):
+    for tp, rank in ((2, 2), (2, -1)):
         _bad("^tp_rank: ", fo.cutlass_fused_moe, x, ids, tw, fc1, w2, torch.float32, tp_size=tp, tp_rank=rank)
+    _bad("^tp_size: must be >= 1, got 0", fo.cutlass_fused_moe, x, ids, tw, fc1, w2, torch.float32, tp_size=0)
     # activation_type: FlashInfer's enum, its int codes (3 = Swiglu), or an engine's stand-in enum
     Standin = __import__("enum").IntEnum("ActivationType", {"Swiglu": 5})
     base = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32)[0]

@@ -141,7 +141,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
         Needed for ``q_len_per_req > 1``; otherwise results do not depend on it.
     backend : str
         ``"auto"``, ``"fa2"``, ``"fa3"``, ``"trtllm-gen"``, ``"cute-dsl"`` (FlashInfer's names) or
-        ``"triton"``: all run our Triton kernel.
+        ``"triton"``: all run our Triton kernel. As in FlashInfer, ``"trtllm-gen"`` and
+        ``"cute-dsl"`` imply ``use_tensor_cores=True``.
     jit_args : None
         Reserved (``NotImplementedError``).
     """
@@ -162,7 +163,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
                  paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None, backend: str = "auto",
                  jit_args: Optional[Any] = None) -> None:
         self._init_common(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args)
-        self._use_tensor_cores = bool(use_tensor_cores)
+        # (FlashInfer's trtllm-gen and cute-dsl decode backends are tensor-core kernels: they imply it)
+        self._use_tensor_cores = bool(use_tensor_cores) or backend in ("trtllm-gen", "cute-dsl")
         if self._use_cuda_graph:
             _check_graph_buf(paged_kv_last_page_len_buffer, "paged_kv_last_page_len_buffer")
             B = paged_kv_last_page_len_buffer.shape[0]

@@ -434,8 +434,10 @@ def cutlass_fused_moe(
     H = input.shape[1]
     check_tensor(fc1_expert_weights, "fc1_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
     expect(fc1_expert_weights.shape[1] % 2 == 0, "fc1_expert_weights", lambda: f"shape {tuple(fc1_expert_weights.shape)}: dim 1 must be 2I")
-    expect(ep_size >= 1 and 0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
-    expect(tp_size >= 1 and 0 <= tp_rank < tp_size, "tp_rank", lambda: f"{tp_rank} must lie in [0, tp_size={tp_size})")
+    expect(ep_size >= 1, "ep_size", lambda: f"must be >= 1, got {ep_size}")
+    expect(0 <= ep_rank < ep_size, "ep_rank", lambda: f"{ep_rank} must lie in [0, ep_size={ep_size})")
+    expect(tp_size >= 1, "tp_size", lambda: f"must be >= 1, got {tp_size}")
+    expect(0 <= tp_rank < tp_size, "tp_rank", lambda: f"{tp_rank} must lie in [0, tp_size={tp_size})")
     E_local, I = fc1_expert_weights.shape[0], fc1_expert_weights.shape[1] // 2
     check_tensor(fc2_expert_weights, "fc2_expert_weights", ndim=3, dtypes=_MOE_DTYPES, device=input.device)
     for t, name in ((fc1_expert_weights, "fc1_expert_weights"), (fc2_expert_weights, "fc2_expert_weights")):
