@@ -448,6 +448,35 @@ def test_indptr_that_starts_later_is_refused_with_the_rebase(device):
             wd.plan(torch.tensor(bad), d.dev(d.kv_indices), d.last, 4, 2, 16, 4, q_data_type="float32")
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-buffers"])
+def test_fast_decode_plan(graph, device):
+    """FlashInfer's fast_decode_plan as SGLang drives it: the caller writes the page table into the
+    CUDA-graph buffers itself and passes them, with the host indptr as global_override_indptr_cpu;
+    the plan then matches the oracle, and a second step with another table does too."""
+    w = None
+    for step, lens in enumerate(([6, 9, 1], [13, 2, 8])):
+        b = Batch([1, 1, 1], lens, page_size=4, Hq=4, Hkv=2, D=16, seed=31 + step, device=device)
+        if graph:
+            if w is None:
+                bufs = (torch.zeros(4, dtype=torch.int32, device=device), torch.zeros(16, dtype=torch.int32, device=device),
+                        torch.zeros(3, dtype=torch.int32, device=device))
+                w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), use_cuda_graph=True,
+                                                          paged_kv_indptr_buffer=bufs[0], paged_kv_indices_buffer=bufs[1],
+                                                          paged_kv_last_page_len_buffer=bufs[2])
+            indptr, indices, last = bufs
+            indptr.copy_(b.kv_indptr)
+            indices[: b.kv_indices.numel()].copy_(b.kv_indices)
+            last.copy_(b.last)
+        else:
+            w = w or fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+            indptr, indices, last = b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last)
+        fi.fast_decode_plan(w, indptr, indices, last, 4, 2, 16, 4, q_data_type=torch.float32,
+                            global_override_indptr_cpu=b.kv_indptr)
+        check_attention(f"fast_decode_plan step {step}", w.run(b.q, b.cache), None, *b.oracle(), torch.float32)
+    with pytest.raises(ValueError, match="^self: must be a BatchDecodeWithPagedKVCacheWrapper"):
+        fi.fast_decode_plan(fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device)), indptr, indices, last, 4, 2, 16, 4)
+
+
 # (FlashInfer's backend names per wrapper: its decode wrapper adds trtllm-gen and cute-dsl, the paged prefill
 # wrapper trtllm-gen (and cudnn, which needs plan arguments we refuse), the ragged one cute-dsl (and cudnn, cutlass))
 BACKENDS = [("decode", "trtllm-gen"), ("decode", "cute-dsl"), ("paged", "trtllm-gen"), ("paged", "fa3"),

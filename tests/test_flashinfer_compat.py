@@ -73,6 +73,12 @@ SPEC = {
                                             "v_scale=None, *, lse_base='log2'",
     # attention.md §4. plan: the spec shows the options after `*` and says they are also accepted
     # positionally (deprecated), i.e. a `*args` catch-all followed by keyword-only options.
+    # FlashInfer's decode module (a plan() for SGLang's draft-step wrappers)
+    "decode:fast_decode_plan": "self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, "
+                               "page_size, pos_encoding_mode='NONE', window_left=-1, logits_soft_cap=None, "
+                               "q_data_type=None, kv_data_type=None, data_type=None, sm_scale=None, rope_scale=None, "
+                               "rope_theta=None, non_blocking=True, fixed_split_size=None, disable_split_kv=False, "
+                               "global_override_indptr_cpu=None",
     "decode:BatchDecodeWithPagedKVCacheWrapper.__init__":
         "self, float_workspace_buffer, kv_layout='NHD', use_cuda_graph=False, use_tensor_cores=False, "
         "paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, "
@@ -192,7 +198,7 @@ WRAPPERS = {
 
 # Names FlashInfer's modules re-export from another module (decode.py and prefill.py import
 # page.get_seq_lens; vLLM imports it from flashinfer.decode): path -> names.
-RE_EXPORTS = {"decode": ["get_seq_lens"], "prefill": ["get_seq_lens"],
+RE_EXPORTS = {"decode": ["get_seq_lens", "_get_range_buf"], "prefill": ["get_seq_lens"],
               # (where flashinfer.fused_moe's names are defined; vLLM and SGLang import ActivationType from it)
               "fused_moe.core": ["cutlass_fused_moe", "ActivationType", "RoutingMethodType"],
               "fused_moe.fused_routing_dsv3": ["fused_topk_deepseek"], "dsv3_ops": ["fused_topk_deepseek"],
@@ -201,7 +207,7 @@ RE_EXPORTS = {"decode": ["get_seq_lens"], "prefill": ["get_seq_lens"],
 # The covered names FlashInfer also exports from its top-level package (flashinfer/__init__.py).
 TOP_LEVEL = {
     "decode": ["single_decode_with_kv_cache", "BatchDecodeWithPagedKVCacheWrapper",
-               "CUDAGraphBatchDecodeWithPagedKVCacheWrapper"],
+               "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "fast_decode_plan"],
     "prefill": ["single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
                 "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper"],
     "cascade": ["merge_state", "merge_state_in_place", "merge_states", "MultiLevelCascadeAttentionWrapper"],
@@ -439,6 +445,10 @@ assert ActivationType2 is ActivationType and RoutingMethodType2 is RoutingMethod
 assert fused_topk_deepseek is fused_topk_deepseek2 is flashinfer.fused_moe.fused_topk_deepseek
 from flashinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from flashinfer.prefill import single_prefill_with_kv_cache
+from flashinfer.decode import _get_range_buf  # (SGLang's and vLLM's backends import it)
+r = _get_range_buf(5, "cpu")
+assert r.dtype == torch.int32 and r.tolist() == [0, 1, 2, 3, 4] and _get_range_buf(0, "cpu").numel() == 0
+assert _get_range_buf(7, "cpu").data_ptr() == r.data_ptr()  # (one cached buffer per power of two, as FlashInfer)
 
 assert flashinfer is fi_mod and install_as_flashinfer() is fi_mod
 assert importlib.util.find_spec("flashinfer") is not None

@@ -37,8 +37,10 @@ _ALIAS_MARK = "__torch_flashops_alias__"
 # another file); a name we do not have at all is left out.
 FLASHINFER_MODULES = {
     # (FlashInfer's decode and prefill modules re-export page.get_seq_lens; engines import it from there)
+    # (_get_range_buf: FlashInfer's private helper, imported by SGLang's and vLLM's backends)
     "decode": ("torch_flashops.decode", ["single_decode_with_kv_cache", "BatchDecodeWithPagedKVCacheWrapper",
-                                          "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "get_seq_lens"]),
+                                          "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "get_seq_lens",
+                                          "fast_decode_plan", "_get_range_buf"]),
     "prefill": ("torch_flashops.prefill", ["single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
                                             "BatchPrefillWithPagedKVCacheWrapper",
                                             "BatchPrefillWithRaggedKVCacheWrapper", "get_seq_lens"]),

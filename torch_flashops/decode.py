@@ -29,6 +29,7 @@ __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
     "get_seq_lens",  # re-exported, as FlashInfer's decode module does (vLLM imports it there)
+    "fast_decode_plan",
 ]
 
 
@@ -288,3 +289,68 @@ class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWra
         super().__init__(workspace_buffer, kv_layout, use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
                          paged_kv_indptr_buffer=indptr_buffer, paged_kv_indices_buffer=indices_buffer,
                          paged_kv_last_page_len_buffer=last_page_len_buffer)
+
+
+_RANGES: dict = {}
+
+
+def _get_range_buf(seq_len: int, device) -> torch.Tensor:
+    """``[0, 1, ..., seq_len - 1]`` (int32 on ``device``), a view of one cached buffer per
+    power-of-two length and device: FlashInfer's private helper of the same name, which SGLang's
+    and vLLM's FlashInfer backends import from ``flashinfer.decode`` to build a decode batch's
+    ``qo_indptr`` (read it, never write it: later calls return views of the same storage)."""
+    n = int(seq_len)
+    expect(n >= 0, "seq_len", "must be >= 0, got {}", seq_len)
+    dev = torch.device(device)
+    size = 1 << max(n - 1, 0).bit_length()
+    buf = _RANGES.get((size, dev))
+    if buf is None:
+        buf = _RANGES[(size, dev)] = torch.arange(size, dtype=torch.int32, device=dev)
+    return buf[:n]
+
+
+def fast_decode_plan(
+    self: BatchDecodeWithPagedKVCacheWrapper,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    last_page_len: torch.Tensor,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pos_encoding_mode: str = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: Optional[float] = None,
+    q_data_type: Optional[Union[str, torch.dtype]] = None,
+    kv_data_type: Optional[Union[str, torch.dtype]] = None,
+    data_type: Optional[Union[str, torch.dtype]] = None,
+    sm_scale: Optional[float] = None,
+    rope_scale: Optional[float] = None,
+    rope_theta: Optional[float] = None,
+    non_blocking: bool = True,
+    fixed_split_size: Optional[int] = None,
+    disable_split_kv: bool = False,
+    global_override_indptr_cpu: Optional[torch.Tensor] = None,
+) -> None:
+    """FlashInfer's ``fast_decode_plan``, a function taking a decode wrapper as ``self`` (SGLang
+    binds it to its draft-step wrappers): the same plan as ``self.plan(...)``.
+
+    FlashInfer's version skips copies into the CUDA-graph buffers, which its callers fill
+    themselves; here it is ``plan()`` (those copies, when ``indices`` already is the buffer, copy
+    it onto itself), with FlashInfer's defaults of this function: ``q_data_type`` (and
+    ``data_type``) None mean float16, ``kv_data_type`` None means ``q_data_type``.
+    ``global_override_indptr_cpu``: the host copy of ``indptr`` (planned from instead of
+    ``indptr``, which then is not read back from the device)."""
+    expect(isinstance(self, BatchDecodeWithPagedKVCacheWrapper), "self",
+           "must be a BatchDecodeWithPagedKVCacheWrapper, got {}", type(self).__name__)
+    if data_type is not None:
+        q_data_type = data_type if q_data_type is None else q_data_type
+        kv_data_type = data_type if kv_data_type is None else kv_data_type
+    elif q_data_type is None:
+        q_data_type = "float16"
+    host_indptr = indptr if global_override_indptr_cpu is None else global_override_indptr_cpu
+    self.plan(host_indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+              pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+              q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale, rope_scale=rope_scale,
+              rope_theta=rope_theta, non_blocking=non_blocking, fixed_split_size=fixed_split_size,
+              disable_split_kv=disable_split_kv)
