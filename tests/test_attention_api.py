@@ -470,8 +470,8 @@ def test_fast_decode_plan(graph, device):
         else:
             w = w or fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
             indptr, indices, last = b.dev(b.kv_indptr), b.dev(b.kv_indices), b.dev(b.last)
-        fi.fast_decode_plan(w, indptr, indices, last, 4, 2, 16, 4, q_data_type=torch.float32,
-                            global_override_indptr_cpu=b.kv_indptr)
+        dtype = dict(q_data_type=torch.float32) if step == 0 else dict(data_type=torch.float32)  # (q and kv)
+        fi.fast_decode_plan(w, indptr, indices, last, 4, 2, 16, 4, global_override_indptr_cpu=b.kv_indptr, **dtype)
         check_attention(f"fast_decode_plan step {step}", w.run(b.q, b.cache), None, *b.oracle(), torch.float32)
     with pytest.raises(ValueError, match="^self: must be a BatchDecodeWithPagedKVCacheWrapper"):
         fi.fast_decode_plan(fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device)), indptr, indices, last, 4, 2, 16, 4)

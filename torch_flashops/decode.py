@@ -21,6 +21,7 @@ from ._checks import check_tensor, expect, reject_fp8
 from .meta.attention import check_pos_encoding_mode
 from .meta.page import check_kv_layout
 from .ops import attention as attn_ops
+from .ops._host import next_pow2
 from .page import get_seq_lens
 from .prefill import _BatchAttention, _check_graph_buf, _return_lse_alias
 
@@ -165,7 +166,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_BatchAttention):
                  jit_args: Optional[Any] = None) -> None:
         self._init_common(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args)
         # (FlashInfer's trtllm-gen and cute-dsl decode backends are tensor-core kernels: they imply it)
-        self._use_tensor_cores = bool(use_tensor_cores) or backend in ("trtllm-gen", "cute-dsl")
+        self._use_tensor_cores = bool(use_tensor_cores) or backend in self._EXTRA_BACKENDS
         if self._use_cuda_graph:
             _check_graph_buf(paged_kv_last_page_len_buffer, "paged_kv_last_page_len_buffer")
             B = paged_kv_last_page_len_buffer.shape[0]
@@ -302,7 +303,7 @@ def _get_range_buf(seq_len: int, device) -> torch.Tensor:
     n = int(seq_len)
     expect(n >= 0, "seq_len", "must be >= 0, got {}", seq_len)
     dev = torch.device(device)
-    size = 1 << max(n - 1, 0).bit_length()
+    size = next_pow2(n)
     buf = _RANGES.get((size, dev))
     if buf is None:
         buf = _RANGES[(size, dev)] = torch.arange(size, dtype=torch.int32, device=dev)
@@ -343,14 +344,11 @@ def fast_decode_plan(
     ``indptr``, which then is not read back from the device)."""
     expect(isinstance(self, BatchDecodeWithPagedKVCacheWrapper), "self",
            "must be a BatchDecodeWithPagedKVCacheWrapper, got {}", type(self).__name__)
-    if data_type is not None:
-        q_data_type = data_type if q_data_type is None else q_data_type
-        kv_data_type = data_type if kv_data_type is None else kv_data_type
-    elif q_data_type is None:
+    if q_data_type is None and data_type is None:  # (plan() reads data_type the same way otherwise)
         q_data_type = "float16"
     host_indptr = indptr if global_override_indptr_cpu is None else global_override_indptr_cpu
     self.plan(host_indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
               pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
-              q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale, rope_scale=rope_scale,
-              rope_theta=rope_theta, non_blocking=non_blocking, fixed_split_size=fixed_split_size,
-              disable_split_kv=disable_split_kv)
+              q_data_type=q_data_type, kv_data_type=kv_data_type, data_type=data_type, sm_scale=sm_scale,
+              rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking,
+              fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
