@@ -104,10 +104,13 @@ def compile_sm90(fn, sig: dict, constexprs: dict, aligned, num_warps: int) -> di
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # constexpr parameters left out take their defaults (as a launch would), not a type from sig
+    constexprs = {**{p.name: p.default for p in fn.params
+                     if p.is_constexpr and p.has_default and p.name not in constexprs}, **constexprs}
     full = {n: "constexpr" if n in constexprs else sig[n] for n in fn.arg_names}
     idx = {n: i for i, n in enumerate(fn.arg_names)}
     src = ASTSource(fn, full, constexprs={(idx[k],): v for k, v in constexprs.items()},
-                    attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned})
+                    attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned if n not in constexprs})
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     return {"ptx": out.asm["ptx"], "ttgir": out.asm["ttgir"], "cubin_bytes": len(out.asm.get("cubin", b"")),
             "shared": out.metadata.shared}

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import torch_flashops as fo
 from torch_flashops import _config
-from torch_flashops.fused_moe import fused_moe  # (top-level torch_flashops.fused_moe is the module)
+from torch_flashops.fused_moe import _fused_moe, fused_moe  # (top-level torch_flashops.fused_moe is the module)
 from torch_flashops.ops import moe as ops
 from torch_flashops.reference import moe as ref
 from torch_flashops.reference.moe_routing import ref_moe_align_block_size
@@ -51,6 +51,12 @@ def poisoned_allocations():
     finally:
         det.fill_uninitialized_memory = old_fill
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def up_gate(w1):
+    """``[gate; up]`` w1 as ``[up; gate]`` (FlashInfer's CUTLASS order), a new tensor."""
+    I = w1.shape[1] // 2
+    return torch.cat([w1[:, I:], w1[:, :I]], 1)
 
 
 def make_moe(T, H, I, E, k, dtype, device, *, seed=0):
@@ -562,6 +568,9 @@ DECODE_CASES = {  # (T, H, I, E, k, dtype, what)
     "on-input-k1": (1, 32, 16, 4, 1, torch.float32, "on_input"),
     "k1-on-output": (1, 32, 16, 4, 1, torch.float32, None),
     "H-in-chunks": (1, 2304, 16, 8, 2, torch.float32, None),  # phase 1 loops over 9 chunks of 256
+    # w1 as [up; gate] (cutlass_fused_moe's order), read in place by both phase-1 loops
+    "up-first": (2, 48, 20, 32, 2, torch.bfloat16, "up_first"),
+    "up-first-H-in-chunks": (1, 2304, 16, 8, 2, torch.float32, "up_first"),
 }
 
 
@@ -588,6 +597,8 @@ def test_fused_moe_decode_paths(device, backend, monkeypatch, case, programs, on
         kw["expert_map"] = call["expert_map"] = emap
     elif what == "on_input":
         kw, call = dict(on_input=True, rsf=2.0), dict(apply_router_weight_on_input=True, routed_scaling_factor=2.0)
+    elif what == "up_first":
+        call["w1_up_first"] = True
     monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", one_launch)
     monkeypatch.setattr(ops, "DECODE_MAX_ELEMS", 1 << 40)  # CUDA too, whatever the shipped size rule
     for var in ("FLASHOPS_MOE_DECODE_ONE_LAUNCH", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
@@ -600,7 +611,7 @@ def test_fused_moe_decode_paths(device, backend, monkeypatch, case, programs, on
 
     monkeypatch.setattr(ops, "_moe_decode", spy)
     with poisoned_allocations():
-        out = fused_moe(x, w1, w2, tw, ids, **call)
+        out = _fused_moe(x, up_gate(w1) if what == "up_first" else w1, w2, tw, ids, **call)
     if backend == "kernel":
         assert len(used) == (1 if one_launch else 0)
     check_layer(case, out, x, w1, w2, tw, ids, **kw)
@@ -650,7 +661,8 @@ def test_fused_moe_hypothesis(data):
     g1_form = data.draw(st.sampled_from(sorted(_HYP_GEMM1_FORMS)), label="gemm1 form")
     g2_form = data.draw(st.sampled_from(sorted(_HYP_GEMM2_FORMS)), label="gemm2 form")
     block_m = data.draw(st.sampled_from([None, 16, 32]), label="block_m")
-    _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m)
+    up_first = data.draw(st.booleans(), label="w1 [up; gate]")
+    _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m, up_first)
 
 
 # Draws the ci profile's 8 examples can miss (st.data() tests take no @example): every GEMM form
@@ -663,12 +675,15 @@ def test_fused_moe_hypothesis(data):
     (12, 4, 11, 24, 20, "one-dot", "persistent", 16),
     (5, 2, 9, 16, 16, "tma", "tail-split", None),
 ])
-def test_fused_moe_gemm_forms(E, k, T, H, I, g1_form, g2_form, block_m):
+@pytest.mark.parametrize("up_first", [False, True], ids=["gate-up", "up-gate"])
+def test_fused_moe_gemm_forms(E, k, T, H, I, g1_form, g2_form, block_m, up_first):
+    """Each GEMM form, with w1 as ``[gate; up]`` and as ``[up; gate]`` (cutlass_fused_moe's
+    order, read in place)."""
     for i, dtype in enumerate(DTYPES):
-        _fused_moe_case(E, k, T, H, I, dtype, 100 + i, (1.0, 2.5)[i % 2], g1_form, g2_form, block_m)
+        _fused_moe_case(E, k, T, H, I, dtype, 100 + i, (1.0, 2.5)[i % 2], g1_form, g2_form, block_m, up_first)
 
 
-def _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m):
+def _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m, up_first=False):
     device = DEVICE  # (a function-scoped fixture would not be reset between hypothesis examples)
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, dtype, device, seed=seed)
     if T:
@@ -687,10 +702,14 @@ def _fused_moe_case(E, k, T, H, I, dtype, seed, rsf, g1_form, g2_form, block_m):
         with poisoned_allocations(), warnings.catch_warnings():
             # under the interpreter an integer division by zero (undefined on the GPU) warns
             warnings.filterwarnings("error", message="divide by zero", category=RuntimeWarning)
-            out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
+            if up_first:
+                out = _fused_moe(x, up_gate(w1), w2, tw, ids, routed_scaling_factor=rsf, w1_up_first=True)
+            else:
+                out = fused_moe(x, w1, w2, tw, ids, routed_scaling_factor=rsf)
     finally:
         ops.moe_config = real
-    check_layer("fused_moe (%s / %s)" % (g1_form, g2_form), out, x, w1, w2, tw, ids, pipeline=False, rsf=rsf)
+    check_layer("fused_moe (%s / %s%s)" % (g1_form, g2_form, ", [up; gate]" if up_first else ""), out, x, w1, w2,
+                tw, ids, pipeline=False, rsf=rsf)
 
 
 _HYP_GEMM1_FORMS = {
@@ -772,12 +791,23 @@ def test_out_of_range_ids_stay_in_bounds(path, device, backend, monkeypatch):
     assert torch.equal(out, torch.zeros_like(x))
 
 
-def test_cutlass_fused_moe(device):
-    """fc1 is [up; gate]; ep_size 2 maps global ids onto this rank's contiguous shard."""
+def test_cutlass_fused_moe(device, monkeypatch):
+    """fc1 is [up; gate], read in place (the op gets fc1 itself, no swapped copy); ep_size 2 maps
+    global ids onto this rank's contiguous shard."""
     T, H, I, E, k = 9, 32, 16, 4, 2
     x, w1, w2, tw, ids = make_moe(T, H, I, E, k, torch.float32, device, seed=13)
-    fc1 = torch.cat([w1[:, I:], w1[:, :I]], 1)
+    fc1 = up_gate(w1)
+    seen = []
+    real_op = ops.fused_moe
+
+    def spy(*a):
+        seen.append((a[1], a[-1]))
+        return real_op(*a)
+
+    monkeypatch.setattr(ops, "fused_moe", spy)
     res = fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, quant_scales=[])
+    monkeypatch.setattr(ops, "fused_moe", real_op)
+    assert len(seen) == 1 and seen[0][0] is fc1 and seen[0][1] is True, seen
     assert isinstance(res, list) and len(res) == 1
     check_layer("cutlass_fused_moe", res[0], x, w1, w2, tw, ids, pipeline=False)
     # expert parallel: rank 1 of 2 holds global experts [4, 8)
@@ -887,7 +917,8 @@ def _op_samples(device):
         "gelu_and_mul_out": [(h, torch.empty(3, 2, 8, device=device)), (h, torch.empty(3, 2, 8, device=device), True)],
         "moe_sum": [(torch.randn(4, 3, 8, device=device), 2.0)],
         "fused_moe": [(x, w1, w2, tw, ids, "silu", False, 1.5, None, -1),
-                      (xd, w1d, w2d, twd, idsd, "silu", False, 1.0, torch.arange(8, dtype=torch.int32, device=device), 8)],
+                      (xd, w1d, w2d, twd, idsd, "silu", False, 1.0, torch.arange(8, dtype=torch.int32, device=device), 8),
+                      (x, w1, w2, tw, ids, "silu", False, 1.0, None, -1, True)],
     }
 
 
@@ -1180,7 +1211,7 @@ def aot_compile_decode_sm90() -> dict:
     info = {}
     for phase in (0, 1, 2, "gen"):
         cst = dict(TOP_K=8, HAS_MAP=False, ON_INPUT=False, PHASE=0 if phase == "gen" else phase,
-                   PREFETCH=phase in (0, "gen"), PIPE1=True, GEN_BARRIER=phase == "gen",
+                   PREFETCH=phase in (0, "gen"), PIPE1=True, GEN_BARRIER=phase == "gen", UP_FIRST=False,
                    **ops.decode_tiles(1, 8, 192, 2048))
         sig = {n: ptrs.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
                for n in fn.arg_names if n not in cst}
@@ -1246,7 +1277,7 @@ def aot_compile_tail_split_sm90() -> dict:
                    FUSE_SILU=role == "gemm1", WRITE_SKIP=role == "gemm2", PAIRS=False, HAS_MAP=False, EVEN_K=True,
                    W_TMA=True, A_SORTED=True, A_TMA=True, C_SORTED=role == "gemm1", HALF_TAIL=True,
                    DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False, PDL_WAIT=False, TAIL_SPLIT=split,
-                   GU_ONE=False)
+                   GU_ONE=False, UP_FIRST=False)
         descs = {"a_desc": "tensordesc<bf16[128, 64]>", "a_desc_half": "tensordesc<bf16[64, 64]>",
                  "w_desc": f"tensordesc<bf16[1, {bn}, 64]>"}
         out = _compile_block_gemm_sm90(cst, descs)
@@ -1260,18 +1291,19 @@ def aot_compile_tail_split_sm90() -> dict:
 def aot_compile_one_dot_sm90() -> dict:
     """GEMM1 of Mixtral's layer at T=4096 as the H100 table launches it (128-row blocks, 2 x 128
     columns, A and w1 by descriptor, fused silu * up), in the two-dot and the one-dot ("one_dot")
-    form: MMA ops, layout conversions and shared memory of each."""
+    form, each with w1 as [gate; up] and as [up; gate] (UP_FIRST): MMA ops, layout conversions
+    and shared memory of each."""
     info = {}
-    for one in (False, True):
+    for one, up_first in ((False, False), (True, False), (False, True), (True, True)):
         cst = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, MUL_WEIGHT=False, FUSE_SILU=True,
                    WRITE_SKIP=False, PAIRS=False, HAS_MAP=False, EVEN_K=True, W_TMA=True, A_SORTED=True, A_TMA=True,
                    C_SORTED=True, HALF_TAIL=True, DOT_F32=False, PRECISION="tf32", PDL_TRIGGER=False,
-                   PDL_WAIT=False, TAIL_SPLIT=0, GU_ONE=one)
+                   PDL_WAIT=False, TAIL_SPLIT=0, GU_ONE=one, UP_FIRST=up_first)
         descs = {"a_desc": "tensordesc<bf16[128, 64]>", "a_desc_half": "tensordesc<bf16[64, 64]>",
                  "w_desc": "tensordesc<bf16[1, 2, 128, 64]>" if one else "tensordesc<bf16[1, 128, 64]>"}
         out = _compile_block_gemm_sm90(cst, descs)
         ttgir = out["ttgir"]
-        info[str(int(one))] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
+        info[str(int(one)) + ("-up-first" if up_first else "")] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
                                "dots": ttgir.count("ttng.warp_group_dot "),
                                "converts": ttgir.count("ttg.convert_layout"),
                                "mma_n": sorted(set(re.findall(r"-> tensor<\d+x(\d+)xf32, #mma", ttgir)))}
@@ -1281,9 +1313,16 @@ def aot_compile_one_dot_sm90() -> dict:
 def test_one_dot_gemm1_compiles_for_sm90_without_gpu():
     """The one-dot GEMM1 issues one 256-column MMA per K step where the two-dot form issues two
     of 128 (per block and half block), and its gate/up split adds no layout conversion (columns
-    j and 128 + j sit in the same thread) and no shared memory."""
+    j and 128 + j sit in the same thread) and no shared memory. With w1 as [up; gate]
+    (cutlass_fused_moe's order, read in place) both forms compile to the same MMAs, layout
+    conversions and shared memory: the order costs nothing but the tile coordinates."""
     info = run_without_interpreter("import json; from tests.test_moe import aot_compile_one_dot_sm90; "
                                    "print(json.dumps(aot_compile_one_dot_sm90()))")
+    for form in ("0", "1"):
+        mine, other = info[form], info[form + "-up-first"]
+        assert other["cubin_bytes"] > 0, info
+        assert {k: v for k, v in mine.items() if k != "cubin_bytes"} == \
+            {k: v for k, v in other.items() if k != "cubin_bytes"}, info
     two, one = info["0"], info["1"]
     assert one["cubin_bytes"] > 0 and two["cubin_bytes"] > 0
     assert one["dots"] * 2 == two["dots"], info

@@ -99,6 +99,14 @@ def fused_moe(
         ``[T, H]`` in x's dtype, a new tensor (never ``hidden_states``). ``T == 0`` gives
         ``[0, H]``. Checked mode also validates id and map values.
     """
+    return _fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input,
+                      routed_scaling_factor, expert_map, global_num_experts)
+
+
+def _fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation="silu", apply_router_weight_on_input=False,
+               routed_scaling_factor=1.0, expert_map=None, global_num_experts=-1, w1_up_first=False):
+    """``fused_moe``'s checks and op call; ``w1_up_first``: w1 is ``[up; gate]`` (FlashInfer's
+    CUTLASS order, ``cutlass_fused_moe``), read in place."""
     x = hidden_states
     if activation != "silu":
         raise NotImplementedError(f"activation {activation!r} is not implemented (only 'silu')")
@@ -133,7 +141,7 @@ def fused_moe(
         if expert_map is not None:
             check_range_values(expert_map, "expert_map", -1, E)
     return ops.fused_moe(x, w1, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input,
-                         _static_float(routed_scaling_factor), expert_map, global_num_experts)
+                         _static_float(routed_scaling_factor), expert_map, global_num_experts, bool(w1_up_first))
 
 
 def moe_grouped_gemm(
@@ -373,8 +381,8 @@ def cutlass_fused_moe(
     token_final_scales : torch.Tensor
         ``[T, k]`` routing weights.
     fc1_expert_weights : torch.Tensor
-        ``[E_local, 2I, H]`` **``[up (w3); gate (w1)]``** (FlashInfer's order; swapped to
-        ``[gate; up]`` here, which copies the weights on every call).
+        ``[E_local, 2I, H]`` **``[up (w3); gate (w1)]``** (FlashInfer's order; read in place,
+        no copy).
     fc2_expert_weights : torch.Tensor
         ``[E_local, H, I]``.
     output_dtype : torch.dtype
@@ -456,13 +464,12 @@ def cutlass_fused_moe(
     expect(token_selected_experts.shape[0] == input.shape[0], "token_selected_experts",
            lambda: f"has {token_selected_experts.shape[0]} rows, input has {input.shape[0]} tokens")
     expect(output_dtype in FLOAT_DTYPES, "output_dtype", "must be one of {}, got {!r}", FLOAT_DTYPES, output_dtype)
-    w1 = torch.cat([fc1_expert_weights[:, I:], fc1_expert_weights[:, :I]], dim=1)
     expert_map = None
     if ep_size > 1:
         g = torch.arange(E_local * ep_size, device=input.device, dtype=torch.int32) - ep_rank * E_local
         expert_map = torch.where((g >= 0) & (g < E_local), g, -1).to(torch.int32)
-    out = fused_moe(input, w1, fc2_expert_weights, token_final_scales, token_selected_experts,
-                    expert_map=expert_map).to(output_dtype)
+    out = _fused_moe(input, fc1_expert_weights, fc2_expert_weights, token_final_scales, token_selected_experts,
+                     expert_map=expert_map, w1_up_first=True).to(output_dtype)
     if output is not None:
         check_tensor(output, "output", ndim=2, dtypes=(output_dtype,), device=input.device)
         expect(output.shape == out.shape, "output", lambda: f"shape {tuple(output.shape)} must be {tuple(out.shape)}")

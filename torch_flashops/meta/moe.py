@@ -25,5 +25,5 @@ def moe_sum_fake(input, routed_scaling_factor=1.0):
 
 def fused_moe_fake(hidden_states, w1, w2, topk_weights, topk_ids, activation="silu",
                    apply_router_weight_on_input=False, routed_scaling_factor=1.0, expert_map=None,
-                   global_num_experts=-1):
+                   global_num_experts=-1, w1_up_first=False):
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]))

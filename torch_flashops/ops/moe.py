@@ -170,11 +170,14 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
                BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, WRITE_SKIP: tl.constexpr, EVEN_K: tl.constexpr,
                W_TMA: tl.constexpr, A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr,
-               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GU_ONE: tl.constexpr = False):
+               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GU_ONE: tl.constexpr = False,
+               UP_FIRST: tl.constexpr = False):
     """BM rows of one block from slot position row0 (slots ``slot [BM]``) times weight columns
     [pid_n * BLOCK_N, +BLOCK_N) of ``expert`` (-1: skipped block), stored to c. GU_ONE: the
     gate and up tiles come as one [2, BLOCK_N, BLOCK_K] box of a 4-D descriptor (``_gate_up_view``)
-    and go through one dot into a [BM, 2 * BLOCK_N] accumulator, split after the K loop."""
+    and go through one dot into a [BM, 2 * BLOCK_N] accumulator, split after the K loop.
+    UP_FIRST (FUSE_SILU): w1 is ``[up; gate]`` (FlashInfer's CUTLASS order), the gate rows
+    ``up_offset`` further than the up rows; ``b_ptrs`` then point at the gate rows already."""
     valid = slot < num_valid
     pos = (row0 + tl.arange(0, BM)).to(tl.int64)  # slot position: row of a sorted intermediate
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,6 +193,9 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
             a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
         up_step = tl.cast(up_offset, tl.int64) * stride_wn
+        if UP_FIRST:
+            up_step = -up_step
+        gate_row, up_row = _gate_up_rows(up_offset, UP_FIRST)
         GU: tl.constexpr = 2 if GU_ONE else 1
         acc = tl.zeros((BM, GU * BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
@@ -205,7 +211,7 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
             if GU_ONE:  # gate rows n0.. and up rows I + n0.. as one box
                 b = w_desc.load([expert, 0, n0, kk * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K).T
             elif W_TMA:  # weight tiles by the copy engine (zero fill past N and K)
-                b = w_desc.load([expert, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+                b = w_desc.load([expert, n0 + gate_row, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
             elif EVEN_K:
                 b = tl.load(b_ptrs)
             else:
@@ -216,7 +222,7 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             if FUSE_SILU and not GU_ONE:
                 if W_TMA:
-                    bu = w_desc.load([expert, n0 + up_offset, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+                    bu = w_desc.load([expert, n0 + up_row, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
                 elif EVEN_K:
                     bu = tl.load(b_ptrs + up_step)
                 else:
@@ -227,35 +233,55 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         if GU_ONE:
-            acc, acc_up = _gu_split(acc, BM, BLOCK_N)
+            acc, acc_up = _gu_split(acc, BM, BLOCK_N, UP_FIRST)
         acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
         tl.store(c_ptrs, (acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
-def _gu_split(acc, BM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gate_up_rows(up_offset, UP_FIRST: tl.constexpr):
+    """Row offsets (gate, up) from a GEMM1 tile's first row n0 within one expert's w1: ``[gate;
+    up]`` has the up rows ``up_offset`` (= I) after the gate rows, ``[up; gate]`` (UP_FIRST) the
+    gate rows I after the up rows."""
+    if UP_FIRST:
+        gate_row = up_offset
+        up_row = up_offset * 0
+    else:
+        gate_row = up_offset * 0
+        up_row = up_offset
+    return gate_row, up_row
+
+
+@triton.jit
+def _gu_split(acc, BM: tl.constexpr, BLOCK_N: tl.constexpr, UP_FIRST: tl.constexpr = False):
     """[BM, 2 * BLOCK_N] -> ([BM, BLOCK_N] gate, [BM, BLOCK_N] up): columns j and BLOCK_N + j
-    sit in the same thread of the MMA layout, so the split moves no data."""
-    return acc.reshape(BM, 2, BLOCK_N).permute(0, 2, 1).split()
+    sit in the same thread of the MMA layout, so the split moves no data. The box holds the two
+    halves in storage order, so with UP_FIRST the first half is up."""
+    gate, up = acc.reshape(BM, 2, BLOCK_N).permute(0, 2, 1).split()
+    if UP_FIRST:
+        gate, up = up, gate
+    return gate, up
 
 
 @triton.jit
 def _w_desc_dots(a, w_desc, expert, n0, k0, up_offset, acc, acc_up, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  FUSE_SILU: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                 GU_ONE: tl.constexpr = False):
+                 GU_ONE: tl.constexpr = False, UP_FIRST: tl.constexpr = False):
     """One K step with weight tiles by descriptor: acc += a @ w[expert, n0:+BLOCK_N, k0:+BLOCK_K].T
     (and acc_up with the up half at n0 + up_offset when FUSE_SILU; with GU_ONE both halves as one
-    box of the 4-D gate/up descriptor into acc, [BM, 2 * BLOCK_N])."""
+    box of the 4-D gate/up descriptor into acc, [BM, 2 * BLOCK_N], in storage order). UP_FIRST:
+    ``[up; gate]`` rows, see ``_gate_up_rows``."""
+    gate_row, up_row = _gate_up_rows(up_offset, UP_FIRST)
     if GU_ONE:
         b = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
     else:
-        b = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+        b = w_desc.load([expert, n0 + gate_row, k0]).reshape(BLOCK_N, BLOCK_K).T
     if DOT_F32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if FUSE_SILU and not GU_ONE:
-        bu = w_desc.load([expert, n0 + up_offset, k0]).reshape(BLOCK_N, BLOCK_K).T
+        bu = w_desc.load([expert, n0 + up_row, k0]).reshape(BLOCK_N, BLOCK_K).T
         if DOT_F32:
             bu = bu.to(tl.float32)
         acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
@@ -267,7 +293,7 @@ def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, sl
                       t, piece, n_split, N, K, num_valid, num_slots, up_offset, stride_cm, scale,
                       BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr, C_SORTED: tl.constexpr,
-                      DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                      DOT_F32: tl.constexpr, PRECISION: tl.constexpr, UP_FIRST: tl.constexpr = False):
     """Piece ``piece`` of ``n_split`` of tail tile ``t`` (tail split, see the note above
     ``TAIL_SLOTS_INTERP``): the products over
     its share of K (A and the weights by descriptor) into its fp32 scratch tile, then one
@@ -280,7 +306,8 @@ def _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, sl
     acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
     for kk in range(piece * per, tl.minimum(k_tiles, piece * per + per)):
         acc, acc_up = _w_desc_dots(a_desc.load([row0, kk * BLOCK_K]), w_desc, expert, n0, kk * BLOCK_K, up_offset,
-                                   acc, acc_up, BLOCK_N, BLOCK_K, FUSE_SILU, DOT_F32, PRECISION)
+                                   acc, acc_up, BLOCK_N, BLOCK_K, FUSE_SILU, DOT_F32, PRECISION,
+                                   UP_FIRST=UP_FIRST)
     NP: tl.constexpr = 2 if FUSE_SILU else 1
     e = tl.arange(0, BM)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     own = part_ptr + (t * n_split + piece).to(tl.int64) * (NP * BM * BLOCK_N)
@@ -319,7 +346,7 @@ def _moe_gemm_kernel(
     PAIRS: tl.constexpr, HAS_MAP: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, C_SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr,
-    TAIL_SPLIT: tl.constexpr = 0, GU_ONE: tl.constexpr = False,
+    TAIL_SPLIT: tl.constexpr = 0, GU_ONE: tl.constexpr = False, UP_FIRST: tl.constexpr = False,
 ):
     # Programmatic dependent launch (sm_90+, see moe_pdl): PDL_TRIGGER lets the next kernel of
     # the chain launch now (its programs wait in gdc_wait until this grid has finished);
@@ -331,7 +358,9 @@ def _moe_gemm_kernel(
     # int64: weights may be strided views (e.g. w1 stored [2I, E, H] and transposed), where
     # (N - 1) * stride(1) and I * stride(1) pass 2^31 elements; wrapped columns keep the loads in
     # bounds without a mask
-    w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn
+    # UP_FIRST: w1 is [up; gate], and b_ptrs point at the gate rows (up_offset past the up rows)
+    w_base = tl.cast(up_offset, tl.int64) * stride_wn if UP_FIRST else 0
+    w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn + w_base
     w_rows = tl.arange(0, BLOCK_K)[:, None]
     if PAIRS:  # routing ids come from before the chain: readable before the wait
         expert = _map_expert(expert_map_ptr, tl.load(topk_ids_ptr + pid_m).to(tl.int32), num_ids, num_local,
@@ -344,7 +373,7 @@ def _moe_gemm_kernel(
         _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                    N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                    BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                   A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
+                   A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE, UP_FIRST)
     else:
         if PDL_WAIT:
             gdc_wait()
@@ -374,7 +403,7 @@ def _moe_gemm_kernel(
                 return
             pid_m, pid_n = _grouped_tile(tile, live_m, n_pid_n, GROUP_M)
             row0 = pid_m * BLOCK_M
-            w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn
+            w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn + w_base
             if (n_split > 1) & (tile >= full):
                 expert = tl.load(expert_ids_ptr + pid_m).to(tl.int32)
                 if expert >= 0:
@@ -383,7 +412,7 @@ def _moe_gemm_kernel(
                     _gemm_split_piece(a_desc, w_desc, c_ptr, topk_w_ptr, part_ptr, count_ptr, slot, row0, pid_n,
                                       expert, tile - full, piece, n_split, N, K, num_valid, num_slots, up_offset,
                                       stride_cm, scale, BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, C_SORTED,
-                                      DOT_F32, PRECISION)
+                                      DOT_F32, PRECISION, UP_FIRST)
                     return
                 if piece > 0:  # a skipped block's tile: its piece 0 stores the zeros below
                     return
@@ -406,17 +435,17 @@ def _moe_gemm_kernel(
                 _gemm_rows(a_ptr, a_desc_half, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot_half, row0, pid_n, expert,
                            N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                            HALF, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                           A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
+                           A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE, UP_FIRST)
             else:
                 _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                            N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                            BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                           A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
+                           A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE, UP_FIRST)
         else:
             _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid_n, expert,
                        N, K, num_valid, num_slots, top_k, up_offset, stride_am, stride_wn, stride_cm, scale,
                        BLOCK_M, BLOCK_N, BLOCK_K, MUL_WEIGHT, FUSE_SILU, WRITE_SKIP, EVEN_K, W_TMA, A_SORTED,
-                       A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE)
+                       A_TMA, C_SORTED, DOT_F32, PRECISION, GU_ONE, UP_FIRST)
 
 
 @triton.jit(do_not_specialize=["num_valid", "num_slots"])
@@ -428,6 +457,7 @@ def _moe_gemm_persistent_kernel(
     A_SORTED: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, C_SORTED: tl.constexpr,
     FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr, GU_ONE: tl.constexpr = False,
+    UP_FIRST: tl.constexpr = False,
 ):
     """The aligned grouped GEMM as NUM_PROGS persistent programs, the weights through a tensor
     descriptor, A by one too (A_TMA: slot-ordered rows) or gathered by pointers (rows
@@ -480,9 +510,9 @@ def _moe_gemm_persistent_kernel(
             else:
                 a = tl.load(a_ptrs + kk * BLOCK_K, mask=(offs_k < K - kk * BLOCK_K)[None, :], other=0.0)
             acc, acc_up = _w_desc_dots(a, w_desc, e, n0, kk * BLOCK_K, up_offset, acc, acc_up, BLOCK_N, BLOCK_K,
-                                       FUSE_SILU, DOT_F32, PRECISION, GU_ONE)
+                                       FUSE_SILU, DOT_F32, PRECISION, GU_ONE, UP_FIRST)
         if GU_ONE:
-            acc, acc_up = _gu_split(acc, BLOCK_M, BLOCK_N)
+            acc, acc_up = _gu_split(acc, BLOCK_M, BLOCK_N, UP_FIRST)
         acc = _epilogue(acc, acc_up, topk_w_ptr, slot, valid, MUL_WEIGHT, FUSE_SILU)
         c_ptrs, c_mask = _c_tile(c_ptr, pos, slot, n0 + cols, N, num_valid, num_slots, stride_cm, C_SORTED)
         tl.store(c_ptrs, tl.where(expert >= 0, acc * scale, 0.0).to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -534,10 +564,14 @@ def _decode_in_pair(ids_ptr, map_ptr, item, n_iblk, ok, num_ids, num_local, TOP_
 
 
 @triton.jit
-def _decode_in_w(w1_ptr, e, i0, k0, I, H, stride_w1e, stride_w1n, BI: tl.constexpr, BK: tl.constexpr):
+def _decode_in_w(w1_ptr, e, i0, k0, I, H, stride_w1e, stride_w1n, BI: tl.constexpr, BK: tl.constexpr,
+                 UP_FIRST: tl.constexpr = False):
     """w1 rows [2, BI, BK] of expert e: gate rows i0 + [0, BI) and the matching up rows (I
-    further), columns k0 + [0, BK) of H; zeros (no traffic) for e = -1."""
+    further; with UP_FIRST, ``[up; gate]``, I before), columns k0 + [0, BK) of H; zeros (no
+    traffic) for e = -1."""
     s = tl.arange(0, 2)[:, None, None]
+    if UP_FIRST:
+        s = 1 - s
     rows = i0 + tl.arange(0, BI)[None, :, None]
     cols = k0 + tl.arange(0, BK)[None, None, :]
     ptrs = w1_ptr + tl.maximum(e, 0).to(tl.int64) * stride_w1e + (s * I + rows).to(tl.int64) * stride_w1n + cols
@@ -618,7 +652,7 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                        TOP_K: tl.constexpr, KP: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
                        BH: tl.constexpr, BJ: tl.constexpr, HAS_MAP: tl.constexpr, ON_INPUT: tl.constexpr,
                        PHASE: tl.constexpr, PREFETCH: tl.constexpr, PIPE1: tl.constexpr,
-                       GEN_BARRIER: tl.constexpr = False):
+                       GEN_BARRIER: tl.constexpr = False, UP_FIRST: tl.constexpr = False):
     """The whole MoE layer for a decode batch (the pair path) in one launch of a persistent
     grid. PHASE 1: h[p, i] = silu(x[t] . gate[e, i]) * (x[t] . up[e, i]) for every pair p =
     t*TOP_K + j and i in [0, I), as [2, BI, BK] weight tiles (gate and up rows together) striped
@@ -649,12 +683,12 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
         if PIPE1:  # H in one tile: the next item's weights are requested before this one's math
             pa, ia, ea = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(pid, n_in - 1), n_iblk, pid < n_in, num_ids,
                                          num_local, TOP_K, BI, HAS_MAP)
-            wa = _decode_in_w(w1_ptr, ea, ia, 0, I, H, stride_w1e, stride_w1n, BI, BK)
+            wa = _decode_in_w(w1_ptr, ea, ia, 0, I, H, stride_w1e, stride_w1n, BI, BK, UP_FIRST)
             for item in range(pid, n_in, nprog):
                 nxt = item + nprog
                 pb, ib, eb = _decode_in_pair(ids_ptr, map_ptr, tl.minimum(nxt, n_in - 1), n_iblk, nxt < n_in, num_ids,
                                              num_local, TOP_K, BI, HAS_MAP)
-                wb = _decode_in_w(w1_ptr, eb, ib, 0, I, H, stride_w1e, stride_w1n, BI, BK)
+                wb = _decode_in_w(w1_ptr, eb, ib, 0, I, H, stride_w1e, stride_w1n, BI, BK, UP_FIRST)
                 acc1 = _decode_in_acc(x_ptr, wa, pa, 0, H, stride_xt, TOP_K, BK)
                 _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
                 pa, ia, wa = pb, ib, wb
@@ -664,7 +698,7 @@ def _moe_decode_kernel(x_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, map_ptr, 
                                              HAS_MAP)
                 acc1 = tl.zeros((2, BI), dtype=tl.float32)
                 for k0 in range(0, H, BK):
-                    wa = _decode_in_w(w1_ptr, ea, ia, k0, I, H, stride_w1e, stride_w1n, BI, BK)
+                    wa = _decode_in_w(w1_ptr, ea, ia, k0, I, H, stride_w1e, stride_w1n, BI, BK, UP_FIRST)
                     acc1 += _decode_in_acc(x_ptr, wa, pa, k0, H, stride_xt, TOP_K, BK)
                 _decode_in_store(h_ptr, tw_ptr, acc1, pa, ia, I, BI, ON_INPUT)
     if PHASE == 0:  # grid barrier: every h row is written before any program reads one
@@ -1012,7 +1046,7 @@ def tail_plan(live_tiles: int, slots: int, max_split: int) -> tuple[int, int, in
 
 def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=None, topk_w=None,
                  mul=False, fuse_silu=False, write_skip=True, scale=1.0, a_sorted=False, c_sorted=False,
-                 pdl_trigger=False, pdl_wait=False, half_tail=None):
+                 pdl_trigger=False, pdl_wait=False, half_tail=None, up_first=False):
     """One grouped GEMM ``c = gather(a) @ w[e].T`` over aligned blocks (``align`` =
     (sorted_ids, expert_ids, ntp)) or single pairs (``pairs`` = (flat topk_ids, expert_map)).
     ``c_sorted``: rows of c are slot positions (the sorted intermediate [num_slots, N]);
@@ -1020,7 +1054,9 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
     ``pdl_wait``: launched as a programmatic dependent of the previous kernel (which must
     trigger, or finish); ``pdl_trigger``: lets the next kernel launch early (see moe_pdl).
     ``half_tail``: blocks whose second half is all padding multiply only their first half
-    (aligned path; default: ``half_tail_on(block_m)``)."""
+    (aligned path; default: ``half_tail_on(block_m)``). ``up_first`` (with ``fuse_silu``): w is
+    ``[up; gate]`` instead of ``[gate; up]``, read in place."""
+    assert fuse_silu or not up_first, "up_first needs fuse_silu (a gate/up weight)"
     n_out = w.shape[1] // 2 if fuse_silu else w.shape[1]
     K = w.shape[2]
     if num_valid == 0 or n_out == 0:
@@ -1065,7 +1101,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
             FLATTEN=bool(cfg.get("flatten", True)),
             DOT_F32=interp and a.dtype != torch.float32,
             PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
-            PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, GU_ONE=gu_one, launch_pdl=pdl_wait,
+            PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, GU_ONE=gu_one, UP_FIRST=up_first, launch_pdl=pdl_wait,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return
@@ -1092,7 +1128,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         DOT_F32=interp and a.dtype != torch.float32,
         PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
         PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, TAIL_SPLIT=split if split > 1 else 0, GU_ONE=gu_one,
-        launch_pdl=pdl_wait,
+        UP_FIRST=up_first, launch_pdl=pdl_wait,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -1131,9 +1167,10 @@ def moe_pdl(device, pairs: bool = True, I: int = 0, H: int = 0) -> bool:
     return _config.sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
 
-def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False, pdl_wait=False):
+def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False, pdl_wait=False, up_first=False):
     """GEMM1 with silu_and_mul fused: h = silu(x @ gate.T) * (x @ up.T) (times w if on_input).
-    Config "sort_x": copy x's rows into slot order first, so the GEMM reads A contiguously."""
+    Config "sort_x": copy x's rows into slot order first, so the GEMM reads A contiguously.
+    ``up_first``: w1 is ``[up; gate]`` (FlashInfer's CUTLASS order)."""
     numel = x.shape[0] * k
     a, a_sorted = x, False
     if cfg.get("sort_x") and "align" in route:
@@ -1144,7 +1181,7 @@ def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False
                                                 BLOCK_R=16, BLOCK_H=min(next_pow2(H), 512), num_warps=4)
     _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
                  mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True,
-                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, **route)
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, up_first=up_first, **route)
 
 
 def _gemm2(h, w2, y, cfg, route, block_m, numel, flat_w, on_input, scale=1.0, pdl_trigger=False, pdl_wait=False):
@@ -1245,7 +1282,7 @@ def moe_sum_cuda(input, routed_scaling_factor=1.0):
 
 def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="silu",
                    apply_router_weight_on_input=False, routed_scaling_factor=1.0, expert_map=None,
-                   global_num_experts=-1):
+                   global_num_experts=-1, w1_up_first=False):
     x = hidden_states
     T, H = x.shape
     E, I, k = w1.shape[0], w2.shape[2], topk_ids.shape[1]
@@ -1259,7 +1296,7 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
         cfg = moe_config(T, k, E, I, H, x.dtype, x.device)
     if cfg["pairs"] and decode_one_launch(x.device, numel, I, H):
         return _moe_decode(x, w1, w2, _flat(topk_weights), _flat(topk_ids), expert_map, out,
-                           apply_router_weight_on_input, routed_scaling_factor)
+                           apply_router_weight_on_input, routed_scaling_factor, up_first=w1_up_first)
     block_m = 16 if cfg["pairs"] else cfg["block_m"]
     pdl = moe_pdl(x.device, cfg["pairs"], I, H)
     route = _route(cfg, topk_ids, block_m, E, expert_map, pdl_trigger=pdl)
@@ -1268,7 +1305,7 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
     h = _intermediate(x, route, numel, I)
     # the pair path's GEMM1 opens the chain (a plain launch); after the align it is a dependent
     _gemm1(x, w1, h, cfg["gemm1"], route, block_m, k, flat_w, on_input, pdl_trigger=pdl,
-           pdl_wait=pdl and not cfg["pairs"])
+           pdl_wait=pdl and not cfg["pairs"], up_first=w1_up_first)
     # k == 1: GEMM2 writes the layer output itself (scaled), no finalize pass
     y = out if k == 1 else x.new_empty((numel, H))
     _gemm2(h, w2, y, cfg["gemm2"], route, block_m, numel, flat_w, on_input,
@@ -1390,7 +1427,7 @@ _DECODE_COOP: dict = {}  # (device index, programs) -> whether the cooperative o
 
 
 def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, *, programs=None,
-                num_warps=4, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True):
+                num_warps=4, tile=_DECODE_TILE, one_launch=None, prefetch=True, pipe1=True, up_first=False):
     """fused_moe's pair path in one launch (or, under the interpreter, while capturing before
     the first eager call, and where the grid cannot be resident at once, the same kernel's two
     phases as two launches). ``programs``: grid size; by default ``DECODE_PROGRAMS_PER_SM`` per
@@ -1399,7 +1436,8 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     the one launch is cooperative, so the driver guarantees residency or refuses the launch.
     A refusal (more programs than the driver's occupancy check lets be resident at once) is
     remembered per (device, grid size) and the two launches run instead; inside a CUDA-graph
-    capture the one launch is taken only once an eager launch of that grid has been accepted."""
+    capture the one launch is taken only once an eager launch of that grid has been accepted.
+    ``up_first``: w1 is ``[up; gate]`` (FlashInfer's CUTLASS order)."""
     T, H = x.shape
     k = ids_flat.numel() // max(T, 1)
     I = w2.shape[2]
@@ -1424,7 +1462,8 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
     # 35.6 / 34.4, DeepSeek T=1 79.7 / 74.4 (several tiles a program)
     n_out = T * cdiv(H, cfg["BH"])
     pipe1 = bool(pipe1 and H <= cfg["BK"])
-    meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, num_warps=num_warps, **cfg)
+    meta = dict(TOP_K=k, HAS_MAP=expert_map is not None, ON_INPUT=on_input, UP_FIRST=up_first, num_warps=num_warps,
+                **cfg)
     if one_launch:
         prefetch1 = bool(prefetch and I <= cfg["BJ"] and n_out <= programs)
         try:
@@ -1679,6 +1718,6 @@ moe_sum = register_op(
 fused_moe = register_op(
     "fused_moe(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
     "str activation=\"silu\", bool apply_router_weight_on_input=False, float routed_scaling_factor=1.0, "
-    "Tensor? expert_map=None, int global_num_experts=-1) -> Tensor",
+    "Tensor? expert_map=None, int global_num_experts=-1, bool w1_up_first=False) -> Tensor",
     cuda=fused_moe_cuda, reference=ref.fused_moe_cpu, fake=meta.fused_moe_fake,
 )

@@ -153,8 +153,11 @@ def moe_sum_cpu(input, routed_scaling_factor=1.0):
 
 def fused_moe_cpu(hidden_states, w1, w2, topk_weights, topk_ids, activation="silu",
                   apply_router_weight_on_input=False, routed_scaling_factor=1.0, expert_map=None,
-                  global_num_experts=-1):
+                  global_num_experts=-1, w1_up_first=False):
     x = hidden_states
+    if w1_up_first:  # [up; gate] (FlashInfer's CUTLASS order) -> [gate; up]
+        I = w1.shape[1] // 2
+        w1 = torch.cat([w1[:, I:], w1[:, :I]], dim=1)
     T, H = x.shape
     k = topk_ids.shape[1]
     ids = topk_ids.reshape(-1).long()
