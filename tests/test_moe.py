@@ -1665,4 +1665,4 @@ class TestSchemas(SchemaTestCase):
         self.assertExpectedInline(self._schema("moe_sum"), """flashops::moe_sum(Tensor input, float routed_scaling_factor=1.) -> Tensor""")
 
     def test_fused_moe(self):
-        self.assertExpectedInline(self._schema("fused_moe"), """flashops::fused_moe(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", bool apply_router_weight_on_input=False, float routed_scaling_factor=1., Tensor? expert_map=None, int global_num_experts=-1) -> Tensor""")
+        self.assertExpectedInline(self._schema("fused_moe"), """flashops::fused_moe(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", bool apply_router_weight_on_input=False, float routed_scaling_factor=1., Tensor? expert_map=None, int global_num_experts=-1, bool w1_up_first=False) -> Tensor""")
