@@ -946,6 +946,28 @@ def test_compile_fused_moe_dynamic_no_recompile(device):
     assert cc.graph_ops() == ["flashops.fused_moe.default"]
 
 
+def test_compile_cutlass_fused_moe_reads_fc1_in_place(device):
+    """cutlass_fused_moe compiled (fullgraph, dynamic T, expert parallel): one frame, no
+    recompile as T changes, the fused_moe op with w1_up_first=True on fc1 itself (no copy of the
+    weights in the graph), the eager result."""
+
+    def layer(x, ids, tw, fc1, w2):
+        return fo.cutlass_fused_moe(x, ids, tw, fc1, w2, torch.float32, ep_size=2, ep_rank=1)[0]
+
+    cc = CompileCounter(layer, dynamic=True)
+    for T in (3, 6, 10):
+        x, w1, w2, tw, ids = make_moe(T, 16, 8, 4, 2, torch.float32, device, seed=T)
+        args = (x, ids + 4, tw, up_gate(w1), w2)  # this rank holds global experts 4..7
+        assert_close(f"compiled T={T}", cc(*args), layer(*args), atol=0, rtol=0)
+        check_layer(f"compiled cutlass T={T}", cc(*args), x, w1, w2, tw, ids, pipeline=False)
+    assert cc.frames == 1
+    assert cc.graph_ops() == ["flashops.fused_moe.default"]
+    nodes = [n for gm in cc.counter.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    moe = next(n for n in nodes if str(n.target) == "flashops.fused_moe.default")
+    assert moe.args[1].name == "l_fc1_" and moe.args[-1] is True, moe.args  # fc1 itself, [up; gate]
+    assert not any("cat" in str(n.target) for n in nodes), [str(n.target) for n in nodes]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2")
 @pytest.mark.parametrize("name", sorted(ACT_AND_MUL))
 def test_compile_act_and_mul_out_visible(device, name):
