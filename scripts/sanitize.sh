@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer over the kernels' GPU tests, one shard per device call (three calls, SHARD=1/3
-# to 3/3, cover the default selection; see the rates below):
+# to 3/3, should cover the default selection at the warm-cache rates below; give a fresh
+# machine's first call a longer STEP_TIMEOUT):
 #   run(command="SHARD=1/3 bash scripts/sanitize.sh", timeout_s=590)
 # Each step runs pytest (HYPOTHESIS_PROFILE=ci: small random shapes, few examples) under one
 # sanitizer tool, with PyTorch's caching allocator off, so every tensor is its own allocation and

@@ -350,13 +350,15 @@ def _skips_and_remote(ids, w1, w2, emap: list, skip_rows: list):
 
 
 @pytest.mark.parametrize("what", ["plain", "tma-sort-x", "skips-map", "persistent-gemm2"])
-def test_fused_moe_half_tail(device, monkeypatch, what):
+@pytest.mark.parametrize("up_first", [False, True], ids=["gate-up", "up-gate"])
+def test_fused_moe_half_tail(device, monkeypatch, what, up_first):
     """BLOCK_M 32 with HALF_TAIL_MIN_BLOCK_M 32: an expert's last block whose second half is
     all padding multiplies only its first 16 rows (its own code path, A by a half-height
     descriptor with "tma"). The routing gives experts tails of 1..16 rows (the half path),
     17..31 (the full path) and exact multiples of 32; against the dense oracle, with
     poisoned allocations (the half path leaves the intermediate's padding rows unwritten, and a
-    persistent GEMM2, which has no half path, reads them as pads)."""
+    persistent GEMM2, which has no half path, reads them as pads). With w1 as [gate; up] and as
+    [up; gate] (cutlass_fused_moe's order)."""
     monkeypatch.setattr(ops, "HALF_TAIL_MIN_BLOCK_M", 32)
     monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
     real = ops.moe_config
@@ -386,7 +388,7 @@ def test_fused_moe_half_tail(device, monkeypatch, what):
     counts = torch.bincount(ids[ids >= 0].long().cpu(), minlength=E)
     assert any(0 < c % 32 <= 16 for c in counts.tolist()) and any(c % 32 > 16 for c in counts.tolist())
     with poisoned_allocations():
-        out = fused_moe(x, w1, w2, tw, ids, **call)
+        out = _fused_moe(x, up_gate(w1) if up_first else w1, w2, tw, ids, w1_up_first=up_first, **call)
     check_layer(f"fused_moe half tail {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
 
 
@@ -458,12 +460,14 @@ def test_fused_moe_tail_split(device, monkeypatch, what):
 
 
 @pytest.mark.parametrize("what", ["gemm2", "both-sort-x", "both-gather", "both-skips-map"])
-def test_fused_moe_persistent_gemm(device, monkeypatch, what):
+@pytest.mark.parametrize("up_first", [False, True], ids=["gate-up", "up-gate"])
+def test_fused_moe_persistent_gemm(device, monkeypatch, what, up_first):
     """Configs with "persistent" (and "tma"): the aligned GEMMs as a grid of persistent programs
     walking the live tiles (3 programs under the interpreter, so each takes several tiles).
     GEMM1 reads x sorted by a descriptor ("sort_x") or gathers its rows by pointers. Skipped
     blocks (ids -1, remote experts) store zeros without an MMA. H and I not multiples of the
-    tiles; against the dense oracle with poisoned allocations."""
+    tiles; against the dense oracle with poisoned allocations. With w1 as [gate; up] and as
+    [up; gate] (cutlass_fused_moe's order)."""
     monkeypatch.setattr(ops, "DECODE_ONE_LAUNCH", False)
     real = ops.moe_config
 
@@ -491,7 +495,7 @@ def test_fused_moe_persistent_gemm(device, monkeypatch, what):
     if what == "both-skips-map":  # experts 1 and 4 are remote
         ids, w1, w2, kw, call = _skips_and_remote(ids, w1, w2, [0, -1, 1, 2, -1, 3], [0, 5, 20])
     with poisoned_allocations():
-        out = fused_moe(x, w1, w2, tw, ids, **call)
+        out = _fused_moe(x, up_gate(w1) if up_first else w1, w2, tw, ids, w1_up_first=up_first, **call)
     check_layer(f"fused_moe persistent {what}", out, x, w1, w2, tw, ids, pipeline=False, **kw)
     assert len(launched) == (1 if what == "gemm2" else 2), launched
 
@@ -674,6 +678,7 @@ def test_fused_moe_hypothesis(data):
     (1, 1, 19, 40, 20, "tma-sort-x", "as-config", 16),
     (12, 4, 11, 24, 20, "one-dot", "persistent", 16),
     (5, 2, 9, 16, 16, "tma", "tail-split", None),
+    (6, 2, 15, 40, 20, "persistent", "as-config", 16),
 ])
 @pytest.mark.parametrize("up_first", [False, True], ids=["gate-up", "up-gate"])
 def test_fused_moe_gemm_forms(E, k, T, H, I, g1_form, g2_form, block_m, up_first):
@@ -716,6 +721,7 @@ _HYP_GEMM1_FORMS = {
     "as-config": {}, "tma": {"tma": True}, "tma-sort-x": {"tma": True, "sort_x": True},
     "one-dot": {"tma": True, "one_dot": True}, "one-dot-sort-x": {"tma": True, "one_dot": True, "sort_x": True},
     "persistent-one-dot": {"tma": True, "one_dot": True, "sort_x": True, "persistent": True},
+    "persistent": {"tma": True, "persistent": True},
     "tail-split": {"tma": True, "sort_x": True, "tail_split": 4},
 }
 _HYP_GEMM2_FORMS = {"as-config": {}, "tma": {"tma": True}, "persistent": {"tma": True, "persistent": True},

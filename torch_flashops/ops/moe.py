@@ -1291,7 +1291,7 @@ def fused_moe_cuda(hidden_states, w1, w2, topk_weights, topk_ids, activation="si
         return out.zero_()
     numel = T * k
     if _autotune_enabled() and x.is_cuda and not torch.cuda.is_current_stream_capturing():
-        cfg = autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map)
+        cfg = autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map, up_first=w1_up_first)
     else:
         cfg = moe_config(T, k, E, I, H, x.dtype, x.device)
     if cfg["pairs"] and decode_one_launch(x.device, numel, I, H):
@@ -1610,12 +1610,14 @@ def block_m_choices(T: int, k: int, E: int) -> tuple:
 
 
 def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
-                        options=None, candidates=None, timer=None, cache=True) -> dict:
+                        options=None, candidates=None, timer=None, cache=True, up_first=False) -> dict:
     """Time GEMM1 (+act) and GEMM2 candidates on these inputs and return the fastest config.
 
     Host-synchronising; used by the tuning script and, opt-in (``FLASHOPS_MOE_AUTOTUNE=1``),
     on the first call of a shape (never during graph capture). ``options``: (BLOCK_M, pairs)
-    pairs to try; ``candidates(block_m, fused)``: tile configs; ``timer(fn) -> ms``.
+    pairs to try; ``candidates(block_m, fused)``: tile configs; ``timer(fn) -> ms``;
+    ``up_first``: w1 is ``[up; gate]`` (the GEMM1 kernels timed are the ones the call will run;
+    the choice is shared with ``[gate; up]`` layers of the same shape).
     """
     T, H = x.shape
     E, I, k = w1.shape[0], w2.shape[2], topk_ids.shape[1]
@@ -1641,7 +1643,7 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
             for g in (candidates or gemm_candidates)(block_m, fused):
                 if fused:
                     def run(g=g):
-                        _gemm1(x, w1, h, g, route, block_m, k, flat_w, False)
+                        _gemm1(x, w1, h, g, route, block_m, k, flat_w, False, up_first=up_first)
                 else:
                     def run(g=g):
                         _gemm2(h, w2, y, g, route, block_m, numel, flat_w, False)
@@ -1656,7 +1658,7 @@ def autotune_moe_config(x, w1, w2, topk_weights, topk_ids, expert_map=None, *,
                 g = {**best_g[1], "sort_x": True}
 
                 def run(g=g):
-                    _gemm1(x, w1, h, g, route, block_m, k, flat_w, False)
+                    _gemm1(x, w1, h, g, route, block_m, k, flat_w, False, up_first=up_first)
                 try:
                     run()
                     ms = timer(run)
