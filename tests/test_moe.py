@@ -923,8 +923,9 @@ def _op_samples(device):
         "gelu_and_mul_out": [(h, torch.empty(3, 2, 8, device=device)), (h, torch.empty(3, 2, 8, device=device), True)],
         "moe_sum": [(torch.randn(4, 3, 8, device=device), 2.0)],
         "fused_moe": [(x, w1, w2, tw, ids, "silu", False, 1.5, None, -1),
-                      (xd, w1d, w2d, twd, idsd, "silu", False, 1.0, torch.arange(8, dtype=torch.int32, device=device), 8),
-                      (x, w1, w2, tw, ids, "silu", False, 1.0, None, -1, True)],
+                      (xd, w1d, w2d, twd, idsd, "silu", False, 1.0,
+                       torch.arange(8, dtype=torch.int32, device=device), 8),
+                      (x, w1, w2, tw, ids, "silu", False, 1.0, None, -1, True)],  # w1 as [up; gate]
     }
 
 
@@ -1331,10 +1332,11 @@ def aot_compile_one_dot_sm90() -> dict:
                  "w_desc": "tensordesc<bf16[1, 2, 128, 64]>" if one else "tensordesc<bf16[1, 128, 64]>"}
         out = _compile_block_gemm_sm90(cst, descs)
         ttgir = out["ttgir"]
-        info[str(int(one)) + ("-up-first" if up_first else "")] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
-                               "dots": ttgir.count("ttng.warp_group_dot "),
-                               "converts": ttgir.count("ttg.convert_layout"),
-                               "mma_n": sorted(set(re.findall(r"-> tensor<\d+x(\d+)xf32, #mma", ttgir)))}
+        key = str(int(one)) + ("-up-first" if up_first else "")
+        info[key] = {"cubin_bytes": out["cubin_bytes"], "shared": out["shared"],
+                     "dots": ttgir.count("ttng.warp_group_dot "),
+                     "converts": ttgir.count("ttg.convert_layout"),
+                     "mma_n": sorted(set(re.findall(r"-> tensor<\d+x(\d+)xf32, #mma", ttgir)))}
     return info
 
 
