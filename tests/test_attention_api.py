@@ -500,10 +500,8 @@ def test_flashinfer_backend_names_run_our_kernel(kind, backend, device):
         plan_paged(w, b, causal=True)
         out = w.run(b.q, b.cache)
     else:  # the same keys laid out contiguously
-        k = torch.cat([b.k_nhd[b.kv_indices[int(b.kv_indptr[i]):int(b.kv_indptr[i + 1])].long()].flatten(0, 1)[:n]
-                       for i, n in enumerate(b.kv_lens)]).to(device)
-        v = torch.cat([b.v_nhd[b.kv_indices[int(b.kv_indptr[i]):int(b.kv_indptr[i + 1])].long()].flatten(0, 1)[:n]
-                       for i, n in enumerate(b.kv_lens)]).to(device)
+        k, v = (torch.cat([t[b.kv_indices[int(b.kv_indptr[i]):int(b.kv_indptr[i + 1])].long()].flatten(0, 1)[:n]
+                           for i, n in enumerate(b.kv_lens)]).to(device) for t in (b.k_nhd, b.v_nhd))
         w.plan(b.qo_indptr, torch.tensor([0, 6, 15], dtype=torch.int32), 4, 2, 16, causal=True, q_data_type="float32")
         out = w.run(b.q, k, v)
     check_attention(f"{kind} backend={backend}", out, None, *b.oracle(causal=True), torch.float32)

@@ -192,10 +192,8 @@ def _gemm_rows(a_ptr, a_desc, w_desc, b_ptrs, c_ptr, topk_w_ptr, slot, row0, pid
         else:
             a_row = tl.where(valid, slot // top_k, 0)  # padding slots read row 0; never stored
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-        up_step = tl.cast(up_offset, tl.int64) * stride_wn
-        if UP_FIRST:
-            up_step = -up_step
         gate_row, up_row = _gate_up_rows(up_offset, UP_FIRST)
+        up_step = tl.cast(up_row - gate_row, tl.int64) * stride_wn  # from b_ptrs (the gate rows)
         GU: tl.constexpr = 2 if GU_ONE else 1
         acc = tl.zeros((BM, GU * BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
@@ -358,8 +356,9 @@ def _moe_gemm_kernel(
     # int64: weights may be strided views (e.g. w1 stored [2I, E, H] and transposed), where
     # (N - 1) * stride(1) and I * stride(1) pass 2^31 elements; wrapped columns keep the loads in
     # bounds without a mask
-    # UP_FIRST: w1 is [up; gate], and b_ptrs point at the gate rows (up_offset past the up rows)
-    w_base = tl.cast(up_offset, tl.int64) * stride_wn if UP_FIRST else 0
+    # b_ptrs point at the gate rows (up_offset past the up rows when UP_FIRST: w1 is [up; gate])
+    gate_row, _ = _gate_up_rows(up_offset, UP_FIRST)
+    w_base = tl.cast(gate_row, tl.int64) * stride_wn
     w_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64) * stride_wn + w_base
     w_rows = tl.arange(0, BLOCK_K)[:, None]
     if PAIRS:  # routing ids come from before the chain: readable before the wait
