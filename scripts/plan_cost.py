@@ -8,7 +8,9 @@ passes it: indptrs and last-page lengths on the host, the page ids on the device
 ``--device cuda`` the time includes plan()'s host-to-device copies. ``--busy`` (CUDA) keeps the GPU busy with a
 spinning kernel through each round, as a serving step's kernels would be, so a plan() that waits
 for the GPU (a blocking copy synchronises the stream) shows the wait. ``--profile`` prints a
-cProfile table of one case instead.
+cProfile table of one case instead. ``--ab`` times each case with plan()'s host arrays sent in
+one packed transfer (the default, ``_attention_plan.Upload``) and one transfer per array
+(``PACKED_UPLOADS = False``, how plan() copied before), alternating within each round.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 import torch
 
 import torch_flashops as fi
+from torch_flashops import _attention_plan as P
 
 CASES = [(1, 32768), (16, 512), (64, 4096), (256, 2048), (1024, 1024)]
 PAGE, HQ, HKV, D = 16, 32, 8, 128
@@ -45,21 +48,31 @@ def planners(B, L, device, non_blocking=True):
     }
 
 
-def best_us(fn, rounds, calls, busy=False):
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        if busy:
-            torch.cuda.synchronize()
-            torch.cuda._sleep(2 ** 30)  # ~0.5 s of one spinning thread: longer than a round of plans
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls)
+def best_us(fn, rounds, calls, busy=False, modes=(None,)):
+    """Best round's mean per call (us) of ``fn``, one entry per upload mode in ``modes`` (None:
+    as configured; True/False: ``PACKED_UPLOADS``), the modes alternating within each round."""
+    saved = P.PACKED_UPLOADS
+    best = {m: float("inf") for m in modes}
+    try:
+        for m in modes:
+            P.PACKED_UPLOADS = saved if m is None else m
+            for _ in range(3):
+                fn()
+        for _ in range(rounds):
+            for m in modes:
+                P.PACKED_UPLOADS = saved if m is None else m
+                if busy:
+                    torch.cuda.synchronize()
+                    torch.cuda._sleep(2 ** 30)  # ~0.5 s of one spinning thread: longer than a round of plans
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best[m] = min(best[m], (time.perf_counter() - t) / calls)
+    finally:
+        P.PACKED_UPLOADS = saved
     if busy:
         torch.cuda.synchronize()
-    return best * 1e6
+    return [best[m] * 1e6 for m in modes]
 
 
 def main(argv=None):
@@ -71,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--busy", action="store_true", help="CUDA: time plan() while a kernel keeps the GPU busy")
     ap.add_argument("--blocking", action="store_true",
                     help="plan(non_blocking=False): blocking host-to-device copies (how every plan() copied before)")
+    ap.add_argument("--ab", action="store_true",
+                    help="time packed uploads (default) against one transfer per array, alternating")
     a = ap.parse_args(argv)
     if a.profile:
         import cProfile
@@ -90,10 +105,15 @@ def main(argv=None):
     busy = (" while the GPU is busy" if a.busy else "") + (", blocking copies" if a.blocking else "")
     print(f"plan() host time{busy}, device {a.device}, torch {torch.__version__}, best of {a.rounds} rounds x "
           f"{a.calls} calls")
-    print("| B | kv_len | " + " | ".join(planners(1, 16, a.device)) + " |")
-    print("|---:|---:|---:|---:|")
+    modes = (True, False) if a.ab else (None,)
+    kinds = list(planners(1, 16, a.device))
+    if a.ab:
+        kinds = [f"{k}, {m}" for k in kinds for m in ("packed", "per array")]
+    print("| B | kv_len | " + " | ".join(kinds) + " |")
+    print("|---:|---:|" + "---:|" * len(kinds))
     for B, L in CASES:
-        times = [best_us(fn, a.rounds, a.calls, a.busy) for fn in planners(B, L, a.device, not a.blocking).values()]
+        times = [t for fn in planners(B, L, a.device, not a.blocking).values()
+                 for t in best_us(fn, a.rounds, a.calls, a.busy, modes)]
         print(f"| {B} | {L} | " + " | ".join(f"{t:.0f} us" for t in times) + " |")
 
 

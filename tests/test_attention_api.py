@@ -295,6 +295,74 @@ def _plan_kind(w, b, kind, **kw):
         plan_paged(w, b, causal=True, **kw)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_upload_fills_every_tensor(packed, device, monkeypatch):
+    """``Upload``: fresh tensors and buffer heads are written by ``send()`` (one staged block, or
+    one copy per array with ``PACKED_UPLOADS`` off), from int64 arrays, CPU tensors and lists,
+    zero-padded to ``min_len``; empty arrays add nothing; a buffer's tail is left as it was."""
+    from torch_flashops import _attention_plan as P
+
+    monkeypatch.setattr(P, "PACKED_UPLOADS", packed)
+    buf = torch.full((9,), 77, dtype=torch.int32, device=device)
+    up = P.Upload(device)
+    a = up.fresh(np.array([5, -3, 2 ** 31 - 1], dtype=np.int64))
+    b = up.fresh(torch.tensor([4, 1], dtype=torch.int64), min_len=5)
+    c = up.fresh(np.zeros(0, dtype=np.int64))
+    d = up.fresh([7], min_len=2)
+    up.into(buf, np.array([1, 2, 3, 4]), "buf")
+    up.into(buf[6:], torch.tensor([9], dtype=torch.int16), "buf_tail")
+    for t in (a, b, c, d):
+        assert t.dtype == torch.int32 and t.device.type == torch.device(device).type and t.is_contiguous()
+    assert (a.shape, b.shape, c.shape, d.shape) == ((3,), (5,), (0,), (2,))
+    for t in (a, b, d):
+        t.fill_(-99)  # poison: everything below must come from send()
+    up.send()
+    assert a.tolist() == [5, -3, 2 ** 31 - 1] and b.tolist() == [4, 1, 0, 0, 0] and d.tolist() == [7, 0]
+    assert buf.tolist() == [1, 2, 3, 4, 77, 77, 9, 77, 77]
+    up.send()  # nothing pending: a no-op
+    assert buf.tolist() == [1, 2, 3, 4, 77, 77, 9, 77, 77]
+    with pytest.raises(ValueError, match="buf: has 10 entries"):
+        up.into(buf, np.arange(10), "buf")
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "ragged"])
+def test_packed_uploads_match_per_array_copies(kind, graph, device, monkeypatch):
+    """plan()'s tensors are the same whether its arrays travel in one packed transfer or one by
+    one (``PACKED_UPLOADS``), for fresh tensors and for CUDA-graph buffers, over two plans."""
+    from torch_flashops import _attention_plan as P
+
+    a = Batch([1] * 3 if kind == "decode" else [2, 1, 3], [30, 2, 9], page_size=4, Hq=4, Hkv=2, D=16, seed=1,
+              device=device, spare_pages=20)
+    bb = Batch([1] * 3 if kind == "decode" else [1, 3, 1], [3, 40, 17], page_size=4, Hq=4, Hkv=2, D=16, seed=2,
+               device=device, spare_pages=10)
+    got = {}
+    for packed in (True, False):
+        monkeypatch.setattr(P, "PACKED_UPLOADS", packed)
+        if kind == "ragged":
+            ws = workspace(device)
+            bufs = [torch.full((4,), -7, dtype=torch.int32, device=device) for _ in range(2)]
+            w = (fi.BatchPrefillWithRaggedKVCacheWrapper(ws, use_cuda_graph=True, qo_indptr_buf=bufs[0],
+                                                         kv_indptr_buf=bufs[1]) if graph
+                 else fi.BatchPrefillWithRaggedKVCacheWrapper(ws))
+        else:
+            w = _graph_wrapper(device, 3, 64, kind) if graph else (
+                fi.BatchDecodeWithPagedKVCacheWrapper if kind == "decode" else fi.BatchPrefillWithPagedKVCacheWrapper)(
+                    workspace(device))
+        seen = []
+        for x in (a, bb):
+            if kind == "ragged":
+                w.plan(x.qo_indptr, x.kv_indptr * 4, 4, 2, 16, causal=True)
+            else:
+                _plan_kind(w, x, kind)
+            seen.append({k: v.clone() for k, v in vars(w._t).items() if isinstance(v, torch.Tensor) and k != "tile"})
+        got[packed] = seen
+    for one, per in zip(got[True], got[False]):
+        assert one.keys() == per.keys() and {"work", "qo_indptr", "kv_indptr"} <= one.keys()
+        for k in one:
+            assert torch.equal(one[k], per[k]), k
+
+
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_cuda_graph_mode_frozen_lists(kind, device):
     """use_cuda_graph: plan copies into the frozen buffers (same tensors, same sizes across
@@ -793,6 +861,35 @@ def test_gpu_plan_does_not_wait_for_the_gpu(kind, graph):
             plan(b)
     check_attention("plan A after a refused plan", w.run(a.q, a.cache), None, *a.oracle(causal=kind != "decode"),
                     torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_gpu_plan_makes_one_host_to_device_copy(kind, graph):
+    """plan() from host indptrs and lengths and device page ids (as vLLM passes them) moves all
+    its host arrays (indptrs, lengths, the three work lists) in one transfer (``Upload``), and
+    the planned run is right."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = Batch([1, 1, 1] if kind == "decode" else [3, 1, 5], [300, 2, 40], page_size=16, Hq=8, Hkv=2, D=64,
+              dtype=torch.bfloat16, seed=1, device="cuda")
+    ids = x.kv_indices.cuda()
+    w = _graph_wrapper("cuda", 3, 128, kind) if graph else (
+        fi.BatchDecodeWithPagedKVCacheWrapper if kind == "decode" else fi.BatchPrefillWithPagedKVCacheWrapper)(
+            workspace("cuda"))
+    kw = dict(q_data_type=torch.bfloat16)
+    plan = lambda: (w.plan(x.kv_indptr, ids, x.last, 8, 2, 64, 16, **kw) if kind == "decode"  # noqa: E731
+                    else w.plan(x.qo_indptr, x.kv_indptr, ids, x.last, 8, 2, 64, 16, causal=True, **kw))
+    plan()  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        plan()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    htod = [n for n in names if "HtoD" in n]
+    assert len(htod) == 1 + (w._gather is not None), names  # (+ the gathered path's own token CSR)
+    check_attention("planned run", w.run(x.q, x.cache), None, *x.oracle(causal=kind != "decode"), torch.bfloat16)
 
 
 @pytest.mark.gpu

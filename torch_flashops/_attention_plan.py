@@ -38,6 +38,7 @@ __all__ = [
     "Schedule",
     "build_schedule",
     "check_fits",
+    "Upload",
     "check_list_sizes",
     "to_host_int",
     "check_indptr",
@@ -441,10 +442,11 @@ def check_list_sizes(sched: Schedule, bounds: Bounds) -> None:
         expect(a.shape[0] <= n, "plan", "{} list of {} items exceeds the frozen CUDA-graph size {}", name, a.shape[0], n)
 
 
-def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into: Optional[PlanTensors] = None,
-                 non_blocking: bool = True):
-    """Device tensors of the three lists: fresh (padded to >= 2 rows) or, in CUDA-graph mode,
-    copied into the frozen buffers of ``into`` (padded to ``bounds``)."""
+def list_tensors(sched: Schedule, up: "Upload", bounds: Optional[Bounds] = None, into: Optional[PlanTensors] = None):
+    """Device tensors of the three lists, added to ``up`` (filled at ``up.send()``): fresh
+    (padded to >= 2 rows) or, in CUDA-graph mode, the frozen buffers of ``into`` (padded to
+    ``bounds``). Each list is its own tensor, never a view of a shared block: dynamo guards a
+    view's base and offset."""
     if bounds is None:
         has_split = sched.split_work.shape[0] > 0
         none = attn_ops.NO_SPLIT_ROWS  # the launcher reads this list size as "no split-KV"
@@ -453,13 +455,12 @@ def list_tensors(sched: Schedule, device, bounds: Optional[Bounds] = None, into:
     else:
         rows = [bounds.work, bounds.split_work, bounds.merge]
         check_list_sizes(sched, bounds)
-    host = [torch.from_numpy(np.ascontiguousarray(padded(a, n).reshape(-1)))  # (no view: dynamo guards a view's base)
-            for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
+    host = [padded(a, n).reshape(-1) for a, n in zip((sched.work, sched.split_work, sched.merge), rows)]
     if into is not None:
-        for dst, h in zip((into.work, into.split_work, into.merge), host):
-            copy_to(dst, h, non_blocking)
+        for dst, h, name in zip((into.work, into.split_work, into.merge), host, ("work", "split_work", "merge")):
+            up.into(dst, h, name)
         return into.work, into.split_work, into.merge
-    return tuple(to_device(h, device, non_blocking) for h in host)
+    return tuple(up.fresh(h) for h in host)
 
 
 def _unbacked(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -533,6 +534,92 @@ def device_int32(a, device, min_len: int = 0, copy: bool = False, non_blocking: 
     if t.numel() < min_len:  # (padded where t is: no device-to-host read)
         t = torch.cat([t.reshape(-1), torch.zeros(min_len - t.numel(), dtype=torch.int32, device=t.device)])
     return to_device(t.contiguous(), device, non_blocking)
+
+
+# True: ``Upload.send`` moves all of a plan's host arrays in one pinned block, one transfer and
+# one scatter kernel. False: a pinned block and a transfer per array (``copy_to``), as plan() did
+# before; kept for same-run A/B timing (``scripts/plan_cost.py --ab``).
+PACKED_UPLOADS = True
+
+
+def host_int32(a, min_len: int = 0) -> np.ndarray:
+    """A host array or CPU tensor as a contiguous 1-D int32 array, zero-padded to at least
+    ``min_len`` entries."""
+    h = a.detach().numpy() if isinstance(a, torch.Tensor) else a
+    h = np.ascontiguousarray(np.asarray(h).reshape(-1), dtype=np.int32)
+    if h.size < min_len:
+        h = np.concatenate([h, np.zeros(min_len - h.size, dtype=np.int32)])
+    return h
+
+
+class Upload:
+    """One plan()'s host-to-device copies of small int32 arrays, made as one.
+
+    ``fresh`` (a new device tensor) and ``into`` (the head of a CUDA-graph buffer) return at
+    once, and ``send`` writes the contents of every tensor they named; nothing may read those
+    tensors before ``send`` (plan() sends before it launches anything or returns). ``send``
+    stages all the arrays in one pinned host block, copies it to one device block in one
+    asynchronous transfer, and scatters it into the tensors with one ``torch._foreach_copy_``
+    kernel. Copied one by one, six arrays cost six pinned allocations and six transfers, the
+    largest share of plan()'s host time in a cProfile on an H100 (benchmarks/RESULTS.md,
+    thirtieth session). Sources already on the device (page ids an engine keeps on the GPU)
+    are copied device to device at once, outside the block.
+
+    Everything is ordered on the current stream, as ``copy_to``'s copies are. With
+    ``non_blocking=False`` the transfer blocks and ``send`` waits for the scatter, so the data
+    is in place when plan() returns. On a CPU device the same staging runs unpinned, so the CPU
+    suite tests this code."""
+
+    def __init__(self, device, non_blocking: bool = True):
+        self.device = torch.device(device)
+        self.non_blocking = bool(non_blocking)
+        self._host: list = []
+        self._dst: list = []
+
+    def fresh(self, a, min_len: int = 0, copy: bool = False) -> torch.Tensor:
+        """A new int32 device tensor holding ``a`` (host array or tensor; zero-padded to at least
+        ``min_len`` entries). A tensor already on the device is returned as it is, or cloned
+        with ``copy``, when it is int32, contiguous and long enough."""
+        if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+            return device_int32(a, self.device, min_len, copy, self.non_blocking)
+        h = host_int32(a, min_len)
+        t = torch.empty(h.shape, dtype=torch.int32, device=self.device)
+        self._add(h, t)
+        return t
+
+    def into(self, buf: torch.Tensor, a, name: str) -> None:
+        """Write ``a`` into the head of the int32 buffer ``buf`` (CUDA-graph mode; ``check_fits``)."""
+        n = a.numel() if isinstance(a, torch.Tensor) else np.asarray(a).size
+        check_fits(buf, n, name)
+        if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+            buf[:n].copy_(a.reshape(-1))  # (device to device: stream-ordered, nothing to stage)
+            return
+        self._add(host_int32(a), buf[:n])
+
+    def _add(self, h: np.ndarray, dst: torch.Tensor) -> None:
+        if h.size:
+            self._host.append(h)
+            self._dst.append(dst)
+
+    def send(self) -> None:
+        """Copy every array added so far to its tensor (see the class)."""
+        host, dst = self._host, self._dst
+        self._host, self._dst = [], []
+        if not host:
+            return
+        cuda = self.device.type == "cuda"
+        if not PACKED_UPLOADS:
+            for h, d in zip(host, dst):
+                copy_to(d, torch.from_numpy(h), self.non_blocking)
+            return
+        sizes = [h.size for h in host]
+        staged = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=cuda and self.non_blocking)
+        np.concatenate(host, out=staged.numpy())
+        block = torch.empty(staged.shape, dtype=torch.int32, device=self.device)
+        block.copy_(staged, non_blocking=cuda and self.non_blocking)
+        torch._foreach_copy_(dst, list(block.split(sizes)))
+        if cuda and not self.non_blocking:
+            torch.cuda.current_stream(self.device).synchronize()
 
 
 def check_fits(buf: torch.Tensor, n: int, name: str) -> None:

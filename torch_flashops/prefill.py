@@ -345,11 +345,11 @@ class _BatchAttention:
             P.check_list_sizes(sched, bounds)
         return block_m, sched, freeze
 
-    def _set_lists(self, sched, freeze, **tensors):
+    def _set_lists(self, sched, freeze, up: P.Upload, **tensors):
         if freeze is not None:
             self._bounds, self._frozen_block_m, self._frozen_rows = freeze
         into = self._t if (self._use_cuda_graph and self._t is not None) else None
-        work, split_work, merge = P.list_tensors(sched, self.device, self._bounds, into, self._non_blocking)
+        work, split_work, merge = P.list_tensors(sched, up, self._bounds, into)
         self._t = P.PlanTensors(work=work, split_work=split_work, merge=merge, **tensors)
         if not self._use_cuda_graph:  # (graph mode: the caller's buffers, sizes frozen)
             P.unbacked_plan(self._t)
@@ -515,10 +515,10 @@ class _BatchAttention:
                      logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type,
                      fixed_split_keys, disable_split_kv, nnz_pages=0, index_check=None):
         """Everything a plan does once the CSR is valid on the host: option checks, the schedule,
-        the device tensors (``index_tensors(self, dev)`` builds or fills the KV index tensors) and
-        the frozen scalars. Every check runs first (``index_check(self)``: the KV index tensors fit their
-        CUDA-graph buffers), so a plan that fails leaves the previous plan and its buffers as they
-        were; only then are buffers written."""
+        the device tensors (``index_tensors(self, up)`` builds or fills the KV index tensors through
+        the plan's ``Upload``) and the frozen scalars. Every check runs first (``index_check(self)``:
+        the KV index tensors fit their CUDA-graph buffers), so a plan that fails leaves the previous
+        plan and its buffers as they were; only then are buffers written."""
         names = self._ARG_NAMES
         if self.device.type == "cuda":  # (before any state changes: a refused plan leaves the last one intact)
             P.check_not_capturing()
@@ -560,14 +560,16 @@ class _BatchAttention:
                 index_check(self)
         # ---- commit: nothing below is expected to fail; if it does, the wrapper is left unplanned
         self._plan = None
+        up = P.Upload(dev, self._non_blocking)  # (every int array of the plan, sent in one transfer below)
         if self._use_cuda_graph:
-            P.copy_into(self._qo_indptr_buf, qo_h, "qo_indptr", self._non_blocking)
+            up.into(self._qo_indptr_buf, qo_h, "qo_indptr")
             qo_t = self._qo_indptr_buf
         else:
-            qo_t = P.device_int32(qo_h, dev, non_blocking=self._non_blocking)
+            qo_t = up.fresh(qo_h)
         packed, mask_indptr = self._commit_masks(packed, mask_indptr)
-        self._set_lists(sched, freeze, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr,
-                        tile=P.tile_tensor(self._tiles, block_m, dev), **index_tensors(self, dev))
+        self._set_lists(sched, freeze, up, qo_indptr=qo_t, packed_mask=packed, mask_indptr=mask_indptr,
+                        tile=P.tile_tensor(self._tiles, block_m, dev), **index_tensors(self, up))
+        up.send()
         self._plan = _Plan(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk,
                            head_dim_vo=head_dim_vo, page_size=page_size, causal=bool(causal),
                            pos_encoding_mode=pos_encoding_mode, window_left=window, soft_cap=soft_cap,
@@ -601,18 +603,17 @@ class _BatchAttention:
         names = self._ARG_NAMES
 
         # (these take the wrapper as an argument: kept for forward()'s re-plan, they must not hold it)
-        def index_tensors(w, dev):
+        def index_tensors(w, up):
             if not w._use_cuda_graph:
-                nb = w._non_blocking
-                return dict(kv_indptr=P.device_int32(kv_indptr_h, dev, non_blocking=nb),
-                            kv_indices=P.device_int32(kv_indices, dev, P.MIN_LIST_ROWS, copy=True, non_blocking=nb),
-                            kv_lens=P.device_int32(kv_lens_h, dev, P.MIN_LIST_ROWS, non_blocking=nb))
-            P.copy_into(w._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr", w._non_blocking)
-            P.copy_into(w._paged_kv_indices_buf, kv_indices, "paged_kv_indices", w._non_blocking)
-            P.copy_into(w._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len", w._non_blocking)
+                return dict(kv_indptr=up.fresh(kv_indptr_h),
+                            kv_indices=up.fresh(kv_indices, P.MIN_LIST_ROWS, copy=True),
+                            kv_lens=up.fresh(kv_lens_h, P.MIN_LIST_ROWS))
+            up.into(w._paged_kv_indptr_buf, kv_indptr_h, "paged_kv_indptr")
+            up.into(w._paged_kv_indices_buf, kv_indices, "paged_kv_indices")
+            up.into(w._paged_kv_last_page_len_buf, last_page_len, "paged_kv_last_page_len")
             if w._kv_lens_buf is None:
-                w._kv_lens_buf = torch.zeros(max(kv_lens_h.size, P.MIN_LIST_ROWS), dtype=torch.int32, device=dev)
-            P.copy_into(w._kv_lens_buf, kv_lens_h, "kv_lens", w._non_blocking)
+                w._kv_lens_buf = torch.zeros(max(kv_lens_h.size, P.MIN_LIST_ROWS), dtype=torch.int32, device=up.device)
+            up.into(w._kv_lens_buf, kv_lens_h, "kv_lens")
             return dict(kv_indptr=w._paged_kv_indptr_buf, kv_indices=w._paged_kv_indices_buf, kv_lens=w._kv_lens_buf)
 
         def index_check(w):
@@ -906,12 +907,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         P.check_indptr(kv_h, "kv_indptr", qo_h.size, indexes=("k", "v"))
         kv_lens = np.diff(kv_h)
 
-        def index_tensors(w, dev):  # (the wrapper as an argument: see _plan_paged)
+        def index_tensors(w, up):  # (the wrapper as an argument: see _plan_paged)
             if w._use_cuda_graph:
-                P.copy_into(w._kv_indptr_buf, kv_h, "kv_indptr", w._non_blocking)
+                up.into(w._kv_indptr_buf, kv_h, "kv_indptr")
                 return dict(kv_indptr=w._kv_indptr_buf, kv_indices=None, kv_lens=None)
-            return dict(kv_indptr=P.device_int32(kv_h, dev, non_blocking=w._non_blocking), kv_indices=None,
-                        kv_lens=None)
+            return dict(kv_indptr=up.fresh(kv_h), kv_indices=None, kv_lens=None)
 
         def index_check(w):
             P.check_fits(w._kv_indptr_buf, kv_h.size, "kv_indptr")
