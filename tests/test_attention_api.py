@@ -16,7 +16,7 @@ import torch_flashops as fi
 from torch_flashops.reference.attention import ref_attention
 
 from .helpers import CompileCounter, SchemaTestCase, assert_close, needs_expecttest, poison
-from .test_attention import Batch, check_attention, plan_paged, workspace
+from .test_attention import Batch, check_attention, gather_threshold, plan_paged, workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
                                         "ignore::DeprecationWarning")
@@ -865,11 +865,13 @@ def test_gpu_plan_does_not_wait_for_the_gpu(kind, graph):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "prefill-gathered"])
 def test_gpu_plan_makes_one_host_to_device_copy(kind, graph):
     """plan() from host indptrs and lengths and device page ids (as vLLM passes them) moves all
     its host arrays (indptrs, lengths, the three work lists) in one transfer (``Upload``), and
-    the planned run is right."""
+    the planned run is right. The gathered-K/V prefill path sends its token CSR in a second."""
+    if kind == "prefill-gathered" and graph:
+        pytest.skip("CUDA-graph plans never take the gathered-K/V path")
     from torch.profiler import ProfilerActivity, profile
 
     x = Batch([1, 1, 1] if kind == "decode" else [3, 1, 5], [300, 2, 40], page_size=16, Hq=8, Hkv=2, D=64,
@@ -881,14 +883,16 @@ def test_gpu_plan_makes_one_host_to_device_copy(kind, graph):
     kw = dict(q_data_type=torch.bfloat16)
     plan = lambda: (w.plan(x.kv_indptr, ids, x.last, 8, 2, 64, 16, **kw) if kind == "decode"  # noqa: E731
                     else w.plan(x.qo_indptr, x.kv_indptr, ids, x.last, 8, 2, 64, 16, causal=True, **kw))
-    plan()  # warm-up
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        plan()
+    with gather_threshold(0 if kind == "prefill-gathered" else None):
+        plan()  # warm-up
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            plan()
+            torch.cuda.synchronize()
+    assert (w._gather is not None) == (kind == "prefill-gathered")
     names = [e.name for e in prof.events()]
     htod = [n for n in names if "HtoD" in n]
-    assert len(htod) == 1 + (w._gather is not None), names  # (+ the gathered path's own token CSR)
+    assert len(htod) == 1 + (w._gather is not None), names
     check_attention("planned run", w.run(x.q, x.cache), None, *x.oracle(causal=kind != "decode"), torch.bfloat16)
 
 

@@ -563,7 +563,8 @@ class Upload:
     kernel. Copied one by one, six arrays cost six pinned allocations and six transfers, the
     largest share of plan()'s host time in a cProfile on an H100 (benchmarks/RESULTS.md,
     thirtieth session). Sources already on the device (page ids an engine keeps on the GPU)
-    are copied device to device at once, outside the block.
+    are copied device to device at once, outside the block. Custom masks (device tensors by
+    then) and the gathered-K/V path's token CSR (built after the plan) are copied on their own.
 
     Everything is ordered on the current stream, as ``copy_to``'s copies are. With
     ``non_blocking=False`` the transfer blocks and ``send`` waits for the scatter, so the data
@@ -579,7 +580,8 @@ class Upload:
     def fresh(self, a, min_len: int = 0, copy: bool = False) -> torch.Tensor:
         """A new int32 device tensor holding ``a`` (host array or tensor; zero-padded to at least
         ``min_len`` entries). A tensor already on the device is returned as it is, or cloned
-        with ``copy``, when it is int32, contiguous and long enough."""
+        with ``copy``, when it is int32, contiguous and long enough. Host data that already is
+        contiguous int32 is read at ``send()``, not here: do not change it in between."""
         if isinstance(a, torch.Tensor) and a.device.type != "cpu":
             return device_int32(a, self.device, min_len, copy, self.non_blocking)
         h = host_int32(a, min_len)
