@@ -782,6 +782,56 @@ def test_multilevel_cascade_equals_flat_prefill(causal, device):
                page)
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "prefill-causal", "decode-no-prefix"])
+def test_shared_prefix_wrappers_equal_flat_attention(kind, layout, device):
+    """FlashInfer's older two-level cascade wrappers (the shared prefix as one contiguous K/V pair,
+    each request's suffix in paged KV) == attention over the prefix's pages followed by the
+    suffix pages in one page table; causal masks the suffix only (bottom-right aligned over the
+    whole key list, which the prefix precedes), as FlashInfer's forward does. bf16 q against the
+    float16 that ``begin_forward`` plans by default re-plans at forward."""
+    g = torch.Generator().manual_seed(11 + len(kind) + len(layout))
+    page, Hq, Hkv, D, P = 4, 4, 2, 16, 30
+    dtype = torch.bfloat16 if kind in ("decode", "prefill") else torch.float16
+    cache_nhd = torch.randn(P, 2, page, Hkv, D, generator=g).to(dtype)
+    pages = torch.randperm(P, generator=g).int()
+    prefix = pages[: 0 if kind == "decode-no-prefix" else 3]  # 12 shared tokens, full pages
+    uniq_lens = [5, 2, 7]
+    uniq, at = [], 3
+    for n in uniq_lens:
+        uniq.append(pages[at:at + (n + page - 1) // page])
+        at += len(uniq[-1])
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    u_indptr = i32([0] + torch.tensor([len(u) for u in uniq]).cumsum(0).tolist())
+    u_last = i32([(n - 1) % page + 1 for n in uniq_lens])
+    qo_lens = [1, 1, 1] if kind.startswith("decode") else [2, 1, 3]
+    qo_indptr = i32([0] + torch.tensor(qo_lens).cumsum(0).tolist())
+    k_shared, v_shared = (cache_nhd[prefix.long(), i].reshape(-1, Hkv, D) for i in (0, 1))
+    cache = cache_nhd
+    if layout == "HND":
+        cache = cache_nhd.transpose(2, 3).contiguous()
+        k_shared, v_shared = (t.transpose(0, 1).contiguous() for t in (k_shared, v_shared))
+    cache, k_shared, v_shared = (t.to(device) for t in (cache, k_shared, v_shared))
+    q = torch.randn(sum(qo_lens), Hq, D, generator=g).to(dtype).to(device)
+    causal, sm_scale = kind == "prefill-causal", (0.3 if kind == "prefill-causal" else None)
+    if kind.startswith("decode"):
+        w = fi.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(workspace(device), layout)
+        w.begin_forward(u_indptr, torch.cat(uniq), u_last, Hq, Hkv, D, page,
+                        **({} if dtype == torch.bfloat16 else dict(data_type=torch.float16)))
+        o = w.forward(q, k_shared, v_shared, cache)
+        assert w._batch_decode_wrapper._plan.q_dtype == dtype
+    else:
+        w = fi.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(workspace(device), layout)
+        w.begin_forward(qo_indptr, u_indptr, torch.cat(uniq), u_last, Hq, Hkv, D, page)
+        o = w.forward(q, k_shared, v_shared, cache, causal=causal, sm_scale=sm_scale)
+    assert o.shape == q.shape and o.dtype == dtype
+    flat_pages = [torch.cat([prefix, u]) for u in uniq]
+    flat_indptr = i32([0] + torch.tensor([len(p) for p in flat_pages]).cumsum(0).tolist())
+    ro, _ = ref_attention(q.cpu().float(), cache_nhd[:, 0].float(), cache_nhd[:, 1].float(), qo_indptr, flat_indptr,
+                          torch.cat(flat_pages), u_last, causal=causal, sm_scale=sm_scale)
+    assert_close(f"shared prefix {kind} {layout}", o, ro.to(dtype), dtype=dtype)
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_model_head_dims(D, device):
     """fp16 decode and causal prefill at the model head dims (a few rows: the interpreter is slow)."""

@@ -145,6 +145,19 @@ SPEC = {
         "sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, "
         "q_data_type='float16', kv_data_type=None",
     "cascade:MultiLevelCascadeAttentionWrapper.run": "self, q, paged_kv_cache",
+    # FlashInfer's older two-level cascade wrappers (flashinfer/cascade.py, 0.6.x; not in the spec)
+    "cascade:BatchDecodeWithSharedPrefixPagedKVCacheWrapper.__init__": "self, float_workspace_buffer, kv_layout='NHD'",
+    "cascade:BatchDecodeWithSharedPrefixPagedKVCacheWrapper.begin_forward":
+        "self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, "
+        "page_size, data_type='float16'",
+    "cascade:BatchDecodeWithSharedPrefixPagedKVCacheWrapper.forward": "self, q, k_shared, v_shared, unique_kv_cache",
+    "cascade:BatchPrefillWithSharedPrefixPagedKVCacheWrapper.__init__": "self, float_workspace_buffer, kv_layout='NHD'",
+    "cascade:BatchPrefillWithSharedPrefixPagedKVCacheWrapper.begin_forward":
+        "self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, "
+        "head_dim, page_size",
+    "cascade:BatchPrefillWithSharedPrefixPagedKVCacheWrapper.forward":
+        "self, q, k_shared, v_shared, unique_kv_cache, causal=False, use_fp16_qk_reduction=False, sm_scale=None, "
+        "rope_scale=None, rope_theta=None",
     # moe.md §3, §7
     "activation:silu_and_mul": "input, out=None, enable_pdl=None",
     # (the two GELU forms: FlashInfer's flashinfer.activation signatures, beside the spec's silu)
@@ -210,7 +223,8 @@ TOP_LEVEL = {
                "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "fast_decode_plan"],
     "prefill": ["single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
                 "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper"],
-    "cascade": ["merge_state", "merge_state_in_place", "merge_states", "MultiLevelCascadeAttentionWrapper"],
+    "cascade": ["merge_state", "merge_state_in_place", "merge_states", "MultiLevelCascadeAttentionWrapper",
+                "BatchDecodeWithSharedPrefixPagedKVCacheWrapper", "BatchPrefillWithSharedPrefixPagedKVCacheWrapper"],
     "page": ["append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens"],
     "quantization": ["packbits", "segment_packbits"],
     "rope": ["apply_rope", "apply_rope_inplace", "apply_rope_pos_ids", "apply_rope_pos_ids_inplace",
@@ -434,7 +448,7 @@ import torch
 import flashinfer
 import flashinfer.triton.cascade
 from flashinfer.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
-from flashinfer.cascade import merge_state
+from flashinfer.cascade import BatchDecodeWithSharedPrefixPagedKVCacheWrapper, merge_state
 from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashinfer.fused_moe import RoutingMethodType, cutlass_fused_moe
 from flashinfer.fused_moe.core import ActivationType  # (vLLM's and SGLang's import path)
@@ -517,6 +531,13 @@ vo, vl = flashinfer.triton.cascade.variable_length_merge_states(
     torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]),
     torch.tensor([0, 2], dtype=torch.int32))
 assert torch.allclose(vo[0], o[1], atol=1e-5) and torch.allclose(vl[0], lse[1], atol=1e-4), "variable_length_merge_states"
+# the older shared-prefix cascade: request 1's first page (page 5) as a contiguous prefix, its
+# other two pages (1 and 4, one token on the last) as the paged unique part
+sp = BatchDecodeWithSharedPrefixPagedKVCacheWrapper(ws, "NHD")
+sp.begin_forward(torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 4], dtype=torch.int32),
+                 torch.tensor([1], dtype=torch.int32), Hq, Hkv, D, page, data_type=torch.float32)
+so = sp.forward(q[1:2], k_rot[lo:lo + 4], v[lo:lo + 4], cache)
+assert torch.allclose(so[0], o[1], atol=1e-5), "BatchDecodeWithSharedPrefixPagedKVCacheWrapper"
 
 # activation and the CUTLASS-style MoE entry point (fc1 = [up; gate])
 x = rnd(3, 2 * 8)

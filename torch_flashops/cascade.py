@@ -23,7 +23,7 @@ from .meta import cascade as _meta
 from .ops import cascade as _ops
 
 __all__ = ["merge_state", "merge_state_in_place", "merge_states", "variable_length_merge_states"]
-# (MultiLevelCascadeAttentionWrapper is added at the end of this module.)
+# (the cascade wrappers are added at the end of this module.)
 
 _LSE_BASES = {"log2": False, "ln": True}
 
@@ -248,8 +248,11 @@ def _selfcheck_cascade(device) -> list:
 # re-exports the functions above).
 importlib.import_module(".triton", __package__)
 
-# FlashInfer keeps the cascade wrapper in flashinfer.cascade too. It is built on the batch
-# prefill wrapper (which itself uses the merge functions above), hence the late import.
-from .cascade_wrapper import MultiLevelCascadeAttentionWrapper  # noqa: E402
+# FlashInfer keeps the cascade wrappers in flashinfer.cascade too. They are built on the batch
+# wrappers (which themselves use the merge functions above), hence the late import.
+from .cascade_wrapper import (  # noqa: E402
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper, BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    MultiLevelCascadeAttentionWrapper)
 
-__all__.append("MultiLevelCascadeAttentionWrapper")
+__all__ += ["MultiLevelCascadeAttentionWrapper", "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+            "BatchPrefillWithSharedPrefixPagedKVCacheWrapper"]

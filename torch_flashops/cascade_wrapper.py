@@ -17,9 +17,11 @@ import torch
 from ._attention_plan import host_only
 from ._checks import expect
 from .cascade import merge_state_in_place
-from .prefill import BatchPrefillWithPagedKVCacheWrapper
+from .decode import BatchDecodeWithPagedKVCacheWrapper
+from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 
-__all__ = ["MultiLevelCascadeAttentionWrapper"]
+__all__ = ["MultiLevelCascadeAttentionWrapper", "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+           "BatchPrefillWithSharedPrefixPagedKVCacheWrapper"]
 
 
 def _level_list(x, n: int, name: str) -> list:
@@ -136,3 +138,128 @@ class MultiLevelCascadeAttentionWrapper:
 
     def end_forward(self) -> None:
         """No-op (FlashInfer compatibility)."""
+
+
+def _plan_for(wrapper, q: torch.Tensor, plan_args: dict) -> None:
+    """Re-plan ``wrapper`` from its ``begin_forward`` arguments when ``q``'s dtype is not the
+    planned one: FlashInfer's shared-prefix ``begin_forward`` plans float16 (the prefill form
+    takes no dtype at all), and q, k and v share one dtype here."""
+    if wrapper._plan is not None and q.dtype != wrapper._plan.q_dtype:
+        wrapper.begin_forward(**plan_args, q_data_type=q.dtype, kv_data_type=q.dtype)
+
+
+def _shared_prefix_state(q, k_shared, v_shared, kv_layout: str, **options):
+    """``(o, lse)`` of every row of ``q`` over the whole shared prefix (no mask)."""
+    return single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, pos_encoding_mode="NONE",
+                                        kv_layout=kv_layout, return_lse=True, **options)
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+    """Batch decode over a prefix every request shares plus each request's own pages: FlashInfer's
+    older two-level cascade, which it keeps (marked for deprecation) beside
+    ``MultiLevelCascadeAttentionWrapper``. The shared prefix is one contiguous K/V pair given at
+    ``forward``; the per-request suffixes live in a paged cache planned by ``begin_forward``.
+    ``forward`` attends every query to the whole prefix (``single_prefill_with_kv_cache``), to its
+    own suffix (a ``BatchDecodeWithPagedKVCacheWrapper``), and merges the two states
+    (``merge_state_in_place``). No positional encoding is applied inside attention.
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        uint8/int8 byte buffer for the decode wrapper's split-KV scratch (128 MiB recommended).
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``, for both the shared K/V and the paged cache.
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
+        self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        self._kv_layout = kv_layout
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        """Swap the float workspace (the int workspace is not used here)."""
+        self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+
+    @host_only
+    def begin_forward(self, unique_kv_indptr: torch.Tensor, unique_kv_indices: torch.Tensor,
+                      unique_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                      page_size: int, data_type: Union[str, torch.dtype] = "float16") -> None:
+        """Plan the per-request suffixes: ``unique_kv_indptr [B+1]``, ``unique_kv_indices``,
+        ``unique_kv_last_page_len [B]`` (int32, host or device) form the page table of the
+        unique part; ``data_type`` is the dtype of q and of the caches (FlashInfer's decode plan
+        would keep q at float16 beside it). A ``forward`` with q of another dtype re-plans for
+        it."""
+        self._plan_args = dict(indptr=unique_kv_indptr, indices=unique_kv_indices,
+                               last_page_len=unique_kv_last_page_len, num_qo_heads=num_qo_heads,
+                               num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                               pos_encoding_mode="NONE")
+        self._batch_decode_wrapper.begin_forward(**self._plan_args, q_data_type=data_type, kv_data_type=data_type)
+
+    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor,
+                unique_kv_cache) -> torch.Tensor:
+        """Attention of ``q [B, num_qo_heads, head_dim]`` over ``k_shared``/``v_shared``
+        (``[shared_len, num_kv_heads, head_dim]``, or ``[num_kv_heads, shared_len, head_dim]`` for
+        HND) followed by each request's planned pages of ``unique_kv_cache`` (5-D tensor or
+        ``(k_cache, v_cache)``). Returns ``o [B, num_qo_heads, head_dim]``."""
+        w = self._batch_decode_wrapper
+        _plan_for(w, q, self._plan_args)
+        o, lse = _shared_prefix_state(q, k_shared, v_shared, self._kv_layout, sm_scale=w._sm_scale,
+                                      rope_scale=w._rope_scale, rope_theta=w._rope_theta)
+        o_unique, lse_unique = w.forward_return_lse(q, unique_kv_cache, pos_encoding_mode="NONE")
+        merge_state_in_place(o, lse, o_unique, lse_unique)
+        return o
+
+
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+    """Batch prefill/append over a prefix every request shares plus each request's own pages:
+    FlashInfer's older two-level cascade for prefill (see
+    ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper``). ``forward`` attends every query row to
+    the whole shared prefix, to its request's planned pages (causal there when asked, bottom-right
+    aligned), and merges the two states. No positional encoding is applied inside attention.
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        uint8/int8 byte buffer for the prefill wrapper's split-KV scratch (128 MiB recommended).
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``, for both the shared K/V and the paged cache.
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
+        self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        self._kv_layout = kv_layout
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        """Swap the float workspace (the int workspace is not used here)."""
+        self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+
+    @host_only
+    def begin_forward(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
+                      paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                      page_size: int) -> None:
+        """Plan ``qo_indptr [B+1]`` query rows against each request's unique pages
+        (``paged_kv_indptr [B+1]``, ``paged_kv_indices``, ``paged_kv_last_page_len [B]``; int32,
+        host or device). As in FlashInfer, the plan is for float16 q and caches; a ``forward``
+        with q of another dtype re-plans for it."""
+        self._plan_args = dict(qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr,
+                               paged_kv_indices=paged_kv_indices, paged_kv_last_page_len=paged_kv_last_page_len,
+                               num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim,
+                               page_size=page_size)
+        self._batch_prefill_wrapper.begin_forward(**self._plan_args)
+
+    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
+                causal: bool = False, use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Attention of ``q [qo_indptr[-1], num_qo_heads, head_dim]`` over ``k_shared``/``v_shared``
+        (``[shared_len, num_kv_heads, head_dim]``, or ``[num_kv_heads, shared_len, head_dim]`` for
+        HND) followed by each request's planned pages of ``unique_kv_cache`` (5-D tensor or
+        ``(k_cache, v_cache)``); ``causal`` masks the unique part only. Returns
+        ``o [qo_indptr[-1], num_qo_heads, head_dim]``."""
+        _plan_for(self._batch_prefill_wrapper, q, self._plan_args)
+        options = dict(sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+        o, lse = _shared_prefix_state(q, k_shared, v_shared, self._kv_layout,
+                                      use_fp16_qk_reduction=use_fp16_qk_reduction, **options)
+        o_unique, lse_unique = self._batch_prefill_wrapper.forward_return_lse(
+            q, unique_kv_cache, causal=causal, pos_encoding_mode="NONE", use_fp16_qk_reduction=use_fp16_qk_reduction,
+            **options)
+        merge_state_in_place(o, lse, o_unique, lse_unique)
+        return o
