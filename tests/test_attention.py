@@ -816,6 +816,8 @@ def test_shared_prefix_wrappers_equal_flat_attention(kind, layout, device):
     causal, sm_scale = kind == "prefill-causal", (0.3 if kind == "prefill-causal" else None)
     if kind.startswith("decode"):
         w = fi.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(workspace(device), layout)
+        with pytest.raises(RuntimeError, match="before a successful begin_forward"):
+            w.forward(q, k_shared, v_shared, cache)
         w.begin_forward(u_indptr, torch.cat(uniq), u_last, Hq, Hkv, D, page,
                         **({} if dtype == torch.bfloat16 else dict(data_type=torch.float16)))
         o = w.forward(q, k_shared, v_shared, cache)

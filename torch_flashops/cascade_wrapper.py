@@ -140,21 +140,45 @@ class MultiLevelCascadeAttentionWrapper:
         """No-op (FlashInfer compatibility)."""
 
 
-def _plan_for(wrapper, q: torch.Tensor, plan_args: dict) -> None:
-    """Re-plan ``wrapper`` from its ``begin_forward`` arguments when ``q``'s dtype is not the
-    planned one: FlashInfer's shared-prefix ``begin_forward`` plans float16 (the prefill form
-    takes no dtype at all), and q, k and v share one dtype here."""
-    if wrapper._plan is not None and q.dtype != wrapper._plan.q_dtype:
-        wrapper.begin_forward(**plan_args, q_data_type=q.dtype, kv_data_type=q.dtype)
-
-
 def _shared_prefix_state(q, k_shared, v_shared, kv_layout: str, **options):
     """``(o, lse)`` of every row of ``q`` over the whole shared prefix (no mask)."""
     return single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, pos_encoding_mode="NONE",
                                         kv_layout=kv_layout, return_lse=True, **options)
 
 
-class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+class _SharedPrefixWrapper:
+    """What the two shared-prefix wrappers share: the inner batch wrapper over the paged suffixes
+    (kept under FlashInfer's attribute name too), the workspace swap, and the re-plan for q's
+    dtype. Parameters: ``float_workspace_buffer`` (uint8/int8 bytes for the inner wrapper's
+    split-KV scratch, 128 MiB recommended) and ``kv_layout`` (``"NHD"`` or ``"HND"``, for the
+    shared K/V and the paged cache alike)."""
+
+    _INNER: type
+    _INNER_NAME: str  # FlashInfer's attribute for the inner wrapper
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
+        self._inner = self._INNER(float_workspace_buffer, kv_layout)
+        setattr(self, self._INNER_NAME, self._inner)
+        self._kv_layout = kv_layout
+        self._plan_args: Optional[dict] = None
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        """Swap the float workspace (the int workspace is not used here)."""
+        self._inner.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+
+    def _planned_for(self, q: torch.Tensor):
+        """The inner wrapper, re-planned from the ``begin_forward`` arguments when ``q``'s dtype is
+        not the planned one: FlashInfer's shared-prefix ``begin_forward`` plans float16 (the prefill
+        form takes no dtype at all), and q, k and v share one dtype here."""
+        w = self._inner
+        if w._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.forward() called before a successful begin_forward()")
+        if q.dtype != w._plan.q_dtype:
+            w.begin_forward(**self._plan_args, q_data_type=q.dtype, kv_data_type=q.dtype)
+        return w
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
     """Batch decode over a prefix every request shares plus each request's own pages: FlashInfer's
     older two-level cascade, which it keeps (marked for deprecation) beside
     ``MultiLevelCascadeAttentionWrapper``. The shared prefix is one contiguous K/V pair given at
@@ -171,13 +195,7 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         ``"NHD"`` or ``"HND"``, for both the shared K/V and the paged cache.
     """
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
-        self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
-        self._kv_layout = kv_layout
-
-    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
-        """Swap the float workspace (the int workspace is not used here)."""
-        self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+    _INNER, _INNER_NAME = BatchDecodeWithPagedKVCacheWrapper, "_batch_decode_wrapper"
 
     @host_only
     def begin_forward(self, unique_kv_indptr: torch.Tensor, unique_kv_indices: torch.Tensor,
@@ -188,11 +206,11 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         unique part; ``data_type`` is the dtype of q and of the caches (FlashInfer's decode plan
         would keep q at float16 beside it). A ``forward`` with q of another dtype re-plans for
         it."""
-        self._plan_args = dict(indptr=unique_kv_indptr, indices=unique_kv_indices,
-                               last_page_len=unique_kv_last_page_len, num_qo_heads=num_qo_heads,
-                               num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                               pos_encoding_mode="NONE")
-        self._batch_decode_wrapper.begin_forward(**self._plan_args, q_data_type=data_type, kv_data_type=data_type)
+        args = dict(indptr=unique_kv_indptr, indices=unique_kv_indices, last_page_len=unique_kv_last_page_len,
+                    num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                    pos_encoding_mode="NONE")
+        self._inner.begin_forward(**args, q_data_type=data_type, kv_data_type=data_type)
+        self._plan_args = args  # (after the plan: a refused plan keeps the last one and its arguments)
 
     def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor,
                 unique_kv_cache) -> torch.Tensor:
@@ -200,8 +218,7 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         (``[shared_len, num_kv_heads, head_dim]``, or ``[num_kv_heads, shared_len, head_dim]`` for
         HND) followed by each request's planned pages of ``unique_kv_cache`` (5-D tensor or
         ``(k_cache, v_cache)``). Returns ``o [B, num_qo_heads, head_dim]``."""
-        w = self._batch_decode_wrapper
-        _plan_for(w, q, self._plan_args)
+        w = self._planned_for(q)
         o, lse = _shared_prefix_state(q, k_shared, v_shared, self._kv_layout, sm_scale=w._sm_scale,
                                       rope_scale=w._rope_scale, rope_theta=w._rope_theta)
         o_unique, lse_unique = w.forward_return_lse(q, unique_kv_cache, pos_encoding_mode="NONE")
@@ -209,7 +226,7 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         return o
 
 
-class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
     """Batch prefill/append over a prefix every request shares plus each request's own pages:
     FlashInfer's older two-level cascade for prefill (see
     ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper``). ``forward`` attends every query row to
@@ -224,13 +241,7 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         ``"NHD"`` or ``"HND"``, for both the shared K/V and the paged cache.
     """
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
-        self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
-        self._kv_layout = kv_layout
-
-    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
-        """Swap the float workspace (the int workspace is not used here)."""
-        self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+    _INNER, _INNER_NAME = BatchPrefillWithPagedKVCacheWrapper, "_batch_prefill_wrapper"
 
     @host_only
     def begin_forward(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
@@ -240,11 +251,11 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         (``paged_kv_indptr [B+1]``, ``paged_kv_indices``, ``paged_kv_last_page_len [B]``; int32,
         host or device). As in FlashInfer, the plan is for float16 q and caches; a ``forward``
         with q of another dtype re-plans for it."""
-        self._plan_args = dict(qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr,
-                               paged_kv_indices=paged_kv_indices, paged_kv_last_page_len=paged_kv_last_page_len,
-                               num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim,
-                               page_size=page_size)
-        self._batch_prefill_wrapper.begin_forward(**self._plan_args)
+        args = dict(qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr, paged_kv_indices=paged_kv_indices,
+                    paged_kv_last_page_len=paged_kv_last_page_len, num_qo_heads=num_qo_heads,
+                    num_kv_heads=num_kv_heads, head_dim_qk=head_dim, page_size=page_size)
+        self._inner.begin_forward(**args)
+        self._plan_args = args  # (after the plan: a refused plan keeps the last one and its arguments)
 
     def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
                 causal: bool = False, use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
@@ -254,11 +265,11 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         HND) followed by each request's planned pages of ``unique_kv_cache`` (5-D tensor or
         ``(k_cache, v_cache)``); ``causal`` masks the unique part only. Returns
         ``o [qo_indptr[-1], num_qo_heads, head_dim]``."""
-        _plan_for(self._batch_prefill_wrapper, q, self._plan_args)
+        w = self._planned_for(q)
         options = dict(sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
         o, lse = _shared_prefix_state(q, k_shared, v_shared, self._kv_layout,
                                       use_fp16_qk_reduction=use_fp16_qk_reduction, **options)
-        o_unique, lse_unique = self._batch_prefill_wrapper.forward_return_lse(
+        o_unique, lse_unique = w.forward_return_lse(
             q, unique_kv_cache, causal=causal, pos_encoding_mode="NONE", use_fp16_qk_reduction=use_fp16_qk_reduction,
             **options)
         merge_state_in_place(o, lse, o_unique, lse_unique)
