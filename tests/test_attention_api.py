@@ -853,6 +853,8 @@ def test_gpu_plan_does_not_wait_for_the_gpu(kind, graph):
     busy.record()
     plan(a, non_blocking=False)
     assert busy.query(), "plan(non_blocking=False) returned before its copies ran"
+    # (and before the scatter of the packed transfer: nothing of the plan is left on the stream)
+    assert torch.cuda.current_stream().query(), "plan(non_blocking=False) left work queued"
     # plan() is host code: refused during a capture, leaving the last plan intact
     captured = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"), warnings.catch_warnings():

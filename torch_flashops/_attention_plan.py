@@ -230,6 +230,8 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
                       non_blocking: bool = True):
     """Per-request packed masks (little-endian, each from a byte boundary) and their byte
     offsets ``mask_indptr [B+1]`` (int32), or ``(None, None)`` when no mask is given."""
+    if custom_mask is None and packed_custom_mask is None:
+        return None, None
     nbits = qo_lens * kv_lens
     nbytes = (nbits + 7) // 8
     indptr = np.concatenate([[0], np.cumsum(nbytes)]).astype(np.int64)
@@ -239,7 +241,7 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
         expect(packed_custom_mask.shape[0] == int(indptr[-1]), "packed_custom_mask",
                "has {} bytes, expected sum ceil(qo_len*kv_len/8) = {}", packed_custom_mask.shape[0], int(indptr[-1]))
         packed = to_device(packed_custom_mask, device, non_blocking).contiguous()
-    elif custom_mask is not None:
+    else:
         custom_mask = custom_mask.reshape(-1)  # any shape, read flat (row-major), as FlashInfer's plan() does
         expect(custom_mask.shape[0] == int(nbits.sum()), "custom_mask",
                "has {} elements, expected sum qo_len*kv_len = {}", custom_mask.shape[0], int(nbits.sum()))
@@ -248,8 +250,6 @@ def pack_custom_masks(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_l
         chunks = [np.packbits(bits[starts[b]:starts[b + 1]], bitorder="little") for b in range(len(nbits))]
         host = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
         packed = to_device(torch.from_numpy(np.ascontiguousarray(host, dtype=np.uint8)), device, non_blocking)
-    else:
-        return None, None
     if packed.shape[0] == 0:  # keep a valid pointer for the kernel
         packed = torch.zeros(1, dtype=torch.uint8, device=device)
     return packed, to_device(torch.from_numpy(indptr.astype(np.int32)), device, non_blocking)
