@@ -360,22 +360,27 @@ def build_schedule(qo_lens: np.ndarray, kv_lens: np.ndarray, *, group: int, bloc
 
     direct = np.flatnonzero(~split)
     direct = direct[np.argsort(-length[direct], kind="stable")]  # longest first
-    work = np.stack([tb[direct], m_start[direct], lo[direct], hi[direct]], axis=1)
+    work = _rows(tb[direct], m_start[direct], lo[direct], hi[direct])
 
     st = np.flatnonzero(split)
     cnt = n_s[st]
     first = np.cumsum(cnt) - cnt
-    merge = np.stack([tb[st], m_start[st], first, cnt], axis=1)
+    merge = _rows(tb[st], m_start[st], first, cnt)
     owner = np.repeat(st, cnt)
     s_idx = np.arange(owner.size, dtype=np.int64) - np.repeat(first, cnt)
     s_lo = np.minimum(lo[owner] + s_idx * step[owner], hi[owner])
     s_hi = np.minimum(s_lo + step[owner], hi[owner])
-    split_work = np.stack([tb[owner], m_start[owner], s_lo, s_hi], axis=1)
-    return Schedule(_as_list(work), _as_list(split_work), _as_list(merge))
+    split_work = _rows(tb[owner], m_start[owner], s_lo, s_hi)
+    return Schedule(work, split_work, merge)
 
 
-def _as_list(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.reshape(-1, 4), dtype=np.int32)
+def _rows(*cols: np.ndarray) -> np.ndarray:
+    """The four columns of a work list as one contiguous int32 ``[n, 4]`` array (filled column by
+    column: ``np.stack`` then a cast cost about three times as much host time)."""
+    out = np.empty((cols[0].shape[0], 4), dtype=np.int32)
+    for j, c in enumerate(cols):
+        out[:, j] = c
+    return out
 
 
 def padded(a: np.ndarray, rows: int) -> np.ndarray:
@@ -406,8 +411,7 @@ class PlanTensors:
         """The same tensors as new tensor objects (``detach()``: same storage, not views) without
         the unbacked marks, for ``torch.export``: strict export lifts the plan's tensors into
         constants and fails on an unbacked constant ("possible memo disaster")."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).detach()
-                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+        return PlanTensors(**{name: None if t is None else t.detach() for name, t in vars(self).items()})
 
 
 def exporting() -> bool:
