@@ -6,6 +6,11 @@ Level l is one ``BatchPrefillWithPagedKVCacheWrapper`` over the *same* paged cac
 one prefix shared by all N rows) and page table. ``run`` computes each level's attention state
 ``(o, lse)`` and merges them with ``merge_state_in_place`` (the cascade family's op), which gives
 attention over the union of a row's keys. ``causal`` applies to the last level only.
+
+FlashInfer's older two-level forms, ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper`` and
+``BatchPrefillWithSharedPrefixPagedKVCacheWrapper``, live here too: their shared prefix is a
+contiguous K/V pair passed to ``forward``, attended by ``single_prefill_with_kv_cache`` and merged
+with the paged suffix's state the same way.
 """
 from __future__ import annotations
 
