@@ -110,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--busy", action="store_true")
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (pinned host memory and host-to-device copies are what it times)")
     dev = torch.device("cuda")
     arrs = _host_arrays()
     ref = [torch.from_numpy(x).to(dev) for x in arrs]
