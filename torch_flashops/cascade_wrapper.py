@@ -145,12 +145,6 @@ class MultiLevelCascadeAttentionWrapper:
         """No-op (FlashInfer compatibility)."""
 
 
-def _shared_prefix_state(q, k_shared, v_shared, kv_layout: str, **options):
-    """``(o, lse)`` of every row of ``q`` over the whole shared prefix (no mask)."""
-    return single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, pos_encoding_mode="NONE",
-                                        kv_layout=kv_layout, return_lse=True, **options)
-
-
 class _SharedPrefixWrapper:
     """What the two shared-prefix wrappers share: the inner batch wrapper over the paged suffixes
     (kept under FlashInfer's attribute name too), the workspace swap, and the re-plan for q's
@@ -171,6 +165,22 @@ class _SharedPrefixWrapper:
         """Swap the float workspace (the int workspace is not used here)."""
         self._inner.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
 
+    def _begin(self, args: dict, **dtypes) -> None:
+        """Plan the inner wrapper; keep ``args`` only once that worked (a refused plan keeps the
+        last one and its arguments)."""
+        self._inner.begin_forward(**args, **dtypes)
+        self._plan_args = args
+
+    def _attend(self, q, k_shared, v_shared, unique_kv_cache, shared: dict, unique: dict) -> torch.Tensor:
+        """Every row of ``q`` over the whole shared prefix (``single_prefill_with_kv_cache``, no
+        mask; options ``shared``) and over its planned suffix (the inner wrapper's
+        ``forward_return_lse``; options ``unique``), the two states merged."""
+        o, lse = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, pos_encoding_mode="NONE",
+                                              kv_layout=self._kv_layout, return_lse=True, **shared)
+        o_unique, lse_unique = self._inner.forward_return_lse(q, unique_kv_cache, pos_encoding_mode="NONE", **unique)
+        merge_state_in_place(o, lse, o_unique, lse_unique)
+        return o
+
     def _planned_for(self, q: torch.Tensor):
         """The inner wrapper, re-planned from the ``begin_forward`` arguments when ``q``'s dtype is
         not the planned one: FlashInfer's shared-prefix ``begin_forward`` plans float16 (the prefill
@@ -190,14 +200,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
     ``forward``; the per-request suffixes live in a paged cache planned by ``begin_forward``.
     ``forward`` attends every query to the whole prefix (``single_prefill_with_kv_cache``), to its
     own suffix (a ``BatchDecodeWithPagedKVCacheWrapper``), and merges the two states
-    (``merge_state_in_place``). No positional encoding is applied inside attention.
-
-    Parameters
-    ----------
-    float_workspace_buffer : torch.Tensor
-        uint8/int8 byte buffer for the decode wrapper's split-KV scratch (128 MiB recommended).
-    kv_layout : str
-        ``"NHD"`` or ``"HND"``, for both the shared K/V and the paged cache.
+    (``merge_state_in_place``). No positional encoding is applied inside attention. Parameters:
+    ``float_workspace_buffer`` and ``kv_layout``, as ``_SharedPrefixWrapper`` describes them.
     """
 
     _INNER, _INNER_NAME = BatchDecodeWithPagedKVCacheWrapper, "_batch_decode_wrapper"
@@ -211,11 +215,10 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
         unique part; ``data_type`` is the dtype of q and of the caches (FlashInfer's decode plan
         would keep q at float16 beside it). A ``forward`` with q of another dtype re-plans for
         it."""
-        args = dict(indptr=unique_kv_indptr, indices=unique_kv_indices, last_page_len=unique_kv_last_page_len,
-                    num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                    pos_encoding_mode="NONE")
-        self._inner.begin_forward(**args, q_data_type=data_type, kv_data_type=data_type)
-        self._plan_args = args  # (after the plan: a refused plan keeps the last one and its arguments)
+        self._begin(dict(indptr=unique_kv_indptr, indices=unique_kv_indices, last_page_len=unique_kv_last_page_len,
+                         num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         page_size=page_size, pos_encoding_mode="NONE"),
+                    q_data_type=data_type, kv_data_type=data_type)
 
     def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor,
                 unique_kv_cache) -> torch.Tensor:
@@ -224,11 +227,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
         HND) followed by each request's planned pages of ``unique_kv_cache`` (5-D tensor or
         ``(k_cache, v_cache)``). Returns ``o [B, num_qo_heads, head_dim]``."""
         w = self._planned_for(q)
-        o, lse = _shared_prefix_state(q, k_shared, v_shared, self._kv_layout, sm_scale=w._sm_scale,
-                                      rope_scale=w._rope_scale, rope_theta=w._rope_theta)
-        o_unique, lse_unique = w.forward_return_lse(q, unique_kv_cache, pos_encoding_mode="NONE")
-        merge_state_in_place(o, lse, o_unique, lse_unique)
-        return o
+        return self._attend(q, k_shared, v_shared, unique_kv_cache,
+                            dict(sm_scale=w._sm_scale, rope_scale=w._rope_scale, rope_theta=w._rope_theta), {})
 
 
 class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
@@ -237,13 +237,8 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
     ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper``). ``forward`` attends every query row to
     the whole shared prefix, to its request's planned pages (causal there when asked, bottom-right
     aligned), and merges the two states. No positional encoding is applied inside attention.
-
-    Parameters
-    ----------
-    float_workspace_buffer : torch.Tensor
-        uint8/int8 byte buffer for the prefill wrapper's split-KV scratch (128 MiB recommended).
-    kv_layout : str
-        ``"NHD"`` or ``"HND"``, for both the shared K/V and the paged cache.
+    Parameters: ``float_workspace_buffer`` and ``kv_layout``, as ``_SharedPrefixWrapper``
+    describes them.
     """
 
     _INNER, _INNER_NAME = BatchPrefillWithPagedKVCacheWrapper, "_batch_prefill_wrapper"
@@ -256,11 +251,9 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
         (``paged_kv_indptr [B+1]``, ``paged_kv_indices``, ``paged_kv_last_page_len [B]``; int32,
         host or device). As in FlashInfer, the plan is for float16 q and caches; a ``forward``
         with q of another dtype re-plans for it."""
-        args = dict(qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr, paged_kv_indices=paged_kv_indices,
-                    paged_kv_last_page_len=paged_kv_last_page_len, num_qo_heads=num_qo_heads,
-                    num_kv_heads=num_kv_heads, head_dim_qk=head_dim, page_size=page_size)
-        self._inner.begin_forward(**args)
-        self._plan_args = args  # (after the plan: a refused plan keeps the last one and its arguments)
+        self._begin(dict(qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr, paged_kv_indices=paged_kv_indices,
+                         paged_kv_last_page_len=paged_kv_last_page_len, num_qo_heads=num_qo_heads,
+                         num_kv_heads=num_kv_heads, head_dim_qk=head_dim, page_size=page_size))
 
     def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
                 causal: bool = False, use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
@@ -270,12 +263,7 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
         HND) followed by each request's planned pages of ``unique_kv_cache`` (5-D tensor or
         ``(k_cache, v_cache)``); ``causal`` masks the unique part only. Returns
         ``o [qo_indptr[-1], num_qo_heads, head_dim]``."""
-        w = self._planned_for(q)
-        options = dict(sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
-        o, lse = _shared_prefix_state(q, k_shared, v_shared, self._kv_layout,
-                                      use_fp16_qk_reduction=use_fp16_qk_reduction, **options)
-        o_unique, lse_unique = w.forward_return_lse(
-            q, unique_kv_cache, causal=causal, pos_encoding_mode="NONE", use_fp16_qk_reduction=use_fp16_qk_reduction,
-            **options)
-        merge_state_in_place(o, lse, o_unique, lse_unique)
-        return o
+        self._planned_for(q)
+        options = dict(sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
+                       use_fp16_qk_reduction=use_fp16_qk_reduction)
+        return self._attend(q, k_shared, v_shared, unique_kv_cache, options, dict(options, causal=causal))
