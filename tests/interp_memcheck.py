@@ -19,6 +19,9 @@ synchronised when the writer, after its last write of them, made a release (or a
 on some word, and the reader, after that and before its first read of them, an acquire (or
 acq_rel) atomic on the same word: the hand-off of the MoE GEMM's tail split, whose last piece
 folds the pieces the others stored after an acq_rel count.
+
+Every load, store and atomic mask must also hold booleans (``IntegerMask`` otherwise): triton
+3.6's interpreter takes an int32 mask, triton 3.9's refuses it.
 """
 from __future__ import annotations
 
@@ -44,6 +47,19 @@ class OutOfBoundsAccess(AssertionError):
 
 class WriteRace(AssertionError):
     pass
+
+
+class IntegerMask(AssertionError):
+    pass
+
+
+def _check_mask(kind, mask):
+    """A load, store or atomic mask must hold booleans. The interpreter turns ``&`` of a
+    scalar condition and a block one into an int32 block, which triton 3.6 takes as a mask but
+    triton 3.9's interpreter refuses ("mask has unsupported dtype"): caught here on any version."""
+    if mask is not None and np.asarray(mask.data).dtype != np.bool_:
+        raise IntegerMask(f"{_kernel}: a {kind} mask holds {np.asarray(mask.data).dtype}, not booleans (a scalar "
+                          f"condition & a block one?): triton 3.9's interpreter refuses it")
 
 
 def _program() -> int:
@@ -192,16 +208,19 @@ def install() -> None:
     init_args, call = G._init_args_hst, G.__call__
 
     def create_masked_load(self, ptrs, mask, other, *a, **k):
+        _check_mask("load", mask)
         _check("load", ptrs, mask, _elem_bytes(ptrs))
         _record(_reads, ptrs, mask, _elem_bytes(ptrs))
         return load(self, ptrs, mask, other, *a, **k)
 
     def create_masked_store(self, ptrs, value, mask, *a, **k):
+        _check_mask("store", mask)
         _check("store", ptrs, mask, _elem_bytes(ptrs))
         _record(_writes, ptrs, mask, _elem_bytes(ptrs))
         return store(self, ptrs, value, mask, *a, **k)
 
     def create_atomic_rmw(self, op, ptr, val, mask, sem, *a, **k):
+        _check_mask("atomic", mask)
         _check("atomic", ptr, mask, _elem_bytes(ptr))
         _record_atomic(ptr, mask, sem)
         return rmw(self, op, ptr, val, mask, sem, *a, **k)

@@ -309,3 +309,20 @@ def test_interp_memcheck_catches_out_of_bounds():
     if interp_memcheck._VIEWS:  # (the default) a read past the view, even inside its storage, fails
         with pytest.raises(Exception, match="load of 4 bytes .* outside every argument"):
             copy_kernel[(1,)](storage[:8], torch.zeros(16), 8, BLOCK=16, MASKED=False)
+
+    # a scalar condition & a block one: the interpreter's int32 block, which triton 3.9 refuses as
+    # a mask; the same lanes selected from the block side pass
+    @triton.jit
+    def scalar_and_kernel(x, y, n, flag, SCALAR_AND: tl.constexpr):
+        offs = tl.arange(0, 8)
+        if SCALAR_AND:
+            m = (flag > 0) & (offs < n)
+        else:
+            m = offs < tl.where(flag > 0, n, 0)
+        tl.store(y + offs, tl.load(x + offs, mask=m, other=0.0), mask=offs < 8)
+
+    x, y = torch.randn(8), torch.full((8,), float("nan"))
+    scalar_and_kernel[(1,)](x, y, 5, 1, SCALAR_AND=False)
+    assert torch.equal(y, torch.cat([x[:5], torch.zeros(3)]))
+    with pytest.raises(Exception, match="load mask holds int32, not booleans"):
+        scalar_and_kernel[(1,)](x, y, 5, 1, SCALAR_AND=True)

@@ -103,7 +103,9 @@ def _act(x, ACT: tl.constexpr):
     elif ACT == 1:
         y = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
     else:
-        y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+        # tensor on the left: under triton 3.8's interpreter ``constexpr * tensor`` stays a
+        # constexpr wrapping the tensor, which tl.exp2 then refuses
+        y = 0.5 * x * (1.0 + _tanh((x + 0.044715 * x * x * x) * SQRT_2_OVER_PI))
     return y
 
 
@@ -574,7 +576,9 @@ def _decode_in_w(w1_ptr, e, i0, k0, I, H, stride_w1e, stride_w1n, BI: tl.constex
     rows = i0 + tl.arange(0, BI)[None, :, None]
     cols = k0 + tl.arange(0, BK)[None, None, :]
     ptrs = w1_ptr + tl.maximum(e, 0).to(tl.int64) * stride_w1e + (s * I + rows).to(tl.int64) * stride_w1n + cols
-    return tl.load(ptrs, mask=(e >= 0) & (rows < I) & (cols < H), other=0.0)
+    # (no rows for e = -1 by the row bound, not ``(e >= 0) & ...``: the interpreter makes a
+    # scalar-and-block ``&`` an int32 block, which triton 3.9's interpreted load refuses as a mask)
+    return tl.load(ptrs, mask=(rows < tl.where(e >= 0, I, 0)) & (cols < H), other=0.0)
 
 
 @triton.jit
