@@ -30,18 +30,19 @@ def main():
             ch = 1024 if nb <= 64 else 256
             counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)
             sorted_ids = torch.empty((cap,), dtype=torch.int32, device=dev)
-            eids = torch.empty((ops._cdiv(cap, 128),), dtype=torch.int32, device=dev)
+            eids = torch.empty((ops.cdiv(cap, 128),), dtype=torch.int32, device=dev)
             ntp = torch.empty((1,), dtype=torch.int32, device=dev)
 
             def count(ids):
-                ops._align_count_kernel[(ops._cdiv(cap, ch),)](ids, ids, counts, sorted_ids, numel, E, E, cap,
-                                                                HAS_MAP=False, CH=ch, NB=nb, num_warps=4)
+                ops._align_count_kernel[(ops.cdiv(cap, ch),)](ids, ids, counts, sorted_ids, numel, E, E, cap,
+                                                                HAS_MAP=False, CH=ch, NB=nb, num_warps=4,
+                                                                **ops.COMPILE_OPTIONS)
 
             def scatter(ids):  # cursors reset first: a replay must not carry slots past the buffer
                 counts[nb:].zero_()
-                ops._align_scatter_kernel[(max(1, ops._cdiv(numel, ch)),)](
+                ops._align_scatter_kernel[(max(1, ops.cdiv(numel, ch)),)](
                     ids, ids, counts, sorted_ids, eids, ntp, numel, E, E, 128, eids.numel(), HAS_MAP=False, CH=ch,
-                    NB=nb, EB=max(16, 8192 // nb), num_warps=4)
+                    NB=nb, EB=max(16, 8192 // nb), num_warps=4, **ops.COMPILE_OPTIONS)
 
             t_memset = time_fn(lambda ids: counts.zero_(), sets, device=dev, graph=True) * 1e3
             t_count = time_fn(count, sets, device=dev, graph=True) * 1e3

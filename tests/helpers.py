@@ -111,7 +111,9 @@ def compile_sm90(fn, sig: dict, constexprs: dict, aligned, num_warps: int) -> di
     idx = {n: i for i, n in enumerate(fn.arg_names)}
     src = ASTSource(fn, full, constexprs={(idx[k],): v for k, v in constexprs.items()},
                     attrs={(idx[n],): [["tt.divisibility", 16]] for n in aligned if n not in constexprs})
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    from torch_flashops.ops._host import COMPILE_OPTIONS  # as every launch passes them
+
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **COMPILE_OPTIONS})
     return {"ptx": out.asm["ptx"], "ttgir": out.asm["ttgir"], "cubin_bytes": len(out.asm.get("cubin", b"")),
             "shared": out.metadata.shared}
 

@@ -14,7 +14,7 @@ from torch_flashops import _config
 from torch_flashops.ops import cascade as ops
 from torch_flashops.reference import cascade as ref
 
-from .helpers import (CompileCounter, SchemaTestCase, assert_close, compile_sm90, needs_expecttest, poison,
+from .helpers import (CompileCounter, SchemaTestCase, assert_close, compile_sm90, needs_expecttest,
                       run_without_interpreter)
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")

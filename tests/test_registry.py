@@ -326,3 +326,36 @@ def test_interp_memcheck_catches_out_of_bounds():
     assert torch.equal(y, torch.cat([x[:5], torch.zeros(3)]))
     with pytest.raises(Exception, match="load mask holds int32, not booleans"):
         scalar_and_kernel[(1,)](x, y, 5, 1, SCALAR_AND=True)
+
+
+def test_every_launch_passes_the_compile_options():
+    """Every kernel launch in ``torch_flashops.ops`` passes ``**COMPILE_OPTIONS``, and each of
+    its keys is a compile option of Triton's CUDA and HIP backends (a launch keyword that is not
+    one raises ``KeyError`` at the first compile on a GPU, which no CPU run reaches)."""
+    import ast
+    import dataclasses
+    import importlib
+    import pathlib
+
+    from torch_flashops.ops._host import COMPILE_OPTIONS
+
+    assert COMPILE_OPTIONS == {"enable_fp_fusion": True}
+    for backend, cls in (("nvidia", "CUDAOptions"), ("amd", "HIPOptions")):
+        try:
+            options = getattr(importlib.import_module(f"triton.backends.{backend}.compiler"), cls)
+        except ImportError:  # a triton build without that backend
+            continue
+        assert set(COMPILE_OPTIONS) <= {f.name for f in dataclasses.fields(options)}, (backend, cls)
+
+    ops_dir = pathlib.Path(_config.__file__).parent / "ops"
+    launches, missing = 0, []
+    for path in sorted(ops_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel")):
+                launches += 1
+                if not any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == "COMPILE_OPTIONS"
+                           for k in node.keywords):
+                    missing.append(f"{path.name}:{node.lineno} {node.func.value.id}")
+    assert launches >= 20 and not missing, (launches, missing)
+

@@ -4,8 +4,6 @@ The in-place ops return nothing and need none.
 """
 from __future__ import annotations
 
-import torch
-
 
 def rope_fake(q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, llama31,
               low_freq_factor, high_freq_factor, old_context_len):

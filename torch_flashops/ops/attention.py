@@ -44,7 +44,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._host import cdiv, next_pow2
+from ._host import COMPILE_OPTIONS, cdiv, next_pow2
 from .. import _config
 from .._registry import register_op
 from ..meta import attention as meta
@@ -919,6 +919,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         FOLD_SCALE=fold_scale(float(sm_scale), soft, pos), KV_EVICT=kv_eviction(has_split, dev), TMA=tma,
         PDL=pdl, LEAN=lean_addressing(k, v), KV_SAME=k.stride()[:3] == v.stride()[:3],
         num_warps=num_warps, num_stages=num_stages, **reg_cap,
+        **COMPILE_OPTIONS,
     )
     if not has_split:
         return  # no split-KV in this plan (the planner's idle-only split list has exactly that size)
@@ -931,6 +932,7 @@ def _launch(q, k, v, o, lse, *, paged, worklist, group, page_size, num_pages, bl
         GROUP=group, D_VO=d_vo, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, SPLIT_BLOCK=split_block,
         WORKLIST=worklist, PDL=pdl, launch_pdl=pdl != 0,
         num_warps=merge_warps,
+        **COMPILE_OPTIONS,
     )
 
 

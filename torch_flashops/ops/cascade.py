@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import COMPILE_OPTIONS, cdiv, next_pow2
 from .._checks import overlaps_other_view
 from .._registry import register_op
 from ..meta import cascade as meta
@@ -231,6 +231,7 @@ def _launch_pair(v_a, s_a, v_b, s_b, v_out, s_out, mask, lse_ln):
         v_out.stride(0), v_out.stride(1), s_out.stride(0), s_out.stride(1),
         HAS_MASK=mask is not None, LSE_LN=bool(lse_ln),
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        **COMPILE_OPTIONS,
     )
 
 
@@ -246,6 +247,7 @@ def _launch_run(v, s, indptr, v_out, s_out, count, v_sn, v_si, s_sn, s_si, lse_l
         v_out.stride(0), v_out.stride(1), s_out.stride(0), s_out.stride(1),
         VARLEN=indptr is not None, LSE_LN=bool(lse_ln),
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        **COMPILE_OPTIONS,
     )
 
 

@@ -67,7 +67,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._host import cdiv, next_pow2
+from ._host import COMPILE_OPTIONS, cdiv, next_pow2
 from .. import _config
 from .._checks import check_writable
 from . import moe_routing
@@ -1106,6 +1106,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
             PRECISION="ieee" if (interp or a.dtype == torch.float32) else "tf32",
             PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, GU_ONE=gu_one, UP_FIRST=up_first, launch_pdl=pdl_wait,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **COMPILE_OPTIONS,
         )
         return
     half = align is not None and (half_tail_on(block_m) if half_tail is None else half_tail) and block_m >= 32
@@ -1133,6 +1134,7 @@ def _launch_gemm(a, w, c, *, num_valid, top_k, block_m, cfg, align=None, pairs=N
         PDL_TRIGGER=pdl_trigger, PDL_WAIT=pdl_wait, TAIL_SPLIT=split if split > 1 else 0, GU_ONE=gu_one,
         UP_FIRST=up_first, launch_pdl=pdl_wait,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **COMPILE_OPTIONS,
     )
 
 
@@ -1181,7 +1183,9 @@ def _gemm1(x, w1, h, cfg, route, block_m, k, flat_w, on_input, pdl_trigger=False
         slots, H = sorted_ids.numel(), x.shape[1]
         a, a_sorted = x.new_empty((slots, H)), True
         _gather_rows_kernel[(cdiv(slots, 16),)](x, a, sorted_ids, ntp, numel, k, H, x.stride(0), a.stride(0),
-                                                BLOCK_R=16, BLOCK_H=min(next_pow2(H), 512), num_warps=4)
+                                                BLOCK_R=16, BLOCK_H=min(next_pow2(H), 512), num_warps=4,
+                                                    **COMPILE_OPTIONS,
+                                                )
     _launch_gemm(a, w1, h, num_valid=numel, top_k=k, block_m=block_m, cfg=cfg, topk_w=flat_w,
                  mul=on_input, fuse_silu=True, write_skip=False, a_sorted=a_sorted, c_sorted=True,
                  pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, up_first=up_first, **route)
@@ -1207,7 +1211,7 @@ def _launch_moe_sum(x3, out, scale, pdl_wait=False):
     bt, bh, warps = moe_sum_config(T, k, H)
     _moe_sum_kernel[(cdiv(T, bt), cdiv(H, bh))](
         x3, out, T, H, x3.stride(0), x3.stride(1), out.stride(0), float(scale), TOP_K=k, BLOCK_T=bt, BLOCK_H=bh,
-        PDL_WAIT=pdl_wait, launch_pdl=pdl_wait, num_warps=warps)
+        PDL_WAIT=pdl_wait, launch_pdl=pdl_wait, num_warps=warps, **COMPILE_OPTIONS)
 
 
 def _flat(t):
@@ -1231,7 +1235,7 @@ def _act_and_mul_into(x2, y2, act):
         return
     block = min(next_pow2(d), 1024)
     _act_and_mul_kernel[(rows, cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act, BLOCK=block,
-                                                 num_warps=4)
+                                                 num_warps=4, **COMPILE_OPTIONS)
 
 
 def _act_and_mul_cuda(input, act):
@@ -1472,7 +1476,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
         try:
             _moe_decode_kernel[(programs,)](*args, PHASE=0, PREFETCH=prefetch1, PIPE1=pipe1,
                                             GEN_BARRIER=DECODE_GEN_BARRIER, launch_cooperative_grid=not interp,
-                                            **meta)
+                                            **meta, **COMPILE_OPTIONS)
             _DECODE_COOP[(idx, programs)] = True
             return out
         except RuntimeError as e:  # the driver refused the cooperative grid (checked at launch)
@@ -1480,7 +1484,7 @@ def _moe_decode(x, w1, w2, tw_flat, ids_flat, expert_map, out, on_input, scale, 
                 raise
             _DECODE_COOP[(idx, programs)] = False
     for phase in (1, 2):
-        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=False, PIPE1=pipe1, **meta)
+        _moe_decode_kernel[(programs,)](*args, PHASE=phase, PREFETCH=False, PIPE1=pipe1, **meta, **COMPILE_OPTIONS)
     return out
 
 
@@ -1536,15 +1540,17 @@ def fused_align(topk_ids, block_size, num_local, expert_map=None, one_program_ma
         cursors = torch.empty((nb,), dtype=torch.int32, device=dev)
         _align_one_kernel[(1,)](ids, emap, cursors, sorted_ids, expert_ids, ntp, numel, num_ids, num_local, block_size,
                                 HAS_MAP=expert_map is not None, CH=max(128, next_pow2(numel)), NB=nb, FB=1024,
-                                EB=max(16, 8192 // nb), PDL_TRIGGER=pdl_trigger, num_warps=4)
+                                EB=max(16, 8192 // nb), PDL_TRIGGER=pdl_trigger, num_warps=4, **COMPILE_OPTIONS)
         return sorted_ids, expert_ids, ntp
     counts = torch.zeros((2 * nb,), dtype=torch.int32, device=dev)  # counts, then cursors
     ch = 1024 if nb <= 64 else 256
     common = dict(HAS_MAP=expert_map is not None, CH=ch, NB=nb, num_warps=4)
-    _align_count_kernel[(cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_ids, num_local, cap, **common)
+    _align_count_kernel[(cdiv(cap, ch),)](ids, emap, counts, sorted_ids, numel, num_ids, num_local, cap, **common,
+                                              **COMPILE_OPTIONS,
+                                          )
     grid = max(1, cdiv(numel, ch))
     _align_scatter_kernel[(grid,)](ids, emap, counts, sorted_ids, expert_ids, ntp, numel, num_ids, num_local,
-                                   block_size, n_blocks, EB=max(16, 8192 // nb), **common)
+                                   block_size, n_blocks, EB=max(16, 8192 // nb), **common, **COMPILE_OPTIONS)
     return sorted_ids, expert_ids, ntp
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import COMPILE_OPTIONS, cdiv, next_pow2
 from .._registry import register_op
 from ..meta import moe_routing as _meta
 from ..reference import moe_routing as _ref
@@ -355,7 +355,7 @@ def _topk_flat_launch(gating_output, topk, softmax, renormalize):
     grid = (cdiv(T, cfg["BLOCK_T"]),)
     _topk_flat_kernel[grid](x, w, ids, T, E, x.stride(0), K=topk, KP=next_pow2(topk),
                             SOFTMAX=softmax, RENORM=renormalize, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e,
-                            num_warps=cfg["num_warps"])
+                            num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
     return w, ids
 
 
@@ -382,7 +382,7 @@ def grouped_topk_launch(gating_output, topk, n_group, topk_group, bias, scoring_
     _grouped_topk_kernel[grid](x, b, w, ids, T, G, n_group, topk_group, x.stride(0), float(routed_scaling_factor),
                                K=topk, KP=next_pow2(topk), HAS_BIAS=bias is not None,
                                SOFTMAX=scoring_func == "softmax", RENORM=renormalize,
-                               BLOCK_T=cfg["BLOCK_T"], NGP=ngp, GP=gp, num_warps=cfg["num_warps"])
+                               BLOCK_T=cfg["BLOCK_T"], NGP=ngp, GP=gp, num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
     return w, ids
 
 
@@ -414,7 +414,7 @@ def align_launch(ids, block_size, num_ids, num_experts, expert_map, cap, n_block
     if (cfg["fused"] if fused is None else fused) or numel == 0:
         common["CH"] = 1024
         _align_fused_kernel[(1,)](ids, emap, sorted_ids, expert_ids, ntp, numel, num_ids, num_experts, block_size,
-                                  cap, n_blocks, SUB=_SUB, FB=_FILL, **common)
+                                  cap, n_blocks, SUB=_SUB, FB=_FILL, **common, **COMPILE_OPTIONS)
         return sorted_ids, expert_ids, ntp
     if cfg["fused"]:  # a small input sent down the table path (tests): the smallest chunk
         common["CH"] = 256
@@ -422,10 +422,10 @@ def align_launch(ids, block_size, num_ids, num_experts, expert_map, cap, n_block
     hist = torch.empty((n_chunks, common["NB"]), dtype=torch.int32, device=dev)
     grid1 = (max(n_chunks, cdiv(cap, _FILL)),)
     _align_count_kernel[grid1](ids, emap, sorted_ids, expert_ids, hist, numel, num_ids, num_experts, cap, n_blocks,
-                               FB=_FILL, **common)
+                               FB=_FILL, **common, **COMPILE_OPTIONS)
     _align_scatter_kernel[(n_chunks + 1,)](ids, emap, sorted_ids, expert_ids, ntp, hist, numel, num_ids,
                                            num_experts, block_size, n_blocks, n_chunks, SUB=_SUB, HB=_HIST_ROWS,
-                                           EB=1024, **common)
+                                           EB=1024, **common, **COMPILE_OPTIONS)
     return sorted_ids, expert_ids, ntp
 
 

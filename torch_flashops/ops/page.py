@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import COMPILE_OPTIONS, cdiv, next_pow2
 from .. import _config
 from .._registry import register_op
 from ..meta import page as meta
@@ -178,7 +178,7 @@ def _batch_indices_positions_out_launch(append_indptr, seq_lens, batch_indices, 
                                                                             device=batch_indices.device)
     pos = positions if positions.is_contiguous() else torch.empty(nnz, dtype=positions.dtype, device=positions.device)
     _batch_indices_positions_kernel[(cdiv(nnz, cfg["BLOCK"]),)](
-        append_indptr, seq_lens, bi, pos, nnz, B, max(B, 0).bit_length(), **cfg)
+        append_indptr, seq_lens, bi, pos, nnz, B, max(B, 0).bit_length(), **cfg, **COMPILE_OPTIONS)
     if bi is not batch_indices:
         batch_indices.copy_(bi)
     if pos is not positions:
@@ -208,7 +208,7 @@ def _append_paged_kv_cache_launch(append_key, append_value, batch_indices, posit
         nnz, kv_indptr.shape[0] - 1, kv_indices.shape[0], k.shape[0], k.shape[1], H, DK, DV,
         append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        **cfg)
+        **cfg, **COMPILE_OPTIONS)
 
 
 def _gather_paged_kv_launch(paged_kv_cache, paged_v_cache, kv_layout, page, slot):
@@ -225,7 +225,7 @@ def _gather_paged_kv_launch(paged_kv_cache, paged_v_cache, kv_layout, page, slot
     page, slot = page.contiguous(), slot.contiguous()  # the kernel reads them as flat arrays
     _gather_paged_kv_kernel[grid](
         k, v, page, slot, k_out, v_out, n, k.shape[0], k.shape[1], H, DK, DV,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), **cfg)
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), **cfg, **COMPILE_OPTIONS)
     return k_out, v_out
 
 

@@ -34,6 +34,7 @@ from .._checks import check_writable
 from .._registry import register_op
 from ..meta import rope as meta
 from ..reference import rope as ref
+from ._host import COMPILE_OPTIONS, cdiv, next_pow2
 
 __all__ = [
     "rope",
@@ -160,18 +161,8 @@ def launch_config(**cfg):
         _config_override = old
 
 
-# plain-int helpers: triton.cdiv / next_power_of_2 are constexpr-function wrappers costing
-# microseconds per host call, and a decode step launches this kernel many times
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
+# plain-int helper (with _host's cdiv and next_pow2): triton's are constexpr-function wrappers
+# costing microseconds per host call, and a decode step launches this kernel many times
 def _pow2_floor(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
@@ -181,12 +172,12 @@ def _launch_config(nnz: int, Hq: int, Hk: int, D: int, rd: int, *, interpreting:
 
     ``interpreting`` defaults to whether Triton's CPU interpreter runs the kernels."""
     interpreting = _config.interpreting() if interpreting is None else interpreting
-    half_p2 = _pow2_ceil(rd // 2)
-    row = 2 * half_p2 + (_pow2_ceil(D - rd) if D > rd else 0)
-    heads = _pow2_ceil(max(Hq, Hk, 1))
+    half_p2 = next_pow2(rd // 2)
+    row = 2 * half_p2 + (next_pow2(D - rd) if D > rd else 0)
+    heads = next_pow2(max(Hq, Hk, 1))
     if interpreting:
         # the interpreter costs ~3 ms per program-iteration: few, large programs
-        cfg = dict(BLOCK_T=min(_pow2_ceil(max(nnz, 1)), 64), BLOCK_H=heads, G=1, num_warps=4)
+        cfg = dict(BLOCK_T=min(next_pow2(max(nnz, 1)), 64), BLOCK_H=heads, G=1, num_warps=4)
     else:
         block_h = _pow2_floor(min(heads, max(1, _HEAD_ROW_ELEMS // row)))
         block_t = _pow2_floor(max(1, _TILE_ELEMS // (block_h * row)))
@@ -194,10 +185,10 @@ def _launch_config(nnz: int, Hq: int, Hk: int, D: int, rd: int, *, interpreting:
     if _config_override:
         cfg.update(_config_override)
     if "G" not in (_config_override or {}):
-        n_tb = max(1, _cdiv(nnz, cfg["BLOCK_T"]))
-        n_blocks = _cdiv(Hq, cfg["BLOCK_H"]) + _cdiv(Hk, cfg["BLOCK_H"])
+        n_tb = max(1, cdiv(nnz, cfg["BLOCK_T"]))
+        n_blocks = cdiv(Hq, cfg["BLOCK_H"]) + cdiv(Hk, cfg["BLOCK_H"])
         if not interpreting and n_tb < _MIN_PROGRAMS:
-            cfg["G"] = max(1, min(n_blocks, _cdiv(_MIN_PROGRAMS, n_tb)))
+            cfg["G"] = max(1, min(n_blocks, cdiv(_MIN_PROGRAMS, n_tb)))
     return cfg
 
 
@@ -263,23 +254,24 @@ def _launch(q, k, q_out, k_out, pos, rd: int, interleave: bool, *, freqs=None, c
         return
     cfg = _launch_config(nnz, Hq, Hk, D, rd)
     bh = cfg["BLOCK_H"]
-    n_q = _cdiv(Hq, bh)
-    n_blocks = n_q + _cdiv(Hk, bh)
+    n_q = cdiv(Hq, bh)
+    n_blocks = n_q + cdiv(Hk, bh)
     copy_rest = rd < D and q_out is not q
     from_cache = cache is not None
     table = cache.contiguous() if from_cache else freqs  # no-op for the usual contiguous cache
     pos = pos.contiguous()
-    grid = (_cdiv(nnz, cfg["BLOCK_T"]), min(cfg["G"], n_blocks))
+    grid = (cdiv(nnz, cfg["BLOCK_T"]), min(cfg["G"], n_blocks))
     _rope_kernel[grid](
         q, k, q_out, k_out, pos, table, table,
         nnz, Hq, Hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         table.stride(0) if from_cache else 0, table.shape[0] if from_cache else 0, n_q, n_blocks,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_H=bh, D=D, RD=rd,
-        HALF_P2=_pow2_ceil(rd // 2),
-        REST_P2=_pow2_ceil(D - rd) if copy_rest else 1,
+        HALF_P2=next_pow2(rd // 2),
+        REST_P2=next_pow2(D - rd) if copy_rest else 1,
         INTERLEAVE=bool(interleave), FROM_CACHE=from_cache, COPY_REST=copy_rest,
         num_warps=cfg["num_warps"],
+        **COMPILE_OPTIONS,
     )
 
 
@@ -325,8 +317,9 @@ def _rope_positions_cuda(indptr, offsets, nnz):
         return out
     if B == 0:  # no request covers any token: positions unspecified, make them 0
         return out.zero_()
-    grid = (_cdiv(nnz, _POS_BLOCK),)
-    _positions_kernel[grid](indptr.contiguous(), offsets.contiguous(), out, nnz, B, int(B).bit_length(), BLOCK=_POS_BLOCK)
+    grid = (cdiv(nnz, _POS_BLOCK),)
+    _positions_kernel[grid](indptr.contiguous(), offsets.contiguous(), out, nnz, B, int(B).bit_length(),
+                            BLOCK=_POS_BLOCK, **COMPILE_OPTIONS)
     return out
 
 
