@@ -1,4 +1,6 @@
 """The registration helper: schema annotation, backends, fake, compile, errors."""
+import re
+
 import pytest
 import torch
 
@@ -359,3 +361,19 @@ def test_every_launch_passes_the_compile_options():
                     missing.append(f"{path.name}:{node.lineno} {node.func.value.id}")
     assert launches >= 20 and not missing, (launches, missing)
 
+
+def test_old_interpreter_warns():
+    """Triton's interpreter before 3.6 refuses valid bf16 tensor descriptors: interpreted runs on
+    such a triton warn at import, with the version; newer ones (and the pinned one) do not."""
+    import warnings
+
+    from torch_flashops._config import warn_if_interpreter_too_old
+
+    for old in ("3.5.1", "3.4.0+git1234", "2.3.0"):
+        with pytest.warns(RuntimeWarning, match=rf"needs triton >= 3\.6.*triton {re.escape(old)}'s"):
+            assert warn_if_interpreter_too_old(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for new in ("3.6.0", "3.6.0rc1", "3.10.2", "4.0.0", "main"):
+            assert not warn_if_interpreter_too_old(new)
+        assert not warn_if_interpreter_too_old()  # the installed (pinned) triton

@@ -27,6 +27,11 @@ if _os.environ.get("FLASHOPS_INTERPRET", "0") not in ("", "0"):
 from ._config import checks_enabled, cpu_backend, interpreting, set_checks, set_cpu_backend  # noqa: E402
 from ._registry import registered_ops  # noqa: E402
 
+if interpreting():
+    from ._config import warn_if_interpreter_too_old as _warn_old
+
+    _warn_old()
+
 # Families (each import registers its ops).
 # (each family adds one line here: `from .<family> import *  # noqa: E402,F401,F403`)
 from .rope import *  # noqa: E402,F401,F403

@@ -44,6 +44,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton's interpreter before 3.6 checks a tensor descriptor's strides in elements where the
+# hardware (and 3.6's interpreter) needs 16 bytes, so it refuses valid bf16/fp16 descriptors
+# (a stride of 8 elements); the MoE GEMMs' descriptor paths then fail when interpreted. The
+# compiled GPU path is not affected.
+MIN_INTERPRETER_TRITON = (3, 6)
+
+
+def warn_if_interpreter_too_old(version: str | None = None) -> bool:
+    """Warn (``RuntimeWarning``) and return True when Triton ``version`` (the installed one by
+    default) is older than the first release whose interpreter runs every kernel here."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    try:
+        parsed = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:  # a development build: assume it is new enough
+        return False
+    if parsed >= MIN_INTERPRETER_TRITON:
+        return False
+    import warnings
+
+    need = ".".join(map(str, MIN_INTERPRETER_TRITON))
+    warnings.warn(f"Triton's interpreter (TRITON_INTERPRET=1) needs triton >= {need} to run every torch_flashops "
+                  f"kernel; triton {version}'s refuses valid tensor descriptors, so the MoE GEMMs' descriptor "
+                  f"paths fail when interpreted (GPU runs are not affected). requirements-cpu.txt pins a tested "
+                  f"triton.", RuntimeWarning, stacklevel=3)
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def sm_major(index: int) -> int:
     """Compute-capability major of CUDA device ``index``, queried once per device (launch paths
