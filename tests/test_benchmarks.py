@@ -27,11 +27,11 @@ def test_table_ratios():
 def test_cli_registration_quick(tmp_path):
     pytest.importorskip("matplotlib")
     assert main(["registration", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    data = json.load(open(tmp_path / "registration.json"))
+    data = json.loads((tmp_path / "registration.json").read_text())
     assert data["suite"] == "registration" and data["rows"]
     assert {r["impl"] for r in data["rows"]} >= {"library", "custom_op", "sdpa"}
     assert os.path.getsize(tmp_path / "registration.png") > 1000
-    assert "| case |" in open(tmp_path / "registration.md").read()
+    assert "| case |" in (tmp_path / "registration.md").read_text()
 
 
 def test_cli_unknown_suite():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import re
 import warnings
 
@@ -1073,7 +1074,7 @@ def test_shipped_configs_are_valid():
 
     files = glob.glob(os.path.join(ops.CONFIG_DIR, "*.json"))
     for f in files:
-        table = json.load(open(f))
+        table = json.loads(pathlib.Path(f).read_text())
         assert table, f
         for t, cfg in table.items():
             assert int(t) >= 1
@@ -1097,7 +1098,7 @@ def test_fit_smem():
     import json
 
     for f in glob.glob(os.path.join(ops.CONFIG_DIR, "*.json")):
-        for t, cfg in json.load(open(f)).items():
+        for t, cfg in json.loads(pathlib.Path(f).read_text()).items():
             for g, fused in (("gemm1", True), ("gemm2", False)):
                 if cfg[g].get("persistent"):
                     plain = ops._fit_smem({**cfg[g], "persistent": False}, cfg["block_m"], fused, 2)
@@ -1634,7 +1635,7 @@ def test_gpu_fused_moe_every_shipped_config():
 
     seen = []
     for f in sorted(glob.glob(os.path.join(ops.CONFIG_DIR, "*.json"))):
-        for cfg in json.load(open(f)).values():
+        for cfg in json.loads(pathlib.Path(f).read_text()).values():
             c = {k: cfg[k] for k in ("block_m", "gemm1", "gemm2")}
             if c not in seen:
                 seen.append(c)

@@ -8,7 +8,8 @@ from tests.helpers import assert_close
 
 
 def test_quick_start_snippet():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as fh:
+        readme = fh.read()
     code = readme.split("## Quick start")[1].split("```python")[1].split("```")[0]
     ns = {}
     exec(compile(code, "README.md quick start", "exec"), ns)
