@@ -377,3 +377,52 @@ def test_old_interpreter_warns():
         for new in ("3.6.0", "3.6.0rc1", "3.10.2", "4.0.0", "main"):
             assert not warn_if_interpreter_too_old(new)
         assert not warn_if_interpreter_too_old()  # the installed (pinned) triton
+
+
+def test_gdc_stand_ins_match_tritons_own():
+    """The programmatic-dependent-launch stand-ins (``ops/_triton_compat``, used on triton 3.4,
+    whose own helpers do not compile) give an sm_90 kernel the same PTX instructions as the helpers
+    the kernels import on this triton; debug line info aside."""
+    from tests.helpers import run_without_interpreter
+
+    out = run_without_interpreter(r'''
+import importlib.util, json, os, tempfile, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torch_flashops.ops import _triton_compat as C
+
+KERNEL = """
+import triton, triton.language as tl
+
+def make(launch, wait):
+    @triton.jit
+    def k(x, y, n, BLOCK: tl.constexpr):
+        launch()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        wait()
+        tl.store(y + offs, tl.load(x + offs, mask=offs < n) * 2, mask=offs < n)
+    return k
+"""
+path = os.path.join(tempfile.mkdtemp(), "gdc_kernel.py")  # @triton.jit reads its source file
+with open(path, "w") as f:
+    f.write(KERNEL)
+spec = importlib.util.spec_from_file_location("gdc_kernel", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+make = mod.make
+
+def instructions(fn):
+    src = ASTSource(fn, {"x": "*fp32", "y": "*fp32", "n": "i32", "BLOCK": "constexpr"}, constexprs={(3,): 128})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    body = ptx[ptx.index(".entry"):ptx.index(".section")]  # the kernel, without the DWARF sections
+    return [l.split("//")[0].strip() for l in body.splitlines()
+            if l.strip() and not l.strip().startswith((".loc", ".file", "$L__", "//"))]
+
+print(json.dumps({"native": C.NATIVE_GDC,
+                  "chosen": instructions(make(C.gdc_launch_dependents, C.gdc_wait)),
+                  "asm": instructions(make(C.asm_gdc_launch_dependents, C.asm_gdc_wait))}))
+''')
+    assert out["native"] == (_config.triton_version() >= (3, 5))  # triton's own, where they compile
+    assert out["chosen"] == out["asm"]
+    gdc = [i for i in out["asm"] if i.startswith("griddepcontrol")]
+    assert gdc == ["griddepcontrol.launch_dependents;", "griddepcontrol.wait;"], gdc

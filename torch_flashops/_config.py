@@ -51,6 +51,20 @@ def interpreting() -> bool:
 MIN_INTERPRETER_TRITON = (3, 6)
 
 
+def triton_version(version: str | None = None) -> tuple[int, int] | None:
+    """``(major, minor)`` of Triton ``version`` (the installed one by default); None when it does
+    not parse (a development build), which callers treat as new enough."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    try:
+        major, minor = version.split("+")[0].split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
 def warn_if_interpreter_too_old(version: str | None = None) -> bool:
     """Warn (``RuntimeWarning``) and return True when Triton ``version`` (the installed one by
     default) is older than the first release whose interpreter runs every kernel here."""
@@ -58,11 +72,8 @@ def warn_if_interpreter_too_old(version: str | None = None) -> bool:
         import triton
 
         version = triton.__version__
-    try:
-        parsed = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    except ValueError:  # a development build: assume it is new enough
-        return False
-    if parsed >= MIN_INTERPRETER_TRITON:
+    parsed = triton_version(version)
+    if parsed is None or parsed >= MIN_INTERPRETER_TRITON:
         return False
     import warnings
 

@@ -64,10 +64,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._host import COMPILE_OPTIONS, cdiv, next_pow2
+from ._triton_compat import gdc_launch_dependents, gdc_wait
 from .. import _config
 from .._checks import check_writable
 from . import moe_routing
