@@ -4,9 +4,10 @@ releases; the kernel modules import them from here.
 ``gdc_wait`` / ``gdc_launch_dependents`` (programmatic dependent launch, sm_90+): triton 3.4.0's
 own versions still take a ``_builder`` argument after its code generator moved to passing
 ``_semantic``, so any kernel that calls them fails to compile there ("unexpected keyword argument
-'_semantic'"). The stand-ins emit the same ``griddepcontrol`` instructions
-through ``tl.inline_asm_elementwise`` (for sm_90 the PTX instructions equal triton 3.5's and 3.6's
-own; only the debug line info differs). Triton 3.5 and later use their own (3.5.1's compile).
+'_semantic'"). The stand-ins emit the same ``griddepcontrol`` instructions through
+``tl.inline_asm_elementwise``; for sm_90 their PTX instructions equal those of triton 3.5's and
+3.6's own, and only the debug line info differs. Triton 3.5 and later use their own helpers
+(3.5.1's compile).
 """
 from __future__ import annotations
 
