@@ -108,8 +108,9 @@ def test_interpret_after_triton_import_warns():
         return p.stderr
 
     assert "triton was imported before torch_flashops" in stderr("import triton, torch_flashops")
-    assert "RuntimeWarning" not in stderr("import torch_flashops, triton")
-    assert "RuntimeWarning" not in stderr("import triton, torch_flashops", TRITON_INTERPRET="1")
+    # (a triton before 3.6 adds its own warning, that its interpreter is too old: not this one)
+    assert "imported before" not in stderr("import torch_flashops, triton")
+    assert "imported before" not in stderr("import triton, torch_flashops", TRITON_INTERPRET="1")
 
 
 def test_import_leaves_dynamo_and_sympy_unloaded():
@@ -376,7 +377,9 @@ def test_old_interpreter_warns():
         warnings.simplefilter("error")
         for new in ("3.6.0", "3.6.0rc1", "3.10.2", "4.0.0", "main"):
             assert not warn_if_interpreter_too_old(new)
-        assert not warn_if_interpreter_too_old()  # the installed (pinned) triton
+    with warnings.catch_warnings(record=True):  # the installed triton: the pinned one does not warn
+        warnings.simplefilter("always")
+        assert warn_if_interpreter_too_old() == (_config.triton_version() < (3, 6))
 
 
 def test_gdc_stand_ins_match_tritons_own():
