@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from torch_flashops.ops import attention as A
+from torch_flashops.ops._host import COMPILE_OPTIONS
 
 _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "PO": "*fp32", "PLSE": "*fp32",
          "FREQS": "*fp32", "MASK": "*u8"}
@@ -54,7 +55,8 @@ def compile_sm90(fn, const: dict, warps: int, stages: int = 1, types: dict | Non
         if sig[n].startswith("*") or n.startswith("stride") or n == "num_kv_heads":
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages,
+                                                                                **COMPILE_OPTIONS))
 
 
 def compile_kernel(paged: bool, block_m: int, block_n: int, warps: int, stages: int):
